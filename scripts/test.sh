@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every test of kr-serve, in the order that fails fastest:
+#   1. clang-format check      2. Release build (-Wall -Wextra -Werror) + ctest
+#   3. pytest (oracles, CLI, server)  4. ASan+UBSan build + ctest
+#   5. TSan build + the scheduler tests   6. libFuzzer targets, bounded time each
+# KRS_FUZZ_SECONDS (default 60 for the GGUF parser, 30 for the others) bounds fuzzing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=$(nproc)
+export PATH="$PWD/.venv/bin:$PATH"
+
+step() { printf '\n=== %s\n' "$*"; }
+
+step "clang-format"
+files=$(git ls-files --cached --others --exclude-standard '*.c' '*.h' | grep -v '^fuzz/corpus/' || true)
+if [ -n "$files" ]; then
+  clang-format --dry-run --Werror $files
+fi
+
+step "build (Release, -Wall -Wextra -Werror)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build -j "$JOBS"
+
+step "C unit tests (ctest)"
+ctest --test-dir build --output-on-failure -j "$JOBS"
+
+step "Python tests (pytest)"
+python -m pytest -q tests
+
+step "ASan+UBSan build + C unit tests"
+cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKRS_SANITIZE=address,undefined >/dev/null
+cmake --build build-asan -j "$JOBS"
+ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "$JOBS" -LE slow
+
+if ls tests/sched/test_*.c >/dev/null 2>&1; then
+  step "TSan build + scheduler tests"
+  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DKRS_SANITIZE=thread >/dev/null
+  cmake --build build-tsan -j "$JOBS"
+  TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -L 'sched|util'
+fi
+
+if ls fuzz/fuzz_*.c >/dev/null 2>&1; then
+  step "libFuzzer targets"
+  CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DKRS_FUZZ=ON >/dev/null
+  cmake --build build-fuzz -j "$JOBS"
+  for src in fuzz/fuzz_*.c; do
+    name=$(basename "$src" .c)
+    corpus=fuzz/corpus/${name#fuzz_}
+    secs=${KRS_FUZZ_SECONDS:-30}
+    [ "$name" = fuzz_gguf ] && secs=${KRS_FUZZ_SECONDS:-60}
+    work=$(mktemp -d)
+    [ -d "$corpus" ] && cp -r "$corpus"/. "$work"/
+    echo "fuzzing $name for ${secs}s"
+    build-fuzz/"$name" -max_total_time="$secs" -rss_limit_mb=2048 -max_len=65536 \
+      -print_final_stats=0 "$work" 2>&1 | tail -n 3
+    rm -rf "$work"
+  done
+fi
+
+step "all tests passed"

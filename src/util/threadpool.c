@@ -1,0 +1,135 @@
+/* Thread pool: a generation counter publishes each job; workers spin then sleep on a condvar.
+ * The caller spins on `pending` until every worker has finished its share. */
+#include "util/threadpool.h"
+
+#include "util/alloc.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#define SPIN_ITERS 20000
+
+struct worker {
+    struct pool *pool;
+    int ith;
+    pthread_t thread;
+};
+
+struct pool {
+    int n;
+    struct worker *workers; /* [n - 1] */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    _Atomic uint64_t gen;
+    _Atomic int pending;
+    _Atomic int stop;
+    int sleepers; /* guarded by lock */
+    pool_task_fn fn;
+    void *ctx;
+};
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    struct pool *p = w->pool;
+    uint64_t seen = 0;
+    for (;;) {
+        uint64_t g = atomic_load_explicit(&p->gen, memory_order_acquire);
+        for (int i = 0; g == seen && i < SPIN_ITERS; i++) {
+            cpu_relax();
+            g = atomic_load_explicit(&p->gen, memory_order_acquire);
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&p->lock);
+            p->sleepers++;
+            while ((g = atomic_load_explicit(&p->gen, memory_order_acquire)) == seen &&
+                   !atomic_load(&p->stop))
+                pthread_cond_wait(&p->wake, &p->lock);
+            p->sleepers--;
+            pthread_mutex_unlock(&p->lock);
+        }
+        if (atomic_load(&p->stop)) break;
+        seen = g;
+        p->fn(p->ctx, w->ith, p->n);
+        atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+int pool_create(int n_threads, struct pool **out)
+{
+    *out = NULL;
+    if (n_threads <= 0) {
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        n_threads = cpus > 0 ? (int)cpus : 1;
+    }
+    struct pool *p = alloc_calloc(1, sizeof *p);
+    if (!p) return -1;
+    p->n = n_threads;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    p->workers = alloc_calloc((size_t)n_threads, sizeof *p->workers);
+    if (!p->workers) goto fail;
+    for (int i = 1; i < n_threads; i++) {
+        p->workers[i - 1].pool = p;
+        p->workers[i - 1].ith = i;
+        if (pthread_create(&p->workers[i - 1].thread, NULL, worker_main, &p->workers[i - 1])) {
+            p->n = i; /* only join what started */
+            pool_destroy(p);
+            return -1;
+        }
+    }
+    *out = p;
+    return 0;
+fail:
+    pthread_cond_destroy(&p->wake);
+    pthread_mutex_destroy(&p->lock);
+    alloc_free(p);
+    return -1;
+}
+
+void pool_destroy(struct pool *p)
+{
+    if (!p) return;
+    pthread_mutex_lock(&p->lock);
+    atomic_store(&p->stop, 1);
+    atomic_fetch_add(&p->gen, 1);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 1; i < p->n; i++) pthread_join(p->workers[i - 1].thread, NULL);
+    pthread_cond_destroy(&p->wake);
+    pthread_mutex_destroy(&p->lock);
+    alloc_free(p->workers);
+    alloc_free(p);
+}
+
+int pool_size(const struct pool *p)
+{
+    return p->n;
+}
+
+void pool_run(struct pool *p, pool_task_fn fn, void *ctx)
+{
+    if (p->n == 1) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    atomic_store_explicit(&p->pending, p->n - 1, memory_order_relaxed);
+    pthread_mutex_lock(&p->lock);
+    atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
+    if (p->sleepers) pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    fn(ctx, 0, p->n);
+    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
+}

@@ -1,0 +1,32 @@
+/* A persistent worker thread pool for data-parallel kernels.
+ *
+ * pool_run(pool, fn, ctx) calls fn(ctx, ith, nth) once for every ith in [0, nth), where
+ * nth = pool_size(pool); the calling thread runs ith = 0 itself, workers run the rest, and
+ * pool_run returns when all have finished. Threads are created once by pool_create; no thread
+ * is created per call. Workers spin briefly after each job (kernels arrive back to back during
+ * a forward pass) and then sleep on a condition variable, so an idle pool costs no CPU.
+ *
+ * One caller at a time: pool_run is not reentrant and must not be called concurrently on the
+ * same pool (the engine thread owns its pool). */
+#ifndef KRS_UTIL_THREADPOOL_H
+#define KRS_UTIL_THREADPOOL_H
+
+struct pool;
+typedef void (*pool_task_fn)(void *ctx, int ith, int nth);
+
+/* n_threads <= 0 means one per online CPU. Returns 0 or -1 (out of memory / thread failure).
+ * The caller owns *out and frees it with pool_destroy. */
+int pool_create(int n_threads, struct pool **out);
+void pool_destroy(struct pool *pool);
+int pool_size(const struct pool *pool);
+void pool_run(struct pool *pool, pool_task_fn fn, void *ctx);
+
+/* Splits [0, n) into nth nearly equal chunks; chunk ith is [*begin, *end). */
+static inline void pool_split(long n, int ith, int nth, long *begin, long *end)
+{
+    long per = n / nth, extra = n % nth;
+    *begin = ith * per + (ith < extra ? ith : extra);
+    *end = *begin + per + (ith < extra ? 1 : 0);
+}
+
+#endif
