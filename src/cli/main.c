@@ -26,7 +26,7 @@ static const struct command commands[] = {
     {"version", cli_version, "print the version"},
 };
 
-static char default_model_buf[4096];
+static char default_model_buf[4200];
 
 const char *cli_model_path(const char *explicit_path)
 {

@@ -6,6 +6,7 @@
 #include <cmocka.h>
 
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "util/alloc.h"
