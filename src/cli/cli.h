@@ -10,5 +10,9 @@ const char *cli_model_path(const char *explicit_path);
 #define CLI_DEFAULT_MODEL "models/default.gguf"
 
 /* Sub-command entry points (one per cli_<name>.c). */
+int cli_config(int argc, char **argv);
+int cli_eval(int argc, char **argv);
+int cli_inspect(int argc, char **argv);
+int cli_tokenize(int argc, char **argv);
 
 #endif

@@ -23,6 +23,10 @@ static int cli_version(int argc, char **argv)
 
 /* One line per sub-command; keep alphabetical. */
 static const struct command commands[] = {
+    {"config", cli_config, "show the effective configuration (--print) and its sources"},
+    {"eval-logits", cli_eval, "run a model on token ids: dump logits or greedy ids"},
+    {"inspect", cli_inspect, "show a GGUF model's metadata and tensors"},
+    {"tokenize", cli_tokenize, "tokenize text or render a chat template (--chat)"},
     {"version", cli_version, "print the version"},
 };
 

@@ -47,9 +47,15 @@ struct gguf_tensor {
 
 struct gguf_file;
 
-/* Opens and validates `path`. On failure returns a status (KRS_ERR_IO, KRS_ERR_FORMAT,
- * KRS_ERR_UNSUPPORTED for a valid header with e.g. an unknown tensor type, KRS_ERR_NOMEM) and
- * writes a one-line reason into err (may be NULL). The caller owns *out (gguf_close). */
+/* Opens and validates `path` (read-only MAP_PRIVATE mapping). Accepted: GGUF v2 and v3 (v2 is
+ * laid out as v3); v1 and newer versions are KRS_ERR_UNSUPPORTED. Validated: magic, counts
+ * against the file size, every value type (nested arrays rejected), unique non-empty keys,
+ * general.alignment (non-zero power of two, default 32), tensor names (<= 64 bytes, unique),
+ * n_dims <= 4, dims >= 0, ne[0] a multiple of the type's block size, overflow-free byte sizes,
+ * offsets aligned and data inside the file. On failure returns a status (KRS_ERR_IO,
+ * KRS_ERR_FORMAT, KRS_ERR_UNSUPPORTED for a valid header with e.g. an unknown tensor type,
+ * KRS_ERR_NOMEM) and writes a one-line reason into err (may be NULL). The caller owns *out
+ * (gguf_close). */
 int gguf_open(const char *path, struct gguf_file **out, char *err, size_t errlen);
 /* Same over a caller-owned buffer, which must outlive the gguf_file (used by the fuzzer and
  * tests). */
@@ -105,6 +111,17 @@ const struct gguf_tensor *gguf_tensor_at(const struct gguf_file *f, uint64_t i);
 /* NULL when absent. */
 const struct gguf_tensor *gguf_find_tensor(const struct gguf_file *f, const char *name);
 
+/* Name of a metadata value type: "u8", "i32", "f32", "string", "array", ...; "unknown" for
+ * others. Never NULL. */
 const char *gguf_type_name(enum gguf_type t);
+/* Bytes of one fixed-size metadata value of type t; 0 for STRING, ARRAY and unknown types. */
+uint32_t gguf_type_size(uint32_t t);
+
+/* ggml tensor types as this module knows them (independent of quant/, used for size checks):
+ * name ("Q4_K", "F32", ...; "unknown" for ids that are not ggml types; never NULL), and
+ * elements / bytes per block. gguf_ggml_type_size returns KRS_ERR_FORMAT for an id that is not
+ * a ggml type, KRS_ERR_UNSUPPORTED for a ggml type whose block size this module does not know. */
+const char *gguf_ggml_type_name(uint32_t type);
+int gguf_ggml_type_size(uint32_t type, uint32_t *blck, uint32_t *size);
 
 #endif

@@ -1,0 +1,268 @@
+/* Paged KV cache: two block pools (full and sliding-window layers), a free-list stack per pool
+ * and a per-sequence table of logical block -> physical block (-1 = not held). */
+#include "kv/kv.h"
+
+#include "krserve.h"
+#include "util/alloc.h"
+
+#include <string.h>
+
+struct kv_group {
+    int n_layers;
+    int64_t n_blocks;
+    int64_t n_free;
+    int32_t *free_stack; /* [n_blocks] */
+    int32_t *tables;     /* [max_seqs][max_blocks_per_seq] */
+    int64_t *held;       /* [max_seqs] blocks held */
+    float *k;            /* [n_layers][n_blocks][block_size][kv_dim] */
+    float *v;
+};
+
+struct kv_cache {
+    int n_layers;
+    uint8_t *is_swa;  /* [n_layers] */
+    int *group_layer; /* [n_layers] index within its group */
+    int n_swa;
+    int kv_dim;
+    int block_size;
+    int max_seqs;
+    int max_ctx;
+    int max_blocks;       /* per sequence */
+    struct kv_group g[2]; /* 0 = full, 1 = sliding */
+};
+
+static int group_init(struct kv_cache *kv, struct kv_group *g, int n_layers, int64_t n_tokens)
+{
+    g->n_layers = n_layers;
+    if (n_layers == 0) return KRS_OK;
+    g->n_blocks = (n_tokens + kv->block_size - 1) / kv->block_size;
+    if (g->n_blocks < 1 || g->n_blocks > INT32_MAX) return KRS_ERR_INVALID;
+    size_t rows = (size_t)n_layers * (size_t)g->n_blocks * (size_t)kv->block_size;
+    g->free_stack = alloc_calloc((size_t)g->n_blocks, sizeof *g->free_stack);
+    g->tables = alloc_calloc((size_t)kv->max_seqs * (size_t)kv->max_blocks, sizeof *g->tables);
+    g->held = alloc_calloc((size_t)kv->max_seqs, sizeof *g->held);
+    g->k = alloc_aligned(64, rows * (size_t)kv->kv_dim * sizeof(float));
+    g->v = alloc_aligned(64, rows * (size_t)kv->kv_dim * sizeof(float));
+    if (!g->free_stack || !g->tables || !g->held || !g->k || !g->v) return KRS_ERR_NOMEM;
+    /* Touch the pools now so the first requests do not pay page faults mid-step. */
+    memset(g->k, 0, rows * (size_t)kv->kv_dim * sizeof(float));
+    memset(g->v, 0, rows * (size_t)kv->kv_dim * sizeof(float));
+    for (int64_t i = 0; i < g->n_blocks; i++) g->free_stack[i] = (int32_t)(g->n_blocks - 1 - i);
+    g->n_free = g->n_blocks;
+    for (size_t i = 0; i < (size_t)kv->max_seqs * (size_t)kv->max_blocks; i++) g->tables[i] = -1;
+    return KRS_OK;
+}
+
+static void group_free(struct kv_group *g)
+{
+    alloc_free(g->free_stack);
+    alloc_free(g->tables);
+    alloc_free(g->held);
+    alloc_aligned_free(g->k);
+    alloc_aligned_free(g->v);
+}
+
+int kv_create(const struct kv_config *cfg, struct kv_cache **out)
+{
+    *out = NULL;
+    if (cfg->n_layers <= 0 || cfg->n_kv_heads <= 0 || cfg->head_dim <= 0 || cfg->block_size <= 0 ||
+        cfg->n_tokens <= 0 || cfg->max_seqs <= 0 || cfg->max_ctx <= 0)
+        return KRS_ERR_INVALID;
+    struct kv_cache *kv = alloc_calloc(1, sizeof *kv);
+    if (!kv) return KRS_ERR_NOMEM;
+    int rc = KRS_ERR_NOMEM;
+    kv->n_layers = cfg->n_layers;
+    kv->n_swa = cfg->n_swa;
+    kv->kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    kv->block_size = cfg->block_size;
+    kv->max_seqs = cfg->max_seqs;
+    kv->max_ctx = cfg->max_ctx;
+    kv->max_blocks = (cfg->max_ctx + cfg->block_size - 1) / cfg->block_size;
+    kv->is_swa = alloc_calloc((size_t)cfg->n_layers, 1);
+    kv->group_layer = alloc_calloc((size_t)cfg->n_layers, sizeof *kv->group_layer);
+    if (!kv->is_swa || !kv->group_layer) goto fail;
+    int counts[2] = {0, 0};
+    for (int l = 0; l < cfg->n_layers; l++) {
+        kv->is_swa[l] = cfg->layer_is_swa && cfg->n_swa > 0 ? (cfg->layer_is_swa[l] != 0) : 0;
+        kv->group_layer[l] = counts[kv->is_swa[l]]++;
+    }
+    int64_t swa_tokens = cfg->n_tokens_swa > 0 ? cfg->n_tokens_swa : cfg->n_tokens;
+    if ((rc = group_init(kv, &kv->g[0], counts[0], cfg->n_tokens))) goto fail;
+    if ((rc = group_init(kv, &kv->g[1], counts[1], swa_tokens))) goto fail;
+    *out = kv;
+    return KRS_OK;
+fail:
+    kv_free(kv);
+    return rc;
+}
+
+void kv_free(struct kv_cache *kv)
+{
+    if (!kv) return;
+    group_free(&kv->g[0]);
+    group_free(&kv->g[1]);
+    alloc_free(kv->is_swa);
+    alloc_free(kv->group_layer);
+    alloc_free(kv);
+}
+
+static int32_t *seq_table(const struct kv_cache *kv, const struct kv_group *g, int seq)
+{
+    return g->tables + (size_t)seq * (size_t)kv->max_blocks;
+}
+
+/* Logical block range [b0, b1) that group gi needs for positions [pos_begin, pos_end). */
+static void needed_range(const struct kv_cache *kv, int gi, int64_t pos_begin, int64_t pos_end,
+                         int64_t *b0, int64_t *b1)
+{
+    int64_t lo = 0;
+    if (gi == 1) {
+        lo = pos_begin - kv->n_swa + 1;
+        if (lo < 0) lo = 0;
+    }
+    *b0 = lo / kv->block_size;
+    *b1 = pos_end > 0 ? (pos_end - 1) / kv->block_size + 1 : 0;
+}
+
+static int64_t count_missing(const struct kv_cache *kv, int gi, int seq, int64_t pos_begin,
+                             int64_t pos_end)
+{
+    const struct kv_group *g = &kv->g[gi];
+    if (!g->n_layers) return 0;
+    int64_t b0, b1, n = 0;
+    needed_range(kv, gi, pos_begin, pos_end, &b0, &b1);
+    const int32_t *t = seq_table(kv, g, seq);
+    for (int64_t b = b0; b < b1; b++) n += t[b] < 0;
+    return n;
+}
+
+void kv_seq_blocks_needed(const struct kv_cache *kv, int seq, int64_t pos_begin, int64_t pos_end,
+                          int64_t *full, int64_t *swa)
+{
+    *full = count_missing(kv, 0, seq, pos_begin, pos_end);
+    *swa = count_missing(kv, 1, seq, pos_begin, pos_end);
+}
+
+int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t pos_begin, int64_t pos_end)
+{
+    if (seq < 0 || seq >= kv->max_seqs || pos_begin < 0 || pos_end < pos_begin ||
+        pos_end > kv->max_ctx)
+        return KRS_ERR_INVALID;
+    int64_t need[2];
+    kv_seq_blocks_needed(kv, seq, pos_begin, pos_end, &need[0], &need[1]);
+    for (int gi = 0; gi < 2; gi++)
+        if (need[gi] > kv->g[gi].n_free) return KRS_ERR_AGAIN;
+    for (int gi = 0; gi < 2; gi++) {
+        struct kv_group *g = &kv->g[gi];
+        if (!g->n_layers || !need[gi]) continue;
+        int64_t b0, b1;
+        needed_range(kv, gi, pos_begin, pos_end, &b0, &b1);
+        int32_t *t = seq_table(kv, g, seq);
+        for (int64_t b = b0; b < b1; b++) {
+            if (t[b] >= 0) continue;
+            t[b] = g->free_stack[--g->n_free];
+            g->held[seq]++;
+        }
+    }
+    return KRS_OK;
+}
+
+static void release_range(struct kv_cache *kv, struct kv_group *g, int seq, int64_t b0, int64_t b1)
+{
+    int32_t *t = seq_table(kv, g, seq);
+    for (int64_t b = b0; b < b1; b++) {
+        if (t[b] < 0) continue;
+        g->free_stack[g->n_free++] = t[b];
+        t[b] = -1;
+        g->held[seq]--;
+    }
+}
+
+void kv_seq_trim(struct kv_cache *kv, int seq, int64_t next_pos)
+{
+    struct kv_group *g = &kv->g[1];
+    if (!g->n_layers || seq < 0 || seq >= kv->max_seqs) return;
+    int64_t first_visible = next_pos - kv->n_swa + 1;
+    if (first_visible <= 0) return;
+    release_range(kv, g, seq, 0, first_visible / kv->block_size);
+}
+
+void kv_seq_release(struct kv_cache *kv, int seq)
+{
+    if (seq < 0 || seq >= kv->max_seqs) return;
+    for (int gi = 0; gi < 2; gi++)
+        if (kv->g[gi].n_layers) release_range(kv, &kv->g[gi], seq, 0, kv->max_blocks);
+}
+
+static float *row_ptr(const struct kv_cache *kv, float *const *base_sel, int layer, int seq,
+                      int64_t pos)
+{
+    int gi = kv->is_swa[layer];
+    const struct kv_group *g = &kv->g[gi];
+    int64_t lb = pos / kv->block_size;
+    if (lb >= kv->max_blocks) return NULL;
+    int32_t pb = seq_table(kv, g, seq)[lb];
+    if (pb < 0) return NULL;
+    size_t row = ((size_t)kv->group_layer[layer] * (size_t)g->n_blocks + (size_t)pb) *
+                     (size_t)kv->block_size +
+                 (size_t)(pos % kv->block_size);
+    return base_sel[gi] + row * (size_t)kv->kv_dim;
+}
+
+float *kv_k_row(const struct kv_cache *kv, int layer, int seq, int64_t pos)
+{
+    float *bases[2] = {kv->g[0].k, kv->g[1].k};
+    return row_ptr(kv, bases, layer, seq, pos);
+}
+
+float *kv_v_row(const struct kv_cache *kv, int layer, int seq, int64_t pos)
+{
+    float *bases[2] = {kv->g[0].v, kv->g[1].v};
+    return row_ptr(kv, bases, layer, seq, pos);
+}
+
+int kv_run_length(const struct kv_cache *kv, int64_t pos)
+{
+    return kv->block_size - (int)(pos % kv->block_size);
+}
+
+int kv_block_size(const struct kv_cache *kv)
+{
+    return kv->block_size;
+}
+
+int kv_dim(const struct kv_cache *kv)
+{
+    return kv->kv_dim;
+}
+
+int kv_layer_is_swa(const struct kv_cache *kv, int layer)
+{
+    return kv->is_swa[layer];
+}
+
+int kv_n_swa(const struct kv_cache *kv)
+{
+    return kv->n_swa;
+}
+
+void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    struct kv_group_stats *s[2] = {&out->full, &out->swa};
+    for (int gi = 0; gi < 2; gi++) {
+        const struct kv_group *g = &kv->g[gi];
+        s[gi]->n_layers = g->n_layers;
+        s[gi]->blocks_total = g->n_blocks;
+        s[gi]->blocks_free = g->n_free;
+        out->bytes += 2u * (uint64_t)g->n_layers * (uint64_t)g->n_blocks *
+                      (uint64_t)kv->block_size * (uint64_t)kv->kv_dim * sizeof(float);
+    }
+    out->block_size = kv->block_size;
+}
+
+void kv_seq_blocks_held(const struct kv_cache *kv, int seq, int64_t *full, int64_t *swa)
+{
+    *full = kv->g[0].n_layers ? kv->g[0].held[seq] : 0;
+    *swa = kv->g[1].n_layers ? kv->g[1].held[seq] : 0;
+}

@@ -1,0 +1,84 @@
+/* Paged KV cache: a block pool reserved once at start, per-sequence block tables.
+ *
+ * Layers are split into two groups that own separate pools: "full" layers (attend to every
+ * earlier position) and sliding-window layers (attend to the last n_swa positions only). A
+ * sequence holds full-group blocks for its whole history, but sliding-group blocks only for the
+ * positions its window can still see: kv_seq_trim returns the older ones to the pool, so a long
+ * Gemma 3 conversation costs its sliding layers a bounded number of blocks. Architectures without
+ * sliding layers use only the full group.
+ *
+ * Block b of a sequence stores positions [b*block_size, (b+1)*block_size) for every layer of its
+ * group: K and V rows of kv_dim = n_kv_heads * head_dim floats each.
+ *
+ * Running out of blocks is a status (KRS_ERR_AGAIN) that the scheduler acts on (wait, preempt);
+ * kv_seq_reserve is all-or-nothing so a failed reserve changes nothing.
+ *
+ * Threading: owned by the engine thread. Pointers from kv_k_row/kv_v_row are read by the
+ * forward pass's worker threads while the engine thread waits for them. */
+#ifndef KRS_KV_H
+#define KRS_KV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct kv_config {
+    int n_layers;
+    const uint8_t *layer_is_swa; /* [n_layers], 1 = sliding-window layer; NULL = none; copied */
+    int n_swa;                   /* window in positions (query p sees keys p-n_swa+1 .. p) */
+    int n_kv_heads;
+    int head_dim;         /* K and V row width per head */
+    int block_size;       /* positions per block, e.g. 16 */
+    int64_t n_tokens;     /* capacity of the full-layer pool, in positions */
+    int64_t n_tokens_swa; /* capacity of the sliding pool (0 = same as n_tokens) */
+    int max_seqs;         /* sequence slots 0 .. max_seqs-1 */
+    int max_ctx;          /* longest sequence, in positions */
+};
+
+struct kv_group_stats {
+    int n_layers;
+    int64_t blocks_total;
+    int64_t blocks_free;
+};
+
+struct kv_stats {
+    struct kv_group_stats full;
+    struct kv_group_stats swa;
+    int block_size;
+    uint64_t bytes; /* K+V storage reserved */
+};
+
+struct kv_cache;
+
+/* Reserves every pool up front. The caller owns *out (kv_free). */
+int kv_create(const struct kv_config *cfg, struct kv_cache **out);
+void kv_free(struct kv_cache *kv);
+
+/* Makes sure seq can write and attend positions [pos_begin, pos_end): allocates its missing
+ * full-group blocks up to pos_end and sliding-group blocks from pos_begin - n_swa + 1. All or
+ * nothing: KRS_ERR_AGAIN (nothing changed) when a pool lacks free blocks; KRS_ERR_INVALID for a
+ * bad slot or pos_end > max_ctx. */
+int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t pos_begin, int64_t pos_end);
+/* Blocks kv_seq_reserve would take from each pool right now (for admission decisions). */
+void kv_seq_blocks_needed(const struct kv_cache *kv, int seq, int64_t pos_begin, int64_t pos_end,
+                          int64_t *full, int64_t *swa);
+/* Returns sliding-group blocks that no query at position >= next_pos can see. */
+void kv_seq_trim(struct kv_cache *kv, int seq, int64_t next_pos);
+/* Returns every block of seq to the pools. Idempotent. */
+void kv_seq_release(struct kv_cache *kv, int seq);
+
+/* K / V row of (layer, seq, pos): kv_dim floats. The block must have been reserved (asserted in
+ * debug builds); returns NULL when it is not held. */
+float *kv_k_row(const struct kv_cache *kv, int layer, int seq, int64_t pos);
+float *kv_v_row(const struct kv_cache *kv, int layer, int seq, int64_t pos);
+/* Contiguous run: how many positions starting at pos share pos's block (<= block_size). */
+int kv_run_length(const struct kv_cache *kv, int64_t pos);
+
+int kv_block_size(const struct kv_cache *kv);
+int kv_dim(const struct kv_cache *kv);
+int kv_layer_is_swa(const struct kv_cache *kv, int layer);
+int kv_n_swa(const struct kv_cache *kv);
+void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out);
+/* Blocks held by seq in each group (for tests and the registry). */
+void kv_seq_blocks_held(const struct kv_cache *kv, int seq, int64_t *full, int64_t *swa);
+
+#endif

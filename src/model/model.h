@@ -1,0 +1,106 @@
+/* Transformer models from GGUF: hyper-parameters, weights bound to the mapped file, and the
+ * batched forward pass.
+ *
+ * model_load opens the GGUF (kept mapped for the model's lifetime), reads the architecture's
+ * hyper-parameters and binds every weight tensor, checking shapes and types. Supported
+ * architectures: gemma3, llama, qwen2; anything else is KRS_ERR_UNSUPPORTED with its name.
+ *
+ * A model_ctx is the runtime for one engine: a compute backend, a KV cache and scratch buffers
+ * reserved for the largest batch, so model_forward never allocates. One batch mixes any number
+ * of sequences, each with its own tokens at its own positions (prefill chunks and single decode
+ * tokens together); each weight matrix is read once per call for all of them.
+ *
+ * Threading: a model is immutable after load and may be shared; a model_ctx belongs to one
+ * thread (the engine thread) and uses its own worker pool. */
+#ifndef KRS_MODEL_H
+#define KRS_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct gguf_file;
+struct kv_cache;
+
+enum model_arch {
+    MODEL_ARCH_LLAMA = 0,
+    MODEL_ARCH_QWEN2 = 1,
+    MODEL_ARCH_GEMMA3 = 2,
+};
+
+struct model_hparams {
+    enum model_arch arch;
+    char arch_name[32];
+    int n_embd;
+    int n_layer;
+    int n_head;
+    int n_head_kv;
+    int head_dim; /* key_length == value_length (checked) */
+    int n_ff;
+    int n_vocab;
+    int n_ctx_train;
+    int n_rot;
+    float rms_eps;
+    float rope_base;       /* full-attention layers */
+    float rope_base_swa;   /* sliding layers (gemma3) */
+    float rope_freq_scale; /* full-attention layers; sliding layers use 1 */
+    int rope_neox;         /* 1: rotate (x[i], x[i+d/2]); 0: adjacent pairs */
+    int n_swa;             /* sliding window (0 = none) */
+    int swa_period;        /* layer il is sliding iff n_swa > 0 and il % period < period - 1 */
+    float embed_scale;     /* gemma3: sqrt(n_embd); others 1 */
+    float attn_scale;      /* applied to scores */
+    float final_softcap;   /* 0 = off */
+};
+
+struct model;
+
+/* Loads `path`. The caller owns *out (model_free). err gets a one-line reason on failure. */
+int model_load(const char *path, struct model **out, char *err, size_t errlen);
+void model_free(struct model *m);
+const struct model_hparams *model_hparams(const struct model *m);
+/* The open GGUF (for the tokenizer); owned by the model. */
+const struct gguf_file *model_gguf(const struct model *m);
+int model_layer_is_swa(const struct model *m, int layer);
+/* Bytes of weights read for one token's forward (for roofline figures). */
+uint64_t model_weight_bytes(const struct model *m);
+
+struct model_ctx_params {
+    int max_batch_tokens; /* tokens per forward (prefill chunks + decodes) */
+    int max_seqs;         /* sequence slots of the KV cache */
+    int64_t kv_tokens;    /* KV capacity in positions (full-attention layers) */
+    int max_ctx;          /* longest sequence; 0 = min(n_ctx_train, kv_tokens) */
+    int n_threads;        /* 0 = all online CPUs */
+    int kv_block_size;    /* 0 = 16 */
+    int max_logits;       /* rows of logits one forward may return; 0 = max_seqs */
+};
+
+struct model_ctx;
+
+/* Creates the runtime for m (borrowed: must outlive the ctx). Caller owns *out. */
+int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
+                     struct model_ctx **out, char *err, size_t errlen);
+void model_ctx_free(struct model_ctx *ctx);
+/* The context's KV cache (owned by ctx): the scheduler reserves / releases through kv.h. */
+struct kv_cache *model_ctx_kv(struct model_ctx *ctx);
+int model_ctx_max_batch_tokens(const struct model_ctx *ctx);
+int model_ctx_max_ctx(const struct model_ctx *ctx);
+const char *model_ctx_backend_name(const struct model_ctx *ctx);
+
+/* One forward batch. Token i belongs to sequence slot seq[i] at position pos[i]; a sequence's
+ * tokens in the batch must have consecutive increasing positions, and its KV blocks must have
+ * been reserved (kv_seq_reserve) for them. Earlier positions come from the KV cache. */
+struct model_batch {
+    int n_tokens;
+    const int32_t *tokens; /* [n_tokens] */
+    const int32_t *pos;    /* [n_tokens] */
+    const int32_t *seq;    /* [n_tokens] */
+    const uint8_t *logits; /* [n_tokens] 1 = produce logits for this token */
+};
+
+/* Runs the batch, writes K/V for every token into the cache and returns the logits of the
+ * flagged tokens in batch order: *out_logits points at [n_flagged, n_vocab] floats owned by ctx
+ * and valid until the next model_forward. KRS_ERR_INVALID for a malformed batch (too many
+ * tokens, bad token id, unreserved KV). */
+int model_forward(struct model_ctx *ctx, const struct model_batch *batch, const float **out_logits,
+                  int *out_n);
+
+#endif

@@ -1,0 +1,110 @@
+/* Private structures of the scheduler: requests, streams and the engine state. */
+#ifndef KRS_SCHED_IMPL_H
+#define KRS_SCHED_IMPL_H
+
+#include "sched/sched.h"
+
+#include "controller/controller.h"
+#include "sampler/sampler.h"
+#include "sampler/stop.h"
+#include "tokenizer/tokenizer.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+struct sched_stream {
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    struct sched_event *ring; /* [cap] */
+    int cap, head, count;
+    int finish_pushed; /* the FINISH event is in the ring (or was read) */
+    int finish_read;
+    int refs; /* engine + reader; freed at 0 */
+    _Atomic int reader_gone;
+    void (*notify)(void *);
+    void *notify_arg;
+    uint64_t id;
+};
+
+/* Stream side used by the engine. push returns KRS_ERR_FULL when fewer than n+1 slots are
+ * free (one is always kept for FINISH). */
+int stream_create(int cap, uint64_t id, struct sched_stream **out);
+int stream_push_many(struct sched_stream *st, const struct sched_event *ev, int n);
+void stream_push_finish(struct sched_stream *st, const struct sched_event *ev);
+void stream_unref(struct sched_stream *st);
+
+enum req_state { REQ_QUEUED = 0, REQ_RUNNING = 1 };
+
+struct req {
+    uint64_t id;
+    struct req *next; /* queue link */
+    enum sched_priority priority;
+    enum req_state state;
+    int32_t *tokens; /* [n_prompt + max_tokens]: prompt then generated */
+    int n_prompt, n_gen, max_tokens;
+    int n_past; /* tokens already in the KV cache */
+    int slot;   /* KV sequence slot while running, else -1 */
+    uint64_t admit_order;
+    struct sampler sampler;
+    struct sampler_logit_bias *bias; /* owned copy */
+    struct detok_state detok;
+    struct stop_matcher stop;
+    int32_t *stop_ids; /* owned copy */
+    int n_stop_ids;
+    int ignore_eos;
+    uint64_t t_submit, t_admit, t_first, t_last, deadline;
+    int preempted;
+    _Atomic int cancel; /* set by sched_cancel from any thread */
+    struct sched_stream *stream;
+};
+
+struct sched {
+    const struct model *model;
+    const struct tokenizer *tok;
+    struct metrics *metrics;
+    struct sched_params p;
+    struct model_ctx *ctx;
+    struct sampler_scratch *scratch;
+    struct controller ctrl;
+    pthread_t thread;
+
+    /* Inbox: guarded by lock; the engine sleeps on wake. */
+    pthread_mutex_t lock;
+    pthread_cond_t wake;
+    struct req *inbox_head, *inbox_tail;
+    int stop;
+    int draining;
+    int mode_pending;
+    enum sched_mode new_mode;
+    int new_fixed;
+    int n_waiting; /* inbox + queued, for the max_queue bound */
+    uint64_t next_id;
+
+    /* Registry of live requests (id -> req) for cancel and listing; guarded by reg_lock. */
+    pthread_mutex_t reg_lock;
+    struct req **live; /* [max_live] */
+    int n_live, max_live;
+
+    /* Engine-thread state. */
+    struct req *q_head[3], *q_tail[3];
+    int q_len[3];
+    struct req **running; /* [max_running] by slot, NULL = free */
+    int n_running;
+    enum sched_mode mode;
+    int limit;
+    uint64_t admit_counter;
+    uint64_t last_arrival_ns;
+    double gap_ema_ns;
+    double window_ns;
+    int32_t *b_tokens, *b_pos, *b_seq; /* [max_batch_tokens] */
+    uint8_t *b_want;
+    struct req **b_rows; /* [max_running] req of each logits row */
+    char *text_buf;      /* detok / stop scratch */
+    size_t text_cap;
+
+    /* Published state, guarded by state_lock. */
+    pthread_mutex_t state_lock;
+    struct sched_state pub;
+};
+
+#endif

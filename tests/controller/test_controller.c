@@ -1,0 +1,413 @@
+/* controller/: the adaptive batch-limit controller driven by synthetic step-latency traces.
+ *
+ * The oracle is the latency model itself: step latency = base + per_seq * batch (+ noise), so
+ * the best limit is known in closed form: L* = floor((target - base) / per_seq), clamped. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "controller/controller.h"
+#include "krserve.h"
+
+struct sim {
+    double base_ms, per_seq_ms, noise_ms; /* noise: uniform in [-noise, +noise] */
+    uint32_t demand;                      /* requests wanting to run (UINT32_MAX: unbounded) */
+    double spike_ms;                      /* >0: the next step takes this long, once */
+    uint64_t now_ns;
+    uint64_t rng;
+};
+
+static double sim_uniform(struct sim *s)
+{
+    s->rng ^= s->rng << 13;
+    s->rng ^= s->rng >> 7;
+    s->rng ^= s->rng << 17;
+    return (double)(s->rng >> 11) / 9007199254740992.0; /* [0,1) */
+}
+
+/* Runs one step at the controller's current limit; returns the new limit. */
+static uint32_t sim_step(struct sim *s, struct controller *c)
+{
+    uint32_t limit = controller_limit(c);
+    uint32_t batch = s->demand < limit ? s->demand : limit;
+    uint32_t queued = s->demand == UINT32_MAX ? 100 : s->demand - batch;
+    double ms = s->base_ms + s->per_seq_ms * batch;
+    if (s->noise_ms > 0) ms += s->noise_ms * (2.0 * sim_uniform(s) - 1.0);
+    if (s->spike_ms > 0) {
+        ms = s->spike_ms;
+        s->spike_ms = 0;
+    }
+    if (ms < 0.01) ms = 0.01;
+    uint64_t ns = (uint64_t)(ms * 1e6);
+    s->now_ns += ns;
+    return controller_observe_step(c, ns, batch, queued, s->now_ns);
+}
+
+/* Runs `windows` windows; limits[i] = limit after window i (if limits != NULL). */
+static void sim_run(struct sim *s, struct controller *c, int windows, uint32_t *limits)
+{
+    for (int w = 0; w < windows; w++) {
+        for (uint32_t i = 0; i < c->cfg.interval; i++) sim_step(s, c);
+        if (limits) limits[w] = controller_limit(c);
+        if (getenv("CTRL_TRACE"))
+            printf("w%d limit %u ema %.2f p99 %.2f slope %.3f ceil %u\n", w, controller_limit(c),
+                   c->ema_ms, c->last_p99_ms, c->slope, c->ceiling);
+    }
+}
+
+static uint32_t best_limit(double base, double per, double target, uint32_t lo, uint32_t hi)
+{
+    double l = floor((target - base) / per);
+    if (l < lo) return lo;
+    if (l > hi) return hi;
+    return (uint32_t)l;
+}
+
+static void init_default(struct controller *c, struct controller_config *cfg)
+{
+    controller_config_default(cfg);
+    assert_int_equal(controller_init(c, cfg, 0), KRS_OK);
+}
+
+/* max-min of the last n limits, relative to their mean. */
+static double spread(const uint32_t *v, int n)
+{
+    uint32_t lo = v[0], hi = v[0];
+    double sum = 0;
+    for (int i = 0; i < n; i++) {
+        if (v[i] < lo) lo = v[i];
+        if (v[i] > hi) hi = v[i];
+        sum += v[i];
+    }
+    return (double)(hi - lo) / (sum / n);
+}
+
+static int reversals(const uint32_t *v, int n)
+{
+    int r = 0, dir = 0;
+    for (int i = 1; i < n; i++) {
+        int d = v[i] > v[i - 1] ? 1 : v[i] < v[i - 1] ? -1 : 0;
+        if (d && dir && d != dir) r++;
+        if (d) dir = d;
+    }
+    return r;
+}
+
+static void check_converges(double base, double per)
+{
+    struct controller c;
+    struct controller_config cfg;
+    init_default(&c, &cfg);
+    struct sim s = {.base_ms = base, .per_seq_ms = per, .demand = UINT32_MAX, .rng = 1};
+    uint32_t lim[600];
+    sim_run(&s, &c, 300, lim);
+    uint32_t best = best_limit(base, per, cfg.p99_target_ms, cfg.min_batch, cfg.max_batch);
+    uint32_t final = lim[299];
+    /* Meets the target, and is the best limit or within one grow step (10 %) below it. */
+    assert_true(base + per * final <= cfg.p99_target_ms);
+    assert_true(final <= best);
+    assert_true((double) final >= 0.9 * best);
+    /* Holds steady: the last 100 windows vary by at most 5 %. */
+    assert_true(spread(lim + 200, 100) <= 0.05);
+    struct controller_snapshot snap;
+    assert_int_equal(controller_state(&c, &snap), KRS_OK);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_TUNING);
+    assert_int_equal(snap.limit, final);
+    assert_int_equal(snap.degradations, 0);
+    assert_true(snap.adjustments >= 1);
+    assert_true(fabs(snap.ema_p99_ms - (base + per * final)) < 1e-3);
+}
+
+static void test_converges_linear_model(void **state)
+{
+    check_converges(20.0, 5.0); /* L* = 16 */
+    check_converges(80.0, 1.0); /* L* = 20: large fixed cost, cheap sequences */
+    check_converges(10.0, 1.0); /* L* = 90 > max: pinned at max_batch 32 */
+    check_converges(5.0, 30.0); /* L* = 3 */
+}
+
+static void test_step_change_shrinks(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    init_default(&c, &cfg);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .rng = 7};
+    sim_run(&s, &c, 200, NULL);
+    uint32_t before = controller_limit(&c);
+    assert_true(before >= 15 && before <= 16);
+    /* Every sequence becomes 50 % more expensive: L* = floor(80 / 7.5) = 10. The window P99
+     * (20 + 7.5 * 16 = 140 ms) is below 2x target, so this is tuning, not degradation. */
+    s.per_seq_ms = 7.5;
+    uint32_t lim[600];
+    sim_run(&s, &c, 200, lim);
+    uint32_t after = lim[199];
+    assert_true(20 + 7.5 * after <= 100.0);
+    assert_true(after >= 9 && after <= 10);
+    assert_true(spread(lim + 100, 100) <= 0.05 + 1e-9);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_int_equal(snap.degradations, 0);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_TUNING);
+    /* The last event is a shrink with its reason. */
+    assert_true(snap.n_events >= 1);
+    const struct controller_event *last = &snap.events[snap.n_events - 1];
+    assert_int_equal(last->kind, CONTROLLER_EVENT_SHRINK);
+    assert_non_null(strstr(last->reason, "> target 100.0 ms"));
+    /* And it comes back up when the cost drops again. */
+    s.per_seq_ms = 5.0;
+    sim_run(&s, &c, 300, lim);
+    assert_true(lim[299] >= 14 && lim[299] <= 16);
+}
+
+static void test_noise_does_not_oscillate(void **state)
+{
+    for (uint64_t seed = 1; seed <= 5; seed++) {
+        struct controller c;
+        struct controller_config cfg;
+        init_default(&c, &cfg);
+        /* +-8 ms of uniform noise on a 100 ms target: the window P99 (max of 10 samples) is
+         * ~+6 ms above the mean. */
+        struct sim s = {.base_ms = 20,
+                        .per_seq_ms = 5,
+                        .noise_ms = 8,
+                        .demand = UINT32_MAX,
+                        .rng = 0x9e3779b97f4a7c15ull * seed};
+        uint32_t lim[600];
+        sim_run(&s, &c, 600, lim);
+        /* After settling: no back-and-forth, limit within 5 % and near the noisy optimum
+         * (mean latency + P99 noise <= target gives 14..16). */
+        assert_true(reversals(lim + 300, 300) <= 2);
+        assert_true(spread(lim + 500, 100) <= 0.07);
+        assert_true(lim[599] >= 12 && lim[599] <= 16);
+        struct controller_snapshot snap;
+        controller_state(&c, &snap);
+        assert_int_equal(snap.degradations, 0);
+        assert_true(snap.adjustments < 40);
+    }
+}
+
+static void test_spike_degrades_and_recovers(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    init_default(&c, &cfg);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .rng = 3};
+    sim_run(&s, &c, 200, NULL);
+    uint32_t before = controller_limit(&c);
+    assert_true(before >= 15);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    double ema = snap.ema_p99_ms;
+
+    /* One slow step (e.g. the host swapped): the window P99 is 312 ms. */
+    s.spike_ms = 312.0;
+    uint64_t t_spike_window_end = 0;
+    for (uint32_t i = 0; i < cfg.interval; i++) {
+        sim_step(&s, &c);
+        t_spike_window_end = s.now_ns;
+    }
+    controller_state(&c, &snap);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_DEGRADED);
+    assert_int_equal(snap.limit, cfg.fixed_batch);
+    assert_int_equal(snap.degradations, 1);
+    assert_true(fabs(snap.last_window_p99_ms - 312.0) < 1e-6);
+    assert_true(fabs(snap.ema_p99_ms - ema) < 1e-9); /* the spike is not folded in */
+    const struct controller_event *ev = &snap.events[snap.n_events - 1];
+    assert_int_equal(ev->kind, CONTROLLER_EVENT_DEGRADE);
+    assert_int_equal(ev->old_limit, before);
+    assert_int_equal(ev->new_limit, cfg.fixed_batch);
+    assert_int_equal(ev->t_ns, t_spike_window_end);
+    char want[128];
+    snprintf(want, sizeof want, "p99 312.0 ms > 2.0x target 100.0 ms and 1.5x ema %.1f ms", ema);
+    assert_non_null(strstr(ev->reason, want));
+
+    /* Calm: the limit stays at the fallback until calm_period_ms has passed... */
+    uint64_t calm_ns = cfg.calm_period_ms * 1000000ull;
+    while (s.now_ns + 200000000ull < t_spike_window_end + calm_ns) {
+        sim_step(&s, &c);
+        assert_int_equal(controller_limit(&c), cfg.fixed_batch);
+        controller_state(&c, &snap);
+        assert_int_equal(snap.mode, CONTROLLER_MODE_DEGRADED);
+    }
+    /* ...then the first window after it recovers and tuning resumes. */
+    sim_run(&s, &c, 3, NULL);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_TUNING);
+    assert_int_equal(snap.recoveries, 1);
+    int found = 0;
+    for (uint32_t i = 0; i < snap.n_events; i++)
+        if (snap.events[i].kind == CONTROLLER_EVENT_RECOVER) {
+            found = 1;
+            assert_true(snap.events[i].t_ns - t_spike_window_end >= calm_ns);
+            assert_non_null(strstr(snap.events[i].reason, "recovered"));
+        }
+    assert_true(found);
+    uint32_t lim[600];
+    sim_run(&s, &c, 300, lim);
+    assert_true(lim[299] >= 15 && lim[299] <= 16);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.degradations, 1);
+}
+
+static void test_repeated_spikes_extend_calm(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    init_default(&c, &cfg);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .rng = 5};
+    sim_run(&s, &c, 200, NULL);
+    s.spike_ms = 400;
+    sim_run(&s, &c, 1, NULL);
+    assert_int_equal(c.mode, CONTROLLER_MODE_DEGRADED);
+    /* A spike every ~5 s keeps it degraded (calm period 10 s). At the fallback of 4 a window
+     * takes 10 * 40 ms = 0.4 s. */
+    for (int k = 0; k < 5; k++) {
+        sim_run(&s, &c, 12, NULL);
+        s.spike_ms = 400;
+        sim_run(&s, &c, 1, NULL);
+        assert_int_equal(c.mode, CONTROLLER_MODE_DEGRADED);
+    }
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_int_equal(snap.degradations, 1);
+    assert_int_equal(snap.recoveries, 0);
+    sim_run(&s, &c, 30, NULL); /* 12 s of calm */
+    assert_int_equal(c.mode, CONTROLLER_MODE_TUNING);
+}
+
+static void test_grows_only_with_queued_work(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 8;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    /* Only 2 requests, nothing waiting: the batch never fills, the limit never moves. */
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = 2, .rng = 11};
+    uint32_t lim[600];
+    sim_run(&s, &c, 200, lim);
+    for (int i = 0; i < 200; i++) assert_int_equal(lim[i], 8);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_int_equal(snap.adjustments, 0);
+
+    /* Ramp the load: 10 concurrent requests grow the limit to at most 10 + one step. */
+    s.demand = 10;
+    sim_run(&s, &c, 200, lim);
+    assert_true(lim[199] >= 10 && lim[199] <= 11);
+    /* Unbounded queue: grows to the latency-bound optimum 16. */
+    s.demand = UINT32_MAX;
+    sim_run(&s, &c, 200, lim);
+    assert_true(lim[199] >= 15 && lim[199] <= 16);
+    /* Load drops: the limit is not raised further and nothing shrinks it (latency is fine). */
+    s.demand = 3;
+    uint32_t held = lim[199];
+    sim_run(&s, &c, 100, lim);
+    for (int i = 0; i < 100; i++) assert_int_equal(lim[i], held);
+}
+
+static void test_bounds_respected(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.min_batch = 2;
+    cfg.max_batch = 6;
+    cfg.fixed_batch = 3;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    assert_int_equal(controller_limit(&c), 2);
+    /* Cheap steps: grows to max and stays. */
+    struct sim s = {.base_ms = 1, .per_seq_ms = 1, .demand = UINT32_MAX, .rng = 13};
+    uint32_t lim[600];
+    sim_run(&s, &c, 100, lim);
+    for (int i = 0; i < 100; i++) assert_true(lim[i] >= 2 && lim[i] <= 6);
+    assert_int_equal(lim[99], 6);
+    /* Very expensive steps (slow drift, not a spike): shrinks to min and never below. */
+    for (int k = 0; k < 30; k++) {
+        s.base_ms += 15;
+        sim_run(&s, &c, 10, lim);
+        for (int i = 0; i < 10; i++) assert_true(lim[i] >= 2 && lim[i] <= 6);
+    }
+    assert_int_equal(controller_limit(&c), 2);
+
+    /* Invalid configurations are refused. */
+    struct controller_config bad = cfg;
+    bad.min_batch = 0;
+    assert_int_equal(controller_init(&c, &bad, 0), KRS_ERR_INVALID);
+    bad = cfg;
+    bad.max_batch = 1;
+    assert_int_equal(controller_init(&c, &bad, 0), KRS_ERR_INVALID);
+    bad = cfg;
+    bad.interval = CONTROLLER_MAX_INTERVAL + 1;
+    assert_int_equal(controller_init(&c, &bad, 0), KRS_ERR_INVALID);
+    bad = cfg;
+    bad.p99_target_ms = 0;
+    assert_int_equal(controller_init(&c, &bad, 0), KRS_ERR_INVALID);
+    bad = cfg;
+    bad.ema_alpha = 1.5;
+    assert_int_equal(controller_init(&c, &bad, 0), KRS_ERR_INVALID);
+    assert_int_equal(controller_init(NULL, &cfg, 0), KRS_ERR_INVALID);
+}
+
+static void test_disabled_is_fixed(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.enabled = false;
+    cfg.fixed_batch = 5;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .rng = 17};
+    uint32_t lim[600];
+    sim_run(&s, &c, 100, lim);
+    for (int i = 0; i < 100; i++) assert_int_equal(lim[i], 5);
+    s.spike_ms = 500;
+    sim_run(&s, &c, 1, NULL);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_FIXED);
+    assert_int_equal(snap.limit, 5);
+    assert_int_equal(snap.adjustments, 0);
+    assert_int_equal(snap.degradations, 0);
+    assert_true(snap.windows == 101);
+    /* statistics are still kept: the spike window is folded into the 45 ms EMA */
+    assert_true(fabs(snap.ema_p99_ms - (0.3 * 500.0 + 0.7 * 45.0)) < 1e-6);
+
+    /* Turned on: tunes; turned off again: back to the fixed size at once. */
+    assert_int_equal(controller_set_enabled(&c, true, s.now_ns), KRS_OK);
+    sim_run(&s, &c, 200, lim);
+    assert_true(lim[199] >= 15 && lim[199] <= 16);
+    assert_int_equal(controller_set_enabled(&c, false, s.now_ns), KRS_OK);
+    assert_int_equal(controller_limit(&c), 5);
+    sim_run(&s, &c, 50, lim);
+    for (int i = 0; i < 50; i++) assert_int_equal(lim[i], 5);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.events[snap.n_events - 1].kind, CONTROLLER_EVENT_DISABLE);
+    assert_string_equal(controller_mode_name(snap.mode), "fixed");
+    /* The event ring keeps the newest CONTROLLER_EVENTS, oldest first. */
+    assert_true(snap.n_events <= CONTROLLER_EVENTS);
+    for (uint32_t i = 1; i < snap.n_events; i++)
+        assert_true(snap.events[i].t_ns >= snap.events[i - 1].t_ns);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_converges_linear_model),
+        cmocka_unit_test(test_step_change_shrinks),
+        cmocka_unit_test(test_noise_does_not_oscillate),
+        cmocka_unit_test(test_spike_degrades_and_recovers),
+        cmocka_unit_test(test_repeated_spikes_extend_calm),
+        cmocka_unit_test(test_grows_only_with_queued_work),
+        cmocka_unit_test(test_bounds_respected),
+        cmocka_unit_test(test_disabled_is_fixed),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,408 @@
+/* sched/: the engine thread through the public API, on the default model (Gemma 3 270M).
+ *
+ * Concurrent requests produce the same tokens as when run alone (greedy and seeded); priorities
+ * order admission; cancellation at each stage frees the KV; preemption under a tiny KV pool still
+ * completes every request correctly; mode switches under load lose nothing; a reader that never
+ * reads gets its request cancelled; counters balance. Skipped when the default model is absent. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "krserve.h"
+#include "metrics/metrics.h"
+#include "model/model.h"
+#include "sched/sched.h"
+#include "tokenizer/tokenizer.h"
+#include "util/clock.h"
+
+static struct model *model;
+static struct tokenizer *tok;
+
+static int setup(void **state)
+{
+    const char *src = getenv("KRS_SOURCE_DIR");
+    char path[4096], err[256];
+    snprintf(path, sizeof path, "%s/models/default.gguf", src ? src : ".");
+    if (model_load(path, &model, err, sizeof err) != KRS_OK) return 0;
+    if (tokenizer_load(model_gguf(model), &tok, err, sizeof err) != KRS_OK) {
+        model_free(model);
+        model = NULL;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    tokenizer_free(tok);
+    model_free(model);
+    return 0;
+}
+
+static const char *const prompts[] = {
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "My favourite book is",
+};
+#define N_PROMPTS 6
+
+struct result {
+    int32_t tokens[64];
+    int n;
+    enum sched_finish finish;
+    char text[2048];
+    size_t text_len;
+    double total_ms; /* submit -> finish, from the FINISH event */
+};
+
+static void make_request(struct sched_request *r, int32_t *ids, int *n_ids, const char *prompt,
+                         int max_tokens)
+{
+    size_t n = 0;
+    assert_int_equal(tokenizer_encode(tok, prompt, strlen(prompt), 1, 0, ids, 256, &n), KRS_OK);
+    *n_ids = (int)n;
+    memset(r, 0, sizeof *r);
+    r->prompt = ids;
+    r->n_prompt = (int)n;
+    r->max_tokens = max_tokens;
+    sampler_params_default(&r->sampling);
+    r->sampling.temperature = 0.0f; /* greedy unless a test says otherwise */
+    r->priority = SCHED_PRIO_DEFAULT;
+}
+
+/* Reads a stream to its end. */
+static void collect(struct sched_stream *st, struct result *res)
+{
+    memset(res, 0, sizeof *res);
+    struct sched_event ev;
+    for (;;) {
+        int rc = sched_stream_read(st, &ev, 60000);
+        assert_int_equal(rc, KRS_OK);
+        if (ev.kind == SCHED_EV_FINISH) {
+            res->finish = ev.finish;
+            res->total_ms = ev.total_ms;
+            break;
+        }
+        if (ev.token >= 0 && res->n < 64) res->tokens[res->n++] = ev.token;
+        memcpy(res->text + res->text_len, ev.text, ev.text_len);
+        res->text_len += ev.text_len;
+    }
+    sched_stream_release(st);
+}
+
+static struct sched *make_sched(int kv_tokens, enum sched_mode mode, int stream_cap,
+                                struct metrics *metrics)
+{
+    struct sched_params p;
+    sched_params_default(&p);
+    p.background_aging_ms = 600000; /* tests of ordering must not see aging */
+    p.max_running = 8;
+    p.max_batch_tokens = 64;
+    p.kv_tokens = kv_tokens;
+    p.max_ctx = 256;
+    p.mode = mode;
+    p.stream_capacity = stream_cap;
+    struct sched *s;
+    char err[256];
+    assert_int_equal(sched_create(model, tok, &p, metrics, &s, err, sizeof err), KRS_OK);
+    return s;
+}
+
+static void run_alone(struct sched *s, const struct sched_request *r, struct result *res)
+{
+    struct sched_stream *st;
+    uint64_t id;
+    assert_int_equal(sched_submit(s, r, &st, &id), KRS_OK);
+    collect(st, res);
+}
+
+static void wait_idle(struct sched *s)
+{
+    for (int i = 0; i < 6000; i++) {
+        struct sched_state st;
+        sched_get_state(s, &st);
+        uint64_t done = 0;
+        for (int f = 0; f < 5; f++) done += st.finished[f];
+        if (st.idle && st.running == 0 && st.queued[0] + st.queued[1] + st.queued[2] == 0 &&
+            done == st.submitted)
+            return;
+        clock_sleep_us(5000);
+    }
+    fail_msg("scheduler did not become idle");
+}
+
+static void assert_kv_all_free(struct sched *s)
+{
+    wait_idle(s);
+    struct sched_state st;
+    sched_get_state(s, &st);
+    assert_int_equal(st.kv_blocks_free, st.kv_blocks_total);
+}
+
+static void assert_counters_balance(struct sched *s)
+{
+    struct sched_state st;
+    sched_get_state(s, &st);
+    uint64_t done = 0;
+    for (int i = 0; i < 5; i++) done += st.finished[i];
+    assert_int_equal(st.submitted, done);
+}
+
+/* Submits every prompt at once (seeded sampling when seed != 0) and compares with alone. */
+static void concurrent_equals_alone(int kv_tokens, uint64_t seed, int expect_preemption)
+{
+    struct metrics *m;
+    assert_int_equal(metrics_create(clock_now_ns(), &m), KRS_OK);
+    struct sched *s = make_sched(kv_tokens, SCHED_MODE_FIXED, 256, m);
+    static int32_t ids[N_PROMPTS][256];
+    struct sched_request req[N_PROMPTS];
+    static struct result alone[N_PROMPTS], together[N_PROMPTS];
+    for (int i = 0; i < N_PROMPTS; i++) {
+        int n;
+        make_request(&req[i], ids[i], &n, prompts[i], 12);
+        req[i].ignore_eos = 1;
+        if (seed) {
+            req[i].sampling.temperature = 0.9f;
+            req[i].sampling.top_p = 0.95f;
+            req[i].sampling.seed = seed + (uint64_t)i;
+            req[i].has_seed = 1;
+        }
+        run_alone(s, &req[i], &alone[i]);
+        assert_int_equal(alone[i].n, 12);
+        assert_int_equal(alone[i].finish, SCHED_FINISH_LENGTH);
+    }
+    sched_set_mode(s, SCHED_MODE_FIXED, 6);
+    struct sched_stream *st[N_PROMPTS];
+    for (int i = 0; i < N_PROMPTS; i++) {
+        uint64_t id;
+        assert_int_equal(sched_submit(s, &req[i], &st[i], &id), KRS_OK);
+    }
+    for (int i = 0; i < N_PROMPTS; i++) collect(st[i], &together[i]);
+    for (int i = 0; i < N_PROMPTS; i++) {
+        assert_int_equal(together[i].n, alone[i].n);
+        assert_memory_equal(together[i].tokens, alone[i].tokens, sizeof(int32_t) * alone[i].n);
+        assert_int_equal(together[i].text_len, alone[i].text_len);
+        assert_memory_equal(together[i].text, alone[i].text, alone[i].text_len);
+    }
+    assert_kv_all_free(s);
+    struct sched_state state;
+    sched_get_state(s, &state);
+    printf("kv_tokens %d: %llu preemptions\n", kv_tokens, (unsigned long long)state.preemptions);
+    if (expect_preemption) assert_true(state.preemptions > 0);
+    assert_counters_balance(s);
+    sched_destroy(s);
+    metrics_destroy(m);
+}
+
+static void test_concurrent_greedy_equals_alone(void **state)
+{
+    if (!model) skip();
+    concurrent_equals_alone(4096, 0, 0);
+}
+
+static void test_concurrent_seeded_equals_alone(void **state)
+{
+    if (!model) skip();
+    concurrent_equals_alone(4096, 1234, 0);
+}
+
+static void test_preemption_tiny_kv_completes_correctly(void **state)
+{
+    if (!model) skip();
+    /* 8 blocks of 16 positions: six requests of ~10 + 12 tokens cannot all hold their KV. */
+    concurrent_equals_alone(128, 0, 1);
+}
+
+static void test_priorities_order_admission(void **state)
+{
+    if (!model) skip();
+    struct sched *s = make_sched(4096, SCHED_MODE_OFF, 256, NULL); /* one at a time */
+    static int32_t ids[4][256];
+    struct sched_request r[4];
+    struct sched_stream *st[4];
+    static struct result res[4];
+    enum sched_priority prio[4] = {SCHED_PRIO_DEFAULT, SCHED_PRIO_BACKGROUND, SCHED_PRIO_DEFAULT,
+                                   SCHED_PRIO_URGENT};
+    for (int i = 0; i < 4; i++) {
+        int n;
+        make_request(&r[i], ids[i], &n, prompts[i], i == 0 ? 10 : 3);
+        r[i].ignore_eos = 1;
+        r[i].priority = prio[i];
+        uint64_t id;
+        assert_int_equal(sched_submit(s, &r[i], &st[i], &id), KRS_OK);
+        if (i == 0) clock_sleep_us(50000); /* let the first one start */
+    }
+    for (int i = 0; i < 4; i++) collect(st[i], &res[i]);
+    /* Requests 1..3 were submitted together while 0 ran: urgent ends first, then default,
+     * then background. */
+    assert_true(res[3].total_ms < res[2].total_ms);
+    assert_true(res[2].total_ms < res[1].total_ms);
+    assert_counters_balance(s);
+    sched_destroy(s);
+}
+
+static void test_cancel_at_every_stage(void **state)
+{
+    if (!model) skip();
+    struct sched *s = make_sched(4096, SCHED_MODE_OFF, 256, NULL);
+    static int32_t ids[3][256];
+    struct sched_request r[3];
+    struct sched_stream *st[3];
+    uint64_t id[3];
+    for (int i = 0; i < 3; i++) {
+        int n;
+        make_request(&r[i], ids[i], &n, prompts[i], 200);
+        r[i].ignore_eos = 1;
+        assert_int_equal(sched_submit(s, &r[i], &st[i], &id[i]), KRS_OK);
+    }
+    /* Request 0 runs (mode off), 1 and 2 are queued. Let 0 produce a few tokens. */
+    struct sched_event ev;
+    for (int k = 0; k < 3; k++) assert_int_equal(sched_stream_read(st[0], &ev, 60000), KRS_OK);
+    assert_int_equal(sched_cancel(s, id[2]), KRS_OK); /* queued */
+    assert_int_equal(sched_cancel(s, id[0]), KRS_OK); /* decoding */
+    static struct result res[3];
+    collect(st[0], &res[0]);
+    collect(st[2], &res[2]);
+    assert_int_equal(res[0].finish, SCHED_FINISH_CANCELLED);
+    assert_true(res[0].n < 200 - 3);
+    assert_int_equal(res[2].finish, SCHED_FINISH_CANCELLED);
+    assert_int_equal(res[2].n, 0);
+    /* Reader walks away: the request is cancelled at the next step. */
+    sched_stream_release(st[1]);
+    assert_kv_all_free(s);
+    assert_int_equal(sched_cancel(s, id[1]), KRS_ERR_NOT_FOUND);
+    assert_counters_balance(s);
+    sched_destroy(s);
+}
+
+static void test_slow_reader_is_cancelled(void **state)
+{
+    if (!model) skip();
+    struct sched *s = make_sched(4096, SCHED_MODE_AUTO, 4, NULL);
+    static int32_t ids[256];
+    struct sched_request r;
+    int n;
+    make_request(&r, ids, &n, prompts[1], 100);
+    r.ignore_eos = 1;
+    struct sched_stream *st;
+    uint64_t id;
+    assert_int_equal(sched_submit(s, &r, &st, &id), KRS_OK);
+    wait_idle(s); /* the engine must not wait for us */
+    static struct result res;
+    collect(st, &res);
+    assert_int_equal(res.finish, SCHED_FINISH_CANCELLED);
+    assert_true(res.n <= 4);
+    assert_kv_all_free(s);
+    sched_destroy(s);
+}
+
+static void test_mode_switches_under_load_lose_nothing(void **state)
+{
+    if (!model) skip();
+    struct sched *s = make_sched(4096, SCHED_MODE_AUTO, 256, NULL);
+    enum { N = 12 };
+    static int32_t ids[N][256];
+    struct sched_request r[N];
+    struct sched_stream *st[N];
+    for (int i = 0; i < N; i++) {
+        int n;
+        make_request(&r[i], ids[i], &n, prompts[i % N_PROMPTS], 6);
+        r[i].ignore_eos = 1;
+        uint64_t id;
+        assert_int_equal(sched_submit(s, &r[i], &st[i], &id), KRS_OK);
+        if (i == 3) sched_set_mode(s, SCHED_MODE_OFF, 0);
+        if (i == 6) sched_set_mode(s, SCHED_MODE_FIXED, 3);
+        if (i == 9) sched_set_mode(s, SCHED_MODE_AUTO, 0);
+    }
+    static struct result res[N];
+    for (int i = 0; i < N; i++) {
+        collect(st[i], &res[i]);
+        assert_int_equal(res[i].finish, SCHED_FINISH_LENGTH);
+        assert_int_equal(res[i].n, 6);
+    }
+    assert_kv_all_free(s);
+    assert_counters_balance(s);
+    sched_destroy(s);
+}
+
+static void test_stop_string_and_queue_bound(void **state)
+{
+    if (!model) skip();
+    struct sched_params p;
+    sched_params_default(&p);
+    p.max_running = 2;
+    p.max_queue = 2;
+    p.kv_tokens = 1024;
+    p.max_ctx = 256;
+    p.max_batch_tokens = 64;
+    p.mode = SCHED_MODE_OFF;
+    p.adaptive_window = 0;
+    struct sched *s;
+    char err[256];
+    assert_int_equal(sched_create(model, tok, &p, NULL, &s, err, sizeof err), KRS_OK);
+    static int32_t ids[256];
+    struct sched_request r;
+    int n;
+    make_request(&r, ids, &n, prompts[0], 16);
+    r.ignore_eos = 1;
+    /* Greedy alone first, then with a stop string taken from its own output. */
+    static struct result plain, stopped;
+    run_alone(s, &r, &plain);
+    assert_true(plain.text_len > 8);
+    char stop[8];
+    memcpy(stop, plain.text + 4, 3);
+    stop[3] = '\0';
+    r.stop[0] = stop;
+    r.n_stop = 1;
+    run_alone(s, &r, &stopped);
+    assert_int_equal(stopped.finish, SCHED_FINISH_STOP);
+    const char *hit = strstr(plain.text, stop);
+    assert_non_null(hit);
+    assert_int_equal(stopped.text_len, (size_t)(hit - plain.text));
+    assert_memory_equal(stopped.text, plain.text, stopped.text_len);
+    /* Queue bound: one running (mode off), 2 waiting at most, the next is refused at once. */
+    r.n_stop = 0;
+    r.max_tokens = 20;
+    struct sched_stream *st[4];
+    uint64_t id;
+    assert_int_equal(sched_submit(s, &r, &st[0], &id), KRS_OK);
+    struct sched_event first;
+    assert_int_equal(sched_stream_read(st[0], &first, 60000), KRS_OK); /* #0 is running */
+    assert_int_equal(sched_submit(s, &r, &st[1], &id), KRS_OK);
+    assert_int_equal(sched_submit(s, &r, &st[2], &id), KRS_OK);
+    int rc = sched_submit(s, &r, &st[3], &id);
+    assert_int_equal(rc, KRS_ERR_FULL);
+    sched_drain(s);
+    assert_int_equal(sched_submit(s, &r, &st[3], &id), KRS_ERR_STATE);
+    static struct result res[3];
+    for (int i = 0; i < 3; i++) {
+        collect(st[i], &res[i]); /* drained: accepted work still completes */
+        assert_int_equal(res[i].finish, SCHED_FINISH_LENGTH);
+        assert_int_equal(res[i].n + (i == 0), 20);
+    }
+    sched_destroy(s);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_concurrent_greedy_equals_alone),
+        cmocka_unit_test(test_concurrent_seeded_equals_alone),
+        cmocka_unit_test(test_preemption_tiny_kv_completes_correctly),
+        cmocka_unit_test(test_priorities_order_admission),
+        cmocka_unit_test(test_cancel_at_every_stage),
+        cmocka_unit_test(test_slow_reader_is_cancelled),
+        cmocka_unit_test(test_mode_switches_under_load_lose_nothing),
+        cmocka_unit_test(test_stop_string_and_queue_bound),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
