@@ -1,0 +1,57 @@
+/* Private interface between quant.c (formats, dispatch, scalar path) and the SIMD kernel files
+ * (quant_avx2.c, quant_avx512.c, both instantiated from quant_simd.h).
+ *
+ * Quantized activations (SIMD paths): each row t of X is cut into 32-element blocks; block b
+ * holds int8 values qs in [-127, 127] with scale d = amax/127 (x ~= d * q), and d times the sums
+ * of its two 16-element halves (for the offset/min terms of Q4_0/Q4_1/Q5_x/K-quants). */
+#ifndef KRS_QUANT_IMPL_H
+#define KRS_QUANT_IMPL_H
+
+#include "quant/quant.h"
+
+#include <stdint.h>
+
+#define QK    32  /* elements of a small block and of an activation block */
+#define QK_K  256 /* elements of a K-quant super-block */
+#define QROWS 16  /* output rows per work chunk (threads split n_out in these) */
+#define QG    4   /* activation rows processed together per weight row */
+
+struct quant_act {
+    int8_t *qs;     /* [T][stride] */
+    float *d;       /* [T][nb] */
+    float *ds16;    /* [T][2 * nb] d * (sum of the int8 values) of each 16-element half */
+    int64_t stride; /* elements per row of qs (>= n_in, multiple of 32) */
+    int64_t nb;     /* 32-blocks per row */
+};
+
+/* Computes rows [r0, r1) of Y for all T rows: y[t * ldy + r]. x is the float input [T][n_in],
+ * act its quantized copy (valid when quant_simd_needs_act(type)). scratch holds n_in floats
+ * (per thread). */
+typedef void (*quant_rows_fn)(const struct quant_matrix *w, int64_t r0, int64_t r1, const float *x,
+                              const struct quant_act *act, int T, float *y, int64_t ldy,
+                              float *scratch);
+/* Quantizes rows [t0, t1) of x [T][n_in] into act (n_in a multiple of 32). */
+typedef void (*quant_act_fn)(const float *x, int64_t n_in, int t0, int t1, struct quant_act *act);
+
+/* 1 when the SIMD paths quantize activations for this weight type. */
+int quant_simd_needs_act(uint32_t type);
+
+void quant_rows_avx2(const struct quant_matrix *w, int64_t r0, int64_t r1, const float *x,
+                     const struct quant_act *act, int T, float *y, int64_t ldy, float *scratch);
+void quant_act_avx2(const float *x, int64_t n_in, int t0, int t1, struct quant_act *act);
+void quant_rows_avx512(const struct quant_matrix *w, int64_t r0, int64_t r1, const float *x,
+                       const struct quant_act *act, int T, float *y, int64_t ldy, float *scratch);
+void quant_act_avx512(const float *x, int64_t n_in, int t0, int t1, struct quant_act *act);
+
+/* Unpacks the 6-bit scales and mins of a Q4_K/Q5_K super-block (get_scale_min_k4). */
+static inline void quant_k4_scales(const uint8_t *s, uint8_t sc[8], uint8_t mn[8])
+{
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (uint8_t)((s[j + 8] & 0x0F) | ((s[j] >> 6) << 4));
+        mn[j + 4] = (uint8_t)((s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4));
+    }
+}
+
+#endif

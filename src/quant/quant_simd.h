@@ -1,0 +1,440 @@
+/* SIMD kernel template, included once by quant_avx2.c and once by quant_avx512.c; each
+ * includer defines QS_FN(name) (suffixes the entry points) and qs_dot(u, s), the 8-lane int32
+ * dot product of 32 unsigned bytes u with 32 signed bytes s (lane i sums bytes 4i..4i+3):
+ * AVX2 uses maddubs+madd, AVX-512 VNNI uses vpdpbusd. Not a public header.
+ *
+ * Shape of the work (see quant_impl.h for the quantized activation layout):
+ *   for each chunk of QROWS output rows      (weights of the chunk stay in L1/L2)
+ *     for each group of up to QG=4 activation rows
+ *       for each row r of the chunk: one pass over row r's blocks; every weight block is
+ *         unpacked once into registers and dotted with the G activation blocks.
+ * Integer dot products per 32-element block are scaled by d_w*d_x in float; offsets and mins
+ * use the activation block sums. F32/F16/BF16 rows use float FMA against the float input;
+ * Q2_K/Q3_K rows are dequantized into scratch and take the F32 route. */
+#include "quant/quant_impl.h"
+
+#include <immintrin.h>
+#include <string.h>
+
+#define QS_INLINE static inline __attribute__((always_inline))
+
+QS_INLINE float qs_hsum(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+QS_INLINE int qs_hsum_i32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+QS_INLINE float qs_fp16(const uint8_t *p)
+{
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* 16 packed bytes -> 32 nibbles: low nibbles are elements 0..15, high nibbles 16..31. */
+QS_INLINE __m256i qs_nibbles16(const uint8_t *p)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+
+/* Bit i of x -> byte i = 0x10 (the fifth bit of Q5_0/Q5_1). */
+QS_INLINE __m256i qs_bit5(uint32_t x)
+{
+    __m256i v = _mm256_set1_epi32((int)x);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
+                                           0x0101010101010101LL, 0x0000000000000000LL);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    v = _mm256_and_si256(_mm256_shuffle_epi8(v, shuf), bit);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
+}
+
+#define ACT_Q(a, t, blk)   ((const __m256i *)((a)->qs + (int64_t)(t) * (a)->stride + (blk)*QK))
+#define ACT_D(a, t, blk)   ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
+#define ACT_S(a, t, blk)   ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
+#define ACT_S32(a, t, blk) (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
+
+/* ---- 32-element block types: one weight row (nb blocks) x G activation rows ---- */
+
+/* One 32-block of Q4_0/Q4_1/Q5_0/Q5_1 (kind 0..3) against G activation rows. */
+QS_INLINE void qs_blk_q45(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
+                          const int G, const int kind, __m256 *acc, float *corr)
+{
+    const int has_m = kind & 1, has_h = kind >= 2;
+    float dw = qs_fp16(blk), mw = has_m ? qs_fp16(blk + 2) : 0.0f;
+    __m256i u = qs_nibbles16(blk + 2 + 2 * has_m + 4 * has_h);
+    if (has_h) {
+        uint32_t qh;
+        memcpy(&qh, blk + 2 + 2 * has_m, 4);
+        u = _mm256_or_si256(u, qs_bit5(qh));
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) {
+        float da = ACT_D(a, t0 + g, b);
+        __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, b)));
+        acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * da), acc[g]);
+        corr[g] += (has_m ? mw : dw) * ACT_S32(a, t0 + g, b);
+    }
+}
+
+/* One weight row (nb blocks) x G activation rows; even and odd blocks use separate
+ * accumulators so the FMA latency chain does not bound T = 1. */
+QS_INLINE void qs_row_q45(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
+                          const int G, const int kind, float *out)
+{
+    const int bytes = kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : 24;
+    __m256 acc0[QG], acc1[QG];
+    float corr0[QG], corr1[QG];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) {
+        acc0[g] = acc1[g] = _mm256_setzero_ps();
+        corr0[g] = corr1[g] = 0.0f;
+    }
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        qs_blk_q45(row + b * bytes, b, a, t0, G, kind, acc0, corr0);
+        qs_blk_q45(row + (b + 1) * bytes, b + 1, a, t0, G, kind, acc1, corr1);
+    }
+    if (b < nb) qs_blk_q45(row + b * bytes, b, a, t0, G, kind, acc0, corr0);
+    /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) */
+    const float off = (kind & 1) ? 1.0f : (kind >= 2 ? -16.0f : -8.0f);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++)
+        out[g] = qs_hsum(_mm256_add_ps(acc0[g], acc1[g])) + off * (corr0[g] + corr1[g]);
+}
+
+QS_INLINE void qs_blk_q8_0(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
+                           const int G, __m256 *acc)
+{
+    float dw = qs_fp16(blk);
+    __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    __m256i u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) {
+        __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_Q(a, t0 + g, b)), w);
+        __m256i p = qs_dot(u, s);
+        acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * ACT_D(a, t0 + g, b)),
+                                 acc[g]);
+    }
+}
+
+QS_INLINE void qs_row_q8_0(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
+                           const int G, float *out)
+{
+    __m256 acc0[QG], acc1[QG];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm256_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        qs_blk_q8_0(row + b * 34, b, a, t0, G, acc0);
+        qs_blk_q8_0(row + (b + 1) * 34, b + 1, a, t0, G, acc1);
+    }
+    if (b < nb) qs_blk_q8_0(row + b * 34, b, a, t0, G, acc0);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) out[g] = qs_hsum(_mm256_add_ps(acc0[g], acc1[g]));
+}
+
+/* ---- K-quants (256-element super-blocks = 8 activation blocks) ---- */
+
+/* five = 0: Q4_K, 1: Q5_K. Per super-block the 8 sub-block scales are turned into floats
+ * once (vector), multiplied by the 8 activation scales per row, and the min terms
+ * sum_j dmin*mn_j * (d_x*sum_x)_j are one 8-lane multiply-add per activation row. */
+QS_INLINE void qs_row_q45k(const uint8_t *row, int64_t nsb, const struct quant_act *a, int t0,
+                           const int G, const int five, float *out)
+{
+    const int bytes = five ? 176 : 144;
+    const __m256i m4 = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
+    __m256 acc[2][QG], corr[QG];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) acc[0][g] = acc[1][g] = corr[g] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = row + sb * bytes;
+        uint8_t sc[8], mn[8];
+        quant_k4_scales(blk + 4, sc, mn);
+        uint64_t sc64, mn64;
+        memcpy(&sc64, sc, 8);
+        memcpy(&mn64, mn, 8);
+        const __m256 dsc = _mm256_mul_ps(
+            _mm256_set1_ps(qs_fp16(blk)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc64))));
+        const __m256 dmn = _mm256_mul_ps(
+            _mm256_set1_ps(qs_fp16(blk + 2)),
+            _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn64))));
+        float scale[QG][8];
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            const float *da = &ACT_D(a, t0 + g, sb * 8);
+            _mm256_storeu_ps(scale[g], _mm256_mul_ps(dsc, _mm256_loadu_ps(da)));
+            /* d_x * sum of each 32-block = pairwise sums of the 16 half-block values */
+            const float *s = ACT_S(a, t0 + g, sb * 8);
+            __m256 h0 = _mm256_loadu_ps(s), h1 = _mm256_loadu_ps(s + 8);
+            __m256 pairs = _mm256_hadd_ps(h0, h1); /* [0 1 4 5 | 2 3 6 7] */
+            pairs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+            corr[g] = _mm256_fmadd_ps(dmn, pairs, corr[g]);
+        }
+        const uint8_t *qs = blk + (five ? 48 : 16);
+        __m256i qh =
+            five ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i uq[2];
+            uq[0] = _mm256_and_si256(q, m4);
+            uq[1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                const int j = 2 * c + h;
+                __m256i u = uq[h];
+                if (five) {
+                    __m256i bit = _mm256_set1_epi8((char)(1 << j));
+                    __m256i hb = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                    u = _mm256_or_si256(u, _mm256_and_si256(hb, b5));
+                }
+                const int64_t ab = sb * 8 + j;
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
+                    acc[h][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                                _mm256_broadcast_ss(&scale[g][j]), acc[h][g]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++)
+        out[g] = qs_hsum(_mm256_sub_ps(_mm256_add_ps(acc[0][g], acc[1][g]), corr[g]));
+}
+
+QS_INLINE void qs_row_q6k(const uint8_t *row, int64_t nsb, const struct quant_act *a, int t0,
+                          const int G, float *out)
+{
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[2][QG];
+    float corr[QG];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) {
+        acc[0][g] = acc[1][g] = _mm256_setzero_ps();
+        corr[g] = 0.0f;
+    }
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        const uint8_t *blk = row + sb * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        float d = qs_fp16(blk + 208);
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
+            __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
+            __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 128 + 32 * h));
+            __m256i u[4];
+            u[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4),
+                                   _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            u[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4),
+                                   _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            u[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                   _mm256_and_si256(qh, m30));
+            u[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+#pragma GCC unroll 4
+            for (int k = 0; k < 4; k++) {
+                const float s0 = (float)sc[8 * h + 2 * k], s1 = (float)sc[8 * h + 2 * k + 1];
+                const __m256 scv = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
+                const int64_t ab = sb * 8 + 4 * h + k;
+#pragma GCC unroll 4
+                for (int g = 0; g < G; g++) {
+                    float dd = d * ACT_D(a, t0 + g, ab);
+                    const float *s16 = ACT_S(a, t0 + g, ab);
+                    __m256i p = qs_dot(u[k], _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
+                    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), scv);
+                    acc[k & 1][g] = _mm256_fmadd_ps(f, _mm256_set1_ps(dd), acc[k & 1][g]);
+                    corr[g] += 32.0f * d * (s0 * s16[0] + s1 * s16[1]);
+                }
+            }
+        }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; g++) out[g] = qs_hsum(_mm256_add_ps(acc[0][g], acc[1][g])) - corr[g];
+}
+
+/* ---- float weights: kind 0 = F32, 1 = F16, 2 = BF16 ---- */
+
+QS_INLINE __m256 qs_load8(const uint8_t *row, int64_t i, const int kind)
+{
+    if (kind == 0) return _mm256_loadu_ps((const float *)row + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)(row + 2 * i));
+    if (kind == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+QS_INLINE float qs_load1(const uint8_t *row, int64_t i, const int kind)
+{
+    if (kind == 0) return ((const float *)row)[i];
+    uint16_t h;
+    memcpy(&h, row + 2 * i, 2);
+    if (kind == 1) return _cvtsh_ss(h);
+    return quant_bf16_to_f32(h);
+}
+
+QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t0, const int G,
+                            const int kind, float *out)
+{
+    __m256 acc0[QG], acc1[QG];
+    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 w0 = qs_load8(row, i, kind), w1 = qs_load8(row, i + 8, kind);
+#pragma GCC unroll 4
+        for (int g = 0; g < G; g++) {
+            const float *xg = x + (int64_t)(t0 + g) * n + i;
+            acc0[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xg), acc0[g]);
+            acc1[g] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xg + 8), acc1[g]);
+        }
+    }
+    for (; i + 8 <= n; i += 8) {
+        __m256 w0 = qs_load8(row, i, kind);
+        for (int g = 0; g < G; g++)
+            acc0[g] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + (int64_t)(t0 + g) * n + i), acc0[g]);
+    }
+    for (int g = 0; g < G; g++) {
+        float s = qs_hsum(_mm256_add_ps(acc0[g], acc1[g]));
+        for (int64_t k = i; k < n; k++) s += qs_load1(row, k, kind) * x[(int64_t)(t0 + g) * n + k];
+        out[g] = s;
+    }
+}
+
+/* ---- row loops ---- */
+
+#define QS_CALL_G(G, EXPR_G)                                                                       \
+    switch (G) {                                                                                   \
+    case 1:                                                                                        \
+        EXPR_G(1);                                                                                 \
+        break;                                                                                     \
+    case 2:                                                                                        \
+        EXPR_G(2);                                                                                 \
+        break;                                                                                     \
+    case 3:                                                                                        \
+        EXPR_G(3);                                                                                 \
+        break;                                                                                     \
+    default:                                                                                       \
+        EXPR_G(4);                                                                                 \
+        break;                                                                                     \
+    }
+
+/* Loops chunks of QROWS rows x groups of QG activation rows; ROW_G(g) computes out[] for
+ * weight row pointer `row` and activation rows t0..t0+g-1. */
+#define QS_LOOP(ROW_G)                                                                             \
+    for (int64_t rc = r0; rc < r1; rc += QROWS) {                                                  \
+        int64_t re = rc + QROWS < r1 ? rc + QROWS : r1;                                            \
+        for (int t0 = 0; t0 < T; t0 += QG) {                                                       \
+            int G = T - t0 < QG ? T - t0 : QG;                                                     \
+            for (int64_t r = rc; r < re; r++) {                                                    \
+                const uint8_t *row = (const uint8_t *)w->data + (uint64_t)r * w->row_bytes;        \
+                float out[QG];                                                                     \
+                QS_CALL_G(G, ROW_G)                                                                \
+                for (int g = 0; g < G; g++) y[(int64_t)(t0 + g) * ldy + r] = out[g];               \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+#define G_Q4_0(g) qs_row_q45(row, nb, act, t0, g, 0, out)
+#define G_Q4_1(g) qs_row_q45(row, nb, act, t0, g, 1, out)
+#define G_Q5_0(g) qs_row_q45(row, nb, act, t0, g, 2, out)
+#define G_Q5_1(g) qs_row_q45(row, nb, act, t0, g, 3, out)
+#define G_Q8_0(g) qs_row_q8_0(row, nb, act, t0, g, out)
+#define G_Q4_K(g) qs_row_q45k(row, nb, act, t0, g, 0, out)
+#define G_Q5_K(g) qs_row_q45k(row, nb, act, t0, g, 1, out)
+#define G_Q6_K(g) qs_row_q6k(row, nb, act, t0, g, out)
+#define G_F32(g)  qs_row_float(row, n, x, t0, g, 0, out)
+#define G_F16(g)  qs_row_float(row, n, x, t0, g, 1, out)
+#define G_BF16(g) qs_row_float(row, n, x, t0, g, 2, out)
+#define G_DEQ(g)  qs_row_float((const uint8_t *)scratch, n, x, t0, g, 0, out)
+
+void QS_FN(quant_rows)(const struct quant_matrix *w, int64_t r0, int64_t r1, const float *x,
+                       const struct quant_act *act, int T, float *y, int64_t ldy, float *scratch)
+{
+    const int64_t n = w->n_in;
+    int64_t nb = n / (int64_t)quant_block_elems(w->type);
+    switch (w->type) {
+    case QUANT_Q4_0:
+        QS_LOOP(G_Q4_0) break;
+    case QUANT_Q4_1:
+        QS_LOOP(G_Q4_1) break;
+    case QUANT_Q5_0:
+        QS_LOOP(G_Q5_0) break;
+    case QUANT_Q5_1:
+        QS_LOOP(G_Q5_1) break;
+    case QUANT_Q8_0:
+        QS_LOOP(G_Q8_0) break;
+    case QUANT_Q4_K:
+        QS_LOOP(G_Q4_K) break;
+    case QUANT_Q5_K:
+        QS_LOOP(G_Q5_K) break;
+    case QUANT_Q6_K:
+        QS_LOOP(G_Q6_K) break;
+    case QUANT_F32:
+        QS_LOOP(G_F32) break;
+    case QUANT_F16:
+        QS_LOOP(G_F16) break;
+    case QUANT_BF16:
+        QS_LOOP(G_BF16) break;
+    default:
+        /* Q2_K, Q3_K: dequantize each row once, then float FMA for all T rows */
+        for (int64_t r = r0; r < r1; r++) {
+            quant_dequantize(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes,
+                             scratch, n);
+            for (int t0 = 0; t0 < T; t0 += QG) {
+                int G = T - t0 < QG ? T - t0 : QG;
+                float out[QG];
+                QS_CALL_G(G, G_DEQ)
+                for (int g = 0; g < G; g++) y[(int64_t)(t0 + g) * ldy + r] = out[g];
+            }
+        }
+        break;
+    }
+    (void)nb;
+}
+
+/* Quantizes activation rows [t0, t1): per 32-block d = amax/127, q = round-to-nearest-even. */
+void QS_FN(quant_act)(const float *x, int64_t n_in, int t0, int t1, struct quant_act *act)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int64_t nb = n_in / QK;
+    for (int t = t0; t < t1; t++) {
+        const float *xt = x + (int64_t)t * n_in;
+        for (int64_t b = 0; b < nb; b++) {
+            __m256 v0 = _mm256_loadu_ps(xt + b * QK), v1 = _mm256_loadu_ps(xt + b * QK + 8);
+            __m256 v2 = _mm256_loadu_ps(xt + b * QK + 16), v3 = _mm256_loadu_ps(xt + b * QK + 24);
+            __m256 m = _mm256_max_ps(
+                _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+            __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+            m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+            float amax = _mm_cvtss_f32(m4);
+            float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
+            __m256 vid = _mm256_set1_ps(id);
+            __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, vid));
+            __m256i q1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, vid));
+            __m256i q2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, vid));
+            __m256i q3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, vid));
+            int s0 = qs_hsum_i32(_mm256_add_epi32(q0, q1));
+            int s1 = qs_hsum_i32(_mm256_add_epi32(q2, q3));
+            __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+            p = _mm256_permutevar8x32_epi32(p, perm);
+            _mm256_storeu_si256((__m256i *)(act->qs + (int64_t)t * act->stride + b * QK), p);
+            act->d[(int64_t)t * act->nb + b] = d;
+            act->ds16[((int64_t)t * act->nb + b) * 2] = d * (float)s0;
+            act->ds16[((int64_t)t * act->nb + b) * 2 + 1] = d * (float)s1;
+        }
+    }
+}
