@@ -382,6 +382,10 @@ static int drain_inbox(struct sched *s, uint64_t now)
     int stop = s->stop;
     int mode_pending = s->mode_pending;
     enum sched_mode new_mode = s->new_mode;
+    int cancel_all = s->cancel_all;
+    char cancel_reason[sizeof s->cancel_reason];
+    memcpy(cancel_reason, s->cancel_reason, sizeof cancel_reason);
+    s->cancel_all = 0;
     int new_fixed = s->new_fixed;
     s->mode_pending = 0;
     pthread_mutex_unlock(&s->lock);
@@ -396,6 +400,19 @@ static int drain_inbox(struct sched *s, uint64_t now)
         }
         s->last_arrival_ns = r->t_submit;
         queue_push(s, r, 0);
+    }
+    if (cancel_all) {
+        for (int i = 0; i < s->p.max_running; i++)
+            if (s->running[i]) finish(s, s->running[i], SCHED_FINISH_CANCELLED, cancel_reason);
+        for (int q = 0; q < 3; q++) {
+            struct req *r;
+            while ((r = queue_pop(s, q))) {
+                pthread_mutex_lock(&s->lock);
+                s->n_waiting--;
+                pthread_mutex_unlock(&s->lock);
+                finish(s, r, SCHED_FINISH_CANCELLED, cancel_reason);
+            }
+        }
     }
     if (mode_pending) {
         enum sched_mode old = s->mode;
@@ -605,6 +622,7 @@ static void publish(struct sched *s, uint64_t now, int idle)
     s->pub.kv_blocks_total = total;
     s->pub.kv_blocks_free = free_blocks;
     s->pub.window_ms = s->window_ns / 1e6;
+    s->pub_ctrl = s->ctrl;
     pthread_mutex_unlock(&s->state_lock);
     if (s->metrics) {
         for (int q = 0; q < 3; q++)
@@ -665,7 +683,7 @@ static void wait_for_work(struct sched *s, uint64_t wait_ns)
     ts.tv_sec = (time_t)(t / 1000000000u);
     ts.tv_nsec = (long)(t % 1000000000u);
     pthread_mutex_lock(&s->lock);
-    if (!s->inbox_head && !s->stop && !s->mode_pending)
+    if (!s->inbox_head && !s->stop && !s->mode_pending && !s->cancel_all)
         pthread_cond_timedwait(&s->wake, &s->lock, &ts);
     pthread_mutex_unlock(&s->lock);
 }
@@ -907,6 +925,7 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
     s->pub.batch_limit = s->limit;
     s->pub.heartbeat_ns = clock_now_ns();
     s->pub.idle = 1;
+    s->pub_ctrl = s->ctrl;
     if (pthread_create(&s->thread, NULL, engine_main, s)) {
         snprintf(err, errlen, "cannot start the engine thread");
         rc = KRS_ERR_INTERNAL;
@@ -990,6 +1009,15 @@ int sched_cancel(struct sched *s, uint64_t id)
     return rc;
 }
 
+void sched_cancel_all(struct sched *s, const char *reason)
+{
+    pthread_mutex_lock(&s->lock);
+    s->cancel_all = 1;
+    snprintf(s->cancel_reason, sizeof s->cancel_reason, "%s", reason ? reason : "cancelled");
+    pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->lock);
+}
+
 int sched_set_mode(struct sched *s, enum sched_mode mode, int fixed_batch)
 {
     if ((unsigned)mode > SCHED_MODE_OFF || fixed_batch < 0) return KRS_ERR_INVALID;
@@ -1016,6 +1044,13 @@ void sched_get_state(struct sched *s, struct sched_state *out)
 {
     pthread_mutex_lock(&s->state_lock);
     *out = s->pub;
+    pthread_mutex_unlock(&s->state_lock);
+}
+
+void sched_get_controller(struct sched *s, struct controller_snapshot *out)
+{
+    pthread_mutex_lock(&s->state_lock);
+    controller_state(&s->pub_ctrl, out);
     pthread_mutex_unlock(&s->state_lock);
 }
 

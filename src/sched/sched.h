@@ -134,6 +134,10 @@ uint64_t sched_stream_id(const struct sched_stream *st);
  * go. */
 void sched_stream_release(struct sched_stream *st);
 
+/* Ends every queued and running request at the next step with CANCELLED and `reason` (e.g.
+ * "model unloaded"); new submissions are still accepted unless draining. */
+void sched_cancel_all(struct sched *s, const char *reason);
+
 int sched_set_mode(struct sched *s, enum sched_mode mode, int fixed_batch);
 /* Stop admitting new work (submit returns KRS_ERR_STATE); running and queued requests finish. */
 void sched_drain(struct sched *s);
@@ -161,6 +165,9 @@ struct sched_state {
     double window_ms; /* current admission window */
 };
 void sched_get_state(struct sched *s, struct sched_state *out);
+/* The AdaptiveController's state as of the engine's last loop iteration. */
+struct controller_snapshot;
+void sched_get_controller(struct sched *s, struct controller_snapshot *out);
 /* Copies up to cap live requests (registry); returns how many exist. */
 int sched_list_requests(struct sched *s, struct sched_request_info *out, int cap);
 

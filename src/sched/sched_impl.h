@@ -73,6 +73,8 @@ struct sched {
     pthread_cond_t wake;
     struct req *inbox_head, *inbox_tail;
     int stop;
+    int cancel_all; /* end every request with cancel_reason at the next step */
+    char cancel_reason[96];
     int draining;
     int mode_pending;
     enum sched_mode new_mode;
@@ -105,6 +107,7 @@ struct sched {
     /* Published state, guarded by state_lock. */
     pthread_mutex_t state_lock;
     struct sched_state pub;
+    struct controller pub_ctrl; /* copy of ctrl as of the last publish */
 };
 
 #endif
