@@ -12,6 +12,7 @@ const char *cli_model_path(const char *explicit_path);
 /* Sub-command entry points (one per cli_<name>.c). */
 int cli_config(int argc, char **argv);
 int cli_eval(int argc, char **argv);
+int cli_generate(int argc, char **argv);
 int cli_inspect(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 

@@ -25,6 +25,7 @@ static int cli_version(int argc, char **argv)
 static const struct command commands[] = {
     {"config", cli_config, "show the effective configuration (--print) and its sources"},
     {"eval-logits", cli_eval, "run a model on token ids: dump logits or greedy ids"},
+    {"generate", cli_generate, "generate text from a prompt (or a file of prompts with --batch)"},
     {"inspect", cli_inspect, "show a GGUF model's metadata and tensors"},
     {"tokenize", cli_tokenize, "tokenize text or render a chat template (--chat)"},
     {"version", cli_version, "print the version"},
