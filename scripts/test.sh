@@ -27,6 +27,11 @@ ctest --test-dir build --output-on-failure -j "$JOBS"
 step "Python tests (pytest)"
 python -m pytest -q tests
 
+# The sanitizer runs drive the model/scheduler tests with a tiny generated model (pytest made it
+# above) so that they stay fast; the Release run above used the real default model.
+TINY=$(ls -t tests/.cache/models/*/gemma3/Q8_0.gguf 2>/dev/null | head -n 1 || true)
+export KRS_TEST_MODEL="$TINY"
+
 step "ASan+UBSan build + C unit tests"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DKRS_SANITIZE=address,undefined >/dev/null
 cmake --build build-asan -j "$JOBS"
