@@ -17,7 +17,7 @@ build:
 	@cmake --build $(BUILD) -j $(JOBS)
 
 run: deps build
-	$(BUILD)/krserve inspect
+	$(BUILD)/krserve serve
 
 test: deps
 	@scripts/test.sh
