@@ -14,6 +14,8 @@ int cli_config(int argc, char **argv);
 int cli_eval(int argc, char **argv);
 int cli_generate(int argc, char **argv);
 int cli_inspect(int argc, char **argv);
+int cli_serve(int argc, char **argv);
+int cli_rpc(int argc, char **argv);
 int cli_tokenize(int argc, char **argv);
 
 #endif

@@ -27,6 +27,8 @@ static const struct command commands[] = {
     {"eval-logits", cli_eval, "run a model on token ids: dump logits or greedy ids"},
     {"generate", cli_generate, "generate text from a prompt (or a file of prompts with --batch)"},
     {"inspect", cli_inspect, "show a GGUF model's metadata and tensors"},
+    {"rpc", cli_rpc, "serve the JSON-RPC 2.0 protocol on stdin/stdout (docs/rpc.md)"},
+    {"serve", cli_serve, "run the HTTP server (OpenAI API, JSON-RPC, metrics, admin)"},
     {"tokenize", cli_tokenize, "tokenize text or render a chat template (--chat)"},
     {"version", cli_version, "print the version"},
 };

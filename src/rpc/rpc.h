@@ -1,0 +1,68 @@
+/* rpc/: kr-serve's JSON-RPC 2.0 protocol (the kr-serve-mlx protocol), independent of transport.
+ *
+ * The stdio front end (`krserve rpc`) and HTTP POST /rpc both hand whole messages to rpc_handle
+ * and receive every reply through a sink: responses, and the stream.chunk / stream.stats /
+ * stream.event notifications of streaming generations. docs/rpc.md lists the methods, their
+ * parameters and error codes.
+ *
+ * Threads: each generation is read by its own thread (the scheduler's stream -> notifications),
+ * so a caller never blocks on a stream unless it asks to (wait_streams). The sink is called from
+ * those threads and from the caller's; it must be thread-safe. A response is always written
+ * before the notifications of the streams it announces.
+ *
+ * Ownership: the ctx borrows the registry (it must outlive the ctx). rpc_handle copies the sink
+ * struct; with wait_streams = 0 the sink must stay usable until rpc_wait_idle / rpc_free return.
+ * Streams hold a counted reference to their engine, so unloading a model while it streams is
+ * safe (its streams end with event "cancelled", message "model unloaded"). */
+#ifndef KRS_RPC_H
+#define KRS_RPC_H
+
+#include <stddef.h>
+
+struct engine_registry;
+
+/* One complete JSON message per call (no trailing newline); must be thread-safe. */
+struct rpc_sink {
+    void (*write)(void *user, const char *json, size_t len);
+    void *user;
+};
+
+struct rpc_ctx;
+
+/* KRS_OK or KRS_ERR_NOMEM. The caller owns *out (rpc_free). */
+int rpc_create(struct engine_registry *reg, struct rpc_ctx **out);
+/* Cancels every outstanding stream of the ctx, waits until their threads have written their
+ * last notification and exited, then frees the ctx. NULL is a no-op. */
+void rpc_free(struct rpc_ctx *ctx);
+
+/* Handles one JSON-RPC message (object or batch array). Responses and notifications go to sink.
+ * wait_streams = 1 (HTTP): returns only after every stream this message started has finished, so
+ * all its notifications were written. wait_streams = 0 (stdio): streaming generate returns its
+ * result {stream_id} at once and notifications follow asynchronously from a per-stream thread;
+ * a non-streaming generate (or a batch that contains one) is answered from a thread when it
+ * finishes, so the caller can go on reading messages (e.g. a cancel).
+ * Protocol errors (parse error, unknown method, bad params...) are JSON-RPC error responses and
+ * still return KRS_OK; the return value is KRS_ERR_INVALID only for bad arguments (NULL ctx,
+ * msg or sink) and KRS_ERR_NOMEM when not even an error response could be built. */
+int rpc_handle(struct rpc_ctx *ctx, const char *msg, size_t len, const struct rpc_sink *sink,
+               int wait_streams);
+
+/* Waits until every stream and pending response of the ctx has finished (without cancelling);
+ * for stdio at end of input. */
+void rpc_wait_idle(struct rpc_ctx *ctx);
+
+/* JSON-RPC / kr-serve-mlx error codes. */
+enum rpc_error_code {
+    RPC_PARSE_ERROR = -32700,
+    RPC_INVALID_REQUEST = -32600,
+    RPC_METHOD_NOT_FOUND = -32601,
+    RPC_INVALID_PARAMS = -32602,
+    RPC_INTERNAL_ERROR = -32603, /* JSON-RPC's; kr-serve uses RPC_INTERNAL below */
+    RPC_MODEL_LOAD_ERROR = -32001,
+    RPC_GENERATION_ERROR = -32002, /* includes overload: queue full */
+    RPC_TOKENIZER_ERROR = -32003,
+    RPC_MODEL_NOT_LOADED = -32005,
+    RPC_INTERNAL = -32099,
+};
+
+#endif

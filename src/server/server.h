@@ -1,0 +1,103 @@
+/* server/: kr-serve's HTTP front end over libmicrohttpd.
+ *
+ * Routes (main port): the OpenAI-compatible API (/v1/completions, /v1/chat/completions, with SSE
+ * streaming; /v1/models), /tokenize and /detokenize, JSON-RPC over HTTP (/rpc), monitoring
+ * (/metrics, /health, /ready, /stats) and admin (/admin/scheduler, /admin/models/load|unload).
+ * With monitoring.prometheus.port set, a second daemon serves only the monitoring routes.
+ *
+ * Threads: MHD's internal thread pool (server.threads) runs every handler; no handler ever
+ * blocks on the model. A generation request is submitted to its engine's scheduler and its
+ * connection is suspended; the stream's notify callback (engine thread) resumes it when events
+ * arrive. A client that disconnects releases its stream, which cancels the request.
+ *
+ * The request parser (JSON body -> struct server_gen_request) is a pure function so that the
+ * fuzzer (fuzz/fuzz_request.c) drives it without sockets. */
+#ifndef KRS_SERVER_H
+#define KRS_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config/config.h"
+#include "sampler/sampler.h"
+#include "sched/sched.h"
+#include "tokenizer/tokenizer.h"
+
+struct engine_registry;
+struct server;
+
+/* ---- the server ---------------------------------------------------------------------------- */
+
+/* Creates and starts the daemons on cfg->server.host:port (and the monitoring port when set).
+ * `reg` is borrowed and must outlive the server. cfg is copied. On failure err says why. */
+int server_start(const struct krs_config *cfg, struct engine_registry *reg, struct server **out,
+                 char *err, size_t errlen);
+/* Begins draining: /ready turns 503, new generation requests get 503, every engine stops
+ * admitting work (sched_drain). Running requests go on. */
+void server_begin_drain(struct server *s);
+/* Generation requests (HTTP and JSON-RPC) still in progress. */
+int server_inflight(struct server *s);
+/* Ends every running request (sched_cancel_all with `reason`). */
+void server_cancel_all(struct server *s, const char *reason);
+/* Applies run-time-safe settings of a re-read configuration (log level, scheduler mode and
+ * batch size, limits) and logs the keys that need a restart. */
+void server_reload(struct server *s, const struct krs_config *cfg);
+/* Stops the daemons and frees the server (the registry stays). */
+void server_stop(struct server *s);
+
+/* ---- request parsing (pure; used by the fuzzer) -------------------------------------------- */
+
+enum server_api { SERVER_API_COMPLETIONS = 0, SERVER_API_CHAT = 1 };
+
+struct server_error {
+    int status;       /* HTTP status */
+    const char *type; /* "invalid_request_error", ... */
+    const char *code; /* NULL or e.g. "model_not_found" */
+    char param[64];   /* "" = null */
+    char message[256];
+};
+
+struct server_limits {
+    int max_tokens_limit; /* server.maxTokensLimit */
+};
+
+/* A parsed generation request. Strings point into `root` (owned, freed with
+ * server_gen_request_free); msgs and bias are owned arrays. */
+struct server_gen_request {
+    enum server_api api;
+    const char *model; /* NULL = default model */
+    const char *prompt;
+    size_t prompt_len;
+    int32_t *prompt_ids; /* token-id prompt (completions), owned */
+    int n_prompt_ids;
+    struct chat_message *msgs; /* chat, owned */
+    char **msg_text;           /* joined content parts per message (owned, may be NULL each) */
+    int n_msgs;
+    int max_tokens; /* -1 = not given */
+    int stream, include_usage;
+    int logprobs;     /* completions: -1 = off, else top count; chat: 0/1 */
+    int top_logprobs; /* chat: 0..20 */
+    struct sampler_params sampling;
+    int has_seed;
+    struct sampler_logit_bias *bias; /* owned */
+    const char *stop[SCHED_MAX_STOP];
+    int n_stop;
+    int ignore_eos;
+    enum sched_priority priority;
+    uint64_t timeout_ms; /* 0 = none given */
+    void *root;          /* cJSON tree, owned */
+};
+
+/* Parses and validates a /v1/completions or /v1/chat/completions body. KRS_OK with *out filled
+ * (free with server_gen_request_free), or KRS_ERR_INVALID with *err filled (400) and *out
+ * empty. Unknown fields are ignored; wrong types, out-of-range values and invalid UTF-8 in any
+ * string used are errors. */
+int server_parse_gen(const char *body, size_t len, enum server_api api,
+                     const struct server_limits *lim, struct server_gen_request *out,
+                     struct server_error *err);
+void server_gen_request_free(struct server_gen_request *r);
+
+/* 1 when s[0..n) is valid UTF-8 (no overlongs, no surrogates, <= U+10FFFF). */
+int server_utf8_valid(const char *s, size_t n);
+
+#endif

@@ -1,0 +1,615 @@
+/* OpenAI generation over HTTP: /v1/completions and /v1/chat/completions.
+ *
+ * Flow: parse (openai_parse.c) -> pick the engine -> chat template + tokenize -> limits ->
+ * sched_submit -> the connection waits suspended. The stream's notify callback (engine thread)
+ * resumes it; the MHD thread then drains the stream (sched_stream_try_read) and either writes
+ * SSE chunks (streaming: from the response's content reader) or, at FINISH, the whole JSON
+ * response (non-streaming: from the access handler, which MHD calls again after a resume).
+ *
+ * Wake-up protocol (no lost wake-ups, no use after free): the notify argument is the request's
+ * slot (stable memory for the server's lifetime). Draining the stream, and deciding to suspend,
+ * happen under the slot's lock; notify takes the same lock and resumes only when the slot still
+ * belongs to a connection that is suspended. A stale notify can at worst resume a connection
+ * spuriously, which drains nothing and suspends again. A client that goes away is seen either by
+ * MHD (failed write) or by a peek at the socket on each wake-up; the request-completed callback
+ * then releases the stream, which cancels the request at the engine's next step. */
+#include "server/server_impl.h"
+
+#include "engine/engine.h"
+#include "krserve.h"
+#include "sched/sched.h"
+#include "tokenizer/tokenizer.h"
+#include "util/alloc.h"
+#include "util/log.h"
+
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+struct server_gen {
+    struct server *srv;
+    struct engine *eng;
+    struct sched_stream *st;
+    uint64_t req_id;
+    int slot;
+    struct server_gen_request req;
+    char id[64];
+    uint64_t created;
+    int n_prompt;
+    size_t text_off; /* bytes of completion text so far (text_offset of the next token) */
+    /* non-streaming accumulators */
+    char *text;
+    size_t text_len, text_cap;
+    cJSON *lp; /* chat: array "content"; completions: {tokens, token_logprobs, ...} */
+    /* streaming output not yet handed to MHD */
+    char *out;
+    size_t out_len, out_cap, out_off;
+    int finished, done_written;
+    struct sched_event fin;
+    struct sched_event ev; /* scratch */
+};
+
+static int buf_append(char **buf, size_t *len, size_t *cap, const char *s, size_t n)
+{
+    if (*len + n + 1 > *cap) {
+        size_t nc = *cap ? *cap : 1024;
+        while (nc < *len + n + 1) nc *= 2;
+        char *nb = alloc_realloc(*buf, nc);
+        if (!nb) return KRS_ERR_NOMEM;
+        *buf = nb;
+        *cap = nc;
+    }
+    memcpy(*buf + *len, s, n);
+    *len += n;
+    (*buf)[*len] = '\0';
+    return KRS_OK;
+}
+
+static void add_sanitized(cJSON *obj, const char *key, const char *s, size_t n)
+{
+    char *t = server_utf8_sanitize(s, n);
+    cJSON_AddStringToObject(obj, key, t ? t : "");
+    alloc_free(t);
+}
+
+static cJSON *sanitized_string(const char *s, size_t n)
+{
+    char *t = server_utf8_sanitize(s, n);
+    cJSON *j = cJSON_CreateString(t ? t : "");
+    alloc_free(t);
+    return j;
+}
+
+static size_t token_piece(const struct tokenizer *tok, int32_t id, char *buf, size_t cap)
+{
+    size_t n = 0;
+    if (tokenizer_token_piece(tok, id, 1, buf, cap, &n)) return 0;
+    return n;
+}
+
+static cJSON *chat_lp_item(const struct tokenizer *tok, int32_t id, float logprob)
+{
+    char piece[512];
+    size_t n = token_piece(tok, id, piece, sizeof piece);
+    cJSON *o = cJSON_CreateObject();
+    add_sanitized(o, "token", piece, n);
+    cJSON_AddNumberToObject(o, "logprob", (double)logprob);
+    cJSON *b = cJSON_AddArrayToObject(o, "bytes");
+    for (size_t i = 0; i < n; i++)
+        cJSON_AddItemToArray(b, cJSON_CreateNumber((unsigned char)piece[i]));
+    return o;
+}
+
+/* Adds the logprobs of one sampled token to `lp` (chat: content array; completions: object). */
+static void lp_add(struct server_gen *g, cJSON *lp, const struct sched_event *ev, size_t offset)
+{
+    const struct tokenizer *tok = g->eng->tok;
+    if (g->req.api == SERVER_API_CHAT) {
+        cJSON *item = chat_lp_item(tok, ev->token, ev->logprob);
+        cJSON *top = cJSON_AddArrayToObject(item, "top_logprobs");
+        for (int i = 0; i < ev->n_top && i < g->req.top_logprobs; i++)
+            cJSON_AddItemToArray(top, chat_lp_item(tok, ev->top[i].token, ev->top[i].logprob));
+        cJSON_AddItemToArray(lp, item);
+        return;
+    }
+    char piece[512];
+    size_t n = token_piece(tok, ev->token, piece, sizeof piece);
+    cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "tokens"), sanitized_string(piece, n));
+    cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "token_logprobs"),
+                         cJSON_CreateNumber((double)ev->logprob));
+    cJSON *top = cJSON_CreateObject();
+    for (int i = 0; i < ev->n_top && i < g->req.logprobs; i++) {
+        size_t m = token_piece(tok, ev->top[i].token, piece, sizeof piece);
+        char *t = server_utf8_sanitize(piece, m);
+        if (t && !cJSON_GetObjectItemCaseSensitive(top, t))
+            cJSON_AddNumberToObject(top, t, (double)ev->top[i].logprob);
+        alloc_free(t);
+    }
+    cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "top_logprobs"), top);
+    cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "text_offset"),
+                         cJSON_CreateNumber((double)offset));
+}
+
+static cJSON *lp_new(const struct server_gen *g)
+{
+    if (g->req.api == SERVER_API_CHAT) return cJSON_CreateArray();
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddArrayToObject(o, "tokens");
+    cJSON_AddArrayToObject(o, "token_logprobs");
+    cJSON_AddArrayToObject(o, "top_logprobs");
+    cJSON_AddArrayToObject(o, "text_offset");
+    return o;
+}
+
+static int want_logprobs(const struct server_gen *g)
+{
+    return g->req.api == SERVER_API_CHAT ? g->req.logprobs : g->req.logprobs >= 0;
+}
+
+static const char *finish_str(enum sched_finish f)
+{
+    return f == SCHED_FINISH_STOP ? "stop" : "length";
+}
+
+static cJSON *usage_json(const struct server_gen *g)
+{
+    cJSON *u = cJSON_CreateObject();
+    int gen = g->fin.n_gen_tokens;
+    cJSON_AddNumberToObject(u, "prompt_tokens", g->n_prompt);
+    cJSON_AddNumberToObject(u, "completion_tokens", gen);
+    cJSON_AddNumberToObject(u, "total_tokens", g->n_prompt + gen);
+    return u;
+}
+
+/* The envelope shared by every response and chunk. */
+static cJSON *envelope(const struct server_gen *g, const char *object)
+{
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "id", g->id);
+    cJSON_AddStringToObject(o, "object", object);
+    cJSON_AddNumberToObject(o, "created", (double)g->created);
+    cJSON_AddStringToObject(o, "model", g->eng->name);
+    cJSON_AddStringToObject(o, "system_fingerprint", "kr-serve");
+    return o;
+}
+
+static void sse_emit(struct server_gen *g, cJSON *obj)
+{
+    char *txt = cJSON_PrintUnformatted(obj);
+    cJSON_Delete(obj);
+    if (!txt) return;
+    buf_append(&g->out, &g->out_len, &g->out_cap, "data: ", 6);
+    buf_append(&g->out, &g->out_len, &g->out_cap, txt, strlen(txt));
+    buf_append(&g->out, &g->out_len, &g->out_cap, "\n\n", 2);
+    cJSON_free(txt);
+}
+
+/* One streaming chunk: text (may be empty), optional logprobs, optional finish reason. */
+static cJSON *chunk(struct server_gen *g, const char *text, size_t n, cJSON *lp, const char *fin,
+                    int role)
+{
+    int chat = g->req.api == SERVER_API_CHAT;
+    cJSON *o = envelope(g, chat ? "chat.completion.chunk" : "text_completion");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddItemToArray(choices, c);
+    cJSON_AddNumberToObject(c, "index", 0);
+    if (chat) {
+        cJSON *d = cJSON_AddObjectToObject(c, "delta");
+        if (role) cJSON_AddStringToObject(d, "role", "assistant");
+        if (role || n || !fin) add_sanitized(d, "content", text, n);
+        if (lp) {
+            cJSON *l = cJSON_AddObjectToObject(c, "logprobs");
+            cJSON_AddItemToObject(l, "content", lp);
+        } else {
+            cJSON_AddNullToObject(c, "logprobs");
+        }
+    } else {
+        add_sanitized(c, "text", text, n);
+        if (lp)
+            cJSON_AddItemToObject(c, "logprobs", lp);
+        else
+            cJSON_AddNullToObject(c, "logprobs");
+    }
+    if (fin)
+        cJSON_AddStringToObject(c, "finish_reason", fin);
+    else
+        cJSON_AddNullToObject(c, "finish_reason");
+    if (g->req.include_usage) cJSON_AddNullToObject(o, "usage");
+    return o;
+}
+
+static void error_of_finish(const struct sched_event *fin, struct server_error *e)
+{
+    memset(e, 0, sizeof *e);
+    if (fin->finish == SCHED_FINISH_ERROR) {
+        e->status = 500;
+        e->type = "server_error";
+        e->code = "internal_error";
+    } else if (strstr(fin->reason, "timeout")) {
+        e->status = 408;
+        e->type = "timeout_error";
+        e->code = "request_timeout";
+    } else {
+        e->status = 503;
+        e->type = "server_error";
+        e->code = "request_cancelled";
+    }
+    snprintf(e->message, sizeof e->message, "request %s: %s", sched_finish_name(fin->finish),
+             fin->reason);
+}
+
+/* Drains every buffered event of the stream into the accumulators / SSE output. */
+static void gen_pump(struct server_gen *g)
+{
+    struct sched_event *ev = &g->ev;
+    int stream = g->req.stream;
+    while (!g->finished && sched_stream_try_read(g->st, ev) == KRS_OK) {
+        if (ev->kind == SCHED_EV_TOKEN) {
+            int lp = want_logprobs(g) && ev->token >= 0;
+            size_t off = g->text_off;
+            g->text_off += ev->text_len;
+            if (stream) {
+                if (!ev->text_len && !lp) continue;
+                cJSON *l = NULL;
+                if (lp) {
+                    l = lp_new(g);
+                    lp_add(g, l, ev, off);
+                }
+                sse_emit(g, chunk(g, ev->text, ev->text_len, l, NULL, 0));
+            } else {
+                buf_append(&g->text, &g->text_len, &g->text_cap, ev->text, ev->text_len);
+                if (lp) lp_add(g, g->lp, ev, off);
+            }
+            continue;
+        }
+        g->fin = *ev;
+        g->finished = 1;
+        if (!stream) break;
+        if (ev->finish == SCHED_FINISH_STOP || ev->finish == SCHED_FINISH_LENGTH) {
+            sse_emit(g, chunk(g, "", 0, NULL, finish_str(ev->finish), 0));
+            if (g->req.include_usage) {
+                cJSON *o = envelope(g, g->req.api == SERVER_API_CHAT ? "chat.completion.chunk"
+                                                                     : "text_completion");
+                cJSON_AddArrayToObject(o, "choices");
+                cJSON_AddItemToObject(o, "usage", usage_json(g));
+                sse_emit(g, o);
+            }
+        } else {
+            struct server_error e;
+            error_of_finish(ev, &e);
+            sse_emit(g, server_error_json(&e));
+        }
+        buf_append(&g->out, &g->out_len, &g->out_cap, "data: [DONE]\n\n", 14);
+        g->done_written = 1;
+    }
+}
+
+static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    struct server_conn *c = cls;
+    struct server_gen *g = c->gen;
+    if (!g) return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (g->out_off == g->out_len) {
+        g->out_off = g->out_len = 0;
+        if (g->done_written) return MHD_CONTENT_READER_END_OF_STREAM;
+        if (server_peer_closed(c->mc)) return MHD_CONTENT_READER_END_WITH_ERROR;
+        struct server_slot *sl = &g->srv->slots[g->slot];
+        pthread_mutex_lock(&sl->lock);
+        gen_pump(g);
+        if (g->out_len == 0) {
+            sl->suspended = 1;
+            MHD_suspend_connection(c->mc);
+        }
+        pthread_mutex_unlock(&sl->lock);
+        if (g->out_len == 0) return 0;
+    }
+    size_t n = g->out_len - g->out_off;
+    if (n > max) n = max;
+    memcpy(buf, g->out + g->out_off, n);
+    g->out_off += n;
+    return (ssize_t)n;
+}
+
+static enum MHD_Result send_final(struct server_conn *c)
+{
+    struct server_gen *g = c->gen;
+    if (g->fin.finish != SCHED_FINISH_STOP && g->fin.finish != SCHED_FINISH_LENGTH) {
+        struct server_error e;
+        error_of_finish(&g->fin, &e);
+        return server_send_error(c->mc, &e);
+    }
+    int chat = g->req.api == SERVER_API_CHAT;
+    cJSON *o = envelope(g, chat ? "chat.completion" : "text_completion");
+    cJSON *choices = cJSON_AddArrayToObject(o, "choices");
+    cJSON *ch = cJSON_CreateObject();
+    cJSON_AddItemToArray(choices, ch);
+    cJSON_AddNumberToObject(ch, "index", 0);
+    const char *text = g->text ? g->text : "";
+    if (chat) {
+        cJSON *m = cJSON_AddObjectToObject(ch, "message");
+        cJSON_AddStringToObject(m, "role", "assistant");
+        add_sanitized(m, "content", text, g->text_len);
+        if (g->lp) {
+            cJSON *l = cJSON_AddObjectToObject(ch, "logprobs");
+            cJSON_AddItemToObject(l, "content", g->lp);
+            g->lp = NULL;
+        } else {
+            cJSON_AddNullToObject(ch, "logprobs");
+        }
+    } else {
+        add_sanitized(ch, "text", text, g->text_len);
+        if (g->lp) {
+            cJSON_AddItemToObject(ch, "logprobs", g->lp);
+            g->lp = NULL;
+        } else {
+            cJSON_AddNullToObject(ch, "logprobs");
+        }
+    }
+    cJSON_AddStringToObject(ch, "finish_reason", finish_str(g->fin.finish));
+    cJSON_AddItemToObject(o, "usage", usage_json(g));
+    return server_send_json(c->mc, 200, o);
+}
+
+enum MHD_Result server_gen_continue(struct server_conn *c)
+{
+    struct server_gen *g = c->gen;
+    if (!g->finished && server_peer_closed(c->mc)) return MHD_NO; /* closes; cancels */
+    struct server_slot *sl = &g->srv->slots[g->slot];
+    pthread_mutex_lock(&sl->lock);
+    gen_pump(g);
+    if (!g->finished) {
+        sl->suspended = 1;
+        MHD_suspend_connection(c->mc);
+    }
+    pthread_mutex_unlock(&sl->lock);
+    if (!g->finished) return MHD_YES;
+    return send_final(c);
+}
+
+static void gen_notify(void *arg)
+{
+    struct server_slot *sl = arg;
+    pthread_mutex_lock(&sl->lock);
+    if (sl->conn && sl->suspended) {
+        sl->suspended = 0;
+        MHD_resume_connection(sl->conn->mc);
+    }
+    pthread_mutex_unlock(&sl->lock);
+}
+
+static void gen_free(struct server_gen *g)
+{
+    if (g->slot >= 0) server_slot_free(g->srv, g->slot);
+    if (g->st) {
+        sched_stream_release(g->st);
+        atomic_fetch_sub(&g->srv->inflight, 1);
+    }
+    if (g->eng) engine_release(g->eng);
+    server_gen_request_free(&g->req);
+    cJSON_Delete(g->lp);
+    alloc_free(g->text);
+    alloc_free(g->out);
+    alloc_free(g);
+}
+
+void server_gen_end(struct server_conn *c)
+{
+    struct server_gen *g = c->gen;
+    c->gen = NULL;
+    if (g) gen_free(g);
+}
+
+/* Tokenizes text; *out is alloc'd. */
+static int encode(const struct tokenizer *tok, const char *text, size_t len, int add_special,
+                  int parse_special, int32_t **out, int *n_out)
+{
+    size_t cap = len + 16, n = 0;
+    int32_t *ids = alloc_malloc(cap * sizeof *ids);
+    if (!ids) return KRS_ERR_NOMEM;
+    int rc = tokenizer_encode(tok, text, len, add_special, parse_special, ids, cap, &n);
+    if (rc == KRS_ERR_FULL) {
+        alloc_free(ids);
+        cap = n;
+        ids = alloc_malloc(cap * sizeof *ids);
+        if (!ids) return KRS_ERR_NOMEM;
+        rc = tokenizer_encode(tok, text, len, add_special, parse_special, ids, cap, &n);
+    }
+    if (rc) {
+        alloc_free(ids);
+        return rc;
+    }
+    *out = ids;
+    *n_out = (int)n;
+    return KRS_OK;
+}
+
+/* The prompt's token ids for a parsed request (chat template or plain text or ids). */
+static int build_prompt(struct engine *e, const struct server_gen_request *r, int32_t **ids, int *n,
+                        struct server_error *err)
+{
+    const struct tokenizer *tok = e->tok;
+    int rc;
+    err->status = 400;
+    err->type = "invalid_request_error";
+    if (r->api == SERVER_API_CHAT) {
+        char *text = NULL, msg[200] = "";
+        size_t len = 0;
+        rc = chat_apply(tok, NULL, r->msgs, (size_t)r->n_msgs, 1, &text, &len, msg, sizeof msg);
+        if (rc) {
+            snprintf(err->param, sizeof err->param, "messages");
+            snprintf(err->message, sizeof err->message, "%s",
+                     rc == KRS_ERR_UNSUPPORTED ? "this model has no usable chat template"
+                     : msg[0]                  ? msg
+                                               : "invalid messages");
+            return rc;
+        }
+        rc = encode(tok, text, len, 0, 1, ids, n);
+        alloc_free(text);
+    } else if (r->prompt_ids) {
+        uint32_t nv = tokenizer_n_vocab(tok);
+        for (int i = 0; i < r->n_prompt_ids; i++)
+            if ((uint32_t)r->prompt_ids[i] >= nv) {
+                snprintf(err->param, sizeof err->param, "prompt");
+                snprintf(err->message, sizeof err->message, "token id %d is out of range",
+                         r->prompt_ids[i]);
+                return KRS_ERR_INVALID;
+            }
+        *ids = alloc_malloc((size_t)r->n_prompt_ids * sizeof(int32_t));
+        if (!*ids) return KRS_ERR_NOMEM;
+        memcpy(*ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof(int32_t));
+        *n = r->n_prompt_ids;
+        rc = KRS_OK;
+    } else {
+        rc = encode(tok, r->prompt, r->prompt_len, 1, 0, ids, n);
+    }
+    if (rc) {
+        err->status = 500;
+        err->type = "server_error";
+        snprintf(err->message, sizeof err->message, "tokenization failed: %s", krs_status_str(rc));
+    }
+    return rc;
+}
+
+enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
+{
+    struct server *s = c->srv;
+    struct MHD_Connection *mc = c->mc;
+    struct server_limits_rt rt;
+    server_rt_get(s, &rt);
+    if (atomic_load(&s->draining))
+        return server_send_errorf(mc, 503, "server_error", "service_unavailable", NULL,
+                                  "the server is shutting down");
+    struct server_error err;
+    struct server_limits lim = {.max_tokens_limit = rt.max_tokens_limit};
+    struct server_gen *g = alloc_calloc(1, sizeof *g);
+    if (!g) return MHD_NO;
+    g->srv = s;
+    g->slot = -1;
+    int32_t *ids = NULL;
+    int n_ids = 0;
+    enum MHD_Result ret;
+    if (server_parse_gen(c->body, c->body_len, api, &lim, &g->req, &err)) goto fail_err;
+    g->eng = engine_registry_acquire(s->reg, g->req.model);
+    if (!g->eng) {
+        memset(&err, 0, sizeof err);
+        err.status = 404;
+        err.type = "invalid_request_error";
+        err.code = "model_not_found";
+        snprintf(err.param, sizeof err.param, "model");
+        snprintf(err.message, sizeof err.message, "the model '%s' does not exist",
+                 g->req.model ? g->req.model : "(default)");
+        goto fail_err;
+    }
+    memset(&err, 0, sizeof err);
+    if (build_prompt(g->eng, &g->req, &ids, &n_ids, &err)) goto fail_err;
+    const char *pparam = api == SERVER_API_CHAT ? "messages" : "prompt";
+    int ctx = server_engine_ctx(s, g->eng);
+    err.status = 400;
+    err.type = "invalid_request_error";
+    err.code = "context_length_exceeded";
+    snprintf(err.param, sizeof err.param, "%s", pparam);
+    if (n_ids > rt.max_prompt_tokens) {
+        snprintf(err.message, sizeof err.message,
+                 "the prompt has %d tokens, more than the limit of %d", n_ids,
+                 rt.max_prompt_tokens);
+        goto fail_err;
+    }
+    if (n_ids >= ctx) {
+        snprintf(err.message, sizeof err.message,
+                 "the prompt has %d tokens; the context length is %d", n_ids, ctx);
+        goto fail_err;
+    }
+    int max_tokens = g->req.max_tokens;
+    if (max_tokens > 0 && n_ids + max_tokens > ctx) {
+        snprintf(err.param, sizeof err.param, "max_tokens");
+        snprintf(err.message, sizeof err.message,
+                 "prompt (%d tokens) + max_tokens (%d) exceeds the context length %d", n_ids,
+                 max_tokens, ctx);
+        goto fail_err;
+    }
+    if (max_tokens <= 0) {
+        max_tokens = api == SERVER_API_COMPLETIONS ? 16 : ctx - n_ids;
+        if (max_tokens > rt.max_tokens_limit) max_tokens = rt.max_tokens_limit;
+        if (max_tokens > ctx - n_ids) max_tokens = ctx - n_ids;
+    }
+    err.code = NULL;
+    err.param[0] = '\0';
+
+    struct sched_request sr;
+    memset(&sr, 0, sizeof sr);
+    sr.prompt = ids;
+    sr.n_prompt = n_ids;
+    sr.max_tokens = max_tokens;
+    sr.sampling = g->req.sampling;
+    sr.has_seed = g->req.has_seed;
+    for (int i = 0; i < g->req.n_stop; i++) sr.stop[i] = g->req.stop[i];
+    sr.n_stop = g->req.n_stop;
+    sr.ignore_eos = g->req.ignore_eos;
+    sr.priority = g->req.priority;
+    sr.timeout_ms = g->req.timeout_ms ? g->req.timeout_ms : (uint64_t)rt.request_timeout_ms;
+
+    uint32_t sgen;
+    g->slot = server_slot_alloc(s, c, &sgen);
+    if (g->slot < 0) {
+        err.status = 503;
+        err.type = "server_error";
+        err.code = "service_unavailable";
+        snprintf(err.message, sizeof err.message, "too many requests in progress");
+        goto fail_err;
+    }
+    int rc = sched_submit(g->eng->sched, &sr, &g->st, &g->req_id);
+    if (rc) {
+        g->st = NULL;
+        if (rc == KRS_ERR_FULL) {
+            err.status = 429;
+            err.type = "rate_limit_error";
+            err.code = "queue_full";
+            snprintf(err.message, sizeof err.message, "the request queue is full; retry later");
+        } else if (rc == KRS_ERR_STATE) {
+            err.status = 503;
+            err.type = "server_error";
+            err.code = "service_unavailable";
+            snprintf(err.message, sizeof err.message, "the model is not accepting requests");
+        } else if (rc == KRS_ERR_INVALID) {
+            err.status = 400;
+            snprintf(err.message, sizeof err.message,
+                     "invalid request (token ids, logit_bias or sampling parameters)");
+        } else {
+            err.status = 500;
+            err.type = "server_error";
+            snprintf(err.message, sizeof err.message, "submit failed: %s", krs_status_str(rc));
+        }
+        goto fail_err;
+    }
+    atomic_fetch_add(&s->inflight, 1);
+    alloc_free(ids);
+    ids = NULL;
+    g->n_prompt = n_ids;
+    g->created = (uint64_t)time(NULL);
+    snprintf(g->id, sizeof g->id, "%s-%" PRIx64 "%06" PRIx64,
+             api == SERVER_API_CHAT ? "chatcmpl" : "cmpl", g->created,
+             (uint64_t)atomic_fetch_add(&s->next_id, 1));
+    if (want_logprobs(g) && !g->req.stream) g->lp = lp_new(g);
+    c->gen = g;
+    sched_stream_set_notify(g->st, gen_notify, &s->slots[g->slot]);
+
+    if (!g->req.stream) return server_gen_continue(c);
+
+    if (api == SERVER_API_CHAT) sse_emit(g, chunk(g, "", 0, NULL, NULL, 1));
+    struct MHD_Response *resp =
+        MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, sse_read, c, NULL);
+    if (!resp) return MHD_NO;
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, "text/event-stream");
+    MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
+    ret = MHD_queue_response(mc, 200, resp);
+    MHD_destroy_response(resp);
+    return ret;
+
+fail_err:
+    alloc_free(ids);
+    gen_free(g);
+    return server_send_error(mc, &err);
+}

@@ -1,0 +1,226 @@
+"""server/: monitoring, admin, tokenize, JSON-RPC, client disconnects and graceful shutdown."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from srv_helpers import Server, free_port, request, wait_for
+
+SEED_MS_NAMES = {f"mlx_latency_{p}_milliseconds" for p in ("p50", "p95", "p99")}
+
+
+def stats(server):
+    st, _, b = server.get("/stats")
+    assert st == 200
+    return json.loads(b)["models"][0]
+
+
+def cancelled(server):
+    return stats(server)["scheduler"]["finished"]["cancelled"]
+
+
+def check_promtool(text):
+    promtool = shutil.which("promtool") or "/usr/bin/promtool"
+    if not os.path.exists(promtool):
+        pytest.fail("promtool not installed (Debian package prometheus)")
+    res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode in (0, 3), res.stdout + res.stderr
+    for ln in (res.stdout + res.stderr).splitlines():
+        if ln.strip():
+            assert ln.split()[0] in SEED_MS_NAMES and 'base unit "seconds"' in ln, ln
+
+
+def sample(text, name, labels=None):
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in (labels or {}).items()):
+                return s.value
+    raise KeyError(name)
+
+
+def test_metrics(server):
+    st, h, b = server.get("/metrics")
+    assert st == 200 and h["Content-Type"].startswith("text/plain; version=0.0.4")
+    before = b.decode()
+    check_promtool(before)
+    server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 3, "ignore_eos": True})
+    after = server.get("/metrics")[2].decode()
+    check_promtool(after)
+    n0 = sample(before, "krserve_tokens_total", {"kind": "generated"}) \
+        if "kind=\"generated\"" in before else None
+    fams = {f.name for f in text_string_to_metric_families(after)}
+    assert "mlx_throughput_tokens_per_second" in fams
+    tot = lambda t: sum(s.value for f in text_string_to_metric_families(t)  # noqa: E731
+                        if f.name == "krserve_requests" for s in f.samples
+                        if s.name == "krserve_requests_total")
+    assert tot(after) >= tot(before) + 1
+    if n0 is not None:
+        assert sample(after, "krserve_tokens_total", {"kind": "generated"}) >= n0 + 3
+
+
+def test_health_ready_stats(server):
+    st, _, b = server.get("/health")
+    assert st == 200 and json.loads(b)["status"] == "ok"
+    st, _, b = server.get("/ready")
+    assert st == 200 and json.loads(b)["status"] == "ready"
+    s = stats(server)
+    assert s["id"] == "default"
+    for k in ("metrics", "scheduler", "controller", "requests"):
+        assert k in s
+    assert isinstance(s["controller"]["events"], list)
+
+
+def test_tokenize_roundtrip(server):
+    text = "Hello world, ça va? 日本語"
+    st, _, b = server.post("/tokenize", {"prompt": text})
+    assert st == 200
+    toks = json.loads(b)
+    assert toks["count"] == len(toks["tokens"]) > 3
+    st, _, b = server.post("/detokenize", {"tokens": toks["tokens"]})
+    assert st == 200 and json.loads(b)["prompt"] == text
+    st, _, b = server.post("/tokenize", {"prompt": text, "add_special": False})
+    assert json.loads(b)["count"] == toks["count"] - 1  # no BOS
+    st, _, b = server.post("/tokenize", {"messages": [{"role": "user", "content": "hi"}]})
+    assert st == 200 and json.loads(b)["count"] > 3
+    st, _, _ = server.post("/detokenize", {"tokens": [-1]})
+    assert st == 400
+
+
+def test_admin_scheduler(server):
+    m0 = sample(server.get("/metrics")[2].decode(), "mlx_mode_transitions_total")
+    st, _, b = server.post("/admin/scheduler", {"mode": "fixed", "batch_size": 2})
+    assert st == 200 and json.loads(b)["mode"] == "fixed"
+    assert wait_for(lambda: stats(server)["scheduler"]["mode"] == "fixed")
+    st, _, _ = server.post("/admin/scheduler", {"mode": "auto"})
+    assert st == 200
+    assert wait_for(lambda: stats(server)["scheduler"]["mode"] == "auto")
+    assert wait_for(lambda: sample(server.get("/metrics")[2].decode(),
+                                   "mlx_mode_transitions_total") >= m0 + 2)
+    st, _, _ = server.post("/admin/scheduler", {"mode": "sideways"})
+    assert st == 400
+
+
+def test_admin_load_confined(server):
+    st, _, b = server.post("/admin/models/load", {"path": "../etc/passwd"})
+    assert st == 400
+    st, _, _ = server.post("/admin/models/unload", {"name": "nope"})
+    assert st == 404
+
+
+def test_rpc(server):
+    st, h, b = server.post("/rpc", {"jsonrpc": "2.0", "id": 1, "method": "runtime/info"})
+    assert st == 200 and h["Content-Type"] == "application/json"
+    assert json.loads(b)["id"] == 1
+    st, h, b = server.post("/rpc", {"jsonrpc": "2.0", "id": 2, "method": "generate",
+                                    "params": {"prompt": "Hello", "max_tokens": 3,
+                                               "stream": True}})
+    assert st == 200 and h["Content-Type"] == "application/x-ndjson"
+    lines = [json.loads(ln) for ln in b.decode().splitlines()]
+    assert len(lines) > 1
+    assert any(m.get("id") == 2 for m in lines)
+    assert any(m.get("method", "").startswith("stream.") for m in lines)
+
+
+def raw_post(port, path, body):
+    s = socket.create_connection(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(data), data))
+    return s
+
+
+def test_disconnect_mid_stream(server):
+    c0 = cancelled(server)
+    s = raw_post(server.port, "/v1/completions", {"prompt": "Write a long essay",
+                                                  "max_tokens": 2000, "ignore_eos": True,
+                                                  "stream": True})
+    buf = b""
+    while buf.count(b"data: ") < 3:
+        d = s.recv(4096)
+        assert d
+        buf += d
+    s.close()
+
+    def gone():
+        st = stats(server)
+        sch = st["scheduler"]
+        return (not st["requests"] and sch["kv_blocks_free"] == sch["kv_blocks_total"]
+                and sch["finished"]["cancelled"] == c0 + 1)
+    assert wait_for(gone, timeout=2.5), stats(server)
+
+
+def test_disconnect_non_streaming(server):
+    c0 = cancelled(server)
+    s = raw_post(server.port, "/v1/completions", {"prompt": "Write a long essay",
+                                                  "max_tokens": 2000, "ignore_eos": True})
+    assert wait_for(lambda: stats(server)["requests"], timeout=5)
+    time.sleep(0.3)
+    s.close()
+    assert wait_for(lambda: cancelled(server) == c0 + 1 and not stats(server)["requests"],
+                    timeout=2.5), stats(server)
+
+
+def test_monitoring_port():
+    mport = free_port()
+    s = Server(["--set", f"monitoring.prometheus.port={mport}",
+                "--set", "monitoring.prometheus.path=/prom"])
+    try:
+        st, h, b = request(f"http://127.0.0.1:{mport}/prom")
+        assert st == 200 and b"mlx_throughput_tokens_per_second" in b
+        assert request(f"http://127.0.0.1:{mport}/health")[0] == 200
+        assert request(f"http://127.0.0.1:{mport}/ready")[0] == 200
+        assert request(f"http://127.0.0.1:{mport}/stats")[0] == 200
+        assert request(f"http://127.0.0.1:{mport}/v1/models")[0] == 404
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_inflight():
+    s = Server()
+    try:
+        assert s.get("/ready")[0] == 200
+        result = {}
+
+        def long_stream():
+            result["r"] = request(s.url + "/v1/completions", data=json.dumps(
+                {"prompt": "Count slowly", "max_tokens": 40, "ignore_eos": True,
+                 "stream": True}).encode())
+        t = threading.Thread(target=long_stream)
+        t.start()
+        assert wait_for(lambda: json.loads(s.get("/stats")[2])["models"][0]["requests"],
+                        timeout=10)
+        s.proc.send_signal(signal.SIGTERM)
+        assert wait_for(lambda: s.get("/ready")[0] == 503, timeout=2)
+        st, h, b = s.get("/ready")
+        assert st == 503 and json.loads(b)["reason"] == "draining"
+        st, h, b = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert st == 503 and json.loads(b)["error"]["code"] == "service_unavailable"
+        t.join(timeout=60)
+        st, _, body = result["r"]
+        assert st == 200
+        events = [ln[6:] for ln in body.decode().split("\n\n") if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(timeout=30) == 0
+    finally:
+        s.stop()
+
+
+def test_sighup_reload():
+    s = Server()
+    try:
+        s.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert s.proc.poll() is None
+        assert s.get("/health")[0] == 200
+    finally:
+        s.stop()
+    assert s.proc.returncode == 0
