@@ -22,6 +22,7 @@
 #include "util/alloc.h"
 #include "util/threadpool.h"
 
+#include <cpuid.h>
 #include <string.h>
 
 struct type_info {
@@ -391,6 +392,14 @@ static void rows_scalar(const struct quant_matrix *w, int64_t r0, int64_t r1, co
     }
 }
 
+/* F16C from cpuid leaf 1 (ECX bit 29): clang's __builtin_cpu_supports has no "f16c". */
+static int cpu_has_f16c(void)
+{
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c >> 29) & 1;
+}
+
 static int cpu_has(enum quant_isa isa)
 {
     __builtin_cpu_init();
@@ -398,8 +407,7 @@ static int cpu_has(enum quant_isa isa)
     case QUANT_ISA_SCALAR:
         return 1;
     case QUANT_ISA_AVX2:
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case QUANT_ISA_AVX512:
         return cpu_has(QUANT_ISA_AVX2) && __builtin_cpu_supports("avx512f") &&
                __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&

@@ -197,7 +197,7 @@ static void registry_remove(struct sched *s, struct req *r)
 static void queue_push(struct sched *s, struct req *r, int front)
 {
     int q = r->priority;
-    r->state = REQ_QUEUED;
+    __atomic_store_n(&r->state, REQ_QUEUED, __ATOMIC_RELAXED);
     if (front) {
         r->next = s->q_head[q];
         s->q_head[q] = r;
@@ -453,7 +453,7 @@ static int preempt_one(struct sched *s, const struct req *keep, int min_prio)
     }
     if (!victim) return 0;
     release_slot(s, victim);
-    victim->n_past = 0;
+    __atomic_store_n(&victim->n_past, 0, __ATOMIC_RELAXED);
     victim->preempted = 1;
     queue_push(s, victim, 1);
     pthread_mutex_lock(&s->state_lock);
@@ -495,9 +495,9 @@ static void admit(struct sched *s, uint64_t now)
             return; /* wait for blocks to come back */
         }
         queue_pop(s, q);
-        r->state = REQ_RUNNING;
+        __atomic_store_n(&r->state, REQ_RUNNING, __ATOMIC_RELAXED);
         r->slot = slot;
-        r->n_past = 0;
+        __atomic_store_n(&r->n_past, 0, __ATOMIC_RELAXED);
         r->admit_order = ++s->admit_counter;
         s->running[slot] = r;
         s->n_running++;
@@ -548,7 +548,7 @@ static enum sched_finish accept_token(struct sched *s, struct req *r,
                                       const char **reason)
 {
     r->tokens[r->n_prompt + r->n_gen] = res->token;
-    r->n_gen++;
+    __atomic_store_n(&r->n_gen, r->n_gen + 1, __ATOMIC_RELAXED); /* read by listings */
     if (!r->t_first) {
         r->t_first = now;
         if (s->metrics) metrics_record_first_token(s->metrics, now - r->t_submit);
@@ -741,7 +741,7 @@ static void step(struct sched *s, uint64_t t0)
         for (int t = 0; t < T; t++)
             if (s->b_seq[t] == i) advanced++;
         if (advanced) batch_seqs++;
-        r->n_past += advanced;
+        __atomic_store_n(&r->n_past, r->n_past + advanced, __ATOMIC_RELAXED);
         kv_seq_trim(model_ctx_kv(s->ctx), r->slot, r->n_past);
     }
     const int n_vocab = model_hparams(s->model)->n_vocab;
