@@ -896,6 +896,11 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         (uint32_t)(p->auto_max_batch < p->max_running ? p->auto_max_batch : p->max_running);
     if (cc.min_batch > cc.max_batch) cc.min_batch = cc.max_batch;
     cc.fixed_batch = (uint32_t)p->fixed_batch;
+    /* Auto mode starts where fixed mode would run and tunes from there: starting at 1 would
+     * serialise the first requests of a burst for several tuning windows. */
+    cc.initial_batch = cc.fixed_batch < cc.min_batch   ? cc.min_batch
+                       : cc.fixed_batch > cc.max_batch ? cc.max_batch
+                                                       : cc.fixed_batch;
     cc.ema_alpha = p->ema_alpha;
     cc.interval = (uint32_t)p->tune_interval;
     cc.p99_target_ms = p->p99_target_ms;

@@ -1,0 +1,313 @@
+/* rpc/: the transport-independent API as the HTTP front end uses it (wait_streams = 1) and as
+ * stdio does (wait_streams = 0), with a capturing sink, on the default model.
+ *
+ * Checked: with wait_streams = 1 every notification is written before rpc_handle returns and
+ * the response precedes its stream's notifications; chunk texts concatenate to the
+ * non-streaming text; JSON-RPC batch arrays answer in one array in request order, notifications
+ * omitted (an all-notification batch writes nothing); malformed input gives exactly one error;
+ * invalid UTF-8 in text becomes U+FFFD so every message is valid JSON; rpc_free cancels live
+ * streams. Model-dependent tests are skipped when the default model is absent. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <cjson/cJSON.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "config/config.h"
+#include "engine/engine.h"
+#include "krserve.h"
+#include "rpc/rpc.h"
+#include "rpc/rpc_impl.h"
+
+#define MAX_MSGS 512
+
+struct capture {
+    pthread_mutex_t lock;
+    char *msgs[MAX_MSGS];
+    int n;
+};
+
+static void cap_write(void *user, const char *json, size_t len)
+{
+    struct capture *c = user;
+    pthread_mutex_lock(&c->lock);
+    if (c->n < MAX_MSGS) {
+        c->msgs[c->n] = malloc(len + 1);
+        memcpy(c->msgs[c->n], json, len);
+        c->msgs[c->n][len] = '\0';
+        c->n++;
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+static void cap_reset(struct capture *c)
+{
+    pthread_mutex_lock(&c->lock);
+    for (int i = 0; i < c->n; i++) free(c->msgs[i]);
+    c->n = 0;
+    pthread_mutex_unlock(&c->lock);
+}
+
+static struct capture cap = {.lock = PTHREAD_MUTEX_INITIALIZER};
+static const struct rpc_sink sink = {cap_write, &cap};
+static struct engine_registry *reg;
+
+static int setup(void **state)
+{
+    (void)state;
+    const char *src = getenv("KRS_SOURCE_DIR");
+    char path[CONFIG_PATH_MAX + 32], err[256];
+    struct krs_config cfg;
+    config_defaults(&cfg);
+    snprintf(cfg.model.dir, sizeof cfg.model.dir, "%s/models", src ? src : ".");
+    cfg.performance.gpu_scheduler.mode = CONFIG_SCHED_FIXED;
+    snprintf(path, sizeof path, "%s/default.gguf", cfg.model.dir);
+    if (engine_registry_create(&cfg, &reg)) return -1;
+    if (engine_registry_load(reg, NULL, path, 0, err, sizeof err)) {
+        engine_registry_destroy(reg);
+        reg = NULL;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    cap_reset(&cap);
+    engine_registry_destroy(reg);
+    return 0;
+}
+
+static cJSON *msg_at(int i)
+{
+    assert_true(i < cap.n);
+    cJSON *j = cJSON_Parse(cap.msgs[i]);
+    assert_non_null(j);
+    return j;
+}
+
+static int handle(struct rpc_ctx *ctx, const char *s, int wait)
+{
+    return rpc_handle(ctx, s, strlen(s), &sink, wait);
+}
+
+static int error_code_of(const cJSON *m)
+{
+    const cJSON *e = cJSON_GetObjectItem(m, "error");
+    return e ? cJSON_GetObjectItem(e, "code")->valueint : 0;
+}
+
+/* No model needed: protocol-level errors. */
+static void test_protocol_errors(void **state)
+{
+    (void)state;
+    struct engine_registry *empty;
+    struct krs_config cfg;
+    config_defaults(&cfg);
+    assert_int_equal(engine_registry_create(&cfg, &empty), KRS_OK);
+    struct rpc_ctx *ctx;
+    assert_int_equal(rpc_create(empty, &ctx), KRS_OK);
+    static const struct {
+        const char *in;
+        int code;
+    } cases[] = {
+        {"", -32700},
+        {"{\"jsonrpc\":\"2.0\",", -32700},
+        {"\xff\xfe{}", -32700},
+        {"[]", -32600},
+        {"42", -32600},
+        {"{\"jsonrpc\":\"1.0\",\"id\":1,\"method\":\"runtime/info\"}", -32600},
+        {"{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"runtime/info\"}", -32600},
+        {"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":7}", -32600},
+        {"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"x\"}", -32601},
+        {"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tokenize\",\"params\":[1]}", -32602},
+        {"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"generate\",\"params\":{\"prompt\":\"x\"}}",
+         -32005},
+        {"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tokenize\",\"params\":{\"text\":\"x\"}}",
+         -32005},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        cap_reset(&cap);
+        assert_int_equal(handle(ctx, cases[i].in, 1), KRS_OK);
+        assert_int_equal(cap.n, 1);
+        cJSON *m = msg_at(0);
+        if (error_code_of(m) != cases[i].code)
+            fail_msg("input %zu '%s': got %s", i, cases[i].in, cap.msgs[0]);
+        cJSON_Delete(m);
+    }
+    /* Deep nesting is a parse error, not a crash. */
+    char deep[4000];
+    memset(deep, '[', sizeof deep - 1);
+    deep[sizeof deep - 1] = '\0';
+    cap_reset(&cap);
+    handle(ctx, deep, 1);
+    assert_int_equal(cap.n, 1);
+    /* Notifications alone: nothing written, object or batch. */
+    cap_reset(&cap);
+    handle(ctx, "{\"jsonrpc\":\"2.0\",\"method\":\"runtime/info\"}", 1);
+    handle(ctx,
+           "[{\"jsonrpc\":\"2.0\",\"method\":\"runtime/info\"},{\"jsonrpc\":\"2.0\","
+           "\"method\":\"nope\"}]",
+           1);
+    assert_int_equal(cap.n, 0);
+    assert_int_equal(rpc_handle(NULL, "{}", 2, &sink, 1), KRS_ERR_INVALID);
+    rpc_free(ctx);
+    engine_registry_destroy(empty);
+    cap_reset(&cap);
+}
+
+static void test_json_string_sanitises(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *in;
+        size_t n;
+        const char *out;
+    } cases[] = {
+        {"abc", 3, "abc"},
+        {"\xc3\xa9", 2, "\xc3\xa9"},
+        {"\xc3", 1, "\xef\xbf\xbd"},
+        {"a\0b", 3,
+         "a\xef\xbf\xbd"
+         "b"},
+        {"\xed\xa0\x80", 3, "\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd"}, /* surrogate */
+        {"\xf0\x9f\x98\x80", 4, "\xf0\x9f\x98\x80"},
+        {"\xc0\xaf", 2, "\xef\xbf\xbd\xef\xbf\xbd"}, /* overlong */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        cJSON *j = rpc_json_string(cases[i].in, cases[i].n);
+        assert_string_equal(j->valuestring, cases[i].out);
+        cJSON_Delete(j);
+    }
+}
+
+static const char *text_of(const cJSON *m, const char *obj)
+{
+    return cJSON_GetObjectItem(cJSON_GetObjectItem(m, obj), "text")->valuestring;
+}
+
+static void test_wait_streams_order(void **state)
+{
+    (void)state;
+    if (!reg) skip();
+    struct rpc_ctx *ctx;
+    assert_int_equal(rpc_create(reg, &ctx), KRS_OK);
+    cap_reset(&cap);
+    handle(ctx,
+           "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"generate\",\"params\":{\"prompt\":\"One, "
+           "two, three, four,\",\"max_tokens\":10,\"temperature\":0,\"stream\":false}}",
+           1);
+    assert_int_equal(cap.n, 1);
+    cJSON *m = msg_at(0);
+    char full[1024];
+    snprintf(full, sizeof full, "%s", text_of(m, "result"));
+    cJSON_Delete(m);
+
+    cap_reset(&cap);
+    handle(ctx,
+           "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"generate\",\"params\":{\"prompt\":\"One, "
+           "two, three, four,\",\"max_tokens\":10,\"temperature\":0,\"stream_id\":\"w\"}}",
+           1);
+    /* Everything is written before rpc_handle returns: response, chunks, stats, event. */
+    assert_true(cap.n >= 13);
+    m = msg_at(0);
+    assert_string_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(m, "result"), "stream_id")->valuestring, "w");
+    cJSON_Delete(m);
+    char joined[1024] = "";
+    for (int i = 1; i < cap.n - 2; i++) {
+        m = msg_at(i);
+        assert_string_equal(cJSON_GetObjectItem(m, "method")->valuestring, "stream.chunk");
+        const cJSON *p = cJSON_GetObjectItem(m, "params");
+        assert_int_equal(cJSON_GetObjectItem(p, "index")->valueint, i - 1);
+        strncat(joined, cJSON_GetObjectItem(p, "text")->valuestring,
+                sizeof joined - strlen(joined) - 1);
+        cJSON_Delete(m);
+    }
+    assert_string_equal(joined, full);
+    m = msg_at(cap.n - 2);
+    assert_string_equal(cJSON_GetObjectItem(m, "method")->valuestring, "stream.stats");
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(m, "params"), "generated_tokens")->valueint, 10);
+    cJSON_Delete(m);
+    m = msg_at(cap.n - 1);
+    assert_string_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(m, "params"), "event")->valuestring,
+                        "completed");
+    cJSON_Delete(m);
+    rpc_free(ctx);
+    cap_reset(&cap);
+}
+
+static void test_batch_array_waits(void **state)
+{
+    (void)state;
+    if (!reg) skip();
+    struct rpc_ctx *ctx;
+    assert_int_equal(rpc_create(reg, &ctx), KRS_OK);
+    cap_reset(&cap);
+    handle(ctx,
+           "[{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"generate\",\"params\":{\"prompt\":\"The "
+           "quick brown fox\",\"max_tokens\":4,\"temperature\":0,\"stream\":false}},"
+           "{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"generate\",\"params\":{\"prompt\":\"Hi\","
+           "\"max_tokens\":3,\"stream_id\":\"s2\"}},"
+           "{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"batch_generate\",\"params\":{\"requests\":"
+           "[{\"prompt\":\"a\",\"max_tokens\":2},{\"prompt\":\"b\",\"max_tokens\":2,"
+           "\"top_k\":-1}]}}]",
+           1);
+    /* The array comes first (it announces s2), then s2's notifications. */
+    cJSON *arr = msg_at(0);
+    assert_true(cJSON_IsArray(arr));
+    assert_int_equal(cJSON_GetArraySize(arr), 3);
+    const cJSON *r0 = cJSON_GetArrayItem(arr, 0), *r2 = cJSON_GetArrayItem(arr, 2);
+    assert_int_equal(cJSON_GetObjectItem(r0, "id")->valueint, 1);
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(cJSON_GetObjectItem(r0, "result"), "usage"),
+                            "completion_tokens")
+            ->valueint,
+        4);
+    const cJSON *res = cJSON_GetObjectItem(cJSON_GetObjectItem(r2, "result"), "results");
+    assert_int_equal(cJSON_GetArraySize(res), 2);
+    assert_true(cJSON_IsTrue(cJSON_GetObjectItem(cJSON_GetArrayItem(res, 0), "success")));
+    assert_true(cJSON_IsFalse(cJSON_GetObjectItem(cJSON_GetArrayItem(res, 1), "success")));
+    cJSON_Delete(arr);
+    cJSON *last = msg_at(cap.n - 1);
+    assert_string_equal(cJSON_GetObjectItem(last, "method")->valuestring, "stream.event");
+    cJSON_Delete(last);
+    rpc_free(ctx);
+    cap_reset(&cap);
+}
+
+static void test_free_cancels_streams(void **state)
+{
+    (void)state;
+    if (!reg) skip();
+    struct rpc_ctx *ctx;
+    assert_int_equal(rpc_create(reg, &ctx), KRS_OK);
+    cap_reset(&cap);
+    handle(ctx,
+           "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"generate\",\"params\":{\"prompt\":\"Tell "
+           "me a story\",\"max_tokens\":2000,\"ignore_eos\":true}}",
+           0);
+    rpc_free(ctx); /* cancels; returns once the stream's thread has written its last message */
+    cJSON *last = msg_at(cap.n - 1);
+    const cJSON *p = cJSON_GetObjectItem(last, "params");
+    assert_string_equal(cJSON_GetObjectItem(p, "event")->valuestring, "cancelled");
+    cJSON_Delete(last);
+    cap_reset(&cap);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_protocol_errors),      cmocka_unit_test(test_json_string_sanitises),
+        cmocka_unit_test(test_wait_streams_order),   cmocka_unit_test(test_batch_array_waits),
+        cmocka_unit_test(test_free_cancels_streams),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}
