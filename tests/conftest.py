@@ -2,15 +2,9 @@
 
 C binaries are built by scripts/test.sh (or `make build`) before pytest runs; KRS_BUILD_DIR
 overrides the build folder (helpers use their own)."""
-import os
-import pathlib
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-BUILD = pathlib.Path(os.environ.get("KRS_BUILD_DIR", ROOT / "build"))
-DEFAULT_MODEL = ROOT / "models" / "default.gguf"
-CACHE = ROOT / "tests" / ".cache"  # git-ignored: generated tiny models and oracle outputs
+from krs_paths import BUILD, CACHE, DEFAULT_MODEL, ROOT
 
 
 @pytest.fixture(scope="session")

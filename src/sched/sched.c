@@ -319,11 +319,6 @@ static void finish(struct sched *s, struct req *r, enum sched_finish why, const 
         r->t_admit ? clock_ns_to_ms(r->t_admit - r->t_submit) : clock_ns_to_ms(now - r->t_submit);
     ev.ttft_ms = r->t_first ? clock_ns_to_ms(r->t_first - r->t_submit) : 0;
     ev.total_ms = clock_ns_to_ms(now - r->t_submit);
-    /* Count before the reader can see FINISH, so that counters balance for anyone who has. */
-    pthread_mutex_lock(&s->state_lock);
-    s->pub.finished[why]++;
-    pthread_mutex_unlock(&s->state_lock);
-    stream_push_finish(r->stream, &ev);
     if (s->metrics) {
         struct metrics_request_record rec = {
             .priority = (enum metrics_priority)r->priority,
@@ -334,6 +329,11 @@ static void finish(struct sched *s, struct req *r, enum sched_finish why, const 
         };
         metrics_record_finish(s->metrics, &rec, now);
     }
+    /* Count before the reader can see FINISH, so that counters balance for anyone who has. */
+    pthread_mutex_lock(&s->state_lock);
+    s->pub.finished[why]++;
+    pthread_mutex_unlock(&s->state_lock);
+    stream_push_finish(r->stream, &ev);
     release_slot(s, r);
     registry_remove(s, r);
     KRS_LOG_DEBUGF("request %llu finished: %s (%s), %d prompt + %d generated tokens",
@@ -745,7 +745,6 @@ static void step(struct sched *s, uint64_t t0)
         kv_seq_trim(model_ctx_kv(s->ctx), r->slot, r->n_past);
     }
     const int n_vocab = model_hparams(s->model)->n_vocab;
-    uint32_t n_tokens_out = 0;
     for (int row = 0; row < n_out; row++) {
         struct req *r = s->b_rows[row];
         struct sampler_result res;
@@ -757,13 +756,13 @@ static void step(struct sched *s, uint64_t t0)
         }
         const char *reason = NULL;
         enum sched_finish f = accept_token(s, r, &res, now, &reason);
-        n_tokens_out++;
+        /* Counted before finish() so that a reader who saw FINISH sees every token counted. */
+        if (s->metrics) metrics_record_tokens(s->metrics, 1, now);
         if (f != SCHED_FINISH_NONE) finish(s, r, f, reason);
     }
     uint64_t step_ns = clock_now_ns() - t0;
     if (s->metrics) {
         metrics_record_step(s->metrics, step_ns, (uint32_t)batch_seqs);
-        if (n_tokens_out) metrics_record_tokens(s->metrics, n_tokens_out, now);
     }
     uint64_t before = s->ctrl.adjustments;
     uint32_t limit = controller_observe_step(&s->ctrl, step_ns, (uint32_t)batch_seqs,

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import BUILD, CACHE, ROOT
+from krs_paths import BUILD, CACHE, ROOT
 
 # The seed's dashboard names keep milliseconds; promtool's lint says "use base unit seconds".
 # That lint (and only that) is accepted.

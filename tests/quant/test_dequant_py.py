@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import BUILD, ROOT
+from krs_paths import BUILD, ROOT
 
 
 def test_dequant_bit_exact_with_gguf(cache_dir, tmp_path):
