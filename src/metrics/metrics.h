@@ -36,8 +36,8 @@
 
 struct cJSON;
 
-#define METRICS_HIST_BUCKETS 202  /* 16 exact + 23 octaves * 8 + overflow, + the count zero bucket \
-                                   */
+/* 16 exact + 23 octaves * 8 + overflow, plus the zero-count bucket */
+#define METRICS_HIST_BUCKETS   202
 #define METRICS_N_WINDOWS      3  /* 5 s, 30 s, 60 s */
 #define METRICS_LATENCY_WINDOW 60 /* seconds behind mlx_latency_p*_milliseconds */
 #define METRICS_DEGRADE_RING   8  /* last degradation reasons kept */

@@ -26,8 +26,10 @@ static int setup(void **state)
 {
     const char *src = getenv("KRS_SOURCE_DIR");
     const char *override = getenv("KRS_TEST_MODEL");
-    if (override && *override) snprintf(model_path, sizeof model_path, "%s", override);
-    else snprintf(model_path, sizeof model_path, "%s/models/default.gguf", src ? src : ".");
+    if (override && *override)
+        snprintf(model_path, sizeof model_path, "%s", override);
+    else
+        snprintf(model_path, sizeof model_path, "%s/models/default.gguf", src ? src : ".");
     char err[256];
     if (model_load(model_path, &model, err, sizeof err) != KRS_OK) model = NULL;
     return 0;

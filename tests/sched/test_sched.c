@@ -31,8 +31,10 @@ static int setup(void **state)
     char path[4096], err[256];
     /* KRS_TEST_MODEL swaps in a tiny model (the TSan run uses one to stay fast). */
     const char *override = getenv("KRS_TEST_MODEL");
-    if (override && *override) snprintf(path, sizeof path, "%s", override);
-    else snprintf(path, sizeof path, "%s/models/default.gguf", src ? src : ".");
+    if (override && *override)
+        snprintf(path, sizeof path, "%s", override);
+    else
+        snprintf(path, sizeof path, "%s/models/default.gguf", src ? src : ".");
     if (model_load(path, &model, err, sizeof err) != KRS_OK) return 0;
     if (tokenizer_load(model_gguf(model), &tok, err, sizeof err) != KRS_OK) {
         model_free(model);
