@@ -9,6 +9,7 @@
  *    T > 1: time relative to T = 1 (batching efficiency).
  *
  * Usage: bench_kernels [--threads N] [--mb MiB] [--n-in N] [--json PATH] [--md PATH] [--quick]
+ *                      [--types Q4_K,Q8_0,...]  (only these formats; default all)
  * Results are meant for bench/results/kernels.{md,json}; see bench/kernels/README.md. */
 #include "krserve.h"
 #include "quant/quant.h"
@@ -132,13 +133,27 @@ struct result {
     double rel[7];
 };
 
+/* 1 when name is one of the comma-separated names in sel. */
+static int type_selected(const char *sel, const char *name)
+{
+    size_t n = strlen(name);
+    for (const char *p = sel; *p;) {
+        const char *e = strchr(p, ',');
+        size_t len = e ? (size_t)(e - p) : strlen(p);
+        if (len == n && !strncmp(p, name, n)) return 1;
+        if (!e) break;
+        p = e + 1;
+    }
+    return 0;
+}
+
 static const int TS[7] = {1, 2, 4, 8, 16, 32, 64};
 
 int main(int argc, char **argv)
 {
     int threads = 0, quick = 0;
     long mb = 1024, n_in = 4096;
-    const char *json_path = NULL, *md_path = NULL;
+    const char *json_path = NULL, *md_path = NULL, *types_sel = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--threads") && i + 1 < argc)
             threads = atoi(argv[++i]);
@@ -150,11 +165,14 @@ int main(int argc, char **argv)
             json_path = argv[++i];
         else if (!strcmp(argv[i], "--md") && i + 1 < argc)
             md_path = argv[++i];
+        else if (!strcmp(argv[i], "--types") && i + 1 < argc)
+            types_sel = argv[++i];
         else if (!strcmp(argv[i], "--quick"))
             quick = 1;
         else {
             fprintf(stderr,
-                    "usage: %s [--threads N] [--mb MiB] [--n-in N] [--json P] [--md P] [--quick]\n",
+                    "usage: %s [--threads N] [--mb MiB] [--n-in N] [--json P] [--md P] [--quick] "
+                    "[--types A,B]\n",
                     argv[0]);
             return 2;
         }
@@ -184,6 +202,7 @@ int main(int argc, char **argv)
     int nres = 0;
     for (size_t ti = 0; ti < sizeof(types) / sizeof(types[0]); ti++) {
         uint32_t type = types[ti];
+        if (types_sel && !type_selected(types_sel, quant_type_name(type))) continue;
         uint64_t rb = quant_row_bytes(type, n_in);
         int64_t rows_per_mat = 4096;
         int64_t n_mats = (int64_t)(bytes / (rb * (uint64_t)rows_per_mat));

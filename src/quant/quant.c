@@ -23,6 +23,7 @@
 #include "util/threadpool.h"
 
 #include <cpuid.h>
+#include <stdatomic.h>
 #include <string.h>
 
 struct type_info {
@@ -372,6 +373,11 @@ struct quant_ctx {
     int T;
     float *y;
     struct quant_act act;
+    /* Work sharing: output rows go in grains of grain_chunks x QROWS rows, claimed from
+     * next_chunk by whichever thread is free, so a thread the OS delays (a busy machine) does
+     * not hold the whole call up the way a static 1/nth split does. */
+    _Atomic long next_chunk;
+    long n_chunks, grain_chunks;
 };
 
 /* Reference path: dequantize one weight row into scratch, dot it with every row of x. */
@@ -503,14 +509,17 @@ static void task_act(void *arg, int ith, int nth)
 static void task_rows(void *arg, int ith, int nth)
 {
     struct quant_ctx *c = arg;
-    long c0, c1;
-    long chunks = (long)((c->w->n_out + QROWS - 1) / QROWS);
-    pool_split(chunks, ith, nth, &c0, &c1);
-    int64_t r0 = (int64_t)c0 * QROWS, r1 = (int64_t)c1 * QROWS;
-    if (r1 > c->w->n_out) r1 = c->w->n_out;
-    if (r1 > r0)
-        c->rows(c->w, r0, r1, c->x, &c->act, c->T, c->y, c->w->n_out,
-                c->scratch + (int64_t)ith * c->scratch_stride);
+    (void)nth;
+    float *scratch = c->scratch + (int64_t)ith * c->scratch_stride;
+    for (;;) {
+        long c0 = atomic_fetch_add_explicit(&c->next_chunk, c->grain_chunks,
+                                            memory_order_relaxed);
+        if (c0 >= c->n_chunks) break;
+        long c1 = c0 + c->grain_chunks < c->n_chunks ? c0 + c->grain_chunks : c->n_chunks;
+        int64_t r0 = (int64_t)c0 * QROWS, r1 = (int64_t)c1 * QROWS;
+        if (r1 > c->w->n_out) r1 = c->w->n_out;
+        c->rows(c->w, r0, r1, c->x, &c->act, c->T, c->y, c->w->n_out, scratch);
+    }
 }
 
 int quant_matmul(struct quant_ctx *ctx, const struct quant_matrix *w, const float *x, int T,
@@ -535,6 +544,12 @@ int quant_matmul(struct quant_ctx *ctx, const struct quant_matrix *w, const floa
         else
             ctx->act_fn(x, w->n_in, 0, T, &ctx->act);
     }
+    /* About 8 grains per thread: enough to even out a late thread, few enough that claiming
+     * one (an atomic add) costs nothing next to its rows. */
+    ctx->n_chunks = (long)((w->n_out + QROWS - 1) / QROWS);
+    ctx->grain_chunks = ctx->n_chunks / ((long)ctx->nth * 8);
+    if (ctx->grain_chunks < 1) ctx->grain_chunks = 1;
+    atomic_store_explicit(&ctx->next_chunk, 0, memory_order_relaxed);
     if (ctx->pool && ctx->nth > 1)
         pool_run(ctx->pool, task_rows, ctx);
     else

@@ -5,7 +5,7 @@
  *
  * Shape of the work (see quant_impl.h for the quantized activation layout):
  *   for each chunk of QROWS output rows      (weights of the chunk stay in L1/L2)
- *     for each group of up to QG=4 activation rows
+ *     for each group of up to QS_G (4 AVX2, 8 AVX-512) activation rows
  *       for each row r of the chunk: one pass over row r's blocks; every weight block is
  *         unpacked once into registers and dotted with the G activation blocks.
  * Integer dot products per 32-element block are scaled by d_w*d_x in float; offsets and mins
@@ -49,100 +49,122 @@ QS_INLINE __m256i qs_nibbles16(const uint8_t *p)
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-/* Bit i of x -> byte i = 0x10 (the fifth bit of Q5_0/Q5_1). */
-QS_INLINE __m256i qs_bit5(uint32_t x)
-{
-    __m256i v = _mm256_set1_epi32((int)x);
-    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL,
-                                           0x0101010101010101LL, 0x0000000000000000LL);
-    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
-    v = _mm256_and_si256(_mm256_shuffle_epi8(v, shuf), bit);
-    return _mm256_and_si256(_mm256_cmpeq_epi8(v, bit), _mm256_set1_epi8(0x10));
-}
-
 #define ACT_Q(a, t, blk)   ((const __m256i *)((a)->qs + (int64_t)(t) * (a)->stride + (blk)*QK))
 #define ACT_D(a, t, blk)   ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
 #define ACT_S(a, t, blk)   ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
 #define ACT_S32(a, t, blk) (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
 
-/* ---- 32-element block types: one weight row (nb blocks) x G activation rows ---- */
+/* ---- 32-element block types: one weight row (nb blocks) x G activation rows ----
+ *
+ * Blocks are taken in groups of 8 (the last group may be shorter: lanes >= k are zero). Per
+ * group, the 8 weight scales form one vector; per activation row g the 8 products
+ * d_w * d_x are one vector multiply (stored, then broadcast per block from memory) and the
+ * offset / min term is one vector FMA against the 8 block sums. Per block and row only the
+ * integer dot, its conversion and one FMA remain. Even/odd blocks of a group use separate
+ * accumulators. The sequence for one (weight row, activation row) pair depends on nb only,
+ * never on G, T or the tile (batch invariance). */
 
-/* One 32-block of Q4_0/Q4_1/Q5_0/Q5_1 (kind 0..3) against G activation rows. */
-QS_INLINE void qs_blk_q45(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
-                          const int G, const int kind, __m256 *acc, float *corr)
+QS_INLINE __m256i qs_iota8(void)
+{
+    return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+}
+
+/* d_x * (sum of each 32-block) for blocks b0..b0+7 of row t (lanes masked by mlo/mhi: the
+ * masks of the 16 half-block sums). */
+QS_INLINE __m256 qs_act_ds8(const struct quant_act *a, int t, int64_t b0, __m256i mlo, __m256i mhi)
+{
+    const float *s = ACT_S(a, t, b0);
+    __m256 pairs = _mm256_hadd_ps(_mm256_maskload_ps(s, mlo), _mm256_maskload_ps(s + 8, mhi));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+}
+
+/* Unpacked (unsigned) quants of one Q4_0/Q4_1/Q5_0/Q5_1 block (kind 0..3). */
+QS_INLINE __m256i qs_unpack_q45(const uint8_t *blk, const int kind)
 {
     const int has_m = kind & 1, has_h = kind >= 2;
-    float dw = qs_fp16(blk), mw = has_m ? qs_fp16(blk + 2) : 0.0f;
     __m256i u = qs_nibbles16(blk + 2 + 2 * has_m + 4 * has_h);
     if (has_h) {
         uint32_t qh;
         memcpy(&qh, blk + 2 + 2 * has_m, 4);
         u = _mm256_or_si256(u, qs_bit5(qh));
     }
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++) {
-        float da = ACT_D(a, t0 + g, b);
-        __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, b)));
-        acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * da), acc[g]);
-        corr[g] += (has_m ? mw : dw) * ACT_S32(a, t0 + g, b);
+    return u;
+}
+
+/* kind 0..3 = Q4_0, Q4_1, Q5_0, Q5_1; kind 4 = Q8_0 (u = |w|, the sign moves to x). */
+QS_INLINE void qs_blk32(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
+                        const int G, const int kind, const float (*S)[8], int j, __m256 *acc)
+{
+    if (kind == 4) {
+        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        __m256i u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_Q(a, t0 + g, b)), w);
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qs_dot(u, s)),
+                                     _mm256_broadcast_ss(&S[g][j]), acc[g]);
+        }
+    } else {
+        __m256i u = qs_unpack_q45(blk, kind);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, b)));
+            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&S[g][j]), acc[g]);
+        }
     }
 }
 
-/* One weight row (nb blocks) x G activation rows; even and odd blocks use separate
- * accumulators so the FMA latency chain does not bound T = 1. */
-QS_INLINE void qs_row_q45(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
-                          const int G, const int kind, float *out)
+QS_INLINE void qs_row32(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
+                        const int G, const int kind, float *out)
 {
-    const int bytes = kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : 24;
-    __m256 acc0[QG], acc1[QG];
-    float corr0[QG], corr1[QG];
-#pragma GCC unroll 4
+    const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
+    const int bytes = kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : kind == 3 ? 24 : 34;
+    __m256 acc0[QS_G], acc1[QS_G], corr[QS_G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = corr[g] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
+        const __m256i iota = qs_iota8();
+        const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
+        const uint8_t *gr = row + b0 * bytes;
+        float dwf[8], mwf[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; j++) {
+            dwf[j] = j < k ? qs_fp16(gr + j * bytes) : 0.0f;
+            if (has_m) mwf[j] = j < k ? qs_fp16(gr + j * bytes + 2) : 0.0f;
+        }
+        const __m256 dwv = _mm256_loadu_ps(dwf), cwv = has_m ? _mm256_loadu_ps(mwf) : dwv;
+        float S[QS_G][8];
+        if (has_corr) {
+            const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
+            const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) {
+                __m256 da = _mm256_maskload_ps(&ACT_D(a, t0 + g, b0), mk);
+                _mm256_storeu_ps(S[g], _mm256_mul_ps(dwv, da));
+                corr[g] = _mm256_fmadd_ps(cwv, qs_act_ds8(a, t0 + g, b0, mlo, mhi), corr[g]);
+            }
+        } else {
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++)
+                _mm256_storeu_ps(S[g],
+                                 _mm256_mul_ps(dwv, _mm256_maskload_ps(&ACT_D(a, t0 + g, b0), mk)));
+        }
+        int j = 0;
+        for (; j + 1 < k; j += 2) {
+            qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc0);
+            qs_blk32(gr + (j + 1) * bytes, b0 + j + 1, a, t0, G, kind, (const float(*)[8])S, j + 1,
+                     acc1);
+        }
+        if (j < k) qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc0);
+    }
+    /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0) */
+    const float off = kind == 0 ? -8.0f : kind == 2 ? -16.0f : 1.0f;
+#pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        acc0[g] = acc1[g] = _mm256_setzero_ps();
-        corr0[g] = corr1[g] = 0.0f;
+        float v = qs_hsum(_mm256_add_ps(acc0[g], acc1[g]));
+        out[g] = has_corr ? v + off * qs_hsum(corr[g]) : v;
     }
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        qs_blk_q45(row + b * bytes, b, a, t0, G, kind, acc0, corr0);
-        qs_blk_q45(row + (b + 1) * bytes, b + 1, a, t0, G, kind, acc1, corr1);
-    }
-    if (b < nb) qs_blk_q45(row + b * bytes, b, a, t0, G, kind, acc0, corr0);
-    /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) */
-    const float off = (kind & 1) ? 1.0f : (kind >= 2 ? -16.0f : -8.0f);
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++)
-        out[g] = qs_hsum(_mm256_add_ps(acc0[g], acc1[g])) + off * (corr0[g] + corr1[g]);
-}
-
-QS_INLINE void qs_blk_q8_0(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
-                           const int G, __m256 *acc)
-{
-    float dw = qs_fp16(blk);
-    __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-    __m256i u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++) {
-        __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_Q(a, t0 + g, b)), w);
-        __m256i p = qs_dot(u, s);
-        acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * ACT_D(a, t0 + g, b)),
-                                 acc[g]);
-    }
-}
-
-QS_INLINE void qs_row_q8_0(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
-                           const int G, float *out)
-{
-    __m256 acc0[QG], acc1[QG];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm256_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        qs_blk_q8_0(row + b * 34, b, a, t0, G, acc0);
-        qs_blk_q8_0(row + (b + 1) * 34, b + 1, a, t0, G, acc1);
-    }
-    if (b < nb) qs_blk_q8_0(row + b * 34, b, a, t0, G, acc0);
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++) out[g] = qs_hsum(_mm256_add_ps(acc0[g], acc1[g]));
 }
 
 /* ---- K-quants (256-element super-blocks = 8 activation blocks) ---- */
@@ -155,23 +177,28 @@ QS_INLINE void qs_row_q45k(const uint8_t *row, int64_t nsb, const struct quant_a
 {
     const int bytes = five ? 176 : 144;
     const __m256i m4 = _mm256_set1_epi8(0x0F), b5 = _mm256_set1_epi8(0x10);
-    __m256 acc[2][QG], corr[QG];
+    __m256 acc[2][QS_G], corr[QS_G];
 #pragma GCC unroll 4
     for (int g = 0; g < G; g++) acc[0][g] = acc[1][g] = corr[g] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = row + sb * bytes;
-        uint8_t sc[8], mn[8];
-        quant_k4_scales(blk + 4, sc, mn);
-        uint64_t sc64, mn64;
-        memcpy(&sc64, sc, 8);
-        memcpy(&mn64, mn, 8);
+        /* the 6-bit scales and mins of quant_k4_scales, four bytes at a time */
+        uint32_t w0, w1, w2;
+        memcpy(&w0, blk + 4, 4);
+        memcpy(&w1, blk + 8, 4);
+        memcpy(&w2, blk + 12, 4);
+        const uint64_t sc64 = (uint64_t)(w0 & 0x3F3F3F3Fu) |
+                              ((uint64_t)((w2 & 0x0F0F0F0Fu) | ((w0 >> 2) & 0x30303030u)) << 32);
+        const uint64_t mn64 =
+            (uint64_t)(w1 & 0x3F3F3F3Fu) |
+            ((uint64_t)(((w2 >> 4) & 0x0F0F0F0Fu) | ((w1 >> 2) & 0x30303030u)) << 32);
         const __m256 dsc = _mm256_mul_ps(
             _mm256_set1_ps(qs_fp16(blk)),
             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)sc64))));
         const __m256 dmn = _mm256_mul_ps(
             _mm256_set1_ps(qs_fp16(blk + 2)),
             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)mn64))));
-        float scale[QG][8];
+        float scale[QS_G][8];
 #pragma GCC unroll 4
         for (int g = 0; g < G; g++) {
             const float *da = &ACT_D(a, t0 + g, sb * 8);
@@ -216,21 +243,35 @@ QS_INLINE void qs_row_q45k(const uint8_t *row, int64_t nsb, const struct quant_a
         out[g] = qs_hsum(_mm256_sub_ps(_mm256_add_ps(acc[0][g], acc[1][g]), corr[g]));
 }
 
+/* Q6_K: per super-block the 16 scales times d are two vectors; per activation row they are
+ * multiplied by the activation scales (expanded to half-blocks) once, and the -32 offset is
+ * two vector FMAs against the 16 half-block sums. Per 32-block and row: dot, convert, FMA. */
 QS_INLINE void qs_row_q6k(const uint8_t *row, int64_t nsb, const struct quant_act *a, int t0,
                           const int G, float *out)
 {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m30 = _mm256_set1_epi8(0x30);
-    __m256 acc[2][QG];
-    float corr[QG];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++) {
-        acc[0][g] = acc[1][g] = _mm256_setzero_ps();
-        corr[g] = 0.0f;
-    }
+    const __m256i lo_idx = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    const __m256i hi_idx = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    __m256 acc[2][QS_G], corr[QS_G];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++) acc[0][g] = acc[1][g] = corr[g] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
         const uint8_t *blk = row + sb * 210;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        float d = qs_fp16(blk + 208);
+        const __m256 d = _mm256_set1_ps(qs_fp16(blk + 208));
+        const __m128i sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+        const __m256 dsc_lo = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+        const __m256 dsc_hi =
+            _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+        float S[QS_G][16];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            const __m256 da = _mm256_loadu_ps(&ACT_D(a, t0 + g, sb * 8));
+            _mm256_storeu_ps(S[g], _mm256_mul_ps(dsc_lo, _mm256_permutevar8x32_ps(da, lo_idx)));
+            _mm256_storeu_ps(S[g] + 8, _mm256_mul_ps(dsc_hi, _mm256_permutevar8x32_ps(da, hi_idx)));
+            const float *s16 = ACT_S(a, t0 + g, sb * 8);
+            corr[g] = _mm256_fmadd_ps(dsc_lo, _mm256_loadu_ps(s16), corr[g]);
+            corr[g] = _mm256_fmadd_ps(dsc_hi, _mm256_loadu_ps(s16 + 8), corr[g]);
+        }
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h));
             __m256i ql1 = _mm256_loadu_si256((const __m256i *)(blk + 64 * h + 32));
@@ -246,23 +287,23 @@ QS_INLINE void qs_row_q6k(const uint8_t *row, int64_t nsb, const struct quant_ac
                                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
 #pragma GCC unroll 4
             for (int k = 0; k < 4; k++) {
-                const float s0 = (float)sc[8 * h + 2 * k], s1 = (float)sc[8 * h + 2 * k + 1];
-                const __m256 scv = _mm256_setr_ps(s0, s0, s0, s0, s1, s1, s1, s1);
-                const int64_t ab = sb * 8 + 4 * h + k;
-#pragma GCC unroll 4
+                const int m = 4 * h + k; /* 32-block within the super-block */
+                const int64_t ab = sb * 8 + m;
+#pragma GCC unroll 8
                 for (int g = 0; g < G; g++) {
-                    float dd = d * ACT_D(a, t0 + g, ab);
-                    const float *s16 = ACT_S(a, t0 + g, ab);
+                    /* lanes 0-3 hold the first 16 elements (scale 2m), 4-7 the next 16 */
+                    const __m256 scv =
+                        _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(&S[g][2 * m])),
+                                             _mm_broadcast_ss(&S[g][2 * m + 1]), 1);
                     __m256i p = qs_dot(u[k], _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
-                    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(p), scv);
-                    acc[k & 1][g] = _mm256_fmadd_ps(f, _mm256_set1_ps(dd), acc[k & 1][g]);
-                    corr[g] += 32.0f * d * (s0 * s16[0] + s1 * s16[1]);
+                    acc[k & 1][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scv, acc[k & 1][g]);
                 }
             }
         }
     }
-#pragma GCC unroll 4
-    for (int g = 0; g < G; g++) out[g] = qs_hsum(_mm256_add_ps(acc[0][g], acc[1][g])) - corr[g];
+#pragma GCC unroll 8
+    for (int g = 0; g < G; g++)
+        out[g] = qs_hsum(_mm256_add_ps(acc[0][g], acc[1][g])) - 32.0f * qs_hsum(corr[g]);
 }
 
 /* ---- float weights: kind 0 = F32, 1 = F16, 2 = BF16 ---- */
@@ -287,7 +328,7 @@ QS_INLINE float qs_load1(const uint8_t *row, int64_t i, const int kind)
 QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t0, const int G,
                             const int kind, float *out)
 {
-    __m256 acc0[QG], acc1[QG];
+    __m256 acc0[QS_G], acc1[QS_G];
     for (int g = 0; g < G; g++) acc0[g] = acc1[g] = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -313,43 +354,64 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
 
 /* ---- row loops ---- */
 
+#define QS_CASE_G(n, EXPR_G)                                                                       \
+    case n:                                                                                        \
+        EXPR_G(n);                                                                                 \
+        break;
+
+#if QS_G == 8
 #define QS_CALL_G(G, EXPR_G)                                                                       \
     switch (G) {                                                                                   \
-    case 1:                                                                                        \
-        EXPR_G(1);                                                                                 \
+        QS_CASE_G(1, EXPR_G)                                                                       \
+        QS_CASE_G(2, EXPR_G)                                                                       \
+        QS_CASE_G(3, EXPR_G)                                                                       \
+        QS_CASE_G(4, EXPR_G)                                                                       \
+        QS_CASE_G(5, EXPR_G)                                                                       \
+        QS_CASE_G(6, EXPR_G)                                                                       \
+        QS_CASE_G(7, EXPR_G)                                                                       \
+    default:                                                                                       \
+        EXPR_G(8);                                                                                 \
         break;                                                                                     \
-    case 2:                                                                                        \
-        EXPR_G(2);                                                                                 \
-        break;                                                                                     \
-    case 3:                                                                                        \
-        EXPR_G(3);                                                                                 \
-        break;                                                                                     \
+    }
+#elif QS_G == 4
+#define QS_CALL_G(G, EXPR_G)                                                                       \
+    switch (G) {                                                                                   \
+        QS_CASE_G(1, EXPR_G)                                                                       \
+        QS_CASE_G(2, EXPR_G)                                                                       \
+        QS_CASE_G(3, EXPR_G)                                                                       \
     default:                                                                                       \
         EXPR_G(4);                                                                                 \
         break;                                                                                     \
     }
+#else
+#error "QS_G must be 4 or 8"
+#endif
 
-/* Loops chunks of QROWS rows x groups of QG activation rows; ROW_G(g) computes out[] for
+/* Q4_K/Q5_K keep 4 activation rows per group on every path (their per-row state is larger:
+ * 8 rows spill registers). */
+#define QS_GK 4
+
+/* Loops chunks of QROWS rows x groups of GS (<= QS_G) activation rows; ROW_G(g) computes out[] for
  * weight row pointer `row` and activation rows t0..t0+g-1. */
-#define QS_LOOP(ROW_G)                                                                             \
+#define QS_LOOP(ROW_G, GS)                                                                         \
     for (int64_t rc = r0; rc < r1; rc += QROWS) {                                                  \
         int64_t re = rc + QROWS < r1 ? rc + QROWS : r1;                                            \
-        for (int t0 = 0; t0 < T; t0 += QG) {                                                       \
-            int G = T - t0 < QG ? T - t0 : QG;                                                     \
+        for (int t0 = 0; t0 < T; t0 += (GS)) {                                                     \
+            int G = T - t0 < (GS) ? T - t0 : (GS);                                                 \
             for (int64_t r = rc; r < re; r++) {                                                    \
                 const uint8_t *row = (const uint8_t *)w->data + (uint64_t)r * w->row_bytes;        \
-                float out[QG];                                                                     \
+                float out[QS_G];                                                                   \
                 QS_CALL_G(G, ROW_G)                                                                \
                 for (int g = 0; g < G; g++) y[(int64_t)(t0 + g) * ldy + r] = out[g];               \
             }                                                                                      \
         }                                                                                          \
     }
 
-#define G_Q4_0(g) qs_row_q45(row, nb, act, t0, g, 0, out)
-#define G_Q4_1(g) qs_row_q45(row, nb, act, t0, g, 1, out)
-#define G_Q5_0(g) qs_row_q45(row, nb, act, t0, g, 2, out)
-#define G_Q5_1(g) qs_row_q45(row, nb, act, t0, g, 3, out)
-#define G_Q8_0(g) qs_row_q8_0(row, nb, act, t0, g, out)
+#define G_Q4_0(g) qs_row32(row, nb, act, t0, g, 0, out)
+#define G_Q4_1(g) qs_row32(row, nb, act, t0, g, 1, out)
+#define G_Q5_0(g) qs_row32(row, nb, act, t0, g, 2, out)
+#define G_Q5_1(g) qs_row32(row, nb, act, t0, g, 3, out)
+#define G_Q8_0(g) qs_row32(row, nb, act, t0, g, 4, out)
 #define G_Q4_K(g) qs_row_q45k(row, nb, act, t0, g, 0, out)
 #define G_Q5_K(g) qs_row_q45k(row, nb, act, t0, g, 1, out)
 #define G_Q6_K(g) qs_row_q6k(row, nb, act, t0, g, out)
@@ -365,35 +427,35 @@ void QS_FN(quant_rows)(const struct quant_matrix *w, int64_t r0, int64_t r1, con
     int64_t nb = n / (int64_t)quant_block_elems(w->type);
     switch (w->type) {
     case QUANT_Q4_0:
-        QS_LOOP(G_Q4_0) break;
+        QS_LOOP(G_Q4_0, QS_G) break;
     case QUANT_Q4_1:
-        QS_LOOP(G_Q4_1) break;
+        QS_LOOP(G_Q4_1, QS_G) break;
     case QUANT_Q5_0:
-        QS_LOOP(G_Q5_0) break;
+        QS_LOOP(G_Q5_0, QS_G) break;
     case QUANT_Q5_1:
-        QS_LOOP(G_Q5_1) break;
+        QS_LOOP(G_Q5_1, QS_G) break;
     case QUANT_Q8_0:
-        QS_LOOP(G_Q8_0) break;
+        QS_LOOP(G_Q8_0, QS_G) break;
     case QUANT_Q4_K:
-        QS_LOOP(G_Q4_K) break;
+        QS_LOOP(G_Q4_K, QS_GK) break;
     case QUANT_Q5_K:
-        QS_LOOP(G_Q5_K) break;
+        QS_LOOP(G_Q5_K, QS_GK) break;
     case QUANT_Q6_K:
-        QS_LOOP(G_Q6_K) break;
+        QS_LOOP(G_Q6_K, QS_G) break;
     case QUANT_F32:
-        QS_LOOP(G_F32) break;
+        QS_LOOP(G_F32, QS_G) break;
     case QUANT_F16:
-        QS_LOOP(G_F16) break;
+        QS_LOOP(G_F16, QS_G) break;
     case QUANT_BF16:
-        QS_LOOP(G_BF16) break;
+        QS_LOOP(G_BF16, QS_G) break;
     default:
         /* Q2_K, Q3_K: dequantize each row once, then float FMA for all T rows */
         for (int64_t r = r0; r < r1; r++) {
             quant_dequantize(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes,
                              scratch, n);
-            for (int t0 = 0; t0 < T; t0 += QG) {
-                int G = T - t0 < QG ? T - t0 : QG;
-                float out[QG];
+            for (int t0 = 0; t0 < T; t0 += QS_G) {
+                int G = T - t0 < QS_G ? T - t0 : QS_G;
+                float out[QS_G];
                 QS_CALL_G(G, G_DEQ)
                 for (int g = 0; g < G; g++) y[(int64_t)(t0 + g) * ldy + r] = out[g];
             }

@@ -367,12 +367,68 @@ static void test_matmul_errors_and_no_alloc(void **state)
     quant_ctx_free(ctx);
 }
 
+/* Batch invariance (the scheduler relies on it): on every path, row t of Y computed inside a
+ * batch of T rows (any position, any thread split) is bit-identical to the same activation row
+ * computed alone. n_in 640 / 1024 exercise partial block groups; T = 13 exercises partial row
+ * groups (4 and 8 rows per group). */
+static void test_matmul_batch_invariance(void **state)
+{
+    (void)state;
+    enum { BT = 13, BOUT = 35, BNIN = 1024 };
+    struct pool *pool = NULL;
+    assert_int_equal(pool_create(2, &pool), 0);
+    float *x = alloc_malloc(sizeof(float) * BT * BNIN);
+    float *yb = alloc_malloc(sizeof(float) * BT * BOUT);
+    float *y1 = alloc_malloc(sizeof(float) * BOUT);
+    uint8_t *wdata = alloc_malloc(BOUT * BNIN * 4);
+    assert_non_null(x), assert_non_null(yb), assert_non_null(y1), assert_non_null(wdata);
+    for (int64_t i = 0; i < (int64_t)BT * BNIN; i++)
+        x[i] = rndf() * ((rnd() % 64) == 0 ? 8.0f : 1.0f);
+    enum quant_isa isas[] = {QUANT_ISA_SCALAR, QUANT_ISA_AVX2, QUANT_ISA_AVX512};
+    for (size_t k = 0; k < 3; k++) {
+        struct quant_ctx *cb = NULL, *c1 = NULL;
+        int rc = quant_ctx_create(pool, BT, BNIN, isas[k], &cb);
+        if (rc == KRS_ERR_UNSUPPORTED) continue;
+        assert_int_equal(rc, KRS_OK);
+        assert_int_equal(quant_ctx_create(NULL, 1, BNIN, isas[k], &c1), KRS_OK);
+        for (size_t ti = 0; ti < sizeof(ALL_TYPES) / sizeof(ALL_TYPES[0]); ti++) {
+            uint32_t type = ALL_TYPES[ti];
+            int64_t n_in = quant_block_elems(type) == 256 ? 1024 : 640;
+            fill_weights(type, wdata, BOUT, n_in);
+            struct quant_matrix m = {type, n_in, BOUT, wdata, quant_row_bytes(type, n_in)};
+            for (int t = 0; t < BT; t++)
+                memmove(x + (int64_t)t * n_in, x + (int64_t)t * BNIN, sizeof(float) * n_in);
+            assert_int_equal(quant_matmul(cb, &m, x, BT, yb), KRS_OK);
+            for (int t = 0; t < BT; t++) {
+                assert_int_equal(quant_matmul(c1, &m, x + (int64_t)t * n_in, 1, y1), KRS_OK);
+                if (memcmp(y1, yb + (int64_t)t * BOUT, sizeof(float) * BOUT) != 0) {
+                    fprintf(stderr, "%s %s: row %d differs alone vs in a batch of %d\n",
+                            quant_ctx_isa_name(cb), quant_type_name(type), t, BT);
+                    fail();
+                }
+            }
+            /* the same rows at another offset inside a smaller batch */
+            assert_int_equal(quant_matmul(cb, &m, x + 3 * n_in, 6, yb), KRS_OK);
+            for (int t = 0; t < 6; t++) {
+                assert_int_equal(quant_matmul(c1, &m, x + (int64_t)(t + 3) * n_in, 1, y1), KRS_OK);
+                assert_memory_equal(y1, yb + (int64_t)t * BOUT, sizeof(float) * BOUT);
+            }
+            for (int64_t i = 0; i < (int64_t)BT * BNIN; i++)
+                x[i] = rndf() * ((rnd() % 64) == 0 ? 8.0f : 1.0f);
+        }
+        quant_ctx_free(cb);
+        quant_ctx_free(c1);
+    }
+    alloc_free(x), alloc_free(yb), alloc_free(y1), alloc_free(wdata);
+    pool_destroy(pool);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_type_table),      cmocka_unit_test(test_fp16),
         cmocka_unit_test(test_dequant_by_hand), cmocka_unit_test(test_matmul_errors_and_no_alloc),
-        cmocka_unit_test(test_matmul_paths),
+        cmocka_unit_test(test_matmul_paths),    cmocka_unit_test(test_matmul_batch_invariance),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
