@@ -764,13 +764,19 @@ static void step(struct sched *s, uint64_t t0)
     if (s->metrics) {
         metrics_record_step(s->metrics, step_ns, (uint32_t)batch_seqs);
     }
-    uint64_t before = s->ctrl.adjustments;
-    uint32_t limit = controller_observe_step(&s->ctrl, step_ns, (uint32_t)batch_seqs,
-                                             (uint32_t)queued_total(s), now);
-    if (s->metrics && s->ctrl.adjustments != before)
-        metrics_record_tuning_adjustments(s->metrics, s->ctrl.adjustments - before);
-    if (s->mode == SCHED_MODE_AUTO)
-        s->limit = limit < (uint32_t)s->p.max_running ? (int)limit : s->p.max_running;
+    /* The controller sizes the batch from decode steps only (one token per sequence). A step
+     * that also carries prompt chunks costs what the chunk budget (max_batch_tokens) allows,
+     * whatever the batch limit: fed to the controller, those steps read as "the batch is too
+     * big" and collapse the limit to its minimum. They still count in the step metrics. */
+    if (T == batch_seqs) {
+        uint64_t before = s->ctrl.adjustments;
+        uint32_t limit = controller_observe_step(&s->ctrl, step_ns, (uint32_t)batch_seqs,
+                                                 (uint32_t)queued_total(s), now);
+        if (s->metrics && s->ctrl.adjustments != before)
+            metrics_record_tuning_adjustments(s->metrics, s->ctrl.adjustments - before);
+        if (s->mode == SCHED_MODE_AUTO)
+            s->limit = limit < (uint32_t)s->p.max_running ? (int)limit : s->p.max_running;
+    }
     pthread_mutex_lock(&s->state_lock);
     s->pub.steps++;
     pthread_mutex_unlock(&s->state_lock);
@@ -925,11 +931,9 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
     s->mode = p->mode;
     set_limit_for_mode(s, clock_now_ns());
     if (metrics) metrics_set_mode(metrics, metrics_mode(s->mode));
-    s->pub.mode = s->mode;
-    s->pub.batch_limit = s->limit;
-    s->pub.heartbeat_ns = clock_now_ns();
-    s->pub.idle = 1;
-    s->pub_ctrl = s->ctrl;
+    /* The state is readable (KV totals included) as soon as sched_create returns, before the
+     * engine thread's first loop. */
+    publish(s, clock_now_ns(), 1);
     if (pthread_create(&s->thread, NULL, engine_main, s)) {
         snprintf(err, errlen, "cannot start the engine thread");
         rc = KRS_ERR_INTERNAL;

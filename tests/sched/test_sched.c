@@ -18,6 +18,7 @@
 #include "krserve.h"
 #include "metrics/metrics.h"
 #include "model/model.h"
+#include "controller/controller.h"
 #include "sched/sched.h"
 #include "tokenizer/tokenizer.h"
 #include "util/clock.h"
@@ -339,6 +340,54 @@ static void test_mode_switches_under_load_lose_nothing(void **state)
     sched_destroy(s);
 }
 
+/* Auto mode under queued load with a generous latency target: the controller, fed the decode
+ * steps, raises the limit above its starting (fixed) size. Prompt chunk steps, which cost what
+ * the chunk budget allows whatever the limit, must not read as "batch too big". */
+static void test_auto_mode_grows_under_queued_load(void **state)
+{
+    if (!model) skip();
+    struct sched_params p;
+    sched_params_default(&p);
+    p.max_running = 8;
+    p.max_batch_tokens = 64;
+    p.kv_tokens = 4096;
+    p.max_ctx = 256;
+    p.mode = SCHED_MODE_AUTO;
+    p.fixed_batch = 2;
+    p.auto_min_batch = 1;
+    p.auto_max_batch = 8;
+    p.tune_interval = 2;
+    p.p99_target_ms = 60000.0;
+    p.adaptive_window = 0;
+    struct sched *s;
+    char err[256];
+    assert_int_equal(sched_create(model, tok, &p, NULL, &s, err, sizeof err), KRS_OK);
+    enum { N = 16 };
+    static int32_t ids[N][256];
+    struct sched_request r[N];
+    struct sched_stream *st[N];
+    for (int i = 0; i < N; i++) {
+        int n;
+        make_request(&r[i], ids[i], &n, prompts[i % N_PROMPTS], 24);
+        r[i].ignore_eos = 1;
+        uint64_t id;
+        assert_int_equal(sched_submit(s, &r[i], &st[i], &id), KRS_OK);
+    }
+    static struct result res[N];
+    for (int i = 0; i < N; i++) {
+        collect(st[i], &res[i]);
+        assert_int_equal(res[i].finish, SCHED_FINISH_LENGTH);
+    }
+    struct controller_snapshot snap;
+    sched_get_controller(s, &snap);
+    assert_true(snap.adjustments > 0);
+    assert_true(snap.limit > 2);
+    assert_int_equal(snap.degradations, 0);
+    assert_kv_all_free(s);
+    assert_counters_balance(s);
+    sched_destroy(s);
+}
+
 static void test_stop_string_and_queue_bound(void **state)
 {
     if (!model) skip();
@@ -407,6 +456,7 @@ int main(void)
         cmocka_unit_test(test_cancel_at_every_stage),
         cmocka_unit_test(test_slow_reader_is_cancelled),
         cmocka_unit_test(test_mode_switches_under_load_lose_nothing),
+        cmocka_unit_test(test_auto_mode_grows_under_queued_load),
         cmocka_unit_test(test_stop_string_and_queue_bound),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
