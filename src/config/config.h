@@ -62,7 +62,8 @@ struct krs_config {
         int max_tokens_limit;
         int64_t request_timeout_ms;
         int max_queue;
-        int threads; /* HTTP threads */
+        int threads;        /* HTTP threads */
+        int idle_timeout_s; /* close connections idle this long; 0 = never */
         int64_t drain_timeout_ms;
     } server;
     struct {

@@ -64,6 +64,8 @@ static const struct config_key keys[] = {
      NULL, NULL, NULL, "waiting requests before new ones get 429", NULL},
     {"server.threads", "8", CONFIG_T_INT, OFF(server.threads), 1, 1024, NULL, false,
      NULL, NULL, NULL, "HTTP threads", NULL},
+    {"server.idleTimeoutSec", "60", CONFIG_T_INT, OFF(server.idle_timeout_s), 0, 86400, NULL, false,
+     NULL, NULL, NULL, "seconds without traffic before a connection is closed; 0 = never", NULL},
     {"server.drainTimeoutMs", "30000", CONFIG_T_INT, OFF(server.drain_timeout_ms), 0, 3600000, NULL,
      false, NULL, NULL, NULL, "how long shutdown waits for running requests in ms", NULL},
 

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -375,6 +376,19 @@ static void mhd_log(void *cls, const char *fmt, va_list ap)
     KRS_LOG_DEBUGF("mhd: %s", buf);
 }
 
+/* Thousands of open client connections need as many descriptors: the soft limit (often 1024)
+ * goes up to the hard one. Best effort; the connection limit below still holds. */
+static void raise_fd_limit(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) || rl.rlim_cur >= rl.rlim_max) return;
+    rlim_t want = rl.rlim_max > 65536 ? 65536 : rl.rlim_max;
+    if (want <= rl.rlim_cur) return;
+    rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl))
+        KRS_LOG_WARNF("cannot raise the open-file limit: %s", strerror(errno));
+}
+
 static struct MHD_Daemon *start_daemon(struct server *s, const char *host, int port, int threads,
                                        int mon, char *err, size_t errlen)
 {
@@ -396,7 +410,8 @@ static struct MHD_Daemon *start_daemon(struct server *s, const char *host, int p
         (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL, MHD_OPTION_CONNECTION_LIMIT,
         (unsigned)16384, MHD_OPTION_EXTERNAL_LOGGER, mhd_log, NULL,
-        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1, MHD_OPTION_END);
+        MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)s->cfg.server.idle_timeout_s, MHD_OPTION_END);
     if (!d) snprintf(err, errlen, "cannot listen on %s:%d: %s", host, port, strerror(errno));
     return d;
 }
@@ -418,6 +433,7 @@ int server_start(const struct krs_config *cfg, struct engine_registry *reg, stru
     if (!s) return KRS_ERR_NOMEM;
     s->cfg = *cfg;
     s->reg = reg;
+    raise_fd_limit();
     pthread_mutex_init(&s->rt_lock, NULL);
     pthread_mutex_init(&s->free_lock, NULL);
     rt_from_cfg(&s->rt, cfg);

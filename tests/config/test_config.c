@@ -102,7 +102,8 @@ static void test_defaults(void **state)
     assert_int_equal(c.monitoring.metrics.windows_sec[2], 60);
     assert_int_equal(c.logging.level, 1); /* info, as util/log.h's KRS_LOG_INFO */
     assert_string_equal(c.file, "");
-    assert_int_equal(config_key_count(), 37);
+    assert_int_equal(config_key_count(), 38);
+    assert_int_equal(c.server.idle_timeout_s, 60);
     for (size_t i = 0; i < config_key_count(); i++)
         assert_int_equal(c.origin[i].source, CONFIG_SRC_DEFAULT);
     char err[1024];

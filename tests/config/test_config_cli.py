@@ -44,7 +44,7 @@ def test_defaults_without_file(krserve, workdir):
     assert r.returncode == 0, r.stderr
     d = parse_dump(r.stdout)
     assert "# config file: none" in r.stdout
-    assert len(d) == 37
+    assert len(d) == 38
     assert d["server.port"] == ("8080", "default")
     assert d["performance.gpuScheduler.mode"] == ("auto", "default")
     assert d["monitoring.metrics.windowsSec"] == ("[5, 30, 60]", "default")
