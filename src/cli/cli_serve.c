@@ -82,15 +82,18 @@ int cli_serve(int argc, char **argv)
         fprintf(stderr, "krserve serve: out of memory\n");
         goto out;
     }
+    /* Listen first, then load: while the model loads, /health answers 200, /ready 503
+     * ("loading model") and API requests 503, so an orchestrator sees a live process that is
+     * not ready yet instead of a refused connection. */
+    if ((rc = server_start(&cfg, reg, &srv, err, sizeof err))) {
+        fprintf(stderr, "krserve serve: %s\n", err);
+        goto out;
+    }
     rc = engine_registry_load(reg, cfg.model.name[0] ? cfg.model.name : NULL, path, 0, err,
                               sizeof err);
     if (rc) {
         fprintf(stderr, "krserve serve: cannot load %s: %s\n", path,
                 err[0] ? err : krs_status_str(rc));
-        goto out;
-    }
-    if ((rc = server_start(&cfg, reg, &srv, err, sizeof err))) {
-        fprintf(stderr, "krserve serve: %s\n", err);
         goto out;
     }
     char names[1][ENGINE_NAME_MAX];

@@ -22,6 +22,7 @@ struct engine_registry {
     struct krs_config cfg;
     struct engine *models[ENGINE_MAX_MODELS];
     int n;
+    int loading; /* loads in progress; guarded by lock */
 };
 
 void engine_sched_params(const struct krs_config *cfg, struct sched_params *p)
@@ -150,6 +151,10 @@ int engine_registry_load(struct engine_registry *r, const char *name, const char
 
     struct engine *e = alloc_calloc(1, sizeof *e);
     if (!e) return KRS_ERR_NOMEM;
+    int counted_down = 0;
+    pthread_mutex_lock(&r->lock);
+    r->loading++;
+    pthread_mutex_unlock(&r->lock);
     snprintf(e->name, sizeof e->name, "%s", id);
     snprintf(e->path, sizeof e->path, "%s", resolved);
     e->created_unix = (uint64_t)time(NULL);
@@ -168,16 +173,25 @@ int engine_registry_load(struct engine_registry *r, const char *name, const char
     pthread_mutex_lock(&r->lock);
     taken = 0;
     for (int i = 0; i < r->n; i++) taken |= !strcmp(r->models[i]->name, id);
-    if (!taken && r->n < ENGINE_MAX_MODELS) r->models[r->n++] = e;
+    full = r->n >= ENGINE_MAX_MODELS; /* a concurrent load may have won the race */
+    if (!taken && !full) r->models[r->n++] = e;
+    r->loading--;
+    counted_down = 1;
     pthread_mutex_unlock(&r->lock);
-    if (taken) {
-        snprintf(err, errlen, "model '%s' is already loaded", id);
-        rc = KRS_ERR_STATE;
+    if (taken || full) {
+        if (taken)
+            snprintf(err, errlen, "model '%s' is already loaded", id);
+        else
+            snprintf(err, errlen, "at most %d models can be loaded", ENGINE_MAX_MODELS);
+        rc = taken ? KRS_ERR_STATE : KRS_ERR_FULL;
         goto fail;
     }
     KRS_LOG_INFOF("model '%s' loaded from %s", e->name, e->path);
     return KRS_OK;
 fail:
+    pthread_mutex_lock(&r->lock);
+    if (!counted_down) r->loading--;
+    pthread_mutex_unlock(&r->lock);
     if (e->sched) sched_destroy(e->sched);
     metrics_destroy(e->metrics);
     tokenizer_free(e->tok);
@@ -230,6 +244,14 @@ int engine_registry_count(struct engine_registry *r)
 {
     pthread_mutex_lock(&r->lock);
     int n = r->n;
+    pthread_mutex_unlock(&r->lock);
+    return n;
+}
+
+int engine_registry_loading(struct engine_registry *r)
+{
+    pthread_mutex_lock(&r->lock);
+    int n = r->loading;
     pthread_mutex_unlock(&r->lock);
     return n;
 }

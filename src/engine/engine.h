@@ -64,6 +64,9 @@ void engine_release(struct engine *e);
 int engine_registry_list(struct engine_registry *r, char (*names)[ENGINE_NAME_MAX], int cap);
 /* Number of loaded models. */
 int engine_registry_count(struct engine_registry *r);
+/* Number of engine_registry_load calls in progress (a server is "loading" while this is > 0
+ * and nothing is loaded yet). */
+int engine_registry_loading(struct engine_registry *r);
 /* The configuration the registry was created with. */
 const struct krs_config *engine_registry_config(const struct engine_registry *r);
 

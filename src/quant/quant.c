@@ -512,8 +512,7 @@ static void task_rows(void *arg, int ith, int nth)
     (void)nth;
     float *scratch = c->scratch + (int64_t)ith * c->scratch_stride;
     for (;;) {
-        long c0 = atomic_fetch_add_explicit(&c->next_chunk, c->grain_chunks,
-                                            memory_order_relaxed);
+        long c0 = atomic_fetch_add_explicit(&c->next_chunk, c->grain_chunks, memory_order_relaxed);
         if (c0 >= c->n_chunks) break;
         long c1 = c0 + c->grain_chunks < c->n_chunks ? c0 + c->grain_chunks : c->n_chunks;
         int64_t r0 = (int64_t)c0 * QROWS, r1 = (int64_t)c1 * QROWS;

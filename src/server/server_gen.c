@@ -495,6 +495,13 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     g->eng = engine_registry_acquire(s->reg, g->req.model);
     if (!g->eng) {
         memset(&err, 0, sizeof err);
+        if (engine_registry_loading(s->reg) > 0) { /* it may be the model being loaded */
+            err.status = 503;
+            err.type = "server_error";
+            err.code = "model_loading";
+            snprintf(err.message, sizeof err.message, "a model is loading; retry shortly");
+            goto fail_err;
+        }
         err.status = 404;
         err.type = "invalid_request_error";
         err.code = "model_not_found";

@@ -59,7 +59,10 @@ static int opt_string(struct server_conn *c, cJSON *j, const char *key, const ch
 static struct engine *acquire_or_404(struct server_conn *c, const char *model, enum MHD_Result *ret)
 {
     struct engine *e = engine_registry_acquire(c->srv->reg, model);
-    if (!e)
+    if (!e && engine_registry_loading(c->srv->reg) > 0)
+        *ret = server_send_errorf(c->mc, 503, "server_error", "model_loading", NULL,
+                                  "a model is loading; retry shortly");
+    else if (!e)
         *ret = server_send_errorf(c->mc, 404, "invalid_request_error", "model_not_found", "model",
                                   "the model '%s' does not exist", model ? model : "(default)");
     return e;
@@ -163,11 +166,12 @@ enum MHD_Result server_ops_ready(struct server_conn *c)
     health_collect(s, &h);
     int n = cJSON_GetArraySize(h.models);
     int draining = atomic_load(&s->draining);
-    const char *why = draining      ? "draining"
-                      : n == 0      ? "no model loaded"
-                      : h.saturated ? "queue full"
-                      : !h.ok       ? "engine not responding"
-                                    : NULL;
+    const char *why = draining                                        ? "draining"
+                      : n == 0 && engine_registry_loading(s->reg) > 0 ? "loading model"
+                      : n == 0                                        ? "no model loaded"
+                      : h.saturated                                   ? "queue full"
+                      : !h.ok                                         ? "engine not responding"
+                                                                      : NULL;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "status", why ? "not ready" : "ready");
     if (why) cJSON_AddStringToObject(o, "reason", why);

@@ -272,3 +272,44 @@ def test_idle_and_slow_connections_do_not_block_others():
         for c in socks:
             c.close()
         s.stop()
+
+
+def test_ready_while_loading_then_ready():
+    """The server listens before the model is loaded: /health 200, /ready 503 "loading model",
+    API requests 503 model_loading; then /ready 200 and requests are served."""
+    from srv_helpers import BUILD, DEFAULT_MODEL, ROOT
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("KRSERVE_CONFIG", None)
+    proc = subprocess.Popen([str(BUILD / "krserve"), "serve", "-m", str(DEFAULT_MODEL), "--port",
+                             str(port), "--kv-tokens", "4096", "--log-level", "warn"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    seen, api_during_load = [], None
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            try:
+                st, _, b = request(url + "/ready")
+            except OSError:
+                time.sleep(0.002)  # not listening yet
+                continue
+            seen.append((st, json.loads(b).get("reason")))
+            if st == 200:
+                break
+            if api_during_load is None:
+                api_during_load = request(url + "/v1/completions", data=json.dumps(
+                    {"prompt": "hi", "max_tokens": 1}).encode())
+                assert request(url + "/health")[0] == 200
+        assert seen and seen[-1][0] == 200, seen
+        assert all(r == (503, "loading model") for r in seen[:-1]), seen
+        assert (503, "loading model") in seen, "the loading state was never observed"
+        st, _, b = api_during_load
+        # 200 only if the load finished between the two requests.
+        assert st == 200 or (st == 503 and json.loads(b)["error"]["code"] == "model_loading"), b
+        st, _, b = request(url + "/v1/completions", data=json.dumps(
+            {"prompt": "hi", "max_tokens": 1}).encode())
+        assert st == 200, b
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
