@@ -85,12 +85,14 @@ int cli_serve(int argc, char **argv)
     /* Listen first, then load: while the model loads, /health answers 200, /ready 503
      * ("loading model") and API requests 503, so an orchestrator sees a live process that is
      * not ready yet instead of a refused connection. */
+    engine_registry_hold_loading(reg, +1);
     if ((rc = server_start(&cfg, reg, &srv, err, sizeof err))) {
         fprintf(stderr, "krserve serve: %s\n", err);
         goto out;
     }
     rc = engine_registry_load(reg, cfg.model.name[0] ? cfg.model.name : NULL, path, 0, err,
                               sizeof err);
+    engine_registry_hold_loading(reg, -1);
     if (rc) {
         fprintf(stderr, "krserve serve: cannot load %s: %s\n", path,
                 err[0] ? err : krs_status_str(rc));

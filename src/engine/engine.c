@@ -256,6 +256,13 @@ int engine_registry_loading(struct engine_registry *r)
     return n;
 }
 
+void engine_registry_hold_loading(struct engine_registry *r, int delta)
+{
+    pthread_mutex_lock(&r->lock);
+    r->loading += delta;
+    pthread_mutex_unlock(&r->lock);
+}
+
 const struct krs_config *engine_registry_config(const struct engine_registry *r)
 {
     return &r->cfg;

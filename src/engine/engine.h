@@ -67,6 +67,10 @@ int engine_registry_count(struct engine_registry *r);
 /* Number of engine_registry_load calls in progress (a server is "loading" while this is > 0
  * and nothing is loaded yet). */
 int engine_registry_loading(struct engine_registry *r);
+/* Counts a load that is about to start (+1) or is over (-1) in engine_registry_loading: a front
+ * end that listens before it loads holds it around the load, so that a probe in between never
+ * sees "no model loaded". */
+void engine_registry_hold_loading(struct engine_registry *r, int delta);
 /* The configuration the registry was created with. */
 const struct krs_config *engine_registry_config(const struct engine_registry *r);
 

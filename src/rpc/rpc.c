@@ -128,6 +128,30 @@ int rpc_create(struct engine_registry *reg, struct rpc_ctx **out)
     return KRS_OK;
 }
 
+static int handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
+                  int wait_streams, const atomic_int *abort);
+
+int rpc_handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
+               int wait_streams)
+{
+    return handle(c, msg, len, sink, wait_streams, NULL);
+}
+
+int rpc_handle_abortable(struct rpc_ctx *c, const char *msg, size_t len,
+                         const struct rpc_sink *sink, const atomic_int *abort)
+{
+    return handle(c, msg, len, sink, 1, abort);
+}
+
+void rpc_abort(struct rpc_ctx *c, const atomic_int *abort)
+{
+    if (!c || !abort) return;
+    pthread_mutex_lock(&c->lock);
+    for (struct rpc_gen *g = c->active; g; g = g->next_active)
+        if (g->job->abort == abort) sched_cancel(g->eng->sched, g->sched_id);
+    pthread_mutex_unlock(&c->lock);
+}
+
 void rpc_wait_idle(struct rpc_ctx *c)
 {
     if (!c) return;
@@ -386,6 +410,9 @@ int rpc_gen_launch(struct rpc_job *job, struct rpc_gen *g, char *msg, size_t msg
     c->active = g;
     g->in_active = 1;
     c->n_threads++;
+    /* Checked under the lock rpc_abort takes: a generation registered after the scan of an
+     * abort sees the flag here, one registered before is found by the scan. */
+    if (job->abort && atomic_load(job->abort)) sched_cancel(g->eng->sched, g->sched_id);
     pthread_mutex_unlock(&c->lock);
     pthread_mutex_lock(&job->mu);
     job->refs++;
@@ -596,8 +623,8 @@ static void handle_request(struct rpc_job *job, struct rpc_slot *s, const cJSON 
     rpc_dispatch(job, s, method->valuestring, cJSON_IsObject(params) ? params : NULL);
 }
 
-int rpc_handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
-               int wait_streams)
+static int handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
+                  int wait_streams, const atomic_int *abort)
 {
     if (!c || !msg || !sink || !sink->write) return KRS_ERR_INVALID;
     cJSON *root = cJSON_ParseWithLength(msg, len);
@@ -621,6 +648,7 @@ int rpc_handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_
     job->ctx = c;
     job->sink = *sink;
     job->refs = 1;
+    job->abort = abort;
     pthread_mutex_init(&job->mu, NULL);
     pthread_cond_init(&job->cv, NULL);
     job->is_array = cJSON_IsArray(root);

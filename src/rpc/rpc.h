@@ -17,6 +17,7 @@
 #ifndef KRS_RPC_H
 #define KRS_RPC_H
 
+#include <stdatomic.h>
 #include <stddef.h>
 
 struct engine_registry;
@@ -46,6 +47,15 @@ void rpc_free(struct rpc_ctx *ctx);
  * msg or sink) and KRS_ERR_NOMEM when not even an error response could be built. */
 int rpc_handle(struct rpc_ctx *ctx, const char *msg, size_t len, const struct rpc_sink *sink,
                int wait_streams);
+
+/* rpc_handle with wait_streams = 1 for a caller whose client can go away (HTTP /rpc): once the
+ * caller sets *abort (it owns the flag; it must outlive the call) and calls rpc_abort(ctx, abort),
+ * every generation the message started is cancelled (effective at the next scheduler step) and
+ * none is started after, so the call returns promptly and no token is computed for nobody. */
+int rpc_handle_abortable(struct rpc_ctx *ctx, const char *msg, size_t len,
+                         const struct rpc_sink *sink, const atomic_int *abort);
+/* Cancels the running generations of every message handled with this abort flag. Thread-safe. */
+void rpc_abort(struct rpc_ctx *ctx, const atomic_int *abort);
 
 /* Waits until every stream and pending response of the ctx has finished (without cancelling);
  * for stdio at end of input. */

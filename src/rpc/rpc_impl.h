@@ -84,6 +84,7 @@ struct rpc_job {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int refs;
+    const atomic_int *abort; /* set by the caller when its client went away; may be NULL */
 };
 
 /* ---- rpc.c: shared helpers ---------------------------------------------------------------- */

@@ -425,6 +425,63 @@ static void rt_from_cfg(struct server_limits_rt *rt, const struct krs_config *cf
     rt->request_timeout_ms = cfg->server.request_timeout_ms;
 }
 
+#define WATCH_PERIOD_MS 100
+
+/* Every WATCH_PERIOD_MS: resumes each suspended connection whose peer has closed, so that its
+ * handler runs, sees the close and ends the request (which cancels its generation). */
+static void *watch_main(void *arg)
+{
+    struct server *s = arg;
+    pthread_mutex_lock(&s->watch_lock);
+    while (!s->watch_stop) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        ts.tv_nsec += WATCH_PERIOD_MS * 1000000L;
+        ts.tv_sec += ts.tv_nsec / 1000000000L;
+        ts.tv_nsec %= 1000000000L;
+        pthread_cond_timedwait(&s->watch_cv, &s->watch_lock, &ts);
+        if (s->watch_stop) break;
+        pthread_mutex_unlock(&s->watch_lock);
+        for (int i = 0; i < SERVER_SLOTS; i++) {
+            struct server_slot *sl = &s->slots[i];
+            pthread_mutex_lock(&sl->lock);
+            if (sl->conn && sl->suspended && server_peer_closed(sl->conn->mc)) {
+                sl->suspended = 0;
+                MHD_resume_connection(sl->conn->mc);
+            }
+            pthread_mutex_unlock(&sl->lock);
+        }
+        pthread_mutex_lock(&s->watch_lock);
+    }
+    pthread_mutex_unlock(&s->watch_lock);
+    return NULL;
+}
+
+static int watch_start(struct server *s)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->watch_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&s->watch_lock, NULL);
+    s->watch_started = pthread_create(&s->watch_thread, NULL, watch_main, s) == 0;
+    return s->watch_started ? 0 : -1;
+}
+
+static void watch_stop(struct server *s)
+{
+    if (!s->watch_started) return;
+    pthread_mutex_lock(&s->watch_lock);
+    s->watch_stop = 1;
+    pthread_cond_signal(&s->watch_cv);
+    pthread_mutex_unlock(&s->watch_lock);
+    pthread_join(s->watch_thread, NULL);
+    pthread_cond_destroy(&s->watch_cv);
+    pthread_mutex_destroy(&s->watch_lock);
+    s->watch_started = 0;
+}
+
 int server_start(const struct krs_config *cfg, struct engine_registry *reg, struct server **out,
                  char *err, size_t errlen)
 {
@@ -461,6 +518,11 @@ int server_start(const struct krs_config *cfg, struct engine_registry *reg, stru
         s->d_mon =
             start_daemon(s, cfg->server.host, cfg->monitoring.prometheus.port, 2, 1, err, errlen);
         if (!s->d_mon) goto fail;
+    }
+    if (watch_start(s)) {
+        snprintf(err, errlen, "cannot start the disconnect watcher thread");
+        rc = KRS_ERR_INTERNAL;
+        goto fail;
     }
     *out = s;
     return KRS_OK;
@@ -541,6 +603,7 @@ void server_reload(struct server *s, const struct krs_config *cfg)
 void server_stop(struct server *s)
 {
     if (!s) return;
+    watch_stop(s);
     if (s->d_mon) MHD_stop_daemon(s->d_mon);
     if (s->d_main) MHD_stop_daemon(s->d_main);
     server_rpc_free(s);

@@ -56,6 +56,13 @@ struct server {
     int free_head;
     struct rpc_ctx *rpc;
     struct server_daemon_ctx dctx[2];
+    /* The disconnect watcher: MHD does not poll suspended connections, so a client that leaves
+     * while its request waits (queued, or between tokens) is found by this thread. */
+    pthread_t watch_thread;
+    int watch_started;
+    pthread_mutex_t watch_lock;
+    pthread_cond_t watch_cv;
+    int watch_stop; /* guarded by watch_lock */
 };
 
 struct server_gen;     /* server_gen.c */

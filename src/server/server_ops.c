@@ -598,6 +598,7 @@ struct server_rpc_job {
     int n_msgs;
     int done; /* guarded by the slot's lock */
     int slot;
+    atomic_int abort; /* the client went away: cancel what the message started */
 };
 
 static void job_unref(struct server_rpc_job *j)
@@ -639,7 +640,7 @@ static void *rpc_worker(void *arg)
 {
     struct server_rpc_job *j = arg;
     struct rpc_sink sink = {rpc_sink_write, j};
-    rpc_handle(j->srv->rpc, j->body, j->body_len, &sink, 1);
+    rpc_handle_abortable(j->srv->rpc, j->body, j->body_len, &sink, &j->abort);
     struct server_slot *sl = &j->srv->slots[j->slot];
     pthread_mutex_lock(&sl->lock);
     j->done = 1;
@@ -711,6 +712,10 @@ enum MHD_Result server_rpc_continue(struct server_conn *c)
     struct server_slot *sl = &c->srv->slots[j->slot];
     pthread_mutex_lock(&sl->lock);
     int done = j->done;
+    if (!done && server_peer_closed(c->mc)) {
+        pthread_mutex_unlock(&sl->lock);
+        return MHD_NO; /* closes; server_rpc_end cancels the message's generations */
+    }
     if (!done) {
         sl->suspended = 1;
         MHD_suspend_connection(c->mc);
@@ -733,6 +738,9 @@ void server_rpc_end(struct server_conn *c)
 {
     struct server_rpc_job *j = c->rpc;
     c->rpc = NULL;
+    /* Harmless when the job is done: it then has no generation left to cancel. */
+    atomic_store(&j->abort, 1);
+    rpc_abort(c->srv->rpc, &j->abort);
     server_slot_free(c->srv, j->slot);
     job_unref(j);
 }

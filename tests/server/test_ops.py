@@ -168,6 +168,42 @@ def test_disconnect_non_streaming(server):
                     timeout=2.5), stats(server)
 
 
+def test_disconnect_while_queued():
+    """A client that leaves while its request still waits in the queue (no token yet, its
+    connection suspended) is noticed and the request cancelled at once, not when it would
+    have started."""
+    s = Server(["--set", "performance.gpuScheduler.enabled=false"])  # one request at a time
+    try:
+        busy = raw_post(s.port, "/v1/completions", {"prompt": "Write a long essay",
+                                                    "max_tokens": 400, "ignore_eos": True})
+        assert wait_for(lambda: stats(s)["scheduler"]["running"] == 1, timeout=10)
+        c0 = cancelled(s)
+        queued = raw_post(s.port, "/v1/completions", {"prompt": "Hello", "max_tokens": 5})
+        assert wait_for(lambda: sum(stats(s)["scheduler"]["queued"].values()) == 1, timeout=5)
+        queued.close()
+        assert wait_for(lambda: cancelled(s) == c0 + 1, timeout=1.5), stats(s)["scheduler"]
+        st = stats(s)["scheduler"]
+        assert st["running"] == 1 and sum(st["queued"].values()) == 0, st
+        busy.close()
+        assert wait_for(lambda: cancelled(s) == c0 + 2 and not stats(s)["requests"],
+                        timeout=2.5), stats(s)
+    finally:
+        s.stop()
+
+
+def test_disconnect_rpc_over_http(server):
+    """POST /rpc generate: the client leaves mid-generation; the generation is cancelled."""
+    c0 = cancelled(server)
+    sock = raw_post(server.port, "/rpc", {"jsonrpc": "2.0", "id": 7, "method": "generate",
+                                          "params": {"prompt": "Write a long essay",
+                                                     "max_tokens": 2000, "stream": True}})
+    assert wait_for(lambda: stats(server)["requests"], timeout=5)
+    time.sleep(0.3)
+    sock.close()
+    assert wait_for(lambda: cancelled(server) == c0 + 1 and not stats(server)["requests"],
+                    timeout=2.5), stats(server)
+
+
 def test_monitoring_port():
     mport = free_port()
     s = Server(["--set", f"monitoring.prometheus.port={mport}",
