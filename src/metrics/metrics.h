@@ -186,6 +186,14 @@ int metrics_snapshot(struct metrics *m, uint64_t now_ns, struct metrics_snapshot
 int metrics_render_prometheus(struct metrics *m, uint64_t now_ns, char *buf, size_t cap,
                               size_t *len);
 
+/* Several collectors (one per served model) in one exposition: each family once, with every
+ * collector's samples labelled model="ids[i]" (ids NULL: no label, n must then be 1 to keep
+ * series distinct). n in [0, METRICS_MAX_MODELS]; buffer contract as above. */
+#define METRICS_MAX_MODELS 16
+#define METRICS_LABEL_MAX  320 /* the `model="..."` label prefix of one collector */
+int metrics_render_prometheus_models(struct metrics *const *ms, const char *const *ids, int n,
+                                     uint64_t now_ns, char *buf, size_t cap, size_t *len);
+
 /* The /stats JSON object. On KRS_OK *out is a new cJSON tree the caller frees with
  * cJSON_Delete; KRS_ERR_NOMEM otherwise. */
 int metrics_render_json(struct metrics *m, uint64_t now_ns, struct cJSON **out);

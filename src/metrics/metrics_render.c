@@ -38,24 +38,57 @@ static void head(struct out_buf *o, const char *name, const char *type, const ch
     put(o, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-static void put_u64(struct out_buf *o, const char *name, const char *type, const char *help,
-                    uint64_t v)
+/* The collectors being rendered: one family is written once, with every collector's samples
+ * under it (the text format wants a family's samples together). lab[i] is the label prefix of
+ * collector i: "" for a lone unlabelled collector, else `model="id",`. */
+struct prom_set {
+    const struct metrics_snapshot *const *s;
+    char (*lab)[METRICS_LABEL_MAX];
+    int n;
+};
+
+/* One sample: name{<collector label><extra>} value. extra is "" or `key="value"`. */
+static void sample_f(struct out_buf *o, const char *name, const char *lab, const char *extra,
+                     double v)
 {
-    head(o, name, type, help);
-    put(o, "%s %llu\n", name, (unsigned long long)v);
+    size_t ll = strlen(lab);
+    if (!ll && !*extra)
+        put(o, "%s %.9g\n", name, v);
+    else if (!*extra) /* drop the trailing comma of the label prefix */
+        put(o, "%s{%.*s} %.9g\n", name, (int)(ll - 1), lab, v);
+    else
+        put(o, "%s{%s%s} %.9g\n", name, lab, extra, v);
 }
 
-static void put_i64(struct out_buf *o, const char *name, const char *help, int64_t v)
+static void sample_u(struct out_buf *o, const char *name, const char *lab, const char *extra,
+                     unsigned long long v)
 {
-    head(o, name, "gauge", help);
-    put(o, "%s %lld\n", name, (long long)v);
+    size_t ll = strlen(lab);
+    if (!ll && !*extra)
+        put(o, "%s %llu\n", name, v);
+    else if (!*extra)
+        put(o, "%s{%.*s} %llu\n", name, (int)(ll - 1), lab, v);
+    else
+        put(o, "%s{%s%s} %llu\n", name, lab, extra, v);
 }
 
-static void put_f(struct out_buf *o, const char *name, const char *help, double v)
-{
-    head(o, name, "gauge", help);
-    put(o, "%s %.9g\n", name, v);
-}
+#define FOR_EACH(ps, i) for (int i = 0; i < (ps)->n; i++)
+
+/* A family of one sample per collector: expr reads it from snapshot S; put_fn is sample_f
+ * (gauges, float values) or sample_u (counters), cast the value type it takes. */
+#define FAMILY(o, ps, name, type, help, put_fn, cast, expr)                                        \
+    do {                                                                                           \
+        head(o, name, type, help);                                                                 \
+        FOR_EACH(ps, i_)                                                                           \
+        {                                                                                          \
+            const struct metrics_snapshot *S = (ps)->s[i_];                                        \
+            put_fn(o, name, (ps)->lab[i_], "", (cast)(expr));                                      \
+        }                                                                                          \
+    } while (0)
+#define FAMILY_F(o, ps, name, type, help, expr)                                                    \
+    FAMILY(o, ps, name, type, help, sample_f, double, expr)
+#define FAMILY_U(o, ps, name, type, help, expr)                                                    \
+    FAMILY(o, ps, name, type, help, sample_u, unsigned long long, expr)
 
 struct hist_export {
     const char *name;
@@ -80,11 +113,12 @@ static const struct hist_export hist_exports[METRICS_HIST_COUNT] = {
                                  "Generated tokens per finished request.", 20},
 };
 
-static void put_hist(struct out_buf *o, enum metrics_hist_id id,
-                     const struct metrics_hist_snapshot *h)
+static void put_hist_samples(struct out_buf *o, enum metrics_hist_id id, const char *lab,
+                             const struct metrics_hist_snapshot *h)
 {
     const struct hist_export *e = &hist_exports[id];
-    head(o, e->name, "histogram", e->help);
+    char name[96], le[48];
+    snprintf(name, sizeof name, "%s_bucket", e->name);
     if (metrics_hist_is_latency(id)) {
         /* cumulative count below each exported edge (edges are raw bucket lower bounds) */
         uint64_t cum = 0;
@@ -95,112 +129,178 @@ static void put_hist(struct out_buf *o, enum metrics_hist_id id,
                 uint64_t edge_us = half ? 3ull << (k - 1) : 1ull << k;
                 uint32_t stop = metrics_raw_index(edge_us);
                 for (; b < stop; b++) cum += h->buckets[b];
-                put(o, "%s_bucket{le=\"%.9g\"} %llu\n", e->name, (double)edge_us * 1e-6,
-                    (unsigned long long)cum);
+                snprintf(le, sizeof le, "le=\"%.9g\"", (double)edge_us * 1e-6);
+                sample_u(o, name, lab, le, (unsigned long long)cum);
             }
         }
     } else {
         uint64_t cum = h->buckets[0];
         uint32_t b = 1;
-        put(o, "%s_bucket{le=\"0\"} %llu\n", e->name, (unsigned long long)cum);
+        sample_u(o, name, lab, "le=\"0\"", (unsigned long long)cum);
         for (int k = 0; k <= e->max_exp; k++) {
             uint32_t last = metrics_raw_index(1ull << k); /* inclusive, see metrics.h */
             for (; b <= last; b++) cum += h->buckets[b];
-            put(o, "%s_bucket{le=\"%llu\"} %llu\n", e->name, 1ull << k, (unsigned long long)cum);
+            snprintf(le, sizeof le, "le=\"%llu\"", 1ull << k);
+            sample_u(o, name, lab, le, (unsigned long long)cum);
         }
     }
-    put(o, "%s_bucket{le=\"+Inf\"} %llu\n", e->name, (unsigned long long)h->count);
-    put(o, "%s_sum %.9g\n", e->name, h->sum);
-    put(o, "%s_count %llu\n", e->name, (unsigned long long)h->count);
+    sample_u(o, name, lab, "le=\"+Inf\"", (unsigned long long)h->count);
+    snprintf(name, sizeof name, "%s_sum", e->name);
+    sample_f(o, name, lab, "", h->sum);
+    snprintf(name, sizeof name, "%s_count", e->name);
+    sample_u(o, name, lab, "", (unsigned long long)h->count);
 }
 
-static void render_prom(const struct metrics_snapshot *s, struct out_buf *o)
+static void render_prom(const struct prom_set *ps, struct out_buf *o)
 {
     static const char *wnames[METRICS_N_WINDOWS] = {"5s", "30s", "60s"};
+    char ex[96];
     head(o, "mlx_throughput_tokens_per_second", "gauge",
          "Generated tokens per second over a sliding window.");
-    for (int w = 0; w < METRICS_N_WINDOWS; w++)
-        put(o, "mlx_throughput_tokens_per_second{window=\"%s\"} %.9g\n", wnames[w],
-            s->windows[w].tokens_per_s);
+    FOR_EACH(ps, i)
+    for (int w = 0; w < METRICS_N_WINDOWS; w++) {
+        snprintf(ex, sizeof ex, "window=\"%s\"", wnames[w]);
+        sample_f(o, "mlx_throughput_tokens_per_second", ps->lab[i], ex,
+                 ps->s[i]->windows[w].tokens_per_s);
+    }
     head(o, "krserve_requests_per_second", "gauge",
          "Finished requests per second over a sliding window.");
-    for (int w = 0; w < METRICS_N_WINDOWS; w++)
-        put(o, "krserve_requests_per_second{window=\"%s\"} %.9g\n", wnames[w],
-            s->windows[w].requests_per_s);
-    put_f(o, "mlx_latency_p50_milliseconds",
-          "End-to-end request latency P50 over the last 60 s (0 when none finished).",
-          s->recent_p50_ms);
-    put_f(o, "mlx_latency_p95_milliseconds",
-          "End-to-end request latency P95 over the last 60 s (0 when none finished).",
-          s->recent_p95_ms);
-    put_f(o, "mlx_latency_p99_milliseconds",
-          "End-to-end request latency P99 over the last 60 s (0 when none finished).",
-          s->recent_p99_ms);
-    put_i64(o, "mlx_batch_size_current", "Sequences in the running batch.", s->running);
-    put_i64(o, "krserve_batch_limit", "Current batch limit (auto-tuned or fixed).", s->batch_limit);
+    FOR_EACH(ps, i)
+    for (int w = 0; w < METRICS_N_WINDOWS; w++) {
+        snprintf(ex, sizeof ex, "window=\"%s\"", wnames[w]);
+        sample_f(o, "krserve_requests_per_second", ps->lab[i], ex,
+                 ps->s[i]->windows[w].requests_per_s);
+    }
+    FAMILY_F(o, ps, "mlx_latency_p50_milliseconds", "gauge",
+             "End-to-end request latency P50 over the last 60 s (0 when none finished).",
+             S->recent_p50_ms);
+    FAMILY_F(o, ps, "mlx_latency_p95_milliseconds", "gauge",
+             "End-to-end request latency P95 over the last 60 s (0 when none finished).",
+             S->recent_p95_ms);
+    FAMILY_F(o, ps, "mlx_latency_p99_milliseconds", "gauge",
+             "End-to-end request latency P99 over the last 60 s (0 when none finished).",
+             S->recent_p99_ms);
+    FAMILY_F(o, ps, "mlx_batch_size_current", "gauge", "Sequences in the running batch.",
+             S->running);
+    FAMILY_F(o, ps, "krserve_batch_limit", "gauge", "Current batch limit (auto-tuned or fixed).",
+             S->batch_limit);
     head(o, "mlx_gpu_scheduler_mode", "gauge", "Scheduler mode: 1 for the active mode.");
-    for (int md = 0; md < METRICS_MODE_COUNT; md++)
-        put(o, "mlx_gpu_scheduler_mode{mode=\"%s\"} %d\n", metrics_mode_name(md),
-            (int)s->mode == md ? 1 : 0);
-    put_u64(o, "mlx_auto_tuning_adjustments_total", "counter",
-            "Batch-limit changes made by the auto-tuning controller.", s->tuning_adjustments);
-    put_u64(o, "mlx_mode_transitions_total", "counter", "Scheduler mode changes.",
-            s->mode_transitions);
-    put_i64(o, "mlx_queue_depth", "Requests waiting for admission, all priorities.",
-            s->queue_depth_total);
+    FOR_EACH(ps, i)
+    for (int md = 0; md < METRICS_MODE_COUNT; md++) {
+        snprintf(ex, sizeof ex, "mode=\"%s\"", metrics_mode_name(md));
+        sample_u(o, "mlx_gpu_scheduler_mode", ps->lab[i], ex, (int)ps->s[i]->mode == md);
+    }
+    FAMILY_U(o, ps, "mlx_auto_tuning_adjustments_total", "counter",
+             "Batch-limit changes made by the auto-tuning controller.", S->tuning_adjustments);
+    FAMILY_U(o, ps, "mlx_mode_transitions_total", "counter", "Scheduler mode changes.",
+             S->mode_transitions);
+    FAMILY_F(o, ps, "mlx_queue_depth", "gauge", "Requests waiting for admission, all priorities.",
+             S->queue_depth_total);
     head(o, "krserve_queue_depth", "gauge", "Requests waiting for admission by priority.");
-    for (int p = 0; p < METRICS_PRIO_COUNT; p++)
-        put(o, "krserve_queue_depth{priority=\"%s\"} %lld\n", metrics_priority_name(p),
-            (long long)s->queue_depth[p]);
+    FOR_EACH(ps, i)
+    for (int p = 0; p < METRICS_PRIO_COUNT; p++) {
+        snprintf(ex, sizeof ex, "priority=\"%s\"", metrics_priority_name(p));
+        sample_f(o, "krserve_queue_depth", ps->lab[i], ex, (double)ps->s[i]->queue_depth[p]);
+    }
     head(o, "krserve_kv_blocks", "gauge", "KV-cache blocks by state.");
-    put(o, "krserve_kv_blocks{state=\"used\"} %lld\n", (long long)s->kv_used);
-    put(o, "krserve_kv_blocks{state=\"free\"} %lld\n", (long long)s->kv_free);
+    FOR_EACH(ps, i)
+    {
+        sample_f(o, "krserve_kv_blocks", ps->lab[i], "state=\"used\"", (double)ps->s[i]->kv_used);
+        sample_f(o, "krserve_kv_blocks", ps->lab[i], "state=\"free\"", (double)ps->s[i]->kv_free);
+    }
     head(o, "krserve_requests_total", "counter", "Finished requests by finish reason.");
-    for (int r = 0; r < METRICS_FINISH_COUNT; r++)
-        put(o, "krserve_requests_total{reason=\"%s\"} %llu\n", metrics_finish_reason_name(r),
-            (unsigned long long)s->finished[r]);
+    FOR_EACH(ps, i)
+    for (int r = 0; r < METRICS_FINISH_COUNT; r++) {
+        snprintf(ex, sizeof ex, "reason=\"%s\"", metrics_finish_reason_name(r));
+        sample_u(o, "krserve_requests_total", ps->lab[i], ex, ps->s[i]->finished[r]);
+    }
     head(o, "krserve_requests_by_priority_total", "counter", "Submitted requests by priority.");
-    for (int p = 0; p < METRICS_PRIO_COUNT; p++)
-        put(o, "krserve_requests_by_priority_total{priority=\"%s\"} %llu\n",
-            metrics_priority_name(p), (unsigned long long)s->submitted[p]);
+    FOR_EACH(ps, i)
+    for (int p = 0; p < METRICS_PRIO_COUNT; p++) {
+        snprintf(ex, sizeof ex, "priority=\"%s\"", metrics_priority_name(p));
+        sample_u(o, "krserve_requests_by_priority_total", ps->lab[i], ex, ps->s[i]->submitted[p]);
+    }
     head(o, "krserve_tokens_total", "counter",
          "Tokens processed: prompt (counted when a request ends) and generated.");
-    put(o, "krserve_tokens_total{kind=\"prompt\"} %llu\n", (unsigned long long)s->prompt_tokens);
-    put(o, "krserve_tokens_total{kind=\"generated\"} %llu\n",
-        (unsigned long long)s->generated_tokens);
-    put_u64(o, "krserve_preemptions_total", "counter",
-            "Running sequences preempted (KV blocks reclaimed).", s->preemptions);
-    put_u64(o, "krserve_degradation_events_total", "counter",
-            "P99 regressions that made the controller fall back to the fixed batch size.",
-            s->degradation_events);
-    put_f(o, "krserve_uptime_seconds", "Seconds since the metrics collector started.",
-          (double)s->uptime_ns / 1e9);
-    for (int h = 0; h < METRICS_HIST_COUNT; h++) put_hist(o, h, &s->hist[h]);
+    FOR_EACH(ps, i)
+    {
+        sample_u(o, "krserve_tokens_total", ps->lab[i], "kind=\"prompt\"", ps->s[i]->prompt_tokens);
+        sample_u(o, "krserve_tokens_total", ps->lab[i], "kind=\"generated\"",
+                 ps->s[i]->generated_tokens);
+    }
+    FAMILY_U(o, ps, "krserve_preemptions_total", "counter",
+             "Running sequences preempted (KV blocks reclaimed).", S->preemptions);
+    FAMILY_U(o, ps, "krserve_degradation_events_total", "counter",
+             "P99 regressions that made the controller fall back to the fixed batch size.",
+             S->degradation_events);
+    FAMILY_F(o, ps, "krserve_uptime_seconds", "gauge",
+             "Seconds since the metrics collector started.", (double)S->uptime_ns / 1e9);
+    for (int h = 0; h < METRICS_HIST_COUNT; h++) {
+        head(o, hist_exports[h].name, "histogram", hist_exports[h].help);
+        FOR_EACH(ps, i) put_hist_samples(o, h, ps->lab[i], &ps->s[i]->hist[h]);
+    }
+}
+
+/* `model="id",` with the id escaped as the text format wants (\\, \", \n). */
+static void model_label(const char *id, char *out, size_t cap)
+{
+    size_t n = (size_t)snprintf(out, cap, "model=\"");
+    for (const char *p = id; *p && n + 8 < cap; p++) {
+        if (*p == '\\' || *p == '"') out[n++] = '\\';
+        if (*p == '\n') {
+            out[n++] = '\\';
+            out[n++] = 'n';
+            continue;
+        }
+        out[n++] = *p;
+    }
+    snprintf(out + n, cap - n, "\",");
+}
+
+int metrics_render_prometheus_models(struct metrics *const *ms, const char *const *ids, int n,
+                                     uint64_t now_ns, char *buf, size_t cap, size_t *len)
+{
+    int rc = KRS_OK;
+    if (!ms || n < 0 || n > METRICS_MAX_MODELS || (!ids && n > 1) || !len || (!buf && cap))
+        return KRS_ERR_INVALID;
+    struct metrics_snapshot *snaps = NULL;
+    const struct metrics_snapshot *ptrs[METRICS_MAX_MODELS];
+    char lab[METRICS_MAX_MODELS][METRICS_LABEL_MAX];
+    if (n > 0) {
+        snaps = alloc_malloc((size_t)n * sizeof *snaps);
+        if (!snaps) return KRS_ERR_NOMEM;
+    }
+    for (int i = 0; i < n; i++) {
+        if (!ms[i]) {
+            rc = KRS_ERR_INVALID;
+            goto out;
+        }
+        if ((rc = metrics_snapshot(ms[i], now_ns, &snaps[i]))) goto out;
+        ptrs[i] = &snaps[i];
+        if (ids)
+            model_label(ids[i] ? ids[i] : "", lab[i], sizeof lab[i]);
+        else
+            lab[i][0] = '\0';
+    }
+    struct prom_set ps = {ptrs, lab, n};
+    struct out_buf o = {buf, cap, 0};
+    if (n > 0) render_prom(&ps, &o);
+    if (cap) buf[o.len < cap ? o.len : cap - 1] = '\0';
+    *len = o.len;
+    if (o.len >= cap) rc = KRS_ERR_FULL;
+out:
+    alloc_free(snaps);
+    return rc;
 }
 
 int metrics_render_prometheus(struct metrics *m, uint64_t now_ns, char *buf, size_t cap,
                               size_t *len)
 {
-    int rc = KRS_OK;
-    struct metrics_snapshot *s = NULL;
-    if (!m || !len || (!buf && cap)) return KRS_ERR_INVALID;
-    s = alloc_malloc(sizeof *s);
-    if (!s) return KRS_ERR_NOMEM;
-    rc = metrics_snapshot(m, now_ns, s);
-    if (rc) goto out;
-    struct out_buf o = {buf, cap, 0};
-    render_prom(s, &o);
-    *len = o.len;
-    if (o.len >= cap) {
-        if (cap) buf[cap - 1] = '\0';
-        rc = KRS_ERR_FULL;
-    }
-out:
-    alloc_free(s);
-    return rc;
+    if (!m) return KRS_ERR_INVALID;
+    return metrics_render_prometheus_models(&m, NULL, 1, now_ns, buf, cap, len);
 }
 
-/* ---- JSON ---- */
+/* ---- JSON ---------------------------------------------------------------------------------- */
 
 static void add_num(cJSON *obj, const char *name, double v, bool *ok)
 {

@@ -70,22 +70,37 @@ static struct engine *acquire_or_404(struct server_conn *c, const char *model, e
 
 /* ---- monitoring ---------------------------------------------------------------------------- */
 
+_Static_assert(ENGINE_MAX_MODELS <= METRICS_MAX_MODELS, "one metrics label per served model");
+
+/* Every loaded model's collector in one exposition, each series labelled model="id". */
 enum MHD_Result server_ops_metrics(struct server_conn *c)
 {
-    struct engine *e = engine_registry_acquire(c->srv->reg, NULL);
-    if (!e) return server_send(c->mc, 200, "text/plain; version=0.0.4", "", 0, NULL, NULL);
-    size_t cap = 64 * 1024, len = 0;
+    struct server *s = c->srv;
+    char names[ENGINE_MAX_MODELS][ENGINE_NAME_MAX];
+    struct engine *engs[ENGINE_MAX_MODELS];
+    struct metrics *ms[ENGINE_MAX_MODELS];
+    const char *ids[ENGINE_MAX_MODELS];
+    int n = 0, listed = engine_registry_list(s->reg, names, ENGINE_MAX_MODELS);
+    for (int i = 0; i < listed; i++) {
+        struct engine *e = engine_registry_acquire(s->reg, names[i]);
+        if (!e) continue; /* unloaded meanwhile */
+        engs[n] = e;
+        ms[n] = e->metrics;
+        ids[n] = e->name;
+        n++;
+    }
+    size_t cap = 64 * 1024 * (size_t)(n ? n : 1), len = 0;
     char *buf = alloc_malloc(cap);
-    int rc =
-        buf ? metrics_render_prometheus(e->metrics, clock_now_ns(), buf, cap, &len) : KRS_ERR_NOMEM;
+    int rc = buf ? metrics_render_prometheus_models(ms, ids, n, clock_now_ns(), buf, cap, &len)
+                 : KRS_ERR_NOMEM;
     if (rc == KRS_ERR_FULL) {
         alloc_free(buf);
-        cap = len + 1;
+        cap = len + len / 4 + 4096; /* values may grow a few digits between the two passes */
         buf = alloc_malloc(cap);
-        rc = buf ? metrics_render_prometheus(e->metrics, clock_now_ns(), buf, cap, &len)
+        rc = buf ? metrics_render_prometheus_models(ms, ids, n, clock_now_ns(), buf, cap, &len)
                  : KRS_ERR_NOMEM;
     }
-    engine_release(e);
+    for (int i = 0; i < n; i++) engine_release(engs[i]);
     enum MHD_Result ret;
     if (rc)
         ret = server_send_errorf(c->mc, 500, "server_error", NULL, NULL, "metrics: %s",

@@ -305,8 +305,9 @@ def test_histograms_have_data_when_live(exposition):
     samples, _ = parse_exposition(text)
     # after one streamed request these must hold at least one observation
     for fam in ("krserve_ttft_seconds", "krserve_e2e_latency_seconds"):
-        lines = [ln for ln in text.splitlines() if ln.startswith(fam + "_count ")]
-        assert lines and float(lines[0].split()[1]) >= 1, fam
+        lines = [ln for ln in text.splitlines()
+                 if ln.startswith(fam + "_count ") or ln.startswith(fam + "_count{")]
+        assert lines and float(lines[0].split()[-1]) >= 1, fam
 
 
 def test_promtool_check_config(tmp_path):

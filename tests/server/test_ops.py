@@ -66,6 +66,34 @@ def test_metrics(server):
         assert sample(after, "krserve_tokens_total", {"kind": "generated"}) >= n0 + 3
 
 
+def test_metrics_cover_every_loaded_model():
+    """Two models served: /metrics has each family once, every series labelled by model, and
+    each model's counters move with its own requests only."""
+    s = Server()
+    try:
+        st, _, b = s.post("/admin/models/load", {"name": "second",
+                                                 "path": "gemma3-270m-q4_k_m.gguf"})
+        assert st == 200, b
+        st, _, b = s.post("/v1/completions", {"model": "second", "prompt": "Hello",
+                                              "max_tokens": 4, "ignore_eos": True})
+        assert st == 200, b
+        text = s.get("/metrics")[2].decode()
+        check_promtool(text)
+        fams = list(text_string_to_metric_families(text))
+        names = [f.name for f in fams]
+        assert len(names) == len(set(names)), "a family is repeated"
+        for f in fams:
+            assert {x.labels.get("model") for x in f.samples} == {"default", "second"}, f.name
+        gen = lambda m: sample(text, "krserve_tokens_total",  # noqa: E731
+                               {"kind": "generated", "model": m})
+        assert gen("second") == 4 and gen("default") == 0
+        assert s.post("/admin/models/unload", {"name": "second"})[0] == 200
+        text = s.get("/metrics")[2].decode()
+        assert 'model="second"' not in text and 'model="default"' in text
+    finally:
+        s.stop()
+
+
 def test_health_ready_stats(server):
     st, _, b = server.get("/health")
     assert st == 200 and json.loads(b)["status"] == "ok"
