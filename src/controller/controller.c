@@ -122,6 +122,8 @@ static double window_p99_ms(const struct controller *c)
 }
 
 /* Folds a (non-spike) window into the EMA and the latency-vs-batch fit. */
+static bool have_fit(const struct controller *c);
+
 static void fold_window(struct controller *c, double p99_ms, double mean_batch)
 {
     if (!c->have_ema) {
@@ -129,7 +131,11 @@ static void fold_window(struct controller *c, double p99_ms, double mean_batch)
         c->have_ema = true;
     } else {
         double a = c->cfg.ema_alpha;
-        c->dev_ms = a * fabs(p99_ms - c->ema_ms) + (1.0 - a) * c->dev_ms;
+        /* Noise is what the batch size does not explain: the residual from the fitted line
+         * once there is one (a limit that just grew moves P99 away from the EMA by design). */
+        double expect = c->ema_ms;
+        if (have_fit(c)) expect = c->sy / c->sw + c->slope * (mean_batch - c->sx / c->sw);
+        c->dev_ms = a * fabs(p99_ms - expect) + (1.0 - a) * c->dev_ms;
         c->ema_ms = a * p99_ms + (1.0 - a) * c->ema_ms;
     }
     /* A window at the batch size the fit is centred on but far off the fitted line means the cost
@@ -163,7 +169,7 @@ static bool have_fit(const struct controller *c)
 }
 
 static void tune(struct controller *c, double p99_ms, double mean_batch, bool pressure,
-                 uint64_t now_ns)
+                 uint32_t demand, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
     double target = cfg->p99_target_ms;
@@ -194,12 +200,17 @@ static void tune(struct controller *c, double p99_ms, double mean_batch, bool pr
 
     uint32_t step = (uint32_t)floor(cfg->grow_fraction * (double)old);
     if (step < 1) step = 1;
+    bool fit = have_fit(c);
+    /* With a fitted slope the prediction below picks the step: up to +50 % at once, so a limit
+     * far under target converges in a few windows instead of +1 per window. */
+    if (fit && step < old / 2) step = old / 2 > 1 ? old / 2 : 1;
     uint32_t nl = clamp_limit(cfg, old + step);
+    /* Room beyond what was asked for in the window buys nothing (one probe step aside). */
+    if (nl > old + 1 && nl > demand) nl = demand > old + 1 ? demand : old + 1;
     if (c->ceiling && nl >= c->ceiling) nl = c->ceiling - 1;
     double base_batch = mean_batch >= 1.0 ? mean_batch : 1.0;
     /* Before two batch sizes were seen the slope is unknown: probe with a single +1 step
      * (bounded by the shrink rule and the ceiling if it goes over). */
-    bool fit = have_fit(c);
     if (!fit) nl = old + 1 <= nl ? old + 1 : nl;
     double slope = fit ? c->slope : 0.0;
     /* Predict from the fresher of the two: the EMA lags a limit that just grew. */
@@ -224,9 +235,11 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     double p99 = window_p99_ms(c);
     double mean_batch = (double)c->batch_sum / (double)c->n_in_window;
     bool pressure = c->pressure;
+    uint32_t demand = c->demand;
     c->n_in_window = 0;
     c->batch_sum = 0;
     c->pressure = false;
+    c->demand = 0;
     c->windows++;
     c->last_p99_ms = p99;
 
@@ -251,7 +264,7 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
             return;
         }
         fold_window(c, p99, mean_batch);
-        tune(c, p99, mean_batch, pressure, now_ns);
+        tune(c, p99, mean_batch, pressure, demand, now_ns);
         return;
     case CONTROLLER_MODE_DEGRADED:
         if (spike) {
@@ -282,6 +295,8 @@ uint32_t controller_observe_step(struct controller *ctrl, uint64_t step_latency_
     ctrl->window_ns[ctrl->n_in_window++] = step_latency_ns;
     ctrl->batch_sum += batch_size;
     if (queued_waiting > 0 || batch_size >= ctrl->limit) ctrl->pressure = true;
+    uint64_t want = (uint64_t)batch_size + queued_waiting;
+    if (want > ctrl->demand) ctrl->demand = want > UINT32_MAX ? UINT32_MAX : (uint32_t)want;
     if (ctrl->n_in_window >= ctrl->cfg.interval) evaluate_window(ctrl, now_ns);
     return ctrl->limit;
 }

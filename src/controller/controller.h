@@ -12,9 +12,11 @@
  *     full batch), the EMA and the window P99 are both under target, and the latency predicted
  *     for the bigger limit, plus twice the window-to-window noise (EMA of |P99 - EMA|), stays
  *     within target. The prediction uses the per-sequence slope of a
- *     decayed least-squares fit of window P99 against mean batch size (or, before the fit has
- *     two distinct batch sizes, the conservative proportional slope ema / batch). The step is
- *     +max(1, grow_fraction * limit), cut down to what the prediction allows;
+ *     decayed least-squares fit of window P99 against mean batch size (before the fit has two
+ *     distinct batch sizes, growth is a single +1 probe). The step is
+ *     +max(1, grow_fraction * limit), or up to +50 % once the slope is fitted, never beyond the
+ *     most sequences that wanted to run in the window (one +1 probe aside), cut down to what
+ *     the prediction allows;
  *   - between the two it HOLDS. That is the hysteresis band: [latency predicted one step up >
  *     target, EMA <= target]. A limit that went over target is also remembered as a ceiling
  *     that growth may not reach again for `ceiling_windows` windows (forgotten early once the
@@ -121,6 +123,7 @@ struct controller {
     uint32_t n_in_window;
     uint64_t batch_sum; /* sum of batch sizes in the window */
     bool pressure;      /* work was waiting at some step of the window */
+    uint32_t demand;    /* most sequences that wanted to run at a step (running + waiting) */
     bool have_ema;
     double ema_ms, last_p99_ms;
     double dev_ms; /* EMA of |window p99 - EMA|: the noise level */

@@ -282,6 +282,27 @@ static void test_repeated_spikes_extend_calm(void **state)
     assert_int_equal(c.mode, CONTROLLER_MODE_TUNING);
 }
 
+/* Far under target with a queue: once two batch sizes gave a slope, growth takes big steps
+ * (a limit of 4 reaches the optimum 32 in about 8 windows, not +1 per window), and the first
+ * step is a +1 probe. */
+static void test_converges_fast_from_low_limit(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 4;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 2, .demand = UINT32_MAX, .rng = 5};
+    uint32_t lim[40];
+    sim_run(&s, &c, 40, lim);
+    assert_int_equal(lim[0], 5);
+    int reached = -1;
+    for (int i = 0; i < 40 && reached < 0; i++)
+        if (lim[i] == 32) reached = i;
+    assert_true(reached >= 0 && reached <= 10);
+    for (int i = reached; i < 40; i++) assert_int_equal(lim[i], 32);
+}
+
 static void test_grows_only_with_queued_work(void **state)
 {
     struct controller c;
@@ -405,6 +426,7 @@ int main(void)
         cmocka_unit_test(test_noise_does_not_oscillate),
         cmocka_unit_test(test_spike_degrades_and_recovers),
         cmocka_unit_test(test_repeated_spikes_extend_calm),
+        cmocka_unit_test(test_converges_fast_from_low_limit),
         cmocka_unit_test(test_grows_only_with_queued_work),
         cmocka_unit_test(test_bounds_respected),
         cmocka_unit_test(test_disabled_is_fixed),

@@ -255,7 +255,7 @@ def test_sigterm_drains_inflight():
 
         def long_stream():
             result["r"] = request(s.url + "/v1/completions", data=json.dumps(
-                {"prompt": "Count slowly", "max_tokens": 40, "ignore_eos": True,
+                {"prompt": "Count slowly", "max_tokens": 80, "ignore_eos": True,
                  "stream": True}).encode())
         t = threading.Thread(target=long_stream)
         t.start()
