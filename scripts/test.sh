@@ -40,14 +40,17 @@ ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "
 if ls tests/sched/test_*.c >/dev/null 2>&1; then
   step "TSan build + scheduler tests"
   cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DKRS_SANITIZE=thread >/dev/null
-  cmake --build build-tsan -j "$JOBS"
+  tsan_targets=$(for t in tests/sched/test_*.c tests/util/test_*.c; do
+    d=$(basename "$(dirname "$t")"); echo "${d}_$(basename "$t" .c)"; done)
+  cmake --build build-tsan -j "$JOBS" --target $tsan_targets  # only what runs under TSan
   TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -L 'sched|util'
 fi
 
 if ls fuzz/fuzz_*.c >/dev/null 2>&1; then
   step "libFuzzer targets"
   CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Debug -DKRS_FUZZ=ON >/dev/null
-  cmake --build build-fuzz -j "$JOBS"
+  targets=$(for src in fuzz/fuzz_*.c; do basename "$src" .c; done)
+  cmake --build build-fuzz -j "$JOBS" --target $targets  # only the fuzzers, not every test
   for src in fuzz/fuzz_*.c; do
     name=$(basename "$src" .c)
     corpus=fuzz/corpus/${name#fuzz_}
