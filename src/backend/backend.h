@@ -49,6 +49,12 @@ struct backend_ops {
     /* y[t] = dequant(emb row ids[t]) * scale */
     int (*embed)(struct backend *b, const struct quant_matrix *emb, const int32_t *ids, int T,
                  float scale, float *y);
+    /* Host work beside the forward pass (per-sequence sampling) on the backend's host threads:
+     * fn(arg, i, worker) for every i in [0, n), worker in [0, host_threads) naming the calling
+     * thread (for per-thread scratch). Returns when all are done. */
+    void (*parallel_for)(struct backend *b, int n, void (*fn)(void *arg, int i, int worker),
+                         void *arg);
+    int (*host_threads)(const struct backend *b);
 };
 
 struct backend {

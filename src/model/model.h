@@ -84,6 +84,12 @@ struct kv_cache *model_ctx_kv(struct model_ctx *ctx);
 int model_ctx_max_batch_tokens(const struct model_ctx *ctx);
 int model_ctx_max_ctx(const struct model_ctx *ctx);
 const char *model_ctx_backend_name(const struct model_ctx *ctx);
+/* The backend's host threads, for work beside the forward pass (per-sequence sampling):
+ * model_ctx_parallel_for calls fn(arg, i, worker) for i in [0, n), worker in
+ * [0, model_ctx_host_threads), and returns when all are done. Engine thread only. */
+int model_ctx_host_threads(const struct model_ctx *ctx);
+void model_ctx_parallel_for(struct model_ctx *ctx, int n, void (*fn)(void *arg, int i, int worker),
+                            void *arg);
 
 /* One forward batch. Token i belongs to sequence slot seq[i] at position pos[i]; a sequence's
  * tokens in the batch must have consecutive increasing positions, and its KV blocks must have

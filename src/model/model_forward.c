@@ -124,6 +124,17 @@ int model_ctx_max_ctx(const struct model_ctx *c)
     return c->max_ctx;
 }
 
+int model_ctx_host_threads(const struct model_ctx *c)
+{
+    return c->be->ops->host_threads(c->be);
+}
+
+void model_ctx_parallel_for(struct model_ctx *c, int n, void (*fn)(void *arg, int i, int worker),
+                            void *arg)
+{
+    c->be->ops->parallel_for(c->be, n, fn, arg);
+}
+
 const char *model_ctx_backend_name(const struct model_ctx *c)
 {
     return c->be->ops->name;

@@ -688,6 +688,18 @@ static void wait_for_work(struct sched *s, uint64_t wait_ns)
     pthread_mutex_unlock(&s->lock);
 }
 
+/* One row's sampling, on a backend host thread (worker indexes its scratch). Reads only the
+ * row's request, which no other thread touches during the step. */
+static void sample_row(void *arg, int row, int worker)
+{
+    struct sched *s = arg;
+    struct req *r = s->b_rows[row];
+    const int n_vocab = model_hparams(s->model)->n_vocab;
+    s->res_rc[row] = sampler_sample(&r->sampler, s->scratch[worker],
+                                    s->cur_logits + (size_t)row * n_vocab, n_vocab, r->tokens,
+                                    r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
+}
+
 static void step(struct sched *s, uint64_t t0)
 {
     int T = 0, budget = s->p.max_batch_tokens;
@@ -744,18 +756,18 @@ static void step(struct sched *s, uint64_t t0)
         __atomic_store_n(&r->n_past, r->n_past + advanced, __ATOMIC_RELAXED);
         kv_seq_trim(model_ctx_kv(s->ctx), r->slot, r->n_past);
     }
-    const int n_vocab = model_hparams(s->model)->n_vocab;
+    /* Rows are independent (each request has its own sampler and RNG), so they are sampled in
+     * parallel; tokens are then accepted in row order on this thread. */
+    s->cur_logits = logits;
+    model_ctx_parallel_for(s->ctx, n_out, sample_row, s);
     for (int row = 0; row < n_out; row++) {
         struct req *r = s->b_rows[row];
-        struct sampler_result res;
-        rc = sampler_sample(&r->sampler, s->scratch, logits + (size_t)row * n_vocab, n_vocab,
-                            r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &res);
-        if (rc) {
+        if (s->res_rc[row]) {
             finish(s, r, SCHED_FINISH_ERROR, "sampling failed");
             continue;
         }
         const char *reason = NULL;
-        enum sched_finish f = accept_token(s, r, &res, now, &reason);
+        enum sched_finish f = accept_token(s, r, &s->res[row], now, &reason);
         /* Counted before finish() so that a reader who saw FINISH sees every token counted. */
         if (s->metrics) metrics_record_tokens(s->metrics, 1, now);
         if (f != SCHED_FINISH_NONE) finish(s, r, f, reason);
@@ -840,7 +852,10 @@ static void *engine_main(void *arg)
 static void free_resources(struct sched *s)
 {
     model_ctx_free(s->ctx);
-    sampler_scratch_free(s->scratch);
+    for (int i = 0; i < s->n_scratch; i++) sampler_scratch_free(s->scratch[i]);
+    alloc_free(s->scratch);
+    alloc_free(s->res);
+    alloc_free(s->res_rc);
     alloc_free(s->live);
     alloc_free(s->running);
     alloc_free(s->b_tokens);
@@ -890,9 +905,22 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         .n_threads = p->n_threads,
     };
     if ((rc = model_ctx_create(model, &mp, &s->ctx, err, errlen))) goto fail;
-    if ((rc = sampler_scratch_create((int32_t)model_hparams(model)->n_vocab, &s->scratch))) {
-        snprintf(err, errlen, "sampler scratch: %s", krs_status_str(rc));
+    int n_scratch = model_ctx_host_threads(s->ctx);
+    s->scratch = alloc_calloc((size_t)n_scratch, sizeof *s->scratch);
+    s->res = alloc_calloc((size_t)p->max_running, sizeof *s->res);
+    s->res_rc = alloc_calloc((size_t)p->max_running, sizeof *s->res_rc);
+    if (!s->scratch || !s->res || !s->res_rc) {
+        rc = KRS_ERR_NOMEM;
+        snprintf(err, errlen, "out of memory");
         goto fail;
+    }
+    for (; s->n_scratch < n_scratch; s->n_scratch++) {
+        rc = sampler_scratch_create((int32_t)model_hparams(model)->n_vocab,
+                                    &s->scratch[s->n_scratch]);
+        if (rc) {
+            snprintf(err, errlen, "sampler scratch: %s", krs_status_str(rc));
+            goto fail;
+        }
     }
     struct controller_config cc;
     controller_config_default(&cc);

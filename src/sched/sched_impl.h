@@ -64,7 +64,12 @@ struct sched {
     struct metrics *metrics;
     struct sched_params p;
     struct model_ctx *ctx;
-    struct sampler_scratch *scratch;
+    /* Sampling runs on the backend's host threads, one scratch per thread; results per row. */
+    struct sampler_scratch **scratch; /* [n_scratch] */
+    int n_scratch;
+    struct sampler_result *res; /* [max_running] */
+    int *res_rc;                /* [max_running] */
+    const float *cur_logits;    /* this step's logits, for the sampling workers */
     struct controller ctrl;
     pthread_t thread;
 

@@ -10,6 +10,7 @@
 #include "util/threadpool.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 
 struct backend_cpu {
@@ -19,6 +20,11 @@ struct backend_cpu {
     int max_ctx;
     float *scores; /* [n_threads][max_ctx] */
     const struct backend_attn_args *attn;
+    /* the parallel_for in progress */
+    void (*pf_fn)(void *arg, int i, int worker);
+    void *pf_arg;
+    int pf_n;
+    _Atomic int pf_next;
 };
 
 static void cpu_destroy(struct backend *b)
@@ -179,6 +185,36 @@ static int cpu_embed(struct backend *b, const struct quant_matrix *emb, const in
     return KRS_OK;
 }
 
+/* Items are claimed one at a time: they are few (one per sequence) and uneven (top-p sorts). */
+static void pf_task(void *arg, int ith, int nth)
+{
+    struct backend_cpu *c = arg;
+    (void)nth;
+    for (int i; (i = atomic_fetch_add_explicit(&c->pf_next, 1, memory_order_relaxed)) < c->pf_n;)
+        c->pf_fn(c->pf_arg, i, ith);
+}
+
+static void cpu_parallel_for(struct backend *b, int n, void (*fn)(void *arg, int i, int worker),
+                             void *arg)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    if (n <= 0) return;
+    if (n == 1) {
+        fn(arg, 0, 0);
+        return;
+    }
+    c->pf_fn = fn;
+    c->pf_arg = arg;
+    c->pf_n = n;
+    atomic_store_explicit(&c->pf_next, 0, memory_order_relaxed);
+    pool_run(c->pool, pf_task, c);
+}
+
+static int cpu_host_threads(const struct backend *b)
+{
+    return pool_size(((const struct backend_cpu *)b)->pool);
+}
+
 static const struct backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
@@ -189,6 +225,8 @@ static const struct backend_ops cpu_ops = {
     .glu = cpu_glu,
     .add = cpu_add,
     .embed = cpu_embed,
+    .parallel_for = cpu_parallel_for,
+    .host_threads = cpu_host_threads,
 };
 
 int backend_cpu_create(int n_threads, int max_rows, int64_t max_n_in, int max_ctx,
