@@ -354,6 +354,9 @@ int quant_simd_needs_act(uint32_t type)
     }
 }
 
+/* Work (bytes of weights, plus dot cost) worth waking one more thread for. */
+#define QUANT_BYTES_PER_THREAD (64.0 * 1024.0)
+
 struct quant_ctx {
     struct pool *pool;
     int nth;
@@ -543,14 +546,22 @@ int quant_matmul(struct quant_ctx *ctx, const struct quant_matrix *w, const floa
         else
             ctx->act_fn(x, w->n_in, 0, T, &ctx->act);
     }
+    /* Threads in proportion to the work: waking and joining a thread costs microseconds, and
+     * a small layer matrix (a few hundred KB at T = 1) is done in about that time, so it gets
+     * a few threads, not all of them. Work ~ weight bytes + T * n_out * n_in / 8 (dot cost). */
+    ctx->n_chunks = (long)((w->n_out + QROWS - 1) / QROWS);
+    double work = (double)w->row_bytes * (double)w->n_out +
+                  (double)T * (double)w->n_out * (double)w->n_in / 8.0;
+    long nth = (long)(work / QUANT_BYTES_PER_THREAD) + 1;
+    if (nth > ctx->nth) nth = ctx->nth;
+    if (nth > ctx->n_chunks) nth = ctx->n_chunks;
     /* About 8 grains per thread: enough to even out a late thread, few enough that claiming
      * one (an atomic add) costs nothing next to its rows. */
-    ctx->n_chunks = (long)((w->n_out + QROWS - 1) / QROWS);
-    ctx->grain_chunks = ctx->n_chunks / ((long)ctx->nth * 8);
+    ctx->grain_chunks = ctx->n_chunks / (nth * 8);
     if (ctx->grain_chunks < 1) ctx->grain_chunks = 1;
     atomic_store_explicit(&ctx->next_chunk, 0, memory_order_relaxed);
-    if (ctx->pool && ctx->nth > 1)
-        pool_run(ctx->pool, task_rows, ctx);
+    if (ctx->pool && nth > 1)
+        pool_run_n(ctx->pool, (int)nth, task_rows, ctx);
     else
         task_rows(ctx, 0, 1);
     return KRS_OK;

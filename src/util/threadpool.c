@@ -1,4 +1,5 @@
-/* Thread pool: a generation counter publishes each job; workers spin then sleep on a condvar.
+/* Thread pool: a generation word publishes each job (counter and how many threads take part);
+ * workers spin then sleep on a condvar.
  * The caller spins on `pending` until every worker has finished its share. */
 #include "util/threadpool.h"
 
@@ -9,7 +10,9 @@
 #include <stdint.h>
 #include <unistd.h>
 
-#define SPIN_ITERS 20000
+#define SPIN_ITERS      20000
+#define GEN_ACTIVE_MASK 0xFFFFu
+#define GEN_STEP        (GEN_ACTIVE_MASK + 1)
 
 struct worker {
     struct pool *pool;
@@ -22,6 +25,8 @@ struct pool {
     struct worker *workers; /* [n - 1] */
     pthread_mutex_t lock;
     pthread_cond_t wake;
+    /* (job counter << 16) | threads taking part: one word, so that a worker that reads a job's
+     * counter reads its thread count with it, never the next job's. */
     _Atomic uint64_t gen;
     _Atomic int pending;
     _Atomic int stop;
@@ -59,7 +64,9 @@ static void *worker_main(void *arg)
         }
         if (atomic_load(&p->stop)) break;
         seen = g;
-        p->fn(p->ctx, w->ith, p->n);
+        int active = (int)(g & GEN_ACTIVE_MASK);
+        if (w->ith >= active) continue; /* not part of this (small) job */
+        p->fn(p->ctx, w->ith, active);
         atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel);
     }
     return NULL;
@@ -102,7 +109,7 @@ void pool_destroy(struct pool *p)
     if (!p) return;
     pthread_mutex_lock(&p->lock);
     atomic_store(&p->stop, 1);
-    atomic_fetch_add(&p->gen, 1);
+    atomic_fetch_add(&p->gen, GEN_STEP);
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
     for (int i = 1; i < p->n; i++) pthread_join(p->workers[i - 1].thread, NULL);
@@ -119,17 +126,25 @@ int pool_size(const struct pool *p)
 
 void pool_run(struct pool *p, pool_task_fn fn, void *ctx)
 {
-    if (p->n == 1) {
+    pool_run_n(p, p->n, fn, ctx);
+}
+
+void pool_run_n(struct pool *p, int n_active, pool_task_fn fn, void *ctx)
+{
+    if (n_active > p->n) n_active = p->n;
+    if (n_active <= 1) {
         fn(ctx, 0, 1);
         return;
     }
     p->fn = fn;
     p->ctx = ctx;
-    atomic_store_explicit(&p->pending, p->n - 1, memory_order_relaxed);
+    atomic_store_explicit(&p->pending, n_active - 1, memory_order_relaxed);
     pthread_mutex_lock(&p->lock);
-    atomic_fetch_add_explicit(&p->gen, 1, memory_order_release);
+    uint64_t g = atomic_load_explicit(&p->gen, memory_order_relaxed); /* only we write it */
+    atomic_store_explicit(&p->gen, ((g / GEN_STEP) + 1) * GEN_STEP | (uint64_t)n_active,
+                          memory_order_release);
     if (p->sleepers) pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->lock);
-    fn(ctx, 0, p->n);
+    fn(ctx, 0, n_active);
     while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
 }

@@ -20,6 +20,10 @@ int pool_create(int n_threads, struct pool **out);
 void pool_destroy(struct pool *pool);
 int pool_size(const struct pool *pool);
 void pool_run(struct pool *pool, pool_task_fn fn, void *ctx);
+/* pool_run on the first n_active threads only (clamped to [1, pool_size]): fn(ctx, ith,
+ * n_active) for ith < n_active. For jobs too small to pay for waking every thread: the call
+ * then waits for n_active - 1 workers instead of all of them. */
+void pool_run_n(struct pool *pool, int n_active, pool_task_fn fn, void *ctx);
 
 /* Splits [0, n) into nth nearly equal chunks; chunk ith is [*begin, *end). */
 static inline void pool_split(long n, int ith, int nth, long *begin, long *end)

@@ -112,6 +112,23 @@ static void test_pool_runs_every_share(void **state)
     pool_destroy(pool);
 }
 
+/* Jobs on 1..4 of 4 threads, sizes changing every call: each share runs exactly once, threads
+ * past n_active never run (a worker that skipped one job must not run the next one twice). */
+static void test_pool_run_n_alternating_sizes(void **state)
+{
+    struct pool *pool;
+    assert_int_equal(pool_create(4, &pool), 0);
+    for (int round = 0; round < 20000; round++) {
+        int n_active = 1 + (round * 7 + round / 3) % 4;
+        struct sum_ctx ctx = {.n = 100 + round % 50};
+        pool_run_n(pool, n_active, sum_task, &ctx);
+        assert_int_equal(atomic_load(&ctx.total), ctx.n * (ctx.n - 1) / 2);
+        for (int t = 0; t < 4; t++) assert_int_equal(atomic_load(&ctx.calls[t]), t < n_active);
+        if (round == 10000) clock_sleep_us(20000); /* let workers fall asleep once */
+    }
+    pool_destroy(pool);
+}
+
 static void test_pool_split_covers_range(void **state)
 {
     for (int nth = 1; nth <= 7; nth++) {
@@ -133,6 +150,7 @@ int main(void)
         cmocka_unit_test(test_log_threshold_and_sink),
         cmocka_unit_test(test_clock_monotonic),
         cmocka_unit_test(test_pool_runs_every_share),
+        cmocka_unit_test(test_pool_run_n_alternating_sizes),
         cmocka_unit_test(test_pool_split_covers_range),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

@@ -146,7 +146,8 @@ static void cpu_attention(struct backend *b, const struct backend_attn_args *a)
 {
     struct backend_cpu *c = (struct backend_cpu *)b;
     c->attn = a;
-    pool_run(c->pool, attn_task, c);
+    /* (token, head) pairs are the work items: no more threads than items. */
+    pool_run_n(c->pool, a->T * a->n_head, attn_task, c);
     c->attn = NULL;
 }
 
