@@ -245,20 +245,8 @@ def run_closed_loop(url, questions, clients, requests_per_client, max_tokens, **
 
 
 def run_burst(url, questions, n, max_tokens, **kw):
-    """n requests fired at once (one thread each, released together)."""
-    results = [None] * n
-    start = threading.Barrier(n)
-
-    def one(i):
-        start.wait()
-        results[i] = chat_request(url, questions[i % len(questions)], max_tokens, **kw)
-
-    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+    """n requests fired at once: n one-request clients released together."""
+    return run_closed_loop(url, questions, n, 1, max_tokens, **kw)
 
 
 # ---- /stats -------------------------------------------------------------------------------------

@@ -105,22 +105,33 @@ static void collect(struct sched_stream *st, struct result *res)
     sched_stream_release(st);
 }
 
+/* The parameters most tests share; a test changes what it exercises. */
+static void test_params(struct sched_params *p, int kv_tokens, enum sched_mode mode)
+{
+    sched_params_default(p);
+    p->background_aging_ms = 600000; /* tests of ordering must not see aging */
+    p->max_running = 8;
+    p->max_batch_tokens = 64;
+    p->kv_tokens = kv_tokens;
+    p->max_ctx = 256;
+    p->mode = mode;
+}
+
+static struct sched *create_sched(const struct sched_params *p, struct metrics *metrics)
+{
+    struct sched *s;
+    char err[256];
+    assert_int_equal(sched_create(model, tok, p, metrics, &s, err, sizeof err), KRS_OK);
+    return s;
+}
+
 static struct sched *make_sched(int kv_tokens, enum sched_mode mode, int stream_cap,
                                 struct metrics *metrics)
 {
     struct sched_params p;
-    sched_params_default(&p);
-    p.background_aging_ms = 600000; /* tests of ordering must not see aging */
-    p.max_running = 8;
-    p.max_batch_tokens = 64;
-    p.kv_tokens = kv_tokens;
-    p.max_ctx = 256;
-    p.mode = mode;
+    test_params(&p, kv_tokens, mode);
     p.stream_capacity = stream_cap;
-    struct sched *s;
-    char err[256];
-    assert_int_equal(sched_create(model, tok, &p, metrics, &s, err, sizeof err), KRS_OK);
-    return s;
+    return create_sched(&p, metrics);
 }
 
 static void run_alone(struct sched *s, const struct sched_request *r, struct result *res)
@@ -347,21 +358,14 @@ static void test_auto_mode_grows_under_queued_load(void **state)
 {
     if (!model) skip();
     struct sched_params p;
-    sched_params_default(&p);
-    p.max_running = 8;
-    p.max_batch_tokens = 64;
-    p.kv_tokens = 4096;
-    p.max_ctx = 256;
-    p.mode = SCHED_MODE_AUTO;
+    test_params(&p, 4096, SCHED_MODE_AUTO);
     p.fixed_batch = 2;
     p.auto_min_batch = 1;
     p.auto_max_batch = 8;
     p.tune_interval = 2;
     p.p99_target_ms = 60000.0;
     p.adaptive_window = 0;
-    struct sched *s;
-    char err[256];
-    assert_int_equal(sched_create(model, tok, &p, NULL, &s, err, sizeof err), KRS_OK);
+    struct sched *s = create_sched(&p, NULL);
     enum { N = 16 };
     static int32_t ids[N][256];
     struct sched_request r[N];
@@ -392,17 +396,11 @@ static void test_stop_string_and_queue_bound(void **state)
 {
     if (!model) skip();
     struct sched_params p;
-    sched_params_default(&p);
+    test_params(&p, 1024, SCHED_MODE_OFF);
     p.max_running = 2;
     p.max_queue = 2;
-    p.kv_tokens = 1024;
-    p.max_ctx = 256;
-    p.max_batch_tokens = 64;
-    p.mode = SCHED_MODE_OFF;
     p.adaptive_window = 0;
-    struct sched *s;
-    char err[256];
-    assert_int_equal(sched_create(model, tok, &p, NULL, &s, err, sizeof err), KRS_OK);
+    struct sched *s = create_sched(&p, NULL);
     static int32_t ids[256];
     struct sched_request r;
     int n;
