@@ -9,7 +9,8 @@
  *   weights fit in the last-level cache (a 270M model in a 300 MiB L3), (a) is cache bandwidth
  *   and far above (b), the DRAM figure, which is reported beside it.
  *
- * usage: bench_model [MODEL] [--json OUT] [--md OUT]   (default models/default.gguf) */
+ * usage: bench_model [MODEL] [--json OUT] [--md OUT] [--device cpu|cuda]
+ *        (default models/default.gguf on the cpu) */
 #include "krserve.h"
 #include "kv/kv.h"
 #include "model/model.h"
@@ -126,12 +127,14 @@ static double prefill_tps(struct model_ctx *ctx, int n, int chunk)
 
 int main(int argc, char **argv)
 {
-    const char *path = "models/default.gguf", *json = NULL, *md = NULL;
+    const char *path = "models/default.gguf", *json = NULL, *md = NULL, *device = "cpu";
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
             json = argv[++i];
         else if (!strcmp(argv[i], "--md") && i + 1 < argc)
             md = argv[++i];
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc)
+            device = argv[++i];
         else
             path = argv[i];
     }
@@ -142,8 +145,11 @@ int main(int argc, char **argv)
         return 1;
     }
     struct model_ctx *ctx;
-    struct model_ctx_params p = {
-        .max_batch_tokens = 512, .max_seqs = 32, .kv_tokens = 32 * 256, .max_ctx = 1024};
+    struct model_ctx_params p = {.max_batch_tokens = 512,
+                                 .max_seqs = 32,
+                                 .kv_tokens = 32 * 256,
+                                 .max_ctx = 1024,
+                                 .device = device};
     if (model_ctx_create(m, &p, &ctx, err, sizeof err)) {
         fprintf(stderr, "%s\n", err);
         return 1;

@@ -1,69 +1,176 @@
-/* Compute backend interface: the operations a transformer forward pass needs, behind a vtable
- * so that a device backend (CUDA) can implement the same functions as the CPU reference.
+/* Compute backend interface: the backend owns compute memory and the step.
  *
- * Buffers are host float arrays in row-major [rows, cols] layout; the KV cache is the paged
- * cache of kv/kv.h. Every op is synchronous: when it returns, its outputs are written.
- * A backend belongs to one thread (the engine thread). */
+ * Memory. Everything the forward pass touches lives in memory the backend owns, reached through
+ * opaque tensor handles that model code never dereferences:
+ *   - weights: uploaded once at load (weight_upload; the CPU backend maps the GGUF bytes in
+ *     place, a device copies them and keeps them quantized);
+ *   - activations: F32 tensors carved from one arena reserved once (arena_reserve, act_alloc);
+ *   - the KV pool: kv_reserve allocates every block of both layer groups (full / sliding) once.
+ *     kv/ decides which block holds what (allocator, block tables); the backend only stores.
+ * Sizes come from mem_info: free bytes on a device, the configured budget on the CPU.
+ *
+ * The step. step_begin takes every input of one forward at once (token ids, positions,
+ * step-local sequence ids, block tables, which rows get logits): one upload on a device. Ops
+ * then enqueue work that reads those inputs; they may run eagerly (CPU) or asynchronously
+ * (device). step_end hands back the logits of the requested rows in host memory: the one
+ * synchronisation of the step. Every op returns a status; after a failed op the step is void
+ * and the next step_begin starts clean.
+ *
+ * Shapes. An activation tensor is a flat array of F32; ops take the row count and width they
+ * operate on (the same tensor serves T tokens or T*n_head head rows). Row r of a tensor of
+ * width n starts at element r*n. Shape comments: [rows, cols].
+ *
+ * Threading: a backend belongs to one thread (the engine thread); its compute threads are its
+ * own and never run anything but its ops. Ownership: the backend owns every tensor it hands out;
+ * they live until destroy. */
 #ifndef KRS_BACKEND_H
 #define KRS_BACKEND_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 struct quant_matrix;
-struct kv_cache;
 struct backend;
+struct backend_tensor; /* opaque: a weight or an activation owned by the backend */
+
+/* The two KV layer groups (kv/kv.h): layers that attend to all history, and sliding layers. */
+enum { BACKEND_KV_FULL = 0, BACKEND_KV_SWA = 1, BACKEND_KV_GROUPS = 2 };
+
+struct backend_kv_layout {
+    int n_layers;
+    const uint8_t *layer_group; /* [n_layers] BACKEND_KV_FULL or BACKEND_KV_SWA; copied */
+    int64_t n_blocks[BACKEND_KV_GROUPS];
+    int block_size; /* positions per block */
+    int kv_dim;     /* n_head_kv * head_dim: one K (and one V) row per position and layer */
+};
+
+/* One forward's inputs. Token t is at position pos[t] of step-local sequence seq[t] in
+ * [0, n_seqs); a sequence's tokens have consecutive increasing positions. block_table[g] holds
+ * n_seqs rows of max_blocks physical block ids (row s, entry b = the block holding positions
+ * [b*block_size, (b+1)*block_size) of sequence s in group g; -1 = not held). Tables of a group
+ * without layers may be NULL. logit_rows lists the tokens whose logits step_end returns, in
+ * order. Everything is copied by step_begin; the caller may reuse its arrays at once. */
+struct backend_step {
+    int n_tokens;
+    const int32_t *tokens; /* [n_tokens] */
+    const int32_t *pos;    /* [n_tokens] */
+    const int32_t *seq;    /* [n_tokens] */
+    int n_seqs;
+    int max_blocks;
+    const int32_t *block_table[BACKEND_KV_GROUPS]; /* [n_seqs, max_blocks] */
+    int n_logits;
+    const int32_t *logit_rows; /* [n_logits] token indices */
+};
 
 struct backend_attn_args {
-    const float *q;     /* [T, n_head * head_dim], already normed/roped */
-    float *out;         /* [T, n_head * head_dim] */
-    const int32_t *pos; /* [T] */
-    const int32_t *seq; /* [T] */
-    int T;
+    const struct backend_tensor *q; /* [T, n_head * head_dim], normed and roped */
+    struct backend_tensor *out;     /* [T, n_head * head_dim] */
+    int layer;                      /* KV layer: its group picks the block table */
     int n_head;
-    int n_head_kv;
+    int n_head_kv; /* divides n_head (GQA) */
     int head_dim;
     float scale; /* multiplies q.k */
-    int layer;   /* KV cache layer */
-    int n_swa;   /* 0: causal over the whole history; else sliding window */
-    const struct kv_cache *kv;
+    int n_swa;   /* 0: causal over the whole history; else query p sees p-n_swa+1 .. p */
+};
+
+struct backend_rope_args {
+    struct backend_tensor *x; /* [T, n_heads * head_dim], rotated in place */
+    int n_heads;
+    int head_dim;
+    int n_rot; /* leading dims that rotate */
+    float base;
+    float freq_scale;
+    const struct backend_tensor *freq_factors; /* [n_rot/2] divides the angles, or NULL */
+    int neox; /* 1: pairs (x[i], x[i+n_rot/2]); 0: (x[2i], x[2i+1]) */
+};
+
+struct backend_mem_info {
+    uint64_t free_bytes;  /* what the backend may still reserve */
+    uint64_t total_bytes; /* device memory, or the CPU budget */
 };
 
 struct backend_ops {
     const char *name;
     void (*destroy)(struct backend *b);
-    /* y[T, w->n_out] = x[T, w->n_in] * W^T */
-    int (*matmul)(struct backend *b, const struct quant_matrix *w, const float *x, int T, float *y);
-    /* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, for T rows of n (y may alias x) */
-    void (*rmsnorm)(struct backend *b, const float *x, const float *w, int T, int n, float eps,
-                    float *y);
-    /* In-place rotary embedding of T rows of n_heads heads of head_dim; the first n_rot dims
-     * rotate, by pairs (x[i], x[i+n_rot/2]) when neox else (x[2i], x[2i+1]). freq_factors
-     * ([n_rot/2] or NULL) divide the angles (llama3 rope scaling). */
-    void (*rope)(struct backend *b, float *x, const int32_t *pos, int T, int n_heads, int head_dim,
-                 int n_rot, float base, float freq_scale, const float *freq_factors, int neox);
-    void (*attention)(struct backend *b, const struct backend_attn_args *a);
-    /* gate[i] = act(gate[i]) * up[i]; act = tanh-GELU when gelu else SiLU */
-    void (*glu)(struct backend *b, float *gate, const float *up, int64_t n, int gelu);
-    /* y[i] += x[i] */
-    void (*add)(struct backend *b, float *y, const float *x, int64_t n);
-    /* y[t] = dequant(emb row ids[t]) * scale */
-    int (*embed)(struct backend *b, const struct quant_matrix *emb, const int32_t *ids, int T,
-                 float scale, float *y);
-    /* Host work beside the forward pass (per-sequence sampling) on the backend's host threads:
-     * fn(arg, i, worker) for every i in [0, n), worker in [0, host_threads) naming the calling
-     * thread (for per-thread scratch). Returns when all are done. */
-    void (*parallel_for)(struct backend *b, int n, void (*fn)(void *arg, int i, int worker),
-                         void *arg);
-    int (*host_threads)(const struct backend *b);
+    void (*mem_info)(const struct backend *b, struct backend_mem_info *out);
+
+    /* --- memory, at load time only --- */
+    /* A weight from host bytes (w->data: n_out rows of row_bytes; borrowed for the call on a
+     * device, for the backend's lifetime on the CPU which maps in place). F32 vectors are
+     * matrices with n_out = 1. */
+    int (*weight_upload)(struct backend *b, const struct quant_matrix *w,
+                         struct backend_tensor **out);
+    /* Reserves the activation arena; act_alloc carves F32 tensors of n floats from it. */
+    int (*arena_reserve)(struct backend *b, uint64_t bytes);
+    int (*act_alloc)(struct backend *b, int64_t n, struct backend_tensor **out);
+    /* Allocates the KV pool (once). */
+    int (*kv_reserve)(struct backend *b, const struct backend_kv_layout *l);
+
+    /* --- the step --- */
+    int (*step_begin)(struct backend *b, const struct backend_step *s);
+    /* Logits of the step: the first rows*cols floats of t, in host memory owned by the backend
+     * and valid until the next step_begin. The step's only synchronisation. */
+    int (*step_end)(struct backend *b, const struct backend_tensor *t, int rows, int cols,
+                    const float **out);
+
+    /* --- ops: rows/widths as documented; T is the step's n_tokens --- */
+    /* x[T, emb->n_in] = dequant(emb rows of the step's tokens) * scale */
+    int (*embed)(struct backend *b, const struct backend_tensor *emb, float scale,
+                 struct backend_tensor *x);
+    /* y[rows, w->n_out] = x[rows, w->n_in] * W^T */
+    int (*matmul)(struct backend *b, const struct backend_tensor *w, const struct backend_tensor *x,
+                  int rows, struct backend_tensor *y);
+    /* y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w, rows of n (y may be x) */
+    int (*rmsnorm)(struct backend *b, const struct backend_tensor *x,
+                   const struct backend_tensor *w, int rows, int n, float eps,
+                   struct backend_tensor *y);
+    /* y[r] += bias, rows of n */
+    int (*add_bias)(struct backend *b, struct backend_tensor *y, const struct backend_tensor *bias,
+                    int rows, int n);
+    /* y[i] += x[i], i < n */
+    int (*add)(struct backend *b, struct backend_tensor *y, const struct backend_tensor *x,
+               int64_t n);
+    /* x[i] = cap * tanh(x[i] / cap), i < n */
+    int (*softcap)(struct backend *b, struct backend_tensor *x, int64_t n, float cap);
+    /* gate[i] = act(gate[i]) * up[i], i < n; act = tanh-GELU when gelu else SiLU */
+    int (*glu)(struct backend *b, struct backend_tensor *gate, const struct backend_tensor *up,
+               int64_t n, int gelu);
+    /* Rotary embedding at the step's positions, rows = T. */
+    int (*rope)(struct backend *b, const struct backend_rope_args *a);
+    /* Stores K and V rows [T, kv_dim] of `layer` at the step's (sequence, position) slots. */
+    int (*kv_store)(struct backend *b, int layer, const struct backend_tensor *k,
+                    const struct backend_tensor *v);
+    /* Paged attention of every step token over its sequence's cached positions (causal, sliding
+     * window, GQA): one call for all sequences, prefill chunks and decodes together. */
+    int (*attention)(struct backend *b, const struct backend_attn_args *a);
+    /* dst[i] = x[step logit_rows[i]], rows of n, i < n_logits */
+    int (*get_rows)(struct backend *b, const struct backend_tensor *x, int n,
+                    struct backend_tensor *dst);
 };
 
 struct backend {
     const struct backend_ops *ops;
 };
 
-/* CPU backend: n_threads workers (0 = all CPUs), matmuls of up to max_rows x max_n_in, attention
- * over up to max_ctx positions. The caller owns *out (b->ops->destroy). */
-int backend_cpu_create(int n_threads, int max_rows, int64_t max_n_in, int max_ctx,
-                       struct backend **out);
+struct backend_params {
+    int n_threads;       /* CPU compute threads; 0 = all CPUs */
+    int max_tokens;      /* rows of the largest step */
+    int64_t max_n_in;    /* widest matmul input */
+    int max_ctx;         /* longest sequence */
+    uint64_t mem_budget; /* CPU: bytes mem_info reports; 0 = the machine's available memory */
+};
+
+/* Devices this build can create: "cpu" always, "cuda" when built with it. */
+int backend_available(const char *device);
+/* Creates the backend for `device` ("cpu" or "cuda"). KRS_ERR_UNSUPPORTED with a one-line
+ * reason in err for a device this build or machine lacks. The caller owns *out (destroy). */
+int backend_create(const char *device, const struct backend_params *p, struct backend **out,
+                   char *err, size_t errlen);
+
+int backend_cpu_create(const struct backend_params *p, struct backend **out);
+#ifdef KRS_HAVE_CUDA
+int backend_cuda_create(const struct backend_params *p, struct backend **out, char *err,
+                        size_t errlen);
+#endif
 
 #endif

@@ -20,6 +20,7 @@
 struct gen_opts {
     const char *model, *prompt, *batch_file, *system, *template_name;
     int n_predict, chat, threads, ignore_eos;
+    const char *device; /* NULL: $KRSERVE_DEVICE, else cpu */
     struct sampler_params sp;
     int has_seed;
 };
@@ -30,7 +31,7 @@ static void usage(void)
         "usage: krserve generate [-m MODEL] (-p PROMPT | --batch FILE) [-n N] [--temperature T]\n"
         "                        [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R]\n"
         "                        [--seed S] [--chat] [--system TEXT] [--template NAME]\n"
-        "                        [--ignore-eos] [--threads N]\n"
+        "                        [--ignore-eos] [--threads N] [--device cpu|cuda]\n"
         "  -p PROMPT      generate a continuation, streamed as it is produced\n"
         "  --batch FILE   one prompt per line, all run concurrently; one output line each\n"
         "  --chat         wrap the prompt in the model's chat template (user message)\n"
@@ -233,6 +234,7 @@ int cli_generate(int argc, char **argv)
         {"template", required_argument, 0, 'T'},
         {"batch", required_argument, 0, 'b'},
         {"threads", required_argument, 0, 'j'},
+        {"device", required_argument, 0, 'D'},
         {"ignore-eos", no_argument, 0, 'e'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
@@ -288,6 +290,9 @@ int cli_generate(int argc, char **argv)
         case 'j':
             o.threads = atoi(optarg);
             break;
+        case 'D':
+            o.device = optarg;
+            break;
         case 'e':
             o.ignore_eos = 1;
             break;
@@ -321,6 +326,8 @@ int cli_generate(int argc, char **argv)
     struct sched_params sp;
     engine_sched_params(&cfg, &sp);
     sp.n_threads = o.threads;
+    if (!o.device) o.device = getenv("KRSERVE_DEVICE");
+    if (o.device) snprintf(sp.device, sizeof sp.device, "%s", o.device);
     sp.kv_tokens = 8192;
     sp.max_queue = 1024;
     if (sched_create(m, tok, &sp, NULL, &s, err, sizeof err)) {

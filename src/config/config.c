@@ -181,11 +181,16 @@ static int pair_error(const struct krs_config *cfg, int a, int b, const char *re
     return KRS_ERR_INVALID;
 }
 
+const char *config_device_name(int device)
+{
+    return device == CONFIG_DEVICE_CUDA ? "cuda" : "cpu";
+}
+
 int config_validate(const struct krs_config *cfg, char *err, size_t errlen)
 {
     static const struct {
         const char *lo, *hi;
-        bool lo_zero_is_unset; /* lo == 0 means "not set": no check */
+        bool zero_is_unset; /* lo == 0 or hi == 0 means "not set": no check */
     } ordered[] = {
         {"performance.gpuScheduler.autoTune.minBatch", "performance.gpuScheduler.autoTune.maxBatch",
          false},
@@ -196,7 +201,7 @@ int config_validate(const struct krs_config *cfg, char *err, size_t errlen)
     for (size_t i = 0; i < sizeof ordered / sizeof ordered[0]; i++) {
         int lo = config_key_find(ordered[i].lo), hi = config_key_find(ordered[i].hi);
         double vl = num_value(cfg, lo), vh = num_value(cfg, hi);
-        if (ordered[i].lo_zero_is_unset && vl == 0) continue;
+        if (ordered[i].zero_is_unset && (vl == 0 || vh == 0)) continue;
         if (vl > vh) return pair_error(cfg, lo, hi, "<=", ">=", err, errlen);
     }
     if (cfg->monitoring.prometheus.port != 0 &&

@@ -38,6 +38,13 @@ enum config_source {
 };
 
 /* performance.gpuScheduler.mode */
+enum config_device {
+    CONFIG_DEVICE_CPU = 0,
+    CONFIG_DEVICE_CUDA = 1,
+};
+/* "cpu", "cuda" */
+const char *config_device_name(int device);
+
 enum config_sched_mode {
     CONFIG_SCHED_AUTO = 0,  /* continuous batching, batch limit auto-tuned */
     CONFIG_SCHED_FIXED = 1, /* continuous batching, batch limit = batchSize */
@@ -73,6 +80,8 @@ struct krs_config {
         int kv_cache_tokens;
         int max_batch_tokens; /* prefill token budget per step */
         int threads;          /* compute threads, 0 = all cores */
+        int device;           /* enum config_device */
+        int memory_budget_mb; /* CPU backend budget; 0 = available memory */
         int context_length;   /* 0 = the model's, capped by kv_cache_tokens */
     } model;
     struct {

@@ -14,6 +14,7 @@
 #define OFF(field) offsetof(struct krs_config, field), sizeof(((struct krs_config *)0)->field)
 
 static const char *const sched_modes[] = {"auto", "fixed", "off", NULL};
+static const char *const devices[] = {"cpu", "cuda", NULL};
 static const char *const log_levels[] = {"debug", "info", "warn", "error", "off", NULL};
 
 static int check_url_path(const void *field, char *msg, size_t len)
@@ -75,10 +76,19 @@ static const struct config_key keys[] = {
      NULL, "--model-dir", NULL, "the only directory load_model may open", NULL},
     {"model.name", "", CONFIG_T_STRING, OFF(model.name), 1, CONFIG_STR_MAX - 1, NULL, true,
      NULL, NULL, NULL, "served model id; null = the model file's stem", NULL},
-    {"model.kvCacheTokens", "16384", CONFIG_T_INT, OFF(model.kv_cache_tokens), 16, 16777216, NULL, false,
-     NULL, "--kv-tokens", NULL, "KV cache capacity in tokens, shared by all sequences", NULL},
+    {"model.kvCacheTokens", "16384", CONFIG_T_INT, OFF(model.kv_cache_tokens), 0, 16777216, NULL, false,
+     NULL, "--kv-tokens", NULL,
+     "KV cache capacity in tokens, shared by all sequences; clamped to the device's free memory; "
+     "0 = as much as it holds", NULL},
     {"model.maxBatchTokens", "512", CONFIG_T_INT, OFF(model.max_batch_tokens), 1, 65536, NULL, false,
      NULL, NULL, NULL, "prefill token budget per step", NULL},
+    {"model.device", "cpu", CONFIG_T_ENUM, OFF(model.device), 0, 0, devices, false,
+     "KRSERVE_DEVICE", "--device", NULL, "compute backend: cpu or cuda (a CUDA build on a GPU)",
+     NULL},
+    {"model.memoryBudgetMB", "0", CONFIG_T_INT, OFF(model.memory_budget_mb), 0, 16777216, NULL,
+     false, NULL, NULL, NULL,
+     "memory the CPU backend may reserve for KV and buffers in MiB; 0 = the available memory",
+     NULL},
     {"model.threads", "0", CONFIG_T_INT, OFF(model.threads), 0, 1024, NULL, false,
      NULL, "--threads", NULL, "compute threads; 0 = all cores", NULL},
     {"model.contextLength", "0", CONFIG_T_INT, OFF(model.context_length), 0, 16777216, NULL, false,

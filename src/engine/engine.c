@@ -34,6 +34,8 @@ void engine_sched_params(const struct krs_config *cfg, struct sched_params *p)
     p->kv_tokens = cfg->model.kv_cache_tokens;
     p->max_ctx = cfg->model.context_length;
     p->n_threads = cfg->model.threads;
+    snprintf(p->device, sizeof p->device, "%s", config_device_name(cfg->model.device));
+    p->mem_budget = (uint64_t)cfg->model.memory_budget_mb << 20;
     p->auto_min_batch = g->auto_tune.min_batch;
     p->auto_max_batch = g->auto_tune.max_batch;
     p->max_running =

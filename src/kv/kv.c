@@ -1,5 +1,6 @@
-/* Paged KV cache: two block pools (full and sliding-window layers), a free-list stack per pool
- * and a per-sequence table of logical block -> physical block (-1 = not held). */
+/* Paged KV bookkeeping: two block pools (full and sliding-window layers), a free-list stack per
+ * pool and a per-sequence table of logical block -> physical block (-1 = not held). The storage
+ * of the blocks is the backend's. */
 #include "kv/kv.h"
 
 #include "krserve.h"
@@ -14,8 +15,6 @@ struct kv_group {
     int32_t *free_stack; /* [n_blocks] */
     int32_t *tables;     /* [max_seqs][max_blocks_per_seq] */
     int64_t *held;       /* [max_seqs] blocks held */
-    float *k;            /* [n_layers][n_blocks][block_size][kv_dim] */
-    float *v;
 };
 
 struct kv_cache {
@@ -25,6 +24,7 @@ struct kv_cache {
     int n_swa;
     int kv_dim;
     int block_size;
+    int elem_bytes;
     int max_seqs;
     int max_ctx;
     int max_blocks;       /* per sequence */
@@ -37,16 +37,10 @@ static int group_init(struct kv_cache *kv, struct kv_group *g, int n_layers, int
     if (n_layers == 0) return KRS_OK;
     g->n_blocks = (n_tokens + kv->block_size - 1) / kv->block_size;
     if (g->n_blocks < 1 || g->n_blocks > INT32_MAX) return KRS_ERR_INVALID;
-    size_t rows = (size_t)n_layers * (size_t)g->n_blocks * (size_t)kv->block_size;
     g->free_stack = alloc_calloc((size_t)g->n_blocks, sizeof *g->free_stack);
     g->tables = alloc_calloc((size_t)kv->max_seqs * (size_t)kv->max_blocks, sizeof *g->tables);
     g->held = alloc_calloc((size_t)kv->max_seqs, sizeof *g->held);
-    g->k = alloc_aligned(64, rows * (size_t)kv->kv_dim * sizeof(float));
-    g->v = alloc_aligned(64, rows * (size_t)kv->kv_dim * sizeof(float));
-    if (!g->free_stack || !g->tables || !g->held || !g->k || !g->v) return KRS_ERR_NOMEM;
-    /* Touch the pools now so the first requests do not pay page faults mid-step. */
-    memset(g->k, 0, rows * (size_t)kv->kv_dim * sizeof(float));
-    memset(g->v, 0, rows * (size_t)kv->kv_dim * sizeof(float));
+    if (!g->free_stack || !g->tables || !g->held) return KRS_ERR_NOMEM;
     for (int64_t i = 0; i < g->n_blocks; i++) g->free_stack[i] = (int32_t)(g->n_blocks - 1 - i);
     g->n_free = g->n_blocks;
     for (size_t i = 0; i < (size_t)kv->max_seqs * (size_t)kv->max_blocks; i++) g->tables[i] = -1;
@@ -58,8 +52,6 @@ static void group_free(struct kv_group *g)
     alloc_free(g->free_stack);
     alloc_free(g->tables);
     alloc_free(g->held);
-    alloc_aligned_free(g->k);
-    alloc_aligned_free(g->v);
 }
 
 int kv_create(const struct kv_config *cfg, struct kv_cache **out)
@@ -75,6 +67,7 @@ int kv_create(const struct kv_config *cfg, struct kv_cache **out)
     kv->n_swa = cfg->n_swa;
     kv->kv_dim = cfg->n_kv_heads * cfg->head_dim;
     kv->block_size = cfg->block_size;
+    kv->elem_bytes = cfg->elem_bytes > 0 ? cfg->elem_bytes : 4;
     kv->max_seqs = cfg->max_seqs;
     kv->max_ctx = cfg->max_ctx;
     kv->max_blocks = (cfg->max_ctx + cfg->block_size - 1) / cfg->block_size;
@@ -194,36 +187,33 @@ void kv_seq_release(struct kv_cache *kv, int seq)
         if (kv->g[gi].n_layers) release_range(kv, &kv->g[gi], seq, 0, kv->max_blocks);
 }
 
-static float *row_ptr(const struct kv_cache *kv, float *const *base_sel, int layer, int seq,
-                      int64_t pos)
+int kv_layer_group(const struct kv_cache *kv, int layer)
 {
-    int gi = kv->is_swa[layer];
-    const struct kv_group *g = &kv->g[gi];
+    return kv->is_swa[layer];
+}
+
+int64_t kv_group_blocks(const struct kv_cache *kv, int g)
+{
+    return kv->g[g].n_layers ? kv->g[g].n_blocks : 0;
+}
+
+int kv_max_blocks(const struct kv_cache *kv)
+{
+    return kv->max_blocks;
+}
+
+const int32_t *kv_seq_table(const struct kv_cache *kv, int g, int seq)
+{
+    if (!kv->g[g].n_layers || seq < 0 || seq >= kv->max_seqs) return NULL;
+    return seq_table(kv, &kv->g[g], seq);
+}
+
+int kv_seq_holds(const struct kv_cache *kv, int layer, int seq, int64_t pos)
+{
+    if (layer < 0 || layer >= kv->n_layers || seq < 0 || seq >= kv->max_seqs || pos < 0) return 0;
     int64_t lb = pos / kv->block_size;
-    if (lb >= kv->max_blocks) return NULL;
-    int32_t pb = seq_table(kv, g, seq)[lb];
-    if (pb < 0) return NULL;
-    size_t row = ((size_t)kv->group_layer[layer] * (size_t)g->n_blocks + (size_t)pb) *
-                     (size_t)kv->block_size +
-                 (size_t)(pos % kv->block_size);
-    return base_sel[gi] + row * (size_t)kv->kv_dim;
-}
-
-float *kv_k_row(const struct kv_cache *kv, int layer, int seq, int64_t pos)
-{
-    float *bases[2] = {kv->g[0].k, kv->g[1].k};
-    return row_ptr(kv, bases, layer, seq, pos);
-}
-
-float *kv_v_row(const struct kv_cache *kv, int layer, int seq, int64_t pos)
-{
-    float *bases[2] = {kv->g[0].v, kv->g[1].v};
-    return row_ptr(kv, bases, layer, seq, pos);
-}
-
-int kv_run_length(const struct kv_cache *kv, int64_t pos)
-{
-    return kv->block_size - (int)(pos % kv->block_size);
+    if (lb >= kv->max_blocks) return 0;
+    return seq_table(kv, &kv->g[kv->is_swa[layer]], seq)[lb] >= 0;
 }
 
 int kv_block_size(const struct kv_cache *kv)
@@ -256,7 +246,7 @@ void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out)
         s[gi]->blocks_total = g->n_blocks;
         s[gi]->blocks_free = g->n_free;
         out->bytes += 2u * (uint64_t)g->n_layers * (uint64_t)g->n_blocks *
-                      (uint64_t)kv->block_size * (uint64_t)kv->kv_dim * sizeof(float);
+                      (uint64_t)kv->block_size * (uint64_t)kv->kv_dim * (uint64_t)kv->elem_bytes;
     }
     out->block_size = kv->block_size;
 }

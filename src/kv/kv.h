@@ -1,4 +1,6 @@
-/* Paged KV cache: a block pool reserved once at start, per-sequence block tables.
+/* Paged KV cache bookkeeping: the block allocator and per-sequence block tables. The blocks'
+ * storage lives in the compute backend (backend.h kv_reserve / kv_store / attention), which reads
+ * the tables this module keeps; kv/ never touches K or V values.
  *
  * Layers are split into two groups that own separate pools: "full" layers (attend to every
  * earlier position) and sliding-window layers (attend to the last n_swa positions only). A
@@ -7,14 +9,14 @@
  * Gemma 3 conversation costs its sliding layers a bounded number of blocks. Architectures without
  * sliding layers use only the full group.
  *
- * Block b of a sequence stores positions [b*block_size, (b+1)*block_size) for every layer of its
- * group: K and V rows of kv_dim = n_kv_heads * head_dim floats each.
+ * Logical block b of a sequence holds positions [b*block_size, (b+1)*block_size) for every layer
+ * of its group; its table entry names the physical block (0 .. blocks_total-1) in the backend's
+ * pool of that group.
  *
  * Running out of blocks is a status (KRS_ERR_AGAIN) that the scheduler acts on (wait, preempt);
  * kv_seq_reserve is all-or-nothing so a failed reserve changes nothing.
  *
- * Threading: owned by the engine thread. Pointers from kv_k_row/kv_v_row are read by the
- * forward pass's worker threads while the engine thread waits for them. */
+ * Threading: owned by the engine thread. */
 #ifndef KRS_KV_H
 #define KRS_KV_H
 
@@ -32,6 +34,7 @@ struct kv_config {
     int64_t n_tokens_swa; /* capacity of the sliding pool (0 = same as n_tokens) */
     int max_seqs;         /* sequence slots 0 .. max_seqs-1 */
     int max_ctx;          /* longest sequence, in positions */
+    int elem_bytes;       /* bytes per stored K or V element in the backend (for stats); 0 = 4 */
 };
 
 struct kv_group_stats {
@@ -44,7 +47,7 @@ struct kv_stats {
     struct kv_group_stats full;
     struct kv_group_stats swa;
     int block_size;
-    uint64_t bytes; /* K+V storage reserved */
+    uint64_t bytes; /* K+V storage the backend reserves for these pools */
 };
 
 struct kv_cache;
@@ -66,12 +69,17 @@ void kv_seq_trim(struct kv_cache *kv, int seq, int64_t next_pos);
 /* Returns every block of seq to the pools. Idempotent. */
 void kv_seq_release(struct kv_cache *kv, int seq);
 
-/* K / V row of (layer, seq, pos): kv_dim floats. The block must have been reserved (asserted in
- * debug builds); returns NULL when it is not held. */
-float *kv_k_row(const struct kv_cache *kv, int layer, int seq, int64_t pos);
-float *kv_v_row(const struct kv_cache *kv, int layer, int seq, int64_t pos);
-/* Contiguous run: how many positions starting at pos share pos's block (<= block_size). */
-int kv_run_length(const struct kv_cache *kv, int64_t pos);
+/* Group of a layer: 0 = full, 1 = sliding (the backend's BACKEND_KV_FULL / _SWA). */
+int kv_layer_group(const struct kv_cache *kv, int layer);
+/* Physical blocks in group g's pool (0 when the group has no layers). */
+int64_t kv_group_blocks(const struct kv_cache *kv, int g);
+/* Entries of a sequence's block table (max_ctx / block_size rounded up). */
+int kv_max_blocks(const struct kv_cache *kv);
+/* seq's block table in group g: kv_max_blocks entries, -1 = not held. Owned by kv, valid until
+ * the next reserve / trim / release of that sequence. NULL for a group without layers. */
+const int32_t *kv_seq_table(const struct kv_cache *kv, int g, int seq);
+/* 1 when (seq, pos) has a block in the group of `layer`, else 0 (bad arguments give 0). */
+int kv_seq_holds(const struct kv_cache *kv, int layer, int seq, int64_t pos);
 
 int kv_block_size(const struct kv_cache *kv);
 int kv_dim(const struct kv_cache *kv);

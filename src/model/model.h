@@ -5,13 +5,15 @@
  * hyper-parameters and binds every weight tensor, checking shapes and types. Supported
  * architectures: gemma3, llama, qwen2; anything else is KRS_ERR_UNSUPPORTED with its name.
  *
- * A model_ctx is the runtime for one engine: a compute backend, a KV cache and scratch buffers
- * reserved for the largest batch, so model_forward never allocates. One batch mixes any number
- * of sequences, each with its own tokens at its own positions (prefill chunks and single decode
- * tokens together); each weight matrix is read once per call for all of them.
+ * A model_ctx is the runtime for one engine: a compute backend (chosen by name: cpu, cuda) that
+ * holds the weights, the KV pool and an activation arena reserved for the largest batch, plus
+ * the KV block tables (kv/), so model_forward never allocates. model_forward only sequences
+ * backend ops: one step_begin with all inputs, ops, one step_end for the logits. One batch mixes
+ * any number of sequences, each with its own tokens at its own positions (prefill chunks and single
+ * decode tokens together); each weight matrix is read once per call for all of them.
  *
  * Threading: a model is immutable after load and may be shared; a model_ctx belongs to one
- * thread (the engine thread) and uses its own worker pool. */
+ * thread (the engine thread); its backend's compute threads are the backend's. */
 #ifndef KRS_MODEL_H
 #define KRS_MODEL_H
 
@@ -66,11 +68,14 @@ uint64_t model_weight_bytes(const struct model *m);
 struct model_ctx_params {
     int max_batch_tokens; /* tokens per forward (prefill chunks + decodes) */
     int max_seqs;         /* sequence slots of the KV cache */
-    int64_t kv_tokens;    /* KV capacity in positions (full-attention layers) */
+    int64_t kv_tokens;    /* KV capacity in positions (full-attention layers); clamped to what
+                           * the backend's memory holds; 0 = as much as it holds */
     int max_ctx;          /* longest sequence; 0 = min(n_ctx_train, kv_tokens) */
     int n_threads;        /* 0 = all online CPUs */
     int kv_block_size;    /* 0 = 16 */
     int max_logits;       /* rows of logits one forward may return; 0 = max_seqs */
+    const char *device;   /* "cpu" (NULL) or "cuda" */
+    uint64_t mem_budget;  /* CPU backend: bytes it may reserve; 0 = available memory */
 };
 
 struct model_ctx;
@@ -84,13 +89,6 @@ struct kv_cache *model_ctx_kv(struct model_ctx *ctx);
 int model_ctx_max_batch_tokens(const struct model_ctx *ctx);
 int model_ctx_max_ctx(const struct model_ctx *ctx);
 const char *model_ctx_backend_name(const struct model_ctx *ctx);
-/* The backend's host threads, for work beside the forward pass (per-sequence sampling):
- * model_ctx_parallel_for calls fn(arg, i, worker) for i in [0, n), worker in
- * [0, model_ctx_host_threads), and returns when all are done. Engine thread only. */
-int model_ctx_host_threads(const struct model_ctx *ctx);
-void model_ctx_parallel_for(struct model_ctx *ctx, int n, void (*fn)(void *arg, int i, int worker),
-                            void *arg);
-
 /* One forward batch. Token i belongs to sequence slot seq[i] at position pos[i]; a sequence's
  * tokens in the batch must have consecutive increasing positions, and its KV blocks must have
  * been reserved (kv_seq_reserve) for them. Earlier positions come from the KV cache. */

@@ -1,256 +1,184 @@
 /* The batched forward pass shared by gemma3, llama and qwen2: the architectures differ only in
  * a few switches (q/k norms, post-norms, biases, GEGLU vs SwiGLU, rope style, embedding scale),
- * all read from the bound weights and hyper-parameters. No allocation here: model_ctx_create
- * reserves every buffer for the largest batch. */
+ * all read from the bound weights and hyper-parameters. This file only sequences backend ops:
+ * it packs the step's inputs (build_step), hands them to the backend at once, enqueues the ops
+ * and collects the logits at step_end. It never touches backend memory and allocates nothing:
+ * model_ctx_create reserved every buffer for the largest batch. */
 #include "model/model_impl.h"
 
 #include "backend/backend.h"
 #include "krserve.h"
 #include "kv/kv.h"
-#include "util/alloc.h"
 
-#include <math.h>
-#include <stdio.h>
 #include <string.h>
 
-static float *scratch(size_t n)
+/* Validates the batch against the KV tables and packs the step's inputs: step-local sequence
+ * ids, the block tables of the step's sequences (rows as long as the longest needs) and the
+ * rows that want logits. */
+static int build_step(struct model_ctx *c, const struct model_batch *b, struct backend_step *s)
 {
-    return alloc_aligned(64, n * sizeof(float));
-}
-
-int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
-                     struct model_ctx **out, char *err, size_t errlen)
-{
-    *out = NULL;
-    const struct model_hparams *hp = &m->hp;
-    if (p->max_batch_tokens <= 0 || p->max_seqs <= 0 || p->kv_tokens <= 0) {
-        snprintf(err, errlen, "invalid context parameters");
-        return KRS_ERR_INVALID;
+    const struct model_hparams *hp = &c->m->hp;
+    const int T = b->n_tokens;
+    if (T <= 0 || T > c->max_tokens) return KRS_ERR_INVALID;
+    int n_seqs = 0, n_logits = 0, rc = KRS_OK;
+    for (int t = 0; t < T; t++) {
+        if (b->tokens[t] < 0 || b->tokens[t] >= hp->n_vocab || b->pos[t] < 0 ||
+            b->pos[t] >= c->max_ctx || b->seq[t] < 0 || b->seq[t] >= c->max_seqs) {
+            rc = KRS_ERR_INVALID;
+            goto out;
+        }
+        /* Every position this token writes must be held in both groups. */
+        for (int il = 0; il < hp->n_layer; il++)
+            if (!kv_seq_holds(c->kv, il, b->seq[t], b->pos[t])) {
+                rc = KRS_ERR_INVALID;
+                goto out;
+            }
+        int32_t *sl = &c->slot_to_step[b->seq[t]];
+        if (*sl < 0) {
+            *sl = n_seqs;
+            c->step_slots[n_seqs] = b->seq[t];
+            c->step_max_pos[n_seqs++] = b->pos[t];
+        } else if (b->pos[t] > c->step_max_pos[*sl]) {
+            c->step_max_pos[*sl] = b->pos[t];
+        }
+        c->step_seq[t] = *sl;
+        if (b->logits[t]) {
+            if (n_logits == c->max_logits) {
+                rc = KRS_ERR_INVALID;
+                goto out;
+            }
+            c->logit_rows[n_logits++] = t;
+        }
     }
-    struct model_ctx *c = alloc_calloc(1, sizeof *c);
-    if (!c) return KRS_ERR_NOMEM;
-    int rc = KRS_ERR_NOMEM;
-    c->m = m;
-    c->max_tokens = p->max_batch_tokens;
-    c->max_logits = p->max_logits > 0 ? p->max_logits : p->max_seqs;
-    c->max_ctx = p->max_ctx > 0 ? p->max_ctx : hp->n_ctx_train;
-    if (c->max_ctx > p->kv_tokens) c->max_ctx = (int)p->kv_tokens;
-
-    uint8_t *swa = alloc_calloc((size_t)hp->n_layer, 1);
-    if (!swa) goto fail;
-    for (int il = 0; il < hp->n_layer; il++) swa[il] = m->layers[il].is_swa;
-    /* Sliding layers never need more than window + one batch of positions per sequence. */
-    int bs = p->kv_block_size > 0 ? p->kv_block_size : 16;
-    int64_t swa_tokens = 0;
-    if (hp->n_swa > 0) {
-        swa_tokens = (int64_t)p->max_seqs * (hp->n_swa + 2 * bs) + p->max_batch_tokens;
-        if (swa_tokens > p->kv_tokens) swa_tokens = p->kv_tokens;
+    int bs = kv_block_size(c->kv), max_blocks = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        int nb = c->step_max_pos[i] / bs + 1;
+        if (nb > max_blocks) max_blocks = nb;
     }
-    struct kv_config kc = {
-        .n_layers = hp->n_layer,
-        .layer_is_swa = swa,
-        .n_swa = hp->n_swa,
-        .n_kv_heads = hp->n_head_kv,
-        .head_dim = hp->head_dim,
-        .block_size = bs,
-        .n_tokens = p->kv_tokens,
-        .n_tokens_swa = swa_tokens,
-        .max_seqs = p->max_seqs,
-        .max_ctx = c->max_ctx,
-    };
-    rc = kv_create(&kc, &c->kv);
-    alloc_free(swa);
-    if (rc) {
-        snprintf(err, errlen, "KV cache of %lld tokens: %s", (long long)p->kv_tokens,
-                 krs_status_str(rc));
-        goto fail;
+    for (int g = 0; g < 2; g++) {
+        s->block_table[g] = NULL;
+        if (!kv_group_blocks(c->kv, g)) continue;
+        for (int i = 0; i < n_seqs; i++)
+            memcpy(c->tables[g] + (size_t)i * max_blocks, kv_seq_table(c->kv, g, c->step_slots[i]),
+                   (size_t)max_blocks * sizeof(int32_t));
+        s->block_table[g] = c->tables[g];
     }
-    int64_t max_in = hp->n_ff > hp->n_embd ? hp->n_ff : hp->n_embd;
-    if ((int64_t)hp->n_head * hp->head_dim > max_in) max_in = (int64_t)hp->n_head * hp->head_dim;
-    rc = backend_cpu_create(p->n_threads, c->max_tokens, max_in, c->max_ctx, &c->be);
-    if (rc) {
-        snprintf(err, errlen, "CPU backend: %s", krs_status_str(rc));
-        goto fail;
-    }
-    rc = KRS_ERR_NOMEM;
-    size_t T = (size_t)c->max_tokens;
-    size_t qd = (size_t)hp->n_head * hp->head_dim, kvd = (size_t)hp->n_head_kv * hp->head_dim;
-    c->x = scratch(T * hp->n_embd);
-    c->xn = scratch(T * hp->n_embd);
-    c->tmp = scratch(T * hp->n_embd);
-    c->q = scratch(T * qd);
-    c->k = scratch(T * kvd);
-    c->v = scratch(T * kvd);
-    c->attn = scratch(T * qd);
-    c->gate = scratch(T * hp->n_ff);
-    c->up = scratch(T * hp->n_ff);
-    c->sel = scratch((size_t)c->max_logits * hp->n_embd);
-    c->logits = scratch((size_t)c->max_logits * hp->n_vocab);
-    if (!c->x || !c->xn || !c->tmp || !c->q || !c->k || !c->v || !c->attn || !c->gate || !c->up ||
-        !c->sel || !c->logits) {
-        snprintf(err, errlen, "out of memory reserving forward buffers");
-        goto fail;
-    }
-    *out = c;
-    return KRS_OK;
-fail:
-    model_ctx_free(c);
+    s->n_tokens = T;
+    s->tokens = b->tokens;
+    s->pos = b->pos;
+    s->seq = c->step_seq;
+    s->n_seqs = n_seqs;
+    s->max_blocks = max_blocks;
+    s->n_logits = n_logits;
+    s->logit_rows = c->logit_rows;
+out:
+    for (int i = 0; i < n_seqs; i++) c->slot_to_step[c->step_slots[i]] = -1;
     return rc;
 }
 
-void model_ctx_free(struct model_ctx *c)
+/* The layers, as backend ops. Returns the first failing op's status. */
+static int forward_layers(struct model_ctx *c)
 {
-    if (!c) return;
-    if (c->be) c->be->ops->destroy(c->be);
-    kv_free(c->kv);
-    float *bufs[] = {c->x,    c->xn,   c->tmp, c->q,   c->k,     c->v,
-                     c->attn, c->gate, c->up,  c->sel, c->logits};
-    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) alloc_aligned_free(bufs[i]);
-    alloc_free(c);
+    const struct model *m = c->m;
+    const struct model_hparams *hp = &m->hp;
+    struct backend *be = c->be;
+    const struct backend_ops *ops = be->ops;
+    const int T = c->cur_tokens, E = hp->n_embd, hd = hp->head_dim;
+    const int qd = hp->n_head * hd, kvd = hp->n_head_kv * hd;
+    const int gemma = hp->arch == MODEL_ARCH_GEMMA3;
+    int rc;
+    if ((rc = ops->embed(be, c->tok_embd, hp->embed_scale, c->x))) return rc;
+    for (int il = 0; il < hp->n_layer; il++) {
+        const struct model_ctx_layer *L = &c->layers[il];
+        const int swa = m->layers[il].is_swa;
+        struct backend_rope_args rq = {
+            .x = c->q,
+            .n_heads = hp->n_head,
+            .head_dim = hd,
+            .n_rot = hp->n_rot,
+            .base = swa ? hp->rope_base_swa : hp->rope_base,
+            .freq_scale = swa ? 1.0f : hp->rope_freq_scale,
+            .freq_factors = c->rope_freqs,
+            .neox = hp->rope_neox,
+        };
+        struct backend_rope_args rk = rq;
+        rk.x = c->k;
+        rk.n_heads = hp->n_head_kv;
+        struct backend_attn_args aa = {
+            .q = c->q,
+            .out = c->attn,
+            .layer = il,
+            .n_head = hp->n_head,
+            .n_head_kv = hp->n_head_kv,
+            .head_dim = hd,
+            .scale = hp->attn_scale,
+            .n_swa = swa ? hp->n_swa : 0,
+        };
+        if ((rc = ops->rmsnorm(be, c->x, L->attn_norm, T, E, hp->rms_eps, c->xn)) ||
+            (rc = ops->matmul(be, L->wq, c->xn, T, c->q)) ||
+            (rc = ops->matmul(be, L->wk, c->xn, T, c->k)) ||
+            (rc = ops->matmul(be, L->wv, c->xn, T, c->v)) ||
+            (L->bq && (rc = ops->add_bias(be, c->q, L->bq, T, qd))) ||
+            (L->bk && (rc = ops->add_bias(be, c->k, L->bk, T, kvd))) ||
+            (L->bv && (rc = ops->add_bias(be, c->v, L->bv, T, kvd))) ||
+            (L->q_norm &&
+             (rc = ops->rmsnorm(be, c->q, L->q_norm, T * hp->n_head, hd, hp->rms_eps, c->q))) ||
+            (L->k_norm &&
+             (rc = ops->rmsnorm(be, c->k, L->k_norm, T * hp->n_head_kv, hd, hp->rms_eps, c->k))) ||
+            (rc = ops->rope(be, &rq)) || (rc = ops->rope(be, &rk)) ||
+            (rc = ops->kv_store(be, il, c->k, c->v)) || (rc = ops->attention(be, &aa)) ||
+            (rc = ops->matmul(be, L->wo, c->attn, T, c->tmp)) ||
+            (L->post_attn_norm &&
+             (rc = ops->rmsnorm(be, c->tmp, L->post_attn_norm, T, E, hp->rms_eps, c->tmp))) ||
+            (rc = ops->add(be, c->x, c->tmp, (int64_t)T * E)))
+            return rc;
+        if ((rc = ops->rmsnorm(be, c->x, L->ffn_norm, T, E, hp->rms_eps, c->xn)) ||
+            (rc = ops->matmul(be, L->w_gate, c->xn, T, c->gate)) ||
+            (rc = ops->matmul(be, L->w_up, c->xn, T, c->up)) ||
+            (rc = ops->glu(be, c->gate, c->up, (int64_t)T * hp->n_ff, gemma)) ||
+            (rc = ops->matmul(be, L->w_down, c->gate, T, c->tmp)) ||
+            (L->post_ffw_norm &&
+             (rc = ops->rmsnorm(be, c->tmp, L->post_ffw_norm, T, E, hp->rms_eps, c->tmp))) ||
+            (rc = ops->add(be, c->x, c->tmp, (int64_t)T * E)))
+            return rc;
+    }
+    return KRS_OK;
 }
 
-struct kv_cache *model_ctx_kv(struct model_ctx *c)
-{
-    return c->kv;
-}
-
-int model_ctx_max_batch_tokens(const struct model_ctx *c)
-{
-    return c->max_tokens;
-}
-
-int model_ctx_max_ctx(const struct model_ctx *c)
-{
-    return c->max_ctx;
-}
-
-int model_ctx_host_threads(const struct model_ctx *c)
-{
-    return c->be->ops->host_threads(c->be);
-}
-
-void model_ctx_parallel_for(struct model_ctx *c, int n, void (*fn)(void *arg, int i, int worker),
-                            void *arg)
-{
-    c->be->ops->parallel_for(c->be, n, fn, arg);
-}
-
-const char *model_ctx_backend_name(const struct model_ctx *c)
-{
-    return c->be->ops->name;
-}
-
-static void add_bias(float *y, const float *b, int T, int n)
-{
-    if (!b) return;
-    for (int t = 0; t < T; t++)
-        for (int i = 0; i < n; i++) y[(size_t)t * n + i] += b[i];
-}
-
-static int check_batch(const struct model_ctx *c, const struct model_batch *b, int *n_logits)
+/* Final norm and output projection of the rows that want logits. */
+static int forward_logits(struct model_ctx *c, int n_logits)
 {
     const struct model_hparams *hp = &c->m->hp;
-    if (b->n_tokens <= 0 || b->n_tokens > c->max_tokens) return KRS_ERR_INVALID;
-    int n = 0;
-    for (int t = 0; t < b->n_tokens; t++) {
-        if (b->tokens[t] < 0 || b->tokens[t] >= hp->n_vocab) return KRS_ERR_INVALID;
-        if (b->pos[t] < 0 || b->pos[t] >= c->max_ctx) return KRS_ERR_INVALID;
-        /* Every position this token attends to through the newest layer must be held. */
-        for (int il = 0; il < hp->n_layer; il++)
-            if (!kv_k_row(c->kv, il, b->seq[t], b->pos[t])) return KRS_ERR_INVALID;
-        n += b->logits[t] != 0;
-    }
-    if (n > c->max_logits) return KRS_ERR_INVALID;
-    *n_logits = n;
+    struct backend *be = c->be;
+    const struct backend_ops *ops = be->ops;
+    const int E = hp->n_embd;
+    int rc;
+    if (!n_logits) return KRS_OK;
+    if ((rc = ops->get_rows(be, c->x, E, c->sel)) ||
+        (rc = ops->rmsnorm(be, c->sel, c->output_norm, n_logits, E, hp->rms_eps, c->sel)) ||
+        (rc = ops->matmul(be, c->output, c->sel, n_logits, c->logits)) ||
+        (c->output_bias &&
+         (rc = ops->add_bias(be, c->logits, c->output_bias, n_logits, hp->n_vocab))) ||
+        (hp->final_softcap > 0 &&
+         (rc = ops->softcap(be, c->logits, (int64_t)n_logits * hp->n_vocab, hp->final_softcap))))
+        return rc;
     return KRS_OK;
 }
 
 int model_forward(struct model_ctx *c, const struct model_batch *b, const float **out_logits,
                   int *out_n)
 {
-    const struct model *m = c->m;
-    const struct model_hparams *hp = &m->hp;
-    struct backend *be = c->be;
-    const struct backend_ops *ops = be->ops;
-    int n_logits, rc;
-    if ((rc = check_batch(c, b, &n_logits))) return rc;
-
-    const int T = b->n_tokens, E = hp->n_embd, hd = hp->head_dim;
-    const int qd = hp->n_head * hd, kvd = hp->n_head_kv * hd;
-    const int gemma = hp->arch == MODEL_ARCH_GEMMA3;
-
-    if ((rc = ops->embed(be, &m->tok_embd, b->tokens, T, hp->embed_scale, c->x))) return rc;
-
-    for (int il = 0; il < hp->n_layer; il++) {
-        const struct model_layer *L = &m->layers[il];
-        const float base = L->is_swa ? hp->rope_base_swa : hp->rope_base;
-        const float fscale = L->is_swa ? 1.0f : hp->rope_freq_scale;
-
-        ops->rmsnorm(be, c->x, L->attn_norm, T, E, hp->rms_eps, c->xn);
-        if ((rc = ops->matmul(be, &L->wq, c->xn, T, c->q)) ||
-            (rc = ops->matmul(be, &L->wk, c->xn, T, c->k)) ||
-            (rc = ops->matmul(be, &L->wv, c->xn, T, c->v)))
-            return rc;
-        add_bias(c->q, L->bq, T, qd);
-        add_bias(c->k, L->bk, T, kvd);
-        add_bias(c->v, L->bv, T, kvd);
-        if (L->q_norm) ops->rmsnorm(be, c->q, L->q_norm, T * hp->n_head, hd, hp->rms_eps, c->q);
-        if (L->k_norm) ops->rmsnorm(be, c->k, L->k_norm, T * hp->n_head_kv, hd, hp->rms_eps, c->k);
-        ops->rope(be, c->q, b->pos, T, hp->n_head, hd, hp->n_rot, base, fscale, m->rope_freqs,
-                  hp->rope_neox);
-        ops->rope(be, c->k, b->pos, T, hp->n_head_kv, hd, hp->n_rot, base, fscale, m->rope_freqs,
-                  hp->rope_neox);
-        for (int t = 0; t < T; t++) {
-            memcpy(kv_k_row(c->kv, il, b->seq[t], b->pos[t]), c->k + (size_t)t * kvd,
-                   (size_t)kvd * sizeof(float));
-            memcpy(kv_v_row(c->kv, il, b->seq[t], b->pos[t]), c->v + (size_t)t * kvd,
-                   (size_t)kvd * sizeof(float));
-        }
-        struct backend_attn_args aa = {
-            .q = c->q,
-            .out = c->attn,
-            .pos = b->pos,
-            .seq = b->seq,
-            .T = T,
-            .n_head = hp->n_head,
-            .n_head_kv = hp->n_head_kv,
-            .head_dim = hd,
-            .scale = hp->attn_scale,
-            .layer = il,
-            .n_swa = L->is_swa ? hp->n_swa : 0,
-            .kv = c->kv,
-        };
-        ops->attention(be, &aa);
-        if ((rc = ops->matmul(be, &L->wo, c->attn, T, c->tmp))) return rc;
-        if (L->post_attn_norm)
-            ops->rmsnorm(be, c->tmp, L->post_attn_norm, T, E, hp->rms_eps, c->tmp);
-        ops->add(be, c->x, c->tmp, (int64_t)T * E);
-
-        ops->rmsnorm(be, c->x, L->ffn_norm, T, E, hp->rms_eps, c->xn);
-        if ((rc = ops->matmul(be, &L->w_gate, c->xn, T, c->gate)) ||
-            (rc = ops->matmul(be, &L->w_up, c->xn, T, c->up)))
-            return rc;
-        ops->glu(be, c->gate, c->up, (int64_t)T * hp->n_ff, gemma);
-        if ((rc = ops->matmul(be, &L->w_down, c->gate, T, c->tmp))) return rc;
-        if (L->post_ffw_norm) ops->rmsnorm(be, c->tmp, L->post_ffw_norm, T, E, hp->rms_eps, c->tmp);
-        ops->add(be, c->x, c->tmp, (int64_t)T * E);
-    }
-
-    int r = 0;
-    for (int t = 0; t < T; t++)
-        if (b->logits[t])
-            memcpy(c->sel + (size_t)r++ * E, c->x + (size_t)t * E, (size_t)E * sizeof(float));
-    if (n_logits > 0) {
-        ops->rmsnorm(be, c->sel, m->output_norm, n_logits, E, hp->rms_eps, c->sel);
-        if ((rc = ops->matmul(be, &m->output, c->sel, n_logits, c->logits))) return rc;
-        add_bias(c->logits, m->output_bias, n_logits, hp->n_vocab);
-        if (hp->final_softcap > 0) {
-            float cap = hp->final_softcap;
-            for (size_t i = 0; i < (size_t)n_logits * hp->n_vocab; i++)
-                c->logits[i] = cap * tanhf(c->logits[i] / cap);
-        }
-    }
-    *out_logits = c->logits;
-    *out_n = n_logits;
+    struct backend_step s;
+    int rc;
+    if ((rc = build_step(c, b, &s))) return rc;
+    if ((rc = c->be->ops->step_begin(c->be, &s))) return rc;
+    c->cur_tokens = s.n_tokens;
+    if ((rc = forward_layers(c)) || (rc = forward_logits(c, s.n_logits))) return rc;
+    const float *logits = NULL;
+    if (s.n_logits &&
+        (rc = c->be->ops->step_end(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, &logits)))
+        return rc;
+    *out_logits = logits;
+    *out_n = s.n_logits;
     return KRS_OK;
 }

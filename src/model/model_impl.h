@@ -6,6 +6,7 @@
 #include "quant/quant.h"
 
 struct backend;
+struct backend_tensor;
 
 struct model_layer {
     const float *attn_norm; /* [n_embd] */
@@ -30,25 +31,43 @@ struct model {
     struct model_layer *layers; /* [n_layer] */
 };
 
+/* A layer's weights as the backend holds them (NULL where the model has none). */
+struct model_ctx_layer {
+    struct backend_tensor *attn_norm, *wq, *wk, *wv, *wo, *bq, *bk, *bv, *q_norm, *k_norm;
+    struct backend_tensor *post_attn_norm, *ffn_norm, *w_gate, *w_up, *w_down, *post_ffw_norm;
+};
+
 struct model_ctx {
     const struct model *m;
-    struct backend *be;
+    struct backend *be; /* owned */
     struct kv_cache *kv;
     int max_tokens;
     int max_logits;
     int max_ctx;
-    /* Scratch, reserved for max_tokens rows. Shapes in floats: */
-    float *x;      /* [T, n_embd] residual stream */
-    float *xn;     /* [T, n_embd] normed input */
-    float *tmp;    /* [T, n_embd] */
-    float *q;      /* [T, n_head * head_dim] */
-    float *k;      /* [T, n_head_kv * head_dim] */
-    float *v;      /* [T, n_head_kv * head_dim] */
-    float *attn;   /* [T, n_head * head_dim] */
-    float *gate;   /* [T, n_ff] */
-    float *up;     /* [T, n_ff] */
-    float *sel;    /* [max_logits, n_embd] rows picked for logits */
-    float *logits; /* [max_logits, n_vocab] */
+    int max_seqs;
+    int cur_tokens; /* T of the step in progress */
+    /* Weights in backend memory. */
+    struct backend_tensor *tok_embd, *output, *output_norm, *output_bias, *rope_freqs;
+    struct model_ctx_layer *layers; /* [n_layer] */
+    /* Activations in the backend's arena, reserved for max_tokens rows. Shapes: */
+    struct backend_tensor *x;      /* [T, n_embd] residual stream */
+    struct backend_tensor *xn;     /* [T, n_embd] normed input */
+    struct backend_tensor *tmp;    /* [T, n_embd] */
+    struct backend_tensor *q;      /* [T, n_head * head_dim] */
+    struct backend_tensor *k;      /* [T, n_head_kv * head_dim] */
+    struct backend_tensor *v;      /* [T, n_head_kv * head_dim] */
+    struct backend_tensor *attn;   /* [T, n_head * head_dim] */
+    struct backend_tensor *gate;   /* [T, n_ff] */
+    struct backend_tensor *up;     /* [T, n_ff] */
+    struct backend_tensor *sel;    /* [max_logits, n_embd] rows picked for logits */
+    struct backend_tensor *logits; /* [max_logits, n_vocab] */
+    /* Host staging of a step's inputs (struct backend_step), reserved for the largest step. */
+    int32_t *slot_to_step; /* [max_seqs] KV slot -> step-local sequence, -1 = not in step */
+    int32_t *step_slots;   /* [max_tokens] step-local sequence -> KV slot */
+    int32_t *step_seq;     /* [max_tokens] */
+    int32_t *step_max_pos; /* [max_tokens] per step-local sequence */
+    int32_t *logit_rows;   /* [max_logits] */
+    int32_t *tables[2];    /* [max_tokens, kv_max_blocks] per KV group */
 };
 
 #endif

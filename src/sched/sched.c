@@ -14,7 +14,9 @@
 #include "util/alloc.h"
 #include "util/clock.h"
 #include "util/log.h"
+#include "util/threadpool.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -70,6 +72,7 @@ void sched_params_default(struct sched_params *p)
     p->max_queue = 256;
     p->max_batch_tokens = 512;
     p->kv_tokens = 16384;
+    snprintf(p->device, sizeof p->device, "cpu");
     p->mode = SCHED_MODE_AUTO;
     p->fixed_batch = 4;
     p->auto_min_batch = 1;
@@ -688,16 +691,21 @@ static void wait_for_work(struct sched *s, uint64_t wait_ns)
     pthread_mutex_unlock(&s->lock);
 }
 
-/* One row's sampling, on a backend host thread (worker indexes its scratch). Reads only the
- * row's request, which no other thread touches during the step. */
-static void sample_row(void *arg, int row, int worker)
+/* Sampling threads claim rows one at a time: they are few (one per sequence) and uneven
+ * (top-p sorts). Each reads only its row's request, which no other thread touches during the
+ * step; worker ith uses scratch ith. */
+static void sample_rows(void *arg, int ith, int nth)
 {
     struct sched *s = arg;
-    struct req *r = s->b_rows[row];
     const int n_vocab = model_hparams(s->model)->n_vocab;
-    s->res_rc[row] = sampler_sample(&r->sampler, s->scratch[worker],
-                                    s->cur_logits + (size_t)row * n_vocab, n_vocab, r->tokens,
-                                    r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
+    (void)nth;
+    for (int row; (row = atomic_fetch_add_explicit(&s->next_sample_row, 1, memory_order_relaxed)) <
+                  s->n_sample_rows;) {
+        struct req *r = s->b_rows[row];
+        s->res_rc[row] = sampler_sample(
+            &r->sampler, s->scratch[ith], s->cur_logits + (size_t)row * n_vocab, n_vocab, r->tokens,
+            r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
+    }
 }
 
 static void step(struct sched *s, uint64_t t0)
@@ -759,7 +767,12 @@ static void step(struct sched *s, uint64_t t0)
     /* Rows are independent (each request has its own sampler and RNG), so they are sampled in
      * parallel; tokens are then accepted in row order on this thread. */
     s->cur_logits = logits;
-    model_ctx_parallel_for(s->ctx, n_out, sample_row, s);
+    s->n_sample_rows = n_out;
+    atomic_store_explicit(&s->next_sample_row, 0, memory_order_relaxed);
+    if (n_out == 1)
+        sample_rows(s, 0, 1);
+    else if (n_out > 1)
+        pool_run_n(s->sample_pool, n_out, sample_rows, s);
     for (int row = 0; row < n_out; row++) {
         struct req *r = s->b_rows[row];
         if (s->res_rc[row]) {
@@ -852,6 +865,7 @@ static void *engine_main(void *arg)
 static void free_resources(struct sched *s)
 {
     model_ctx_free(s->ctx);
+    pool_destroy(s->sample_pool);
     for (int i = 0; i < s->n_scratch; i++) sampler_scratch_free(s->scratch[i]);
     alloc_free(s->scratch);
     alloc_free(s->res);
@@ -903,9 +917,16 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         .kv_tokens = p->kv_tokens,
         .max_ctx = p->max_ctx,
         .n_threads = p->n_threads,
+        .device = p->device,
+        .mem_budget = p->mem_budget,
     };
     if ((rc = model_ctx_create(model, &mp, &s->ctx, err, errlen))) goto fail;
-    int n_scratch = model_ctx_host_threads(s->ctx);
+    if (pool_create(p->n_threads, &s->sample_pool)) {
+        rc = KRS_ERR_NOMEM;
+        snprintf(err, errlen, "sampling threads: cannot start");
+        goto fail;
+    }
+    int n_scratch = pool_size(s->sample_pool);
     s->scratch = alloc_calloc((size_t)n_scratch, sizeof *s->scratch);
     s->res = alloc_calloc((size_t)p->max_running, sizeof *s->res);
     s->res_rc = alloc_calloc((size_t)p->max_running, sizeof *s->res_rc);

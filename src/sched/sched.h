@@ -52,9 +52,11 @@ struct sched_params {
     int max_running;      /* KV sequence slots = most requests running at once */
     int max_queue;        /* waiting requests beyond which submit returns KRS_ERR_FULL */
     int max_batch_tokens; /* tokens per forward (decodes + prefill chunks) */
-    int64_t kv_tokens;    /* KV cache capacity in positions */
+    int64_t kv_tokens;    /* KV cache capacity in positions; 0 = what the device memory holds */
     int max_ctx;          /* 0 = model's context, capped by kv_tokens */
-    int n_threads;        /* compute threads, 0 = all */
+    int n_threads;        /* CPU compute threads and sampling threads, 0 = all */
+    char device[16];      /* compute backend: "cpu" or "cuda" */
+    uint64_t mem_budget;  /* CPU backend memory budget in bytes; 0 = available memory */
     enum sched_mode mode;
     int fixed_batch; /* limit in FIXED mode and the controller's fallback */
     int auto_min_batch, auto_max_batch;

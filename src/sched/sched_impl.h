@@ -64,12 +64,16 @@ struct sched {
     struct metrics *metrics;
     struct sched_params p;
     struct model_ctx *ctx;
-    /* Sampling runs on the backend's host threads, one scratch per thread; results per row. */
+    /* Sampling runs on the scheduler's own pool (pool_size threads), one scratch per thread;
+     * results per row. The compute threads are the backend's and never sample. */
+    struct pool *sample_pool;
     struct sampler_scratch **scratch; /* [n_scratch] */
     int n_scratch;
-    struct sampler_result *res; /* [max_running] */
-    int *res_rc;                /* [max_running] */
-    const float *cur_logits;    /* this step's logits, for the sampling workers */
+    int n_sample_rows;           /* rows of the step being sampled */
+    _Atomic int next_sample_row; /* the next row a sampling thread claims */
+    struct sampler_result *res;  /* [max_running] */
+    int *res_rc;                 /* [max_running] */
+    const float *cur_logits;     /* this step's logits, for the sampling workers */
     struct controller ctrl;
     pthread_t thread;
 

@@ -102,7 +102,9 @@ static void test_defaults(void **state)
     assert_int_equal(c.monitoring.metrics.windows_sec[2], 60);
     assert_int_equal(c.logging.level, 1); /* info, as util/log.h's KRS_LOG_INFO */
     assert_string_equal(c.file, "");
-    assert_int_equal(config_key_count(), 38);
+    assert_int_equal(config_key_count(), 40);
+    assert_int_equal(c.model.device, CONFIG_DEVICE_CPU);
+    assert_int_equal(c.model.memory_budget_mb, 0);
     assert_int_equal(c.server.idle_timeout_s, 60);
     for (size_t i = 0; i < config_key_count(); i++)
         assert_int_equal(c.origin[i].source, CONFIG_SRC_DEFAULT);
@@ -600,7 +602,10 @@ static void test_set_and_ranges(void **state)
         {"server.maxBodyBytes", "1073741825", KRS_ERR_INVALID},
         {"server.drainTimeoutMs", "0", KRS_OK},
         {"model.threads", "0", KRS_OK},
-        {"model.kvCacheTokens", "15", KRS_ERR_INVALID},
+        {"model.kvCacheTokens", "-1", KRS_ERR_INVALID},
+        {"model.kvCacheTokens", "0", KRS_OK},
+        {"model.device", "cuda", KRS_OK},
+        {"model.device", "tpu", KRS_ERR_INVALID},
         {"performance.gpuScheduler.autoTune.emaAlpha", "1", KRS_OK},
         {"performance.gpuScheduler.autoTune.emaAlpha", "0", KRS_ERR_INVALID},
         {"performance.gpuScheduler.autoTune.emaAlpha", "1e-1", KRS_OK},

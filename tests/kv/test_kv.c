@@ -57,25 +57,37 @@ static void test_reserve_release_accounting(void **state)
     kv_free(kv);
 }
 
-static void test_rows_distinct_and_stable(void **state)
+/* Held blocks are distinct physical blocks: no two (sequence, logical block) pairs share one,
+ * and the tables stay as they were while other sequences come and go. */
+static void test_tables_distinct_and_stable(void **state)
 {
     struct kv_cache *kv = make(64, 0, 0);
     assert_int_equal(kv_seq_reserve(kv, 0, 0, 8), KRS_OK);
     assert_int_equal(kv_seq_reserve(kv, 1, 0, 8), KRS_OK);
-    for (int l = 0; l < 4; l++)
-        for (int s = 0; s < 2; s++)
-            for (int p = 0; p < 8; p++) {
-                float *k = kv_k_row(kv, l, s, p);
-                assert_non_null(k);
-                for (int i = 0; i < kv_dim(kv); i++) k[i] = (float)(l * 1000 + s * 100 + p);
-            }
-    for (int l = 0; l < 4; l++)
-        for (int s = 0; s < 2; s++)
-            for (int p = 0; p < 8; p++)
-                assert_true(kv_k_row(kv, l, s, p)[kv_dim(kv) - 1] ==
-                            (float)(l * 1000 + s * 100 + p));
-    assert_null(kv_k_row(kv, 0, 0, 8)); /* not reserved */
-    assert_null(kv_v_row(kv, 0, 2, 0));
+    int bs = kv_block_size(kv), nb = kv_max_blocks(kv);
+    int32_t seen[2][8];
+    uint8_t used[64] = {0};
+    for (int s = 0; s < 2; s++) {
+        const int32_t *t = kv_seq_table(kv, 0, s);
+        assert_non_null(t);
+        for (int b = 0; b < 8 / bs; b++) {
+            assert_true(t[b] >= 0 && t[b] < kv_group_blocks(kv, 0));
+            assert_false(used[t[b]]);
+            used[t[b]] = 1;
+            seen[s][b] = t[b];
+        }
+        for (int b = 8 / bs; b < nb; b++) assert_int_equal(t[b], -1);
+        for (int l = 0; l < 4; l++)
+            for (int p = 0; p < 8; p++) assert_true(kv_seq_holds(kv, l, s, p));
+    }
+    assert_int_equal(kv_seq_reserve(kv, 2, 0, 16), KRS_OK);
+    kv_seq_release(kv, 2);
+    for (int s = 0; s < 2; s++)
+        for (int b = 0; b < 8 / bs; b++) assert_int_equal(kv_seq_table(kv, 0, s)[b], seen[s][b]);
+    assert_false(kv_seq_holds(kv, 0, 0, 8)); /* not reserved */
+    assert_false(kv_seq_holds(kv, 0, 2, 0));
+    assert_false(kv_seq_holds(kv, 0, 99, 0)); /* bad slot */
+    assert_null(kv_seq_table(kv, 1, 0));      /* no sliding layers */
     kv_free(kv);
 }
 
@@ -90,14 +102,14 @@ static void test_sliding_window_trim(void **state)
         assert_int_equal(kv_seq_reserve(kv, 0, p, p + 1), KRS_OK);
         /* Every position the window can see is held in sliding layers. */
         int64_t lo = p - 8 + 1 < 0 ? 0 : p - 8 + 1;
-        for (int64_t q = lo; q <= p; q++) assert_non_null(kv_k_row(kv, 0, 0, q));
+        for (int64_t q = lo; q <= p; q++) assert_true(kv_seq_holds(kv, 0, 0, q));
         kv_seq_trim(kv, 0, p + 1);
         kv_seq_blocks_held(kv, 0, &full, &swa);
         assert_true(swa <= 4);
         assert_int_equal(full, p / 4 + 1);
     }
-    assert_non_null(kv_k_row(kv, 2, 0, 0)); /* full layer keeps everything */
-    assert_null(kv_k_row(kv, 0, 0, 0));     /* sliding layer let it go */
+    assert_true(kv_seq_holds(kv, 2, 0, 0));  /* full layer keeps everything */
+    assert_false(kv_seq_holds(kv, 0, 0, 0)); /* sliding layer let it go */
     kv_seq_release(kv, 0);
     kv_get_stats(kv, &st);
     assert_int_equal(st.full.blocks_free, st.full.blocks_total);
@@ -140,7 +152,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_reserve_release_accounting),
-        cmocka_unit_test(test_rows_distinct_and_stable),
+        cmocka_unit_test(test_tables_distinct_and_stable),
         cmocka_unit_test(test_sliding_window_trim),
         cmocka_unit_test(test_random_mix_returns_every_block),
     };

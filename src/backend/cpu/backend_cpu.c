@@ -1,82 +1,377 @@
-/* CPU backend: quantized matmuls through quant/, attention over the paged KV cache split over
- * (token, head) pairs on the worker pool, and simple elementwise ops. Reference semantics for
- * every other backend. */
+/* CPU backend: the reference implementation of backend.h. Weights are the GGUF bytes mapped in
+ * place (no copy); activations are carved from one host arena; the KV pool is host memory in
+ * the layout [group layer][block][position in block][kv_dim] per group, K and V apart. Ops run
+ * eagerly on the backend's own worker pool (quantized matmuls through quant/, attention split
+ * over (token, head) pairs), so step_end has nothing to wait for. */
 #include "backend/backend.h"
 
 #include "krserve.h"
-#include "kv/kv.h"
 #include "quant/quant.h"
 #include "util/alloc.h"
 #include "util/threadpool.h"
 
 #include <math.h>
-#include <stdatomic.h>
 #include <string.h>
+#include <unistd.h>
+
+struct backend_tensor {
+    float *data;           /* activations; F32 weights point here too */
+    struct quant_matrix w; /* weights: the mapped view */
+    int64_t n;             /* floats (activations) */
+    struct backend_tensor *next;
+};
 
 struct backend_cpu {
     struct backend base;
+    struct backend_params p;
     struct pool *pool;
     struct quant_ctx *qctx;
-    int max_ctx;
-    float *scores; /* [n_threads][max_ctx] */
+    struct backend_tensor *tensors; /* every handle handed out, freed at destroy */
+    float *scores;                  /* [n_threads][max_ctx] attention scratch */
+    uint64_t reserved;              /* bytes taken from the budget */
+    /* arena */
+    float *arena;
+    uint64_t arena_floats, arena_used;
+    /* KV pool */
+    struct backend_kv_layout kv;
+    uint8_t *layer_group;
+    int *group_layer;
+    float *k[BACKEND_KV_GROUPS], *v[BACKEND_KV_GROUPS];
+    /* the step's inputs, reserved for the largest step */
+    int max_table; /* entries reserved per group */
+    int32_t *tokens, *pos, *seq, *logit_rows, *tables[BACKEND_KV_GROUPS];
+    struct backend_step step;
+    /* the attention call in progress */
     const struct backend_attn_args *attn;
-    /* the parallel_for in progress */
-    void (*pf_fn)(void *arg, int i, int worker);
-    void *pf_arg;
-    int pf_n;
-    _Atomic int pf_next;
 };
 
 static void cpu_destroy(struct backend *b)
 {
     struct backend_cpu *c = (struct backend_cpu *)b;
     if (!c) return;
+    for (struct backend_tensor *t = c->tensors, *n; t; t = n) {
+        n = t->next;
+        alloc_free(t);
+    }
     quant_ctx_free(c->qctx);
     pool_destroy(c->pool);
     alloc_aligned_free(c->scores);
+    alloc_aligned_free(c->arena);
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        alloc_aligned_free(c->k[g]);
+        alloc_aligned_free(c->v[g]);
+        alloc_free(c->tables[g]);
+    }
+    alloc_free(c->layer_group);
+    alloc_free(c->group_layer);
+    alloc_free(c->tokens);
+    alloc_free(c->pos);
+    alloc_free(c->seq);
+    alloc_free(c->logit_rows);
     alloc_free(c);
 }
 
-static int cpu_matmul(struct backend *b, const struct quant_matrix *w, const float *x, int T,
-                      float *y)
+static uint64_t budget_bytes(const struct backend_cpu *c)
 {
-    return quant_matmul(((struct backend_cpu *)b)->qctx, w, x, T, y);
+    if (c->p.mem_budget) return c->p.mem_budget;
+    long pages = sysconf(_SC_AVPHYS_PAGES), psz = sysconf(_SC_PAGESIZE);
+    return pages > 0 && psz > 0 ? (uint64_t)pages * (uint64_t)psz : 0;
 }
 
-static void cpu_rmsnorm(struct backend *b, const float *x, const float *w, int T, int n, float eps,
-                        float *y)
+static void cpu_mem_info(const struct backend *b, struct backend_mem_info *out)
 {
+    const struct backend_cpu *c = (const struct backend_cpu *)b;
+    uint64_t total = budget_bytes(c);
+    if (c->p.mem_budget) {
+        out->total_bytes = total;
+        out->free_bytes = total > c->reserved ? total - c->reserved : 0;
+    } else {
+        /* The machine's available memory already excludes what we reserved and touched. */
+        out->total_bytes = total + c->reserved;
+        out->free_bytes = total;
+    }
+}
+
+static struct backend_tensor *new_tensor(struct backend_cpu *c)
+{
+    struct backend_tensor *t = alloc_calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->next = c->tensors;
+    c->tensors = t;
+    return t;
+}
+
+static int cpu_weight_upload(struct backend *b, const struct quant_matrix *w,
+                             struct backend_tensor **out)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    *out = NULL;
+    if (!w->data || w->n_in <= 0 || w->n_out <= 0 || !quant_type_supported(w->type))
+        return KRS_ERR_INVALID;
+    struct backend_tensor *t = new_tensor(c);
+    if (!t) return KRS_ERR_NOMEM;
+    t->w = *w; /* mapped: the bytes stay where the GGUF mmap put them */
+    if (w->type == QUANT_F32) {
+        t->data = (float *)w->data;
+        t->n = w->n_in * w->n_out;
+    }
+    *out = t;
+    return KRS_OK;
+}
+
+static int cpu_arena_reserve(struct backend *b, uint64_t bytes)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    if (c->arena) return KRS_ERR_INVALID;
+    uint64_t floats = (bytes + sizeof(float) - 1) / sizeof(float);
+    c->arena = alloc_aligned(64, floats * sizeof(float));
+    if (!c->arena) return KRS_ERR_NOMEM;
+    c->arena_floats = floats;
+    c->reserved += floats * sizeof(float);
+    return KRS_OK;
+}
+
+static int cpu_act_alloc(struct backend *b, int64_t n, struct backend_tensor **out)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    *out = NULL;
+    uint64_t need = ((uint64_t)n + 15) & ~(uint64_t)15; /* 64-byte aligned tensors */
+    if (n <= 0 || c->arena_used + need > c->arena_floats) return KRS_ERR_NOMEM;
+    struct backend_tensor *t = new_tensor(c);
+    if (!t) return KRS_ERR_NOMEM;
+    t->data = c->arena + c->arena_used;
+    t->n = n;
+    c->arena_used += need;
+    *out = t;
+    return KRS_OK;
+}
+
+static int cpu_kv_reserve(struct backend *b, const struct backend_kv_layout *l)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    if (c->layer_group || l->n_layers <= 0 || l->block_size <= 0 || l->kv_dim <= 0)
+        return KRS_ERR_INVALID;
+    c->kv = *l;
+    c->layer_group = alloc_calloc((size_t)l->n_layers, 1);
+    c->group_layer = alloc_calloc((size_t)l->n_layers, sizeof *c->group_layer);
+    if (!c->layer_group || !c->group_layer) return KRS_ERR_NOMEM;
+    int count[BACKEND_KV_GROUPS] = {0, 0};
+    for (int il = 0; il < l->n_layers; il++) {
+        int g = l->layer_group ? l->layer_group[il] : BACKEND_KV_FULL;
+        if (g < 0 || g >= BACKEND_KV_GROUPS) return KRS_ERR_INVALID;
+        c->layer_group[il] = (uint8_t)g;
+        c->group_layer[il] = count[g]++;
+    }
+    c->kv.layer_group = c->layer_group;
+    int blocks_per_seq = c->p.max_ctx / l->block_size + 2;
+    c->max_table = c->p.max_tokens * blocks_per_seq;
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        if (!count[g]) continue;
+        if (l->n_blocks[g] <= 0) return KRS_ERR_INVALID;
+        size_t n =
+            (size_t)count[g] * (size_t)l->n_blocks[g] * (size_t)l->block_size * (size_t)l->kv_dim;
+        c->k[g] = alloc_aligned(64, n * sizeof(float));
+        c->v[g] = alloc_aligned(64, n * sizeof(float));
+        c->tables[g] = alloc_calloc((size_t)c->max_table, sizeof(int32_t));
+        if (!c->k[g] || !c->v[g] || !c->tables[g]) return KRS_ERR_NOMEM;
+        /* Touched now so the first requests do not pay page faults mid-step. */
+        memset(c->k[g], 0, n * sizeof(float));
+        memset(c->v[g], 0, n * sizeof(float));
+        c->reserved += 2 * n * sizeof(float);
+    }
+    return KRS_OK;
+}
+
+static int cpu_step_begin(struct backend *b, const struct backend_step *s)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    const int T = s->n_tokens;
+    if (T <= 0 || T > c->p.max_tokens || s->n_seqs <= 0 || s->n_seqs > T || s->n_logits < 0 ||
+        s->n_logits > T || s->max_blocks < 0)
+        return KRS_ERR_INVALID;
+    int64_t table_n = (int64_t)s->n_seqs * s->max_blocks;
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++)
+        if (c->tables[g] && (!s->block_table[g] || table_n > c->max_table)) return KRS_ERR_INVALID;
+    for (int t = 0; t < T; t++)
+        if (s->seq[t] < 0 || s->seq[t] >= s->n_seqs || s->pos[t] < 0 || s->pos[t] >= c->p.max_ctx)
+            return KRS_ERR_INVALID;
+    for (int i = 0; i < s->n_logits; i++)
+        if (s->logit_rows[i] < 0 || s->logit_rows[i] >= T) return KRS_ERR_INVALID;
+    memcpy(c->tokens, s->tokens, (size_t)T * sizeof(int32_t));
+    memcpy(c->pos, s->pos, (size_t)T * sizeof(int32_t));
+    memcpy(c->seq, s->seq, (size_t)T * sizeof(int32_t));
+    memcpy(c->logit_rows, s->logit_rows, (size_t)s->n_logits * sizeof(int32_t));
+    c->step = *s;
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        c->step.block_table[g] = NULL;
+        if (!c->tables[g]) continue;
+        memcpy(c->tables[g], s->block_table[g], (size_t)table_n * sizeof(int32_t));
+        c->step.block_table[g] = c->tables[g];
+    }
+    c->step.tokens = c->tokens;
+    c->step.pos = c->pos;
+    c->step.seq = c->seq;
+    c->step.logit_rows = c->logit_rows;
+    return KRS_OK;
+}
+
+static int cpu_step_end(struct backend *b, const struct backend_tensor *t, int rows, int cols,
+                        const float **out)
+{
+    /* Every op already ran: the logits are in host memory. */
+    if (!t->data || (int64_t)rows * cols > t->n) return KRS_ERR_INVALID;
+    *out = t->data;
+    return KRS_OK;
+}
+
+static int cpu_embed(struct backend *b, const struct backend_tensor *emb, float scale,
+                     struct backend_tensor *x)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    const struct quant_matrix *w = &emb->w;
+    const int T = c->step.n_tokens;
+    if ((int64_t)T * w->n_in > x->n) return KRS_ERR_INVALID;
     for (int t = 0; t < T; t++) {
-        const float *xr = x + (size_t)t * n;
-        float *yr = y + (size_t)t * n;
+        int32_t id = c->step.tokens[t];
+        if (id < 0 || id >= w->n_out) return KRS_ERR_INVALID;
+        float *row = x->data + (size_t)t * (size_t)w->n_in;
+        int rc = quant_dequantize(w->type, (const uint8_t *)w->data + (size_t)id * w->row_bytes,
+                                  row, w->n_in);
+        if (rc) return rc;
+        if (scale != 1.0f)
+            for (int64_t i = 0; i < w->n_in; i++) row[i] *= scale;
+    }
+    return KRS_OK;
+}
+
+static int cpu_matmul(struct backend *b, const struct backend_tensor *w,
+                      const struct backend_tensor *x, int rows, struct backend_tensor *y)
+{
+    if ((int64_t)rows * w->w.n_in > x->n || (int64_t)rows * w->w.n_out > y->n)
+        return KRS_ERR_INVALID;
+    return quant_matmul(((struct backend_cpu *)b)->qctx, &w->w, x->data, rows, y->data);
+}
+
+static int cpu_rmsnorm(struct backend *b, const struct backend_tensor *x,
+                       const struct backend_tensor *w, int rows, int n, float eps,
+                       struct backend_tensor *y)
+{
+    if ((int64_t)rows * n > x->n || (int64_t)rows * n > y->n || w->n < n) return KRS_ERR_INVALID;
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x->data + (size_t)r * n;
+        float *yr = y->data + (size_t)r * n;
         double ss = 0.0;
         for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
         float scale = 1.0f / sqrtf((float)(ss / n) + eps);
-        for (int i = 0; i < n; i++) yr[i] = xr[i] * scale * w[i];
+        for (int i = 0; i < n; i++) yr[i] = xr[i] * scale * w->data[i];
     }
+    return KRS_OK;
 }
 
-static void cpu_rope(struct backend *b, float *x, const int32_t *pos, int T, int n_heads,
-                     int head_dim, int n_rot, float base, float freq_scale,
-                     const float *freq_factors, int neox)
+static int cpu_add_bias(struct backend *b, struct backend_tensor *y,
+                        const struct backend_tensor *bias, int rows, int n)
 {
-    int half = n_rot / 2;
+    if ((int64_t)rows * n > y->n || bias->n < n) return KRS_ERR_INVALID;
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n; i++) y->data[(size_t)r * n + i] += bias->data[i];
+    return KRS_OK;
+}
+
+static int cpu_add(struct backend *b, struct backend_tensor *y, const struct backend_tensor *x,
+                   int64_t n)
+{
+    if (n > y->n || n > x->n) return KRS_ERR_INVALID;
+    for (int64_t i = 0; i < n; i++) y->data[i] += x->data[i];
+    return KRS_OK;
+}
+
+static int cpu_softcap(struct backend *b, struct backend_tensor *x, int64_t n, float cap)
+{
+    if (n > x->n || !(cap > 0)) return KRS_ERR_INVALID;
+    for (int64_t i = 0; i < n; i++) x->data[i] = cap * tanhf(x->data[i] / cap);
+    return KRS_OK;
+}
+
+static inline float gelu_tanh(float x)
+{
+    return 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+}
+
+static int cpu_glu(struct backend *b, struct backend_tensor *gate, const struct backend_tensor *up,
+                   int64_t n, int gelu)
+{
+    if (n > gate->n || n > up->n) return KRS_ERR_INVALID;
+    float *g = gate->data;
+    const float *u = up->data;
+    if (gelu) {
+        for (int64_t i = 0; i < n; i++) g[i] = gelu_tanh(g[i]) * u[i];
+    } else {
+        for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+    return KRS_OK;
+}
+
+static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    const int T = c->step.n_tokens, half = a->n_rot / 2;
+    if ((int64_t)T * a->n_heads * a->head_dim > a->x->n || a->n_rot > a->head_dim || a->n_rot % 2 ||
+        (a->freq_factors && a->freq_factors->n < half))
+        return KRS_ERR_INVALID;
+    const float *ff = a->freq_factors ? a->freq_factors->data : NULL;
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
             /* theta = p * base^(-2i/n_rot) * freq_scale / ff[i], as ggml computes it */
-            double inv = pow((double)base, -2.0 * i / n_rot);
-            double theta = (double)pos[t] * inv * freq_scale;
-            if (freq_factors) theta /= freq_factors[i];
-            float c = (float)cos(theta), s = (float)sin(theta);
-            for (int h = 0; h < n_heads; h++) {
-                float *v = x + ((size_t)t * n_heads + h) * head_dim;
-                int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
-                float a = v[i0], bb = v[i1];
-                v[i0] = a * c - bb * s;
-                v[i1] = a * s + bb * c;
+            double inv = pow((double)a->base, -2.0 * i / a->n_rot);
+            double theta = (double)c->step.pos[t] * inv * a->freq_scale;
+            if (ff) theta /= ff[i];
+            float cs = (float)cos(theta), sn = (float)sin(theta);
+            for (int h = 0; h < a->n_heads; h++) {
+                float *v = a->x->data + ((size_t)t * a->n_heads + h) * a->head_dim;
+                int i0 = a->neox ? i : 2 * i, i1 = a->neox ? i + half : 2 * i + 1;
+                float x0 = v[i0], x1 = v[i1];
+                v[i0] = x0 * cs - x1 * sn;
+                v[i1] = x0 * sn + x1 * cs;
             }
         }
     }
+    return KRS_OK;
+}
+
+/* Row of (layer, physical slot) in the pool of the layer's group. */
+static inline size_t kv_row(const struct backend_cpu *c, int layer, int64_t block, int in_block)
+{
+    int g = c->layer_group[layer];
+    return (((size_t)c->group_layer[layer] * (size_t)c->kv.n_blocks[g] + (size_t)block) *
+                (size_t)c->kv.block_size +
+            (size_t)in_block) *
+           (size_t)c->kv.kv_dim;
+}
+
+/* Physical block of (step sequence, position) in group g, or -1. */
+static inline int32_t block_of(const struct backend_cpu *c, int g, int seq, int64_t pos)
+{
+    int64_t lb = pos / c->kv.block_size;
+    if (lb >= c->step.max_blocks) return -1;
+    return c->step.block_table[g][(size_t)seq * (size_t)c->step.max_blocks + (size_t)lb];
+}
+
+static int cpu_kv_store(struct backend *b, int layer, const struct backend_tensor *k,
+                        const struct backend_tensor *v)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    const int T = c->step.n_tokens, dim = c->kv.kv_dim;
+    if (layer < 0 || layer >= c->kv.n_layers || (int64_t)T * dim > k->n || (int64_t)T * dim > v->n)
+        return KRS_ERR_INVALID;
+    int g = c->layer_group[layer];
+    for (int t = 0; t < T; t++) {
+        int32_t pb = block_of(c, g, c->step.seq[t], c->step.pos[t]);
+        if (pb < 0 || pb >= c->kv.n_blocks[g]) return KRS_ERR_INVALID;
+        size_t row = kv_row(c, layer, pb, c->step.pos[t] % c->kv.block_size);
+        memcpy(c->k[g] + row, k->data + (size_t)t * dim, (size_t)dim * sizeof(float));
+        memcpy(c->v[g] + row, v->data + (size_t)t * dim, (size_t)dim * sizeof(float));
+    }
+    return KRS_OK;
 }
 
 static inline float dot_f32(const float *a, const float *b, int n)
@@ -95,25 +390,27 @@ static void attn_task(void *p, int ith, int nth)
 {
     struct backend_cpu *c = p;
     const struct backend_attn_args *a = c->attn;
-    float *scores = c->scores + (size_t)ith * (size_t)c->max_ctx;
-    const int hd = a->head_dim, group = a->n_head / a->n_head_kv;
+    float *scores = c->scores + (size_t)ith * (size_t)c->p.max_ctx;
+    const int hd = a->head_dim, group = a->n_head / a->n_head_kv, bs = c->kv.block_size;
+    const int g = c->layer_group[a->layer];
+    const float *kbase = c->k[g], *vbase = c->v[g];
+    const size_t dim = (size_t)c->kv.kv_dim;
     long begin, end;
-    pool_split((long)a->T * a->n_head, ith, nth, &begin, &end);
+    pool_split((long)c->step.n_tokens * a->n_head, ith, nth, &begin, &end);
     for (long task = begin; task < end; task++) {
-        int t = (int)(task / a->n_head), h = (int)(task % a->n_head), g = h / group;
-        const float *q = a->q + ((size_t)t * a->n_head + h) * hd;
-        float *out = a->out + ((size_t)t * a->n_head + h) * hd;
-        int64_t p_end = a->pos[t], lo = 0;
+        int t = (int)(task / a->n_head), h = (int)(task % a->n_head), kh = h / group;
+        const float *q = a->q->data + ((size_t)t * a->n_head + h) * hd;
+        float *out = a->out->data + ((size_t)t * a->n_head + h) * hd;
+        int64_t p_end = c->step.pos[t], lo = 0;
         if (a->n_swa > 0 && p_end - a->n_swa + 1 > 0) lo = p_end - a->n_swa + 1;
-        int seq = a->seq[t];
+        int seq = c->step.seq[t];
         float mx = -INFINITY;
         for (int64_t p0 = lo; p0 <= p_end;) {
-            int run = kv_run_length(a->kv, p0);
+            int off = (int)(p0 % bs), run = bs - off;
             if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
-            const float *k = kv_k_row(a->kv, a->layer, seq, p0);
-            int dim = kv_dim(a->kv);
+            const float *k = kbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
             for (int j = 0; j < run; j++) {
-                float s = dot_f32(q, k + (size_t)j * dim + (size_t)g * hd, hd) * a->scale;
+                float s = dot_f32(q, k + (size_t)j * dim + (size_t)kh * hd, hd) * a->scale;
                 scores[p0 - lo + j] = s;
                 if (s > mx) mx = s;
             }
@@ -128,13 +425,12 @@ static void attn_task(void *p, int ith, int nth)
         float inv = 1.0f / sum;
         memset(out, 0, (size_t)hd * sizeof(float));
         for (int64_t p0 = lo; p0 <= p_end;) {
-            int run = kv_run_length(a->kv, p0);
+            int off = (int)(p0 % bs), run = bs - off;
             if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
-            const float *v = kv_v_row(a->kv, a->layer, seq, p0);
-            int dim = kv_dim(a->kv);
+            const float *v = vbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
             for (int j = 0; j < run; j++) {
                 float w = scores[p0 - lo + j] * inv;
-                const float *vr = v + (size_t)j * dim + (size_t)g * hd;
+                const float *vr = v + (size_t)j * dim + (size_t)kh * hd;
                 for (int i = 0; i < hd; i++) out[i] += w * vr[i];
             }
             p0 += run;
@@ -142,109 +438,87 @@ static void attn_task(void *p, int ith, int nth)
     }
 }
 
-static void cpu_attention(struct backend *b, const struct backend_attn_args *a)
+static int cpu_attention(struct backend *b, const struct backend_attn_args *a)
 {
     struct backend_cpu *c = (struct backend_cpu *)b;
+    const int T = c->step.n_tokens;
+    if (a->layer < 0 || a->layer >= c->kv.n_layers || a->n_head_kv <= 0 ||
+        a->n_head % a->n_head_kv || a->n_head_kv * a->head_dim != c->kv.kv_dim ||
+        (int64_t)T * a->n_head * a->head_dim > a->q->n ||
+        (int64_t)T * a->n_head * a->head_dim > a->out->n)
+        return KRS_ERR_INVALID;
+    /* Every block a query will read must be held: checked here, once, not in the workers. */
+    int g = c->layer_group[a->layer];
+    for (int t = 0; t < T; t++) {
+        int64_t p_end = c->step.pos[t], lo = 0;
+        if (a->n_swa > 0 && p_end - a->n_swa + 1 > 0) lo = p_end - a->n_swa + 1;
+        for (int64_t p = lo - lo % c->kv.block_size; p <= p_end; p += c->kv.block_size) {
+            int32_t pb = block_of(c, g, c->step.seq[t], p);
+            if (pb < 0 || pb >= c->kv.n_blocks[g]) return KRS_ERR_INVALID;
+        }
+    }
     c->attn = a;
     /* (token, head) pairs are the work items: no more threads than items. */
-    pool_run_n(c->pool, a->T * a->n_head, attn_task, c);
+    pool_run_n(c->pool, T * a->n_head, attn_task, c);
     c->attn = NULL;
-}
-
-static inline float gelu_tanh(float x)
-{
-    return 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
-}
-
-static void cpu_glu(struct backend *b, float *gate, const float *up, int64_t n, int gelu)
-{
-    if (gelu) {
-        for (int64_t i = 0; i < n; i++) gate[i] = gelu_tanh(gate[i]) * up[i];
-    } else {
-        for (int64_t i = 0; i < n; i++) gate[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    }
-}
-
-static void cpu_add(struct backend *b, float *y, const float *x, int64_t n)
-{
-    for (int64_t i = 0; i < n; i++) y[i] += x[i];
-}
-
-static int cpu_embed(struct backend *b, const struct quant_matrix *emb, const int32_t *ids, int T,
-                     float scale, float *y)
-{
-    for (int t = 0; t < T; t++) {
-        if (ids[t] < 0 || ids[t] >= emb->n_out) return KRS_ERR_INVALID;
-        float *row = y + (size_t)t * emb->n_in;
-        int rc = quant_dequantize(emb->type,
-                                  (const uint8_t *)emb->data + (size_t)ids[t] * emb->row_bytes, row,
-                                  emb->n_in);
-        if (rc) return rc;
-        if (scale != 1.0f)
-            for (int64_t i = 0; i < emb->n_in; i++) row[i] *= scale;
-    }
     return KRS_OK;
 }
 
-/* Items are claimed one at a time: they are few (one per sequence) and uneven (top-p sorts). */
-static void pf_task(void *arg, int ith, int nth)
-{
-    struct backend_cpu *c = arg;
-    (void)nth;
-    for (int i; (i = atomic_fetch_add_explicit(&c->pf_next, 1, memory_order_relaxed)) < c->pf_n;)
-        c->pf_fn(c->pf_arg, i, ith);
-}
-
-static void cpu_parallel_for(struct backend *b, int n, void (*fn)(void *arg, int i, int worker),
-                             void *arg)
+static int cpu_get_rows(struct backend *b, const struct backend_tensor *x, int n,
+                        struct backend_tensor *dst)
 {
     struct backend_cpu *c = (struct backend_cpu *)b;
-    if (n <= 0) return;
-    if (n == 1) {
-        fn(arg, 0, 0);
-        return;
-    }
-    c->pf_fn = fn;
-    c->pf_arg = arg;
-    c->pf_n = n;
-    atomic_store_explicit(&c->pf_next, 0, memory_order_relaxed);
-    pool_run(c->pool, pf_task, c);
-}
-
-static int cpu_host_threads(const struct backend *b)
-{
-    return pool_size(((const struct backend_cpu *)b)->pool);
+    if ((int64_t)c->step.n_logits * n > dst->n || (int64_t)c->step.n_tokens * n > x->n)
+        return KRS_ERR_INVALID;
+    for (int i = 0; i < c->step.n_logits; i++)
+        memcpy(dst->data + (size_t)i * n, x->data + (size_t)c->step.logit_rows[i] * n,
+               (size_t)n * sizeof(float));
+    return KRS_OK;
 }
 
 static const struct backend_ops cpu_ops = {
     .name = "cpu",
     .destroy = cpu_destroy,
+    .mem_info = cpu_mem_info,
+    .weight_upload = cpu_weight_upload,
+    .arena_reserve = cpu_arena_reserve,
+    .act_alloc = cpu_act_alloc,
+    .kv_reserve = cpu_kv_reserve,
+    .step_begin = cpu_step_begin,
+    .step_end = cpu_step_end,
+    .embed = cpu_embed,
     .matmul = cpu_matmul,
     .rmsnorm = cpu_rmsnorm,
-    .rope = cpu_rope,
-    .attention = cpu_attention,
-    .glu = cpu_glu,
+    .add_bias = cpu_add_bias,
     .add = cpu_add,
-    .embed = cpu_embed,
-    .parallel_for = cpu_parallel_for,
-    .host_threads = cpu_host_threads,
+    .softcap = cpu_softcap,
+    .glu = cpu_glu,
+    .rope = cpu_rope,
+    .kv_store = cpu_kv_store,
+    .attention = cpu_attention,
+    .get_rows = cpu_get_rows,
 };
 
-int backend_cpu_create(int n_threads, int max_rows, int64_t max_n_in, int max_ctx,
-                       struct backend **out)
+int backend_cpu_create(const struct backend_params *p, struct backend **out)
 {
     *out = NULL;
+    if (p->max_tokens <= 0 || p->max_n_in <= 0 || p->max_ctx <= 0) return KRS_ERR_INVALID;
     struct backend_cpu *c = alloc_calloc(1, sizeof *c);
     if (!c) return KRS_ERR_NOMEM;
     c->base.ops = &cpu_ops;
-    c->max_ctx = max_ctx;
+    c->p = *p;
     int rc = KRS_ERR_NOMEM;
-    if (pool_create(n_threads, &c->pool)) goto fail;
-    rc = quant_ctx_create(c->pool, max_rows, max_n_in, QUANT_ISA_AUTO, &c->qctx);
+    if (pool_create(p->n_threads, &c->pool)) goto fail;
+    rc = quant_ctx_create(c->pool, p->max_tokens, p->max_n_in, QUANT_ISA_AUTO, &c->qctx);
     if (rc) goto fail;
     rc = KRS_ERR_NOMEM;
-    c->scores = alloc_aligned(64, (size_t)pool_size(c->pool) * (size_t)max_ctx * sizeof(float));
-    if (!c->scores) goto fail;
+    c->scores = alloc_aligned(64, (size_t)pool_size(c->pool) * (size_t)p->max_ctx * sizeof(float));
+    size_t T = (size_t)p->max_tokens;
+    c->tokens = alloc_calloc(T, sizeof(int32_t));
+    c->pos = alloc_calloc(T, sizeof(int32_t));
+    c->seq = alloc_calloc(T, sizeof(int32_t));
+    c->logit_rows = alloc_calloc(T, sizeof(int32_t));
+    if (!c->scores || !c->tokens || !c->pos || !c->seq || !c->logit_rows) goto fail;
     *out = &c->base;
     return KRS_OK;
 fail:
