@@ -10,7 +10,9 @@
  *   and far above (b), the DRAM figure, which is reported beside it.
  *
  * usage: bench_model [MODEL] [--json OUT] [--md OUT] [--device cpu|cuda]
- *        (default models/default.gguf on the cpu) */
+ *                    [--batches 1,2,4,8,16,32] [--steps N]
+ *        (default models/default.gguf on the cpu; --steps: timed decode steps per batch size,
+ *        default 16 below batch 16 and 8 from there) */
 #include "krserve.h"
 #include "kv/kv.h"
 #include "model/model.h"
@@ -61,12 +63,14 @@ static double measure_bandwidth(struct pool *pool, size_t bytes)
     return best / 1e9;
 }
 
+#define MAX_BATCH 512
+
 /* Prefills n_seq sequences with ctx_len tokens, then times `steps` decode steps. */
 static double decode_tps(struct model_ctx *ctx, int n_seq, int ctx_len, int steps)
 {
     struct kv_cache *kv = model_ctx_kv(ctx);
-    int32_t tok[512], pos[512], seq[512];
-    uint8_t want[512];
+    static int32_t tok[MAX_BATCH], pos[MAX_BATCH], seq[MAX_BATCH];
+    static uint8_t want[MAX_BATCH];
     for (int s = 0; s < n_seq; s++) {
         for (int i = 0; i < ctx_len; i++) {
             tok[i] = 100 + (s * 31 + i * 7) % 20000;
@@ -128,6 +132,7 @@ static double prefill_tps(struct model_ctx *ctx, int n, int chunk)
 int main(int argc, char **argv)
 {
     const char *path = "models/default.gguf", *json = NULL, *md = NULL, *device = "cpu";
+    int batches[16] = {1, 2, 4, 8, 16, 32}, n_batches = 6, steps = 0, max_batch = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
             json = argv[++i];
@@ -135,7 +140,13 @@ int main(int argc, char **argv)
             md = argv[++i];
         else if (!strcmp(argv[i], "--device") && i + 1 < argc)
             device = argv[++i];
-        else
+        else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
+            steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--batches") && i + 1 < argc) {
+            n_batches = 0;
+            for (char *t = strtok(argv[++i], ","); t && n_batches < 16; t = strtok(NULL, ","))
+                batches[n_batches++] = atoi(t);
+        } else
             path = argv[i];
     }
     struct model *m;
@@ -144,10 +155,18 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s: %s\n", path, err);
         return 1;
     }
+    for (int i = 0; i < n_batches; i++) {
+        if (batches[i] < 1 || batches[i] > MAX_BATCH) {
+            fprintf(stderr, "--batches: each in [1, %d]\n", MAX_BATCH);
+            return 2;
+        }
+        if (batches[i] > max_batch) max_batch = batches[i];
+    }
+    int n_slots = max_batch < 32 ? 32 : max_batch;
     struct model_ctx *ctx;
     struct model_ctx_params p = {.max_batch_tokens = 512,
-                                 .max_seqs = 32,
-                                 .kv_tokens = 32 * 256,
+                                 .max_seqs = n_slots,
+                                 .kv_tokens = (int64_t)n_slots * 256,
                                  .max_ctx = 1024,
                                  .device = device};
     if (model_ctx_create(m, &p, &ctx, err, sizeof err)) {
@@ -162,16 +181,17 @@ int main(int argc, char **argv)
     int threads = pool_size(pool);
     pool_destroy(pool);
     double roofline = bw * 1e9 / wbytes;
-    static const int batches[] = {1, 2, 4, 8, 16, 32};
-    double tps[6];
-    for (int i = 0; i < 6; i++) tps[i] = decode_tps(ctx, batches[i], 64, batches[i] >= 16 ? 8 : 16);
+    double tps[16];
+    for (int i = 0; i < n_batches; i++)
+        tps[i] = decode_tps(ctx, batches[i], 64, steps > 0 ? steps : batches[i] >= 16 ? 8 : 16);
     double pf = prefill_tps(ctx, 512, 128);
 
-    printf("model %s: %.1f MB of weights read per token; %d threads; bandwidth streaming a "
-           "weights-sized buffer %.1f GB/s (1 GiB buffer: %.1f GB/s) -> batch-1 roofline %.1f "
-           "tok/s\n",
-           path, wbytes / 1e6, threads, bw, bw_dram, roofline);
-    for (int i = 0; i < 6; i++)
+    printf(
+        "device %s; model %s: %.1f MB of weights read per token; %d threads; bandwidth streaming a "
+        "weights-sized buffer %.1f GB/s (1 GiB buffer: %.1f GB/s) -> batch-1 roofline %.1f "
+        "tok/s\n",
+        device, path, wbytes / 1e6, threads, bw, bw_dram, roofline);
+    for (int i = 0; i < n_batches; i++)
         printf("decode batch %2d: %8.1f tok/s aggregate (%.2fx batch 1)%s\n", batches[i], tps[i],
                tps[i] / tps[0], i == 0 ? "" : "");
     printf("batch-1 decode = %.0f%% of roofline; prefill 512 tokens (chunks of 128): %.1f tok/s\n",
@@ -179,12 +199,13 @@ int main(int argc, char **argv)
     if (json) {
         FILE *f = fopen(json, "w");
         if (f) {
-            fprintf(f,
-                    "{\"model\": \"%s\", \"threads\": %d, \"bandwidth_gbs\": %.2f, "
-                    "\"bandwidth_1gib_gbs\": %.2f, \"weight_bytes_per_token\": %.0f, "
-                    "\"roofline_tps\": %.2f, \"decode\": {",
-                    path, threads, bw, bw_dram, wbytes, roofline);
-            for (int i = 0; i < 6; i++)
+            fprintf(
+                f,
+                "{\"device\": \"%s\", \"model\": \"%s\", \"threads\": %d, \"bandwidth_gbs\": %.2f, "
+                "\"bandwidth_1gib_gbs\": %.2f, \"weight_bytes_per_token\": %.0f, "
+                "\"roofline_tps\": %.2f, \"decode\": {",
+                device, path, threads, bw, bw_dram, wbytes, roofline);
+            for (int i = 0; i < n_batches; i++)
                 fprintf(f, "%s\"%d\": %.2f", i ? ", " : "", batches[i], tps[i]);
             fprintf(f, "}, \"prefill_tps\": %.2f, \"batch1_roofline_fraction\": %.3f}\n", pf,
                     tps[0] / roofline);
@@ -203,7 +224,7 @@ int main(int argc, char **argv)
                     path, threads, wbytes / 1e6, bw, bw_dram, bw, wbytes / 1e6, roofline);
             fprintf(f, "| concurrent sequences | decode tok/s (aggregate) | vs batch 1 "
                        "|\n|---|---|---|\n");
-            for (int i = 0; i < 6; i++)
+            for (int i = 0; i < n_batches; i++)
                 fprintf(f, "| %d | %.1f | %.2fx |\n", batches[i], tps[i], tps[i] / tps[0]);
             fprintf(f,
                     "\nBatch-1 decode: %.0f%% of the bandwidth roofline. Prefill (512-token "

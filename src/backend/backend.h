@@ -84,9 +84,38 @@ struct backend_rope_args {
     int neox; /* 1: pairs (x[i], x[i+n_rot/2]); 0: (x[2i], x[2i+1]) */
 };
 
+/* Sampling on the device (optional op): the sampler's pipeline (sampler/sampler.h) on each
+ * logits row, so a step returns token ids instead of [rows, n_vocab] floats. The host keeps
+ * each request's RNG and history; per row it hands over the one uniform draw of the step and
+ * the row's logit edits (bias and penalties folded per token):
+ *   l[token] = rep(l[token] + pre_add) + post_add, rep(x) = x > 0 ? x / r : x * r (r = 1: none)
+ * then: temperature 0 = argmax (ties -> lowest id); else p ~ exp((l - max) / T) truncated in
+ * this order, as the host sampler does: top-k (the k largest; ties at the cut are all kept),
+ * then top-p over the top-k survivors (the smallest set of largest p whose mass, normalised
+ * over those survivors, reaches top_p), then min-p (p >= min_p * p_max); the token is the
+ * inverse CDF of u over the final survivors in id order. logprob = log-softmax of the edited
+ * logits at T = 1. */
+struct backend_logit_edit {
+    int32_t token;
+    float pre_add;  /* logit bias */
+    float rep;      /* repetition penalty for this token, 1 = none */
+    float post_add; /* -(presence + frequency * count) */
+};
+
+struct backend_sample_row {
+    float temperature;           /* 0 = greedy */
+    int32_t top_k;               /* 0 = off */
+    float top_p;                 /* 1 = off */
+    float min_p;                 /* 0 = off */
+    float u;                     /* the row's draw in [0, 1) */
+    int32_t edit_begin, n_edits; /* the row's range in the edits array */
+};
+
 struct backend_mem_info {
     uint64_t free_bytes;  /* what the backend may still reserve */
     uint64_t total_bytes; /* device memory, or the CPU budget */
+    /* what the backend holds, by use (the CPU counts mapped weights) */
+    uint64_t weights_bytes, kv_bytes, activation_bytes;
 };
 
 struct backend_ops {
@@ -146,6 +175,17 @@ struct backend_ops {
     /* dst[i] = x[step logit_rows[i]], rows of n, i < n_logits */
     int (*get_rows)(struct backend *b, const struct backend_tensor *x, int n,
                     struct backend_tensor *dst);
+
+    /* --- optional (NULL where the backend samples nothing; the CPU: logits are host memory) --- */
+    /* Samples rows of logits[rows, n_vocab] per `r` and `edits` (copied at the call). The ids
+     * and logprobs come back from step_end_sampled, which replaces step_end for such a step. */
+    int (*sample)(struct backend *b, const struct backend_tensor *logits, int rows, int n_vocab,
+                  const struct backend_sample_row *r, const struct backend_logit_edit *edits,
+                  int n_edits);
+    /* The step's only synchronisation when it sampled: ids[rows] and logprobs[rows] in host
+     * memory owned by the backend, valid until the next step_begin. */
+    int (*step_end_sampled)(struct backend *b, int rows, const int32_t **ids,
+                            const float **logprobs);
 };
 
 struct backend {
@@ -153,11 +193,13 @@ struct backend {
 };
 
 struct backend_params {
-    int n_threads;       /* CPU compute threads; 0 = all CPUs */
-    int max_tokens;      /* rows of the largest step */
-    int64_t max_n_in;    /* widest matmul input */
-    int max_ctx;         /* longest sequence */
-    uint64_t mem_budget; /* CPU: bytes mem_info reports; 0 = the machine's available memory */
+    int n_threads;        /* CPU compute threads; 0 = all CPUs */
+    int max_tokens;       /* rows of the largest step */
+    int64_t max_n_in;     /* widest matmul input */
+    int max_ctx;          /* longest sequence */
+    uint64_t mem_budget;  /* CPU: bytes mem_info reports; 0 = the machine's available memory */
+    int max_sample_edits; /* logit edits one sample call may take (0 = 256 per token of the
+                           * largest step); more is KRS_ERR_FULL: the caller samples on the host */
 };
 
 /* Devices this build can create: "cpu" always, "cuda" when built with it. */

@@ -83,12 +83,18 @@ static int run_tokens(struct model_ctx *ctx, const int32_t *tokens, int n, int s
 int cli_eval(int argc, char **argv)
 {
     static const struct option opts[] = {
-        {"model", required_argument, 0, 'm'},  {"tokens", required_argument, 0, 't'},
-        {"out", required_argument, 0, 'o'},    {"all", no_argument, 0, 'a'},
-        {"greedy", required_argument, 0, 'g'}, {"threads", required_argument, 0, 'j'},
-        {"help", no_argument, 0, 'h'},         {0, 0, 0, 0},
+        {"model", required_argument, 0, 'm'},
+        {"tokens", required_argument, 0, 't'},
+        {"out", required_argument, 0, 'o'},
+        {"all", no_argument, 0, 'a'},
+        {"greedy", required_argument, 0, 'g'},
+        {"threads", required_argument, 0, 'j'},
+        {"device", required_argument, 0, 'D'},
+        {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0},
     };
     const char *model_arg = NULL, *tokens_arg = NULL, *out_path = NULL;
+    const char *device = getenv("KRSERVE_DEVICE"); /* --device overrides */
     int all = 0, greedy = 0, threads = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:t:o:ag:j:h", opts, NULL)) != -1) {
@@ -111,9 +117,12 @@ int cli_eval(int argc, char **argv)
         case 'j':
             threads = atoi(optarg);
             break;
+        case 'D':
+            device = optarg;
+            break;
         case 'h':
             printf("usage: krserve eval-logits [-m MODEL] --tokens ID,ID,... [--out FILE [--all]] "
-                   "[--greedy N] [--threads N]\n"
+                   "[--greedy N] [--threads N] [--device cpu|cuda]\n"
                    "  --out FILE  raw float32 logits [rows, n_vocab]: every position with --all, "
                    "else the last\n"
                    "  --greedy N  print N greedy continuation ids, comma-separated\n");
@@ -150,6 +159,7 @@ int cli_eval(int argc, char **argv)
         .kv_tokens = n + greedy + 16,
         .max_ctx = n + greedy + 16,
         .n_threads = threads,
+        .device = device,
     };
     if ((rc = model_ctx_create(m, &cp, &ctx, err, sizeof err))) {
         fprintf(stderr, "krserve: %s\n", err);

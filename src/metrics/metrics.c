@@ -174,6 +174,17 @@ void metrics_set_kv_blocks(struct metrics *m, uint32_t used, uint32_t free_block
     atomic_store_explicit(&m->kv_free, free_blocks, RLX);
 }
 
+void metrics_set_device_memory(struct metrics *m, uint64_t weights, uint64_t kv,
+                               uint64_t activations, uint64_t free_bytes, uint64_t total)
+{
+    if (!m) return;
+    atomic_store_explicit(&m->dev_weights, (int64_t)weights, RLX);
+    atomic_store_explicit(&m->dev_kv, (int64_t)kv, RLX);
+    atomic_store_explicit(&m->dev_activations, (int64_t)activations, RLX);
+    atomic_store_explicit(&m->dev_free, (int64_t)free_bytes, RLX);
+    atomic_store_explicit(&m->dev_total, (int64_t)total, RLX);
+}
+
 void metrics_set_mode(struct metrics *m, enum metrics_sched_mode mode)
 {
     if (!m || (unsigned)mode >= METRICS_MODE_COUNT) return;
@@ -256,6 +267,11 @@ int metrics_snapshot(struct metrics *m, uint64_t now_ns, struct metrics_snapshot
     out->batch_limit = atomic_load_explicit(&m->batch_limit, RLX);
     out->kv_used = atomic_load_explicit(&m->kv_used, RLX);
     out->kv_free = atomic_load_explicit(&m->kv_free, RLX);
+    out->dev_weights = atomic_load_explicit(&m->dev_weights, RLX);
+    out->dev_kv = atomic_load_explicit(&m->dev_kv, RLX);
+    out->dev_activations = atomic_load_explicit(&m->dev_activations, RLX);
+    out->dev_free = atomic_load_explicit(&m->dev_free, RLX);
+    out->dev_total = atomic_load_explicit(&m->dev_total, RLX);
     out->mode = (enum metrics_sched_mode)atomic_load_explicit(&m->mode, RLX);
 
     for (int h = 0; h < METRICS_HIST_COUNT; h++) {

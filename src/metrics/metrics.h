@@ -124,6 +124,8 @@ struct metrics_snapshot {
     int64_t queue_depth[METRICS_PRIO_COUNT];
     int64_t queue_depth_total;
     int64_t running, batch_limit, kv_used, kv_free;
+    /* compute device memory in bytes, by use (metrics_set_device_memory) */
+    int64_t dev_weights, dev_kv, dev_activations, dev_free, dev_total;
     enum metrics_sched_mode mode;
     /* windows */
     struct metrics_window_snapshot windows[METRICS_N_WINDOWS];
@@ -172,6 +174,9 @@ void metrics_record_degradation(struct metrics *m, const char *reason, uint64_t 
 void metrics_set_queue_depth(struct metrics *m, enum metrics_priority prio, int64_t depth);
 void metrics_set_batch(struct metrics *m, uint32_t running, uint32_t limit);
 void metrics_set_kv_blocks(struct metrics *m, uint32_t used, uint32_t free_blocks);
+/* The compute backend's memory: weights, KV pool, activation arena, free and total bytes. */
+void metrics_set_device_memory(struct metrics *m, uint64_t weights, uint64_t kv,
+                               uint64_t activations, uint64_t free_bytes, uint64_t total);
 /* Sets the scheduler mode; a change of mode counts one mode transition. */
 void metrics_set_mode(struct metrics *m, enum metrics_sched_mode mode);
 

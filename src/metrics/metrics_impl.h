@@ -81,6 +81,7 @@ struct metrics {
     _Atomic uint64_t preemptions, mode_transitions, tuning_adjustments, degradation_events;
     _Atomic int64_t queue_depth[METRICS_PRIO_COUNT];
     _Atomic int64_t running, batch_limit, kv_used, kv_free;
+    _Atomic int64_t dev_weights, dev_kv, dev_activations, dev_free, dev_total;
     _Atomic int mode;
     struct metrics_hist hist[METRICS_HIST_COUNT];
     struct metrics_slot slots[METRICS_SLOTS];

@@ -208,6 +208,20 @@ static void render_prom(const struct prom_set *ps, struct out_buf *o)
         sample_f(o, "krserve_kv_blocks", ps->lab[i], "state=\"used\"", (double)ps->s[i]->kv_used);
         sample_f(o, "krserve_kv_blocks", ps->lab[i], "state=\"free\"", (double)ps->s[i]->kv_free);
     }
+    head(o, "krserve_device_memory_bytes", "gauge",
+         "Compute device memory by use (the CPU backend: host memory it reserved or mapped).");
+    FOR_EACH(ps, i)
+    {
+        const struct metrics_snapshot *d = ps->s[i];
+        sample_f(o, "krserve_device_memory_bytes", ps->lab[i], "use=\"weights\"",
+                 (double)d->dev_weights);
+        sample_f(o, "krserve_device_memory_bytes", ps->lab[i], "use=\"kv\"", (double)d->dev_kv);
+        sample_f(o, "krserve_device_memory_bytes", ps->lab[i], "use=\"activations\"",
+                 (double)d->dev_activations);
+        sample_f(o, "krserve_device_memory_bytes", ps->lab[i], "use=\"free\"", (double)d->dev_free);
+        sample_f(o, "krserve_device_memory_bytes", ps->lab[i], "use=\"total\"",
+                 (double)d->dev_total);
+    }
     head(o, "krserve_requests_total", "counter", "Finished requests by finish reason.");
     FOR_EACH(ps, i)
     for (int r = 0; r < METRICS_FINISH_COUNT; r++) {
@@ -394,6 +408,15 @@ static void build_json(const struct metrics_snapshot *s, cJSON *root, bool *ok)
     if (kv) {
         add_num(kv, "used", (double)s->kv_used, ok);
         add_num(kv, "free", (double)s->kv_free, ok);
+    }
+
+    cJSON *dm = add_obj(root, "device_memory_bytes", ok);
+    if (dm) {
+        add_num(dm, "weights", (double)s->dev_weights, ok);
+        add_num(dm, "kv", (double)s->dev_kv, ok);
+        add_num(dm, "activations", (double)s->dev_activations, ok);
+        add_num(dm, "free", (double)s->dev_free, ok);
+        add_num(dm, "total", (double)s->dev_total, ok);
     }
 
     cJSON *c = add_obj(root, "counters", ok);

@@ -89,6 +89,11 @@ struct kv_cache *model_ctx_kv(struct model_ctx *ctx);
 int model_ctx_max_batch_tokens(const struct model_ctx *ctx);
 int model_ctx_max_ctx(const struct model_ctx *ctx);
 const char *model_ctx_backend_name(const struct model_ctx *ctx);
+/* The backend's memory by use, in bytes. */
+struct model_ctx_memory {
+    uint64_t weights, kv, activations, free_bytes, total;
+};
+void model_ctx_memory(const struct model_ctx *ctx, struct model_ctx_memory *out);
 /* One forward batch. Token i belongs to sequence slot seq[i] at position pos[i]; a sequence's
  * tokens in the batch must have consecutive increasing positions, and its KV blocks must have
  * been reserved (kv_seq_reserve) for them. Earlier positions come from the KV cache. */
@@ -106,5 +111,21 @@ struct model_batch {
  * tokens, bad token id, unreserved KV). */
 int model_forward(struct model_ctx *ctx, const struct model_batch *batch, const float **out_logits,
                   int *out_n);
+
+/* 1 when the context's backend samples on the device (model_forward_sampled works). */
+int model_ctx_samples_on_device(const struct model_ctx *ctx);
+/* model_forward that samples each flagged row on the device instead of returning its logits:
+ * rows[i] (backend.h's struct backend_sample_row; edits indexed by its edit range) for the i-th
+ * flagged token. *out_ids and *out_logprobs point at [*out_n] values owned by ctx, valid until
+ * the next forward. KRS_ERR_FULL: too many edits for the device, nothing ran (sample on the
+ * host instead); KRS_ERR_UNSUPPORTED without device sampling. */
+struct backend_sample_row;
+struct backend_logit_edit;
+int model_forward_sampled(struct model_ctx *ctx, const struct model_batch *batch,
+                          const struct backend_sample_row *rows,
+                          const struct backend_logit_edit *edits, int n_edits,
+                          const int32_t **out_ids, const float **out_logprobs, int *out_n);
+/* Most logit edits one model_forward_sampled may carry (0 without device sampling). */
+int model_ctx_max_sample_edits(const struct model_ctx *ctx);
 
 #endif

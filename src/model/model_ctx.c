@@ -219,7 +219,9 @@ int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
         .max_n_in = max_in,
         .max_ctx = requested_ctx,
         .mem_budget = p->mem_budget,
+        .max_sample_edits = c->max_tokens * 256,
     };
+    c->max_sample_edits = bp.max_sample_edits;
     if ((rc = backend_create(p->device, &bp, &c->be, err, errlen))) goto fail;
     c->layers = alloc_calloc((size_t)hp->n_layer, sizeof *c->layers);
     if (!c->layers) {
@@ -250,6 +252,13 @@ int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
         goto fail;
     }
     for (int i = 0; i < p->max_seqs; i++) c->slot_to_step[i] = -1;
+    struct model_ctx_memory mm;
+    model_ctx_memory(c, &mm);
+    KRS_LOG_INFOF("device %s: weights %.1f MiB, KV pool %.1f MiB (%lld tokens, %d-token "
+                  "context), activations %.1f MiB; %.1f of %.1f MiB free",
+                  c->be->ops->name, mm.weights / 1048576.0, mm.kv / 1048576.0,
+                  (long long)kv_group_blocks(c->kv, 0) * kv_block_size(c->kv), c->max_ctx,
+                  mm.activations / 1048576.0, mm.free_bytes / 1048576.0, mm.total / 1048576.0);
     *out = c;
     return KRS_OK;
 fail:
@@ -286,6 +295,14 @@ int model_ctx_max_batch_tokens(const struct model_ctx *c)
 int model_ctx_max_ctx(const struct model_ctx *c)
 {
     return c->max_ctx;
+}
+
+void model_ctx_memory(const struct model_ctx *c, struct model_ctx_memory *out)
+{
+    struct backend_mem_info mi = {0};
+    c->be->ops->mem_info(c->be, &mi);
+    *out = (struct model_ctx_memory){mi.weights_bytes, mi.kv_bytes, mi.activation_bytes,
+                                     mi.free_bytes, mi.total_bytes};
 }
 
 const char *model_ctx_backend_name(const struct model_ctx *c)

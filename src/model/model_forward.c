@@ -165,15 +165,54 @@ static int forward_logits(struct model_ctx *c, int n_logits)
     return KRS_OK;
 }
 
+/* Packs, uploads and runs the batch up to the logits of the flagged rows (not synchronised). */
+static int forward(struct model_ctx *c, const struct model_batch *b, struct backend_step *s)
+{
+    int rc;
+    if ((rc = build_step(c, b, s))) return rc;
+    if ((rc = c->be->ops->step_begin(c->be, s))) return rc;
+    c->cur_tokens = s->n_tokens;
+    if ((rc = forward_layers(c)) || (rc = forward_logits(c, s->n_logits))) return rc;
+    return KRS_OK;
+}
+
+int model_ctx_samples_on_device(const struct model_ctx *c)
+{
+    return c->be->ops->sample != NULL;
+}
+
+int model_ctx_max_sample_edits(const struct model_ctx *c)
+{
+    return c->be->ops->sample ? c->max_sample_edits : 0;
+}
+
+int model_forward_sampled(struct model_ctx *c, const struct model_batch *b,
+                          const struct backend_sample_row *rows,
+                          const struct backend_logit_edit *edits, int n_edits,
+                          const int32_t **out_ids, const float **out_logprobs, int *out_n)
+{
+    const struct backend_ops *ops = c->be->ops;
+    struct backend_step s;
+    int rc;
+    if (!ops->sample) return KRS_ERR_UNSUPPORTED;
+    if (n_edits > c->max_sample_edits) return KRS_ERR_FULL;
+    if ((rc = forward(c, b, &s))) return rc;
+    *out_ids = NULL;
+    *out_logprobs = NULL;
+    if (s.n_logits &&
+        ((rc = ops->sample(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, rows, edits, n_edits)) ||
+         (rc = ops->step_end_sampled(c->be, s.n_logits, out_ids, out_logprobs))))
+        return rc;
+    *out_n = s.n_logits;
+    return KRS_OK;
+}
+
 int model_forward(struct model_ctx *c, const struct model_batch *b, const float **out_logits,
                   int *out_n)
 {
     struct backend_step s;
     int rc;
-    if ((rc = build_step(c, b, &s))) return rc;
-    if ((rc = c->be->ops->step_begin(c->be, &s))) return rc;
-    c->cur_tokens = s.n_tokens;
-    if ((rc = forward_layers(c)) || (rc = forward_logits(c, s.n_logits))) return rc;
+    if ((rc = forward(c, b, &s))) return rc;
     const float *logits = NULL;
     if (s.n_logits &&
         (rc = c->be->ops->step_end(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, &logits)))

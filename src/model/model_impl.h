@@ -45,7 +45,8 @@ struct model_ctx {
     int max_logits;
     int max_ctx;
     int max_seqs;
-    int cur_tokens; /* T of the step in progress */
+    int cur_tokens;       /* T of the step in progress */
+    int max_sample_edits; /* what the backend reserved for device sampling */
     /* Weights in backend memory. */
     struct backend_tensor *tok_embd, *output, *output_norm, *output_bias, *rope_freqs;
     struct model_ctx_layer *layers; /* [n_layer] */

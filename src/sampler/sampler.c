@@ -530,3 +530,71 @@ int sampler_sample(struct sampler *s, struct sampler_scratch *sc, const float *l
     }
     return KRS_OK;
 }
+
+/* ---- inputs for device sampling ---- */
+
+double sampler_next_uniform(struct sampler *s)
+{
+    return (double)(rng_next(s->rng) >> 11) * 0x1.0p-53;
+}
+
+int sampler_edits(const struct sampler *s, struct sampler_scratch *sc, const int32_t *prompt,
+                  int32_t n_prompt, const int32_t *gen, int32_t n_gen, struct sampler_edit *out,
+                  int32_t cap, int32_t *n_out)
+{
+    *n_out = 0;
+    if (!s || !sc || s->n_vocab > sc->n_vocab || n_prompt < 0 || n_gen < 0 || cap < 0)
+        return KRS_ERR_INVALID;
+    const struct sampler_params *p = &s->params;
+    const int32_t V = s->n_vocab;
+    int64_t n_hist = (int64_t)n_prompt + n_gen, win_start = n_hist;
+    if (p->repetition_penalty != 1.0f && p->penalty_last_n != 0)
+        win_start =
+            p->penalty_last_n < 0 || p->penalty_last_n > n_hist ? 0 : n_hist - p->penalty_last_n;
+    for (int64_t i = win_start; i < n_hist; i++) {
+        int32_t t = hist_token(prompt, n_prompt, gen, i);
+        if (t < 0 || t >= V) return KRS_ERR_INVALID;
+    }
+    for (int32_t i = 0; i < n_gen; i++)
+        if (gen[i] < 0 || gen[i] >= V) return KRS_ERR_INVALID;
+    /* count[t] = 1 + index of t's entry in out (0: none yet); zeroed again before returning.
+     * post_add holds the generated count until the last loop turns it into the penalty. */
+    uint32_t *slot = sc->count;
+    int32_t n = 0, rc = KRS_OK;
+#define EDIT_OF(t)                                                                                 \
+    (slot[t]   ? &out[slot[t] - 1]                                                                 \
+     : n < cap ? (out[n] = (struct sampler_edit){(t), 0.0f, 1.0f, 0.0f}, slot[t] = (uint32_t)++n,  \
+                  &out[n - 1])                                                                     \
+               : NULL)
+    for (int32_t i = 0; i < p->n_logit_bias && !rc; i++) {
+        struct sampler_edit *e = EDIT_OF(p->logit_bias[i].token);
+        if (!e)
+            rc = KRS_ERR_FULL;
+        else
+            e->pre_add += p->logit_bias[i].bias;
+    }
+    for (int64_t i = win_start; i < n_hist && !rc; i++) {
+        struct sampler_edit *e = EDIT_OF(hist_token(prompt, n_prompt, gen, i));
+        if (!e)
+            rc = KRS_ERR_FULL;
+        else
+            e->rep = p->repetition_penalty;
+    }
+    int pf = p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f;
+    for (int32_t i = 0; pf && i < n_gen && !rc; i++) {
+        struct sampler_edit *e = EDIT_OF(gen[i]);
+        if (!e)
+            rc = KRS_ERR_FULL;
+        else
+            e->post_add += 1.0f;
+    }
+#undef EDIT_OF
+    for (int32_t i = 0; i < n; i++) {
+        slot[out[i].token] = 0;
+        float c = out[i].post_add;
+        out[i].post_add = c > 0.0f ? -(p->presence_penalty + p->frequency_penalty * c) : 0.0f;
+    }
+    if (rc) return rc;
+    *n_out = n;
+    return KRS_OK;
+}

@@ -117,4 +117,26 @@ int sampler_sample(struct sampler *s, struct sampler_scratch *scratch, const flo
                    int32_t n_vocab, const int32_t *prompt, int32_t n_prompt,
                    const int32_t *generated, int32_t n_generated, struct sampler_result *out);
 
+/* Inputs for sampling on a compute device (backend.h's sample op), which runs steps 1-8 above
+ * on the device so that only token ids come back. The host keeps the RNG and the history:
+ *
+ * sampler_edits writes the per-token logit edits of steps 1-3 for this history, one entry per
+ * token touched (tokens ascending is not promised), such that
+ *   adjusted[t] = rep(l[t] + pre_add) + post_add, rep(x) = x > 0 ? x / r : x * r,
+ * equals what sampler_sample computes. out has room for cap entries: KRS_ERR_FULL (nothing
+ * usable written) when more are needed; KRS_ERR_INVALID for tokens out of range. Uses the
+ * scratch's counters (left zeroed). */
+struct sampler_edit {
+    int32_t token;
+    float pre_add;  /* logit bias */
+    float rep;      /* repetition penalty, 1 = none */
+    float post_add; /* -(presence + frequency * count) */
+};
+int sampler_edits(const struct sampler *s, struct sampler_scratch *scratch, const int32_t *prompt,
+                  int32_t n_prompt, const int32_t *generated, int32_t n_generated,
+                  struct sampler_edit *out, int32_t cap, int32_t *n_out);
+/* The draw sampler_sample would make now, in [0, 1); advances the RNG exactly once, as one
+ * sampler_sample call does, so a request's n-th token uses its n-th number on any device. */
+double sampler_next_uniform(struct sampler *s);
+
 #endif

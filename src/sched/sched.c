@@ -7,6 +7,7 @@
  * engine when they finish; nothing is allocated inside a step. */
 #include "sched/sched_impl.h"
 
+#include "backend/backend.h"
 #include "krserve.h"
 #include "kv/kv.h"
 #include "metrics/metrics.h"
@@ -17,6 +18,7 @@
 #include "util/threadpool.h"
 
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -615,6 +617,12 @@ static void publish(struct sched *s, uint64_t now, int idle)
     kv_get_stats(model_ctx_kv(s->ctx), &st);
     int64_t total = st.full.blocks_total + st.swa.blocks_total;
     int64_t free_blocks = st.full.blocks_free + st.swa.blocks_free;
+    /* The memory query may cost a driver call: refreshed once a second, not every loop. */
+    if (!s->mem_at_ns || now - s->mem_at_ns > 1000000000ull) {
+        model_ctx_memory(s->ctx, &s->mem);
+        s->mem_at_ns = now;
+    }
+    const struct model_ctx_memory mem = s->mem;
     pthread_mutex_lock(&s->state_lock);
     s->pub.mode = s->mode;
     s->pub.batch_limit = s->limit;
@@ -625,6 +633,12 @@ static void publish(struct sched *s, uint64_t now, int idle)
     s->pub.kv_blocks_total = total;
     s->pub.kv_blocks_free = free_blocks;
     s->pub.window_ms = s->window_ns / 1e6;
+    snprintf(s->pub.device, sizeof s->pub.device, "%s", model_ctx_backend_name(s->ctx));
+    s->pub.mem_weights = mem.weights;
+    s->pub.mem_kv = mem.kv;
+    s->pub.mem_activations = mem.activations;
+    s->pub.mem_free = mem.free_bytes;
+    s->pub.mem_total = mem.total;
     s->pub_ctrl = s->ctrl;
     pthread_mutex_unlock(&s->state_lock);
     if (s->metrics) {
@@ -632,6 +646,8 @@ static void publish(struct sched *s, uint64_t now, int idle)
             metrics_set_queue_depth(s->metrics, (enum metrics_priority)q, s->q_len[q]);
         metrics_set_batch(s->metrics, (uint32_t)s->n_running, (uint32_t)s->limit);
         metrics_set_kv_blocks(s->metrics, (uint32_t)(total - free_blocks), (uint32_t)free_blocks);
+        metrics_set_device_memory(s->metrics, mem.weights, mem.kv, mem.activations, mem.free_bytes,
+                                  mem.total);
     }
 }
 
@@ -708,6 +724,48 @@ static void sample_rows(void *arg, int ith, int nth)
     }
 }
 
+/* The layouts sampler/ writes and backend/ reads are the same four fields. */
+_Static_assert(
+    sizeof(struct sampler_edit) == sizeof(struct backend_logit_edit) &&
+        offsetof(struct sampler_edit, token) == offsetof(struct backend_logit_edit, token) &&
+        offsetof(struct sampler_edit, pre_add) == offsetof(struct backend_logit_edit, pre_add) &&
+        offsetof(struct sampler_edit, rep) == offsetof(struct backend_logit_edit, rep) &&
+        offsetof(struct sampler_edit, post_add) == offsetof(struct backend_logit_edit, post_add),
+    "sampler_edit and backend_logit_edit differ");
+
+/* Fills the device-sampling inputs of this step's n_rows rows and returns 1, or returns 0 when
+ * the step samples on the host: no device sampling, a row asks for top logprobs (they need the
+ * whole row), or the edits do not fit (then nothing was drawn from any RNG, so the host path
+ * draws exactly as it would have). */
+static int prepare_device_sampling(struct sched *s, int n_rows)
+{
+    if (!s->dev_rows) return 0;
+    int n_edits = 0;
+    for (int row = 0; row < n_rows; row++) {
+        struct req *r = s->b_rows[row];
+        const struct sampler_params *sp = &r->sampler.params;
+        if (sp->n_top_logprobs > 0) return 0;
+        int32_t n;
+        if (sampler_edits(&r->sampler, s->scratch[0], r->tokens, r->n_prompt,
+                          r->tokens + r->n_prompt, r->n_gen, s->dev_edits + n_edits,
+                          s->dev_edits_cap - n_edits, &n))
+            return 0;
+        s->dev_rows[row] = (struct backend_sample_row){
+            .temperature = sp->temperature,
+            .top_k = sp->top_k,
+            .top_p = sp->top_p,
+            .min_p = sp->min_p,
+            .edit_begin = n_edits,
+            .n_edits = n,
+        };
+        n_edits += n;
+    }
+    for (int row = 0; row < n_rows; row++)
+        s->dev_rows[row].u = (float)sampler_next_uniform(&s->b_rows[row]->sampler);
+    s->dev_n_edits = n_edits;
+    return 1;
+}
+
 static void step(struct sched *s, uint64_t t0)
 {
     int T = 0, budget = s->p.max_batch_tokens;
@@ -742,9 +800,16 @@ static void step(struct sched *s, uint64_t t0)
         if (s->b_want[t]) s->b_rows[n_rows++] = s->running[s->b_seq[t]];
 
     struct model_batch b = {T, s->b_tokens, s->b_pos, s->b_seq, s->b_want};
-    const float *logits;
-    int n_out;
-    int rc = model_forward(s->ctx, &b, &logits, &n_out);
+    const float *logits = NULL;
+    const int32_t *ids = NULL;
+    const float *logprobs = NULL;
+    int n_out, rc;
+    if (prepare_device_sampling(s, n_rows))
+        rc = model_forward_sampled(s->ctx, &b, s->dev_rows,
+                                   (const struct backend_logit_edit *)s->dev_edits, s->dev_n_edits,
+                                   &ids, &logprobs, &n_out);
+    else
+        rc = model_forward(s->ctx, &b, &logits, &n_out);
     uint64_t now = clock_now_ns();
     if (rc) {
         KRS_LOG_ERRORF("forward failed: %s", krs_status_str(rc));
@@ -766,13 +831,20 @@ static void step(struct sched *s, uint64_t t0)
     }
     /* Rows are independent (each request has its own sampler and RNG), so they are sampled in
      * parallel; tokens are then accepted in row order on this thread. */
-    s->cur_logits = logits;
-    s->n_sample_rows = n_out;
-    atomic_store_explicit(&s->next_sample_row, 0, memory_order_relaxed);
-    if (n_out == 1)
-        sample_rows(s, 0, 1);
-    else if (n_out > 1)
-        pool_run_n(s->sample_pool, n_out, sample_rows, s);
+    if (ids) {
+        for (int row = 0; row < n_out; row++) {
+            s->res[row] = (struct sampler_result){.token = ids[row], .logprob = logprobs[row]};
+            s->res_rc[row] = KRS_OK;
+        }
+    } else {
+        s->cur_logits = logits;
+        s->n_sample_rows = n_out;
+        atomic_store_explicit(&s->next_sample_row, 0, memory_order_relaxed);
+        if (n_out == 1)
+            sample_rows(s, 0, 1);
+        else if (n_out > 1)
+            pool_run_n(s->sample_pool, n_out, sample_rows, s);
+    }
     for (int row = 0; row < n_out; row++) {
         struct req *r = s->b_rows[row];
         if (s->res_rc[row]) {
@@ -870,6 +942,8 @@ static void free_resources(struct sched *s)
     alloc_free(s->scratch);
     alloc_free(s->res);
     alloc_free(s->res_rc);
+    alloc_free(s->dev_rows);
+    alloc_free(s->dev_edits);
     alloc_free(s->live);
     alloc_free(s->running);
     alloc_free(s->b_tokens);
@@ -925,6 +999,16 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         rc = KRS_ERR_NOMEM;
         snprintf(err, errlen, "sampling threads: cannot start");
         goto fail;
+    }
+    if (model_ctx_samples_on_device(s->ctx)) {
+        s->dev_edits_cap = model_ctx_max_sample_edits(s->ctx);
+        s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
+        s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
+        if (!s->dev_rows || !s->dev_edits) {
+            rc = KRS_ERR_NOMEM;
+            snprintf(err, errlen, "out of memory");
+            goto fail;
+        }
     }
     int n_scratch = pool_size(s->sample_pool);
     s->scratch = alloc_calloc((size_t)n_scratch, sizeof *s->scratch);

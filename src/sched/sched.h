@@ -165,6 +165,8 @@ struct sched_state {
     int draining;
     int64_t kv_blocks_total, kv_blocks_free;
     double window_ms; /* current admission window */
+    char device[16];  /* the compute backend's name */
+    uint64_t mem_weights, mem_kv, mem_activations, mem_free, mem_total; /* its memory, bytes */
 };
 void sched_get_state(struct sched *s, struct sched_state *out);
 /* The AdaptiveController's state as of the engine's last loop iteration. */

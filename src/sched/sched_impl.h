@@ -5,6 +5,7 @@
 #include "sched/sched.h"
 
 #include "controller/controller.h"
+#include "model/model.h"
 #include "sampler/sampler.h"
 #include "sampler/stop.h"
 #include "tokenizer/tokenizer.h"
@@ -58,6 +59,8 @@ struct req {
     struct sched_stream *stream;
 };
 
+struct backend_sample_row;
+
 struct sched {
     const struct model *model;
     const struct tokenizer *tok;
@@ -74,6 +77,14 @@ struct sched {
     struct sampler_result *res;  /* [max_running] */
     int *res_rc;                 /* [max_running] */
     const float *cur_logits;     /* this step's logits, for the sampling workers */
+    /* Device sampling (model_ctx_samples_on_device): per-row inputs and the logit edits of a
+     * step, reserved for max_running rows and the model's edit capacity; NULL on the CPU. */
+    struct model_ctx_memory mem; /* last memory query (publish), and when */
+    uint64_t mem_at_ns;
+    struct backend_sample_row *dev_rows; /* [max_running] */
+    struct sampler_edit *dev_edits;      /* [dev_edits_cap] */
+    int dev_edits_cap;
+    int dev_n_edits;
     struct controller ctrl;
     pthread_t thread;
 

@@ -253,6 +253,15 @@ static void stats_one(struct engine *e, void *arg)
     cJSON_AddNumberToObject(s, "kv_blocks_total", (double)st.kv_blocks_total);
     cJSON_AddNumberToObject(s, "kv_blocks_free", (double)st.kv_blocks_free);
     cJSON_AddNumberToObject(s, "window_ms", st.window_ms);
+    cJSON_AddStringToObject(s, "device", st.device);
+    cJSON *dm = cJSON_AddObjectToObject(s, "device_memory_bytes");
+    if (dm) {
+        cJSON_AddNumberToObject(dm, "weights", (double)st.mem_weights);
+        cJSON_AddNumberToObject(dm, "kv", (double)st.mem_kv);
+        cJSON_AddNumberToObject(dm, "activations", (double)st.mem_activations);
+        cJSON_AddNumberToObject(dm, "free", (double)st.mem_free);
+        cJSON_AddNumberToObject(dm, "total", (double)st.mem_total);
+    }
     struct controller_snapshot *cs = alloc_malloc(sizeof *cs);
     if (cs) {
         sched_get_controller(e->sched, cs);

@@ -44,7 +44,8 @@ def test_defaults_without_file(krserve, workdir):
     assert r.returncode == 0, r.stderr
     d = parse_dump(r.stdout)
     assert "# config file: none" in r.stdout
-    assert len(d) == 38
+    assert len(d) == 40
+    assert d["model.device"] == ("cpu", "default")
     assert d["server.port"] == ("8080", "default")
     assert d["performance.gpuScheduler.mode"] == ("auto", "default")
     assert d["monitoring.metrics.windowsSec"] == ("[5, 30, 60]", "default")
@@ -112,8 +113,8 @@ def test_api_key_redacted_and_json(krserve, workdir):
      "performance.adaptiveBatching.windowMaxMs"),
     ("", {"MLX_AUTO_TUNE": "perhaps"}, [],
      "env MLX_AUTO_TUNE: performance.gpuScheduler.autoTune.enabled: expected a boolean"),
-    ("", {}, ["--kv-tokens", "8"],
-     "flag --kv-tokens: model.kvCacheTokens: expected an integer in [16, 16777216], got \"8\""),
+    ("", {}, ["--kv-tokens", "-5"],
+     "flag --kv-tokens: model.kvCacheTokens: expected an integer in [0, 16777216], got \"-5\""),
     ("", {}, ["--set", "logging.colour=on"],
      "flag --set: logging.colour: unknown key"),
 ])

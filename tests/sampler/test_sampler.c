@@ -833,10 +833,99 @@ static void test_stop_random(void **state)
     }
 }
 
+/* sampler_edits folds bias and penalties into per-token edits that reproduce sampler_sample's
+ * adjusted logits: the greedy token and its logprob agree, for many random histories. */
+static void test_device_edits_match(void **state)
+{
+    enum { V = 1000, N_PROMPT = 50, N_GEN = 40 };
+    static float logits[V], adj[V];
+    int32_t toks[N_PROMPT + N_GEN];
+    struct sampler_logit_bias bias[3] = {{7, 2.5f}, {7, -1.0f}, {999, 100.0f}};
+    struct sampler_edit edits[256];
+    struct sampler_scratch *sc;
+    assert_int_equal(sampler_scratch_create(V, &sc), KRS_OK);
+    uint64_t rs = 12345;
+    for (int iter = 0; iter < 200; iter++) {
+        for (int i = 0; i < V; i++) {
+            rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+            logits[i] = (float)((int)(rs >> 40) % 2000 - 1000) / 100.0f;
+        }
+        for (int i = 0; i < N_PROMPT + N_GEN; i++) {
+            rs = rs * 6364136223846793005ull + 1442695040888963407ull;
+            toks[i] = (int32_t)((rs >> 33) % 60); /* repeats, so counts > 1 */
+        }
+        struct sampler_params p;
+        sampler_params_default(&p);
+        p.temperature = 0.0f;
+        p.repetition_penalty = iter % 3 ? 1.3f : 1.0f;
+        p.penalty_last_n = iter % 4 == 0 ? -1 : 16;
+        p.presence_penalty = iter % 2 ? 0.7f : 0.0f;
+        p.frequency_penalty = iter % 5 ? 0.3f : 0.0f;
+        p.logit_bias = iter % 2 ? bias : NULL;
+        p.n_logit_bias = iter % 2 ? 3 : 0;
+        struct sampler smp;
+        assert_int_equal(sampler_init(&smp, &p, V), KRS_OK);
+        int32_t n;
+        assert_int_equal(
+            sampler_edits(&smp, sc, toks, N_PROMPT, toks + N_PROMPT, N_GEN, edits, 256, &n),
+            KRS_OK);
+        memcpy(adj, logits, sizeof adj);
+        for (int32_t i = 0; i < n; i++) {
+            float x = adj[edits[i].token] + edits[i].pre_add, r = edits[i].rep;
+            adj[edits[i].token] = (x > 0.0f ? x / r : x * r) + edits[i].post_add;
+        }
+        int best = 0;
+        double z = 0.0;
+        for (int i = 1; i < V; i++)
+            if (adj[i] > adj[best]) best = i;
+        for (int i = 0; i < V; i++) z += exp((double)adj[i] - adj[best]);
+        struct sampler_result res;
+        assert_int_equal(
+            sampler_sample(&smp, sc, logits, V, toks, N_PROMPT, toks + N_PROMPT, N_GEN, &res),
+            KRS_OK);
+        assert_int_equal(res.token, best);
+        assert_true(fabs(res.logprob - (-log(z))) < 1e-4);
+        /* Too small an output: FULL, and the scratch stays usable (counters cleared). */
+        if (n > 1)
+            assert_int_equal(
+                sampler_edits(&smp, sc, toks, N_PROMPT, toks + N_PROMPT, N_GEN, edits, n - 1, &n),
+                KRS_ERR_FULL);
+    }
+    sampler_scratch_free(sc);
+}
+
+/* sampler_next_uniform is the draw sampler_sample makes: on two tokens of equal weight the
+ * token is 0 exactly when the draw is below one half. */
+static void test_next_uniform_is_the_draw(void **state)
+{
+    float logits[2] = {0.0f, 0.0f};
+    struct sampler_scratch *sc;
+    assert_int_equal(sampler_scratch_create(2, &sc), KRS_OK);
+    struct sampler_params p;
+    sampler_params_default(&p);
+    p.seed = 99;
+    struct sampler a, b;
+    assert_int_equal(sampler_init(&a, &p, 2), KRS_OK);
+    assert_int_equal(sampler_init(&b, &p, 2), KRS_OK);
+    int zeros = 0;
+    for (int i = 0; i < 200; i++) {
+        double u = sampler_next_uniform(&a);
+        assert_true(u >= 0.0 && u < 1.0);
+        struct sampler_result r;
+        assert_int_equal(sampler_sample(&b, sc, logits, 2, NULL, 0, NULL, 0, &r), KRS_OK);
+        assert_int_equal(r.token, u < 0.5 ? 0 : 1);
+        zeros += r.token == 0;
+    }
+    assert_true(zeros > 60 && zeros < 140);
+    sampler_scratch_free(sc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_greedy_argmax),
+        cmocka_unit_test(test_device_edits_match),
+        cmocka_unit_test(test_next_uniform_is_the_draw),
         cmocka_unit_test(test_temperature_distribution),
         cmocka_unit_test(test_temperature_chi_detects_wrong_temperature),
         cmocka_unit_test(test_top_k),

@@ -26,9 +26,10 @@ struct backend_cpu {
     struct backend_params p;
     struct pool *pool;
     struct quant_ctx *qctx;
-    struct backend_tensor *tensors; /* every handle handed out, freed at destroy */
-    float *scores;                  /* [n_threads][max_ctx] attention scratch */
-    uint64_t reserved;              /* bytes taken from the budget */
+    struct backend_tensor *tensors;   /* every handle handed out, freed at destroy */
+    float *scores;                    /* [n_threads][max_ctx] attention scratch */
+    uint64_t reserved;                /* bytes taken from the budget */
+    uint64_t weights_bytes, kv_bytes; /* by use, for mem_info */
     /* arena */
     float *arena;
     uint64_t arena_floats, arena_used;
@@ -82,6 +83,9 @@ static void cpu_mem_info(const struct backend *b, struct backend_mem_info *out)
 {
     const struct backend_cpu *c = (const struct backend_cpu *)b;
     uint64_t total = budget_bytes(c);
+    out->weights_bytes = c->weights_bytes;
+    out->kv_bytes = c->kv_bytes;
+    out->activation_bytes = c->arena_floats * sizeof(float);
     if (c->p.mem_budget) {
         out->total_bytes = total;
         out->free_bytes = total > c->reserved ? total - c->reserved : 0;
@@ -111,6 +115,7 @@ static int cpu_weight_upload(struct backend *b, const struct quant_matrix *w,
     struct backend_tensor *t = new_tensor(c);
     if (!t) return KRS_ERR_NOMEM;
     t->w = *w; /* mapped: the bytes stay where the GGUF mmap put them */
+    c->weights_bytes += w->row_bytes * (uint64_t)w->n_out;
     if (w->type == QUANT_F32) {
         t->data = (float *)w->data;
         t->n = w->n_in * w->n_out;
@@ -178,6 +183,7 @@ static int cpu_kv_reserve(struct backend *b, const struct backend_kv_layout *l)
         memset(c->k[g], 0, n * sizeof(float));
         memset(c->v[g], 0, n * sizeof(float));
         c->reserved += 2 * n * sizeof(float);
+        c->kv_bytes += 2 * n * sizeof(float);
     }
     return KRS_OK;
 }
