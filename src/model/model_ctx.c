@@ -12,6 +12,7 @@
 #include "util/log.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* Fraction of the backend's free memory the KV pool may take (the rest: headroom for the
@@ -222,6 +223,8 @@ int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
         .max_sample_edits = c->max_tokens * 256,
     };
     c->max_sample_edits = bp.max_sample_edits;
+    const char *fault = getenv("KRSERVE_FAULT_FORWARD_AFTER");
+    c->fault_after = fault && *fault ? strtoll(fault, NULL, 10) : -1;
     if ((rc = backend_create(p->device, &bp, &c->be, err, errlen))) goto fail;
     c->layers = alloc_calloc((size_t)hp->n_layer, sizeof *c->layers);
     if (!c->layers) {

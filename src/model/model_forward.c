@@ -170,6 +170,10 @@ static int forward(struct model_ctx *c, const struct model_batch *b, struct back
 {
     int rc;
     if ((rc = build_step(c, b, s))) return rc;
+    if (c->fault_after >= 0 && c->fault_after-- == 0) {
+        c->fault_after = 0; /* every later forward fails too, like a lost device */
+        return KRS_ERR_IO;
+    }
     if ((rc = c->be->ops->step_begin(c->be, s))) return rc;
     c->cur_tokens = s->n_tokens;
     if ((rc = forward_layers(c)) || (rc = forward_logits(c, s->n_logits))) return rc;

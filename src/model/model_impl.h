@@ -47,6 +47,9 @@ struct model_ctx {
     int max_seqs;
     int cur_tokens;       /* T of the step in progress */
     int max_sample_edits; /* what the backend reserved for device sampling */
+    /* Fault injection for tests ($KRSERVE_FAULT_FORWARD_AFTER=N): forwards after the N-th
+     * fail with KRS_ERR_IO, as a device error would. -1 = off. */
+    int64_t fault_after;
     /* Weights in backend memory. */
     struct backend_tensor *tok_embd, *output, *output_norm, *output_bias, *rope_freqs;
     struct model_ctx_layer *layers; /* [n_layer] */

@@ -639,6 +639,8 @@ static void publish(struct sched *s, uint64_t now, int idle)
     s->pub.mem_activations = mem.activations;
     s->pub.mem_free = mem.free_bytes;
     s->pub.mem_total = mem.total;
+    if (s->device_failed)
+        snprintf(s->pub.device_error, sizeof s->pub.device_error, "%s", s->device_error);
     s->pub_ctrl = s->ctrl;
     pthread_mutex_unlock(&s->state_lock);
     if (s->metrics) {
@@ -813,6 +815,13 @@ static void step(struct sched *s, uint64_t t0)
     uint64_t now = clock_now_ns();
     if (rc) {
         KRS_LOG_ERRORF("forward failed: %s", krs_status_str(rc));
+        /* A malformed batch is this step's problem; anything else (a device error, memory)
+         * means the device may be unusable: /health reports it until the process restarts. */
+        if (rc != KRS_ERR_INVALID && !s->device_failed) {
+            s->device_failed = 1;
+            snprintf(s->device_error, sizeof s->device_error, "%s forward failed: %s",
+                     model_ctx_backend_name(s->ctx), krs_status_str(rc));
+        }
         for (int i = 0; i < s->p.max_running; i++)
             if (s->running[i]) finish(s, s->running[i], SCHED_FINISH_ERROR, "forward pass failed");
         return;

@@ -164,8 +164,9 @@ struct sched_state {
     int idle;              /* 1 when the engine has nothing to do */
     int draining;
     int64_t kv_blocks_total, kv_blocks_free;
-    double window_ms; /* current admission window */
-    char device[16];  /* the compute backend's name */
+    double window_ms;       /* current admission window */
+    char device[16];        /* the compute backend's name */
+    char device_error[128]; /* "" or why a forward failed for a device reason (sticky) */
     uint64_t mem_weights, mem_kv, mem_activations, mem_free, mem_total; /* its memory, bytes */
 };
 void sched_get_state(struct sched *s, struct sched_state *out);

@@ -79,6 +79,8 @@ struct sched {
     const float *cur_logits;     /* this step's logits, for the sampling workers */
     /* Device sampling (model_ctx_samples_on_device): per-row inputs and the logit edits of a
      * step, reserved for max_running rows and the model's edit capacity; NULL on the CPU. */
+    int device_failed; /* a forward failed for a device reason (sticky) */
+    char device_error[128];
     struct model_ctx_memory mem; /* last memory query (publish), and when */
     uint64_t mem_at_ns;
     struct backend_sample_row *dev_rows; /* [max_running] */

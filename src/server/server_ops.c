@@ -141,7 +141,7 @@ static void health_one(struct engine *e, void *arg)
         st.heartbeat_ns && h->now > st.heartbeat_ns ? (double)(h->now - st.heartbeat_ns) / 1e6 : 0;
     int alive =
         !st.heartbeat_ns || h->now < st.heartbeat_ns || h->now - st.heartbeat_ns < HEALTH_STALE_NS;
-    h->ok &= alive;
+    h->ok &= alive && !st.device_error[0];
     int queued = st.queued[0] + st.queued[1] + st.queued[2];
     if (queued >= h->max_queue) h->saturated = 1;
     cJSON *m = cJSON_CreateObject();
@@ -151,6 +151,7 @@ static void health_one(struct engine *e, void *arg)
     cJSON_AddNumberToObject(m, "running", st.running);
     cJSON_AddNumberToObject(m, "queued", queued);
     cJSON_AddBoolToObject(m, "draining", st.draining);
+    if (st.device_error[0]) cJSON_AddStringToObject(m, "device_error", st.device_error);
     cJSON_AddItemToArray(h->models, m);
 }
 
@@ -185,7 +186,7 @@ enum MHD_Result server_ops_ready(struct server_conn *c)
                       : n == 0 && engine_registry_loading(s->reg) > 0 ? "loading model"
                       : n == 0                                        ? "no model loaded"
                       : h.saturated                                   ? "queue full"
-                      : !h.ok                                         ? "engine not responding"
+                      : !h.ok                                         ? "engine unhealthy"
                                                                       : NULL;
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "status", why ? "not ready" : "ready");

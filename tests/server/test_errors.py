@@ -153,3 +153,28 @@ def test_429_queue_full():
                 assert envelope(b)["code"] == "queue_full"
     finally:
         s.stop()
+
+
+def test_device_error_fails_requests_and_health():
+    """A forward that fails for a device reason (injected: KRSERVE_FAULT_FORWARD_AFTER) ends
+    the step's requests with a server error at once, never a hang, and /health and /ready turn
+    503 naming it; later requests fail fast too."""
+    s = Server(env={"KRSERVE_FAULT_FORWARD_AFTER": "3"})
+    try:
+        st, _, _ = s.get("/health")
+        assert st == 200
+        body = {"prompt": "Hello there", "max_tokens": 20, "ignore_eos": True}
+        st, _, raw = s.post("/v1/completions", body)
+        assert st >= 500, (st, raw[:300])
+        err = json.loads(raw)["error"]
+        assert "forward" in err["message"]
+        st, _, raw = s.get("/health")
+        assert st == 503
+        m = json.loads(raw)["models"][0]
+        assert "forward failed" in m["device_error"]
+        st, _, raw = s.get("/ready")
+        assert st == 503 and json.loads(raw)["reason"] == "engine unhealthy"
+        st, _, _ = s.post("/v1/completions", body)
+        assert st >= 500
+    finally:
+        s.stop()

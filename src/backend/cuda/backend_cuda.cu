@@ -1,0 +1,647 @@
+/* CUDA backend: device memory (weights kept quantized, one activation arena, the KV pool), the
+ * step (one upload of its inputs, one download of its logits, one synchronisation) and the ops
+ * table of backend/backend.h.
+ *
+ * Everything is reserved at load time: create reserves the pinned staging buffer for the
+ * largest step's inputs, the pinned logits buffer grows with act_alloc, the GEMM dequant
+ * scratch with weight_upload, and kv_reserve enlarges the staging for block tables. The step
+ * path never allocates and never synchronises except in step_end: ops validate their arguments
+ * on the host, enqueue kernels (cuda_quant.cu, cuda_attn.cu, cuda_ops.cu) on one stream and
+ * return. Device-side faults the host cannot see in advance (a position whose KV block is not
+ * held) raise a flag that step_end reads back with the logits. */
+#include "backend/cuda/cuda_impl.h"
+
+extern "C" {
+#include "util/alloc.h"
+#include "util/log.h"
+}
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CUBLAS_WS_BYTES (32u << 20)
+
+int cuda_status(cudaError_t e, const char *what, const char *file, int line)
+{
+    if (e == cudaSuccess) return KRS_OK;
+    KRS_LOG_ERRORF("cuda: %s: %s (%s) at %s:%d", what, cudaGetErrorString(e), cudaGetErrorName(e),
+                   file, line);
+    switch (e) {
+    case cudaErrorMemoryAllocation:
+        return KRS_ERR_NOMEM;
+    case cudaErrorNoDevice:
+    case cudaErrorInsufficientDriver:
+    case cudaErrorNoKernelImageForDevice:
+    case cudaErrorUnsupportedPtxVersion:
+    case cudaErrorInvalidDevice:
+        return KRS_ERR_UNSUPPORTED;
+    case cudaErrorInvalidValue:
+    case cudaErrorInvalidConfiguration:
+        return KRS_ERR_INVALID;
+    default:
+        return KRS_ERR_INTERNAL;
+    }
+}
+
+int cuda_cublas_status(cublasStatus_t s, const char *what, const char *file, int line)
+{
+    if (s == CUBLAS_STATUS_SUCCESS) return KRS_OK;
+    KRS_LOG_ERRORF("cublas: %s: %s at %s:%d", what, cublasGetStatusString(s), file, line);
+    switch (s) {
+    case CUBLAS_STATUS_ALLOC_FAILED:
+        return KRS_ERR_NOMEM;
+    case CUBLAS_STATUS_INVALID_VALUE:
+        return KRS_ERR_INVALID;
+    case CUBLAS_STATUS_NOT_SUPPORTED:
+    case CUBLAS_STATUS_ARCH_MISMATCH:
+        return KRS_ERR_UNSUPPORTED;
+    default:
+        return KRS_ERR_INTERNAL;
+    }
+}
+
+static struct backend_cuda *cu(struct backend *b)
+{
+    return (struct backend_cuda *)b;
+}
+
+/* ---- tensors ---- */
+
+static int tensor_new(struct backend_cuda *c, struct backend_tensor **out)
+{
+    if (c->n_tensors == c->cap_tensors) {
+        size_t cap = c->cap_tensors ? 2 * c->cap_tensors : 64;
+        void *p = alloc_realloc(c->tensors, cap * sizeof *c->tensors);
+        if (!p) return KRS_ERR_NOMEM;
+        c->tensors = (struct backend_tensor **)p;
+        c->cap_tensors = cap;
+    }
+    struct backend_tensor *t = (struct backend_tensor *)alloc_calloc(1, sizeof *t);
+    if (!t) return KRS_ERR_NOMEM;
+    c->tensors[c->n_tensors++] = t;
+    *out = t;
+    return KRS_OK;
+}
+
+static int is_act(const struct backend_tensor *t, int64_t need)
+{
+    return t && t->kind == CUDA_T_ACT && need >= 0 && t->n >= need;
+}
+
+/* An F32 vector weight of at least n elements (norm weights, biases, rope factors). */
+static int is_vec(const struct backend_tensor *t, int64_t n)
+{
+    return t && t->kind == CUDA_T_WEIGHT && t->type == QUANT_F32 && t->n_out == 1 && t->n_in >= n;
+}
+
+static float *fptr(const struct backend_tensor *t)
+{
+    return (float *)t->dev;
+}
+
+/* ---- lifetime ---- */
+
+static void cuda_destroy(struct backend *b)
+{
+    struct backend_cuda *c = cu(b);
+    if (!c) return;
+    if (c->stream) cudaStreamSynchronize(c->stream);
+    for (size_t i = 0; i < c->n_tensors; i++) {
+        if (c->tensors[i]->kind == CUDA_T_WEIGHT) cudaFree(c->tensors[i]->dev);
+        alloc_free(c->tensors[i]);
+    }
+    alloc_free(c->tensors);
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        cudaFree(c->kv.k[g]);
+        cudaFree(c->kv.v[g]);
+    }
+    alloc_free(c->kv.layer_group);
+    alloc_free(c->kv.layer_slot);
+    cudaFree(c->arena);
+    cudaFree(c->dq_scratch);
+    cudaFree(c->attn_part);
+    cudaFree(c->d_stage);
+    cudaFree(c->d_err);
+    cudaFree(c->cublas_ws);
+    cudaFreeHost(c->h_stage);
+    cudaFreeHost(c->h_err);
+    cudaFreeHost(c->h_out);
+    if (c->staged) cudaEventDestroy(c->staged);
+    if (c->cublas) cublasDestroy(c->cublas);
+    if (c->stream) cudaStreamDestroy(c->stream);
+    alloc_free(c);
+}
+
+static void cuda_mem_info(const struct backend *b, struct backend_mem_info *out)
+{
+    size_t fr = 0, tot = 0;
+    cudaSetDevice(((const struct backend_cuda *)b)->device);
+    if (CUDA_CHECK(cudaMemGetInfo(&fr, &tot), "cudaMemGetInfo")) fr = tot = 0;
+    const struct backend_cuda *c = (const struct backend_cuda *)b;
+    out->free_bytes = fr;
+    out->total_bytes = tot;
+    out->weights_bytes = c->weights_bytes;
+    out->kv_bytes = c->kv_bytes;
+    /* the arena and the scratch of the step (dequant, attention partials, cuBLAS workspace) */
+    out->activation_bytes = c->arena_bytes + (uint64_t)c->dq_scratch_floats * sizeof(float) +
+                            (uint64_t)CUDA_ATTN_PART * sizeof(float) + c->cublas_ws_bytes;
+}
+
+/* ---- memory, at load time ---- */
+
+static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
+                              struct backend_tensor **out)
+{
+    struct backend_cuda *c = cu(b);
+    *out = NULL;
+    if (!w || !w->data || w->n_in <= 0 || w->n_out <= 0) return KRS_ERR_INVALID;
+    if (!cuda_quant_supported(w->type)) {
+        KRS_LOG_ERRORF("cuda: weight type %s is not supported", quant_type_name(w->type));
+        return KRS_ERR_UNSUPPORTED;
+    }
+    uint64_t rb = quant_row_bytes(w->type, w->n_in);
+    if (rb == 0 || rb != w->row_bytes) return KRS_ERR_INVALID;
+    /* The GEMM path dequantizes chunks of rows: at least one row, at most CUDA_DQ_SCRATCH. */
+    if (w->type != QUANT_F32) {
+        int64_t need = w->n_out * w->n_in;
+        if (need > CUDA_DQ_SCRATCH) need = CUDA_DQ_SCRATCH > w->n_in ? CUDA_DQ_SCRATCH : w->n_in;
+        if (need > c->dq_scratch_floats) {
+            cudaFree(c->dq_scratch);
+            c->dq_scratch = NULL;
+            c->dq_scratch_floats = 0;
+            int rc = CUDA_CHECK(cudaMalloc((void **)&c->dq_scratch, (size_t)need * sizeof(float)),
+                                "dequant scratch");
+            if (rc) return rc;
+            c->dq_scratch_floats = need;
+        }
+    }
+    struct backend_tensor *t;
+    int rc = tensor_new(c, &t);
+    if (rc) return rc;
+    t->kind = CUDA_T_WEIGHT;
+    t->type = w->type;
+    t->n_in = w->n_in;
+    t->n_out = w->n_out;
+    t->row_bytes = rb;
+    size_t bytes = (size_t)rb * (size_t)w->n_out;
+    if ((rc = CUDA_CHECK(cudaMalloc(&t->dev, bytes), "weight")) ||
+        (rc = CUDA_CHECK(cudaMemcpy(t->dev, w->data, bytes, cudaMemcpyHostToDevice), "weight")))
+        return rc; /* t stays registered; destroy frees it */
+    c->weights_bytes += bytes;
+    *out = t;
+    return KRS_OK;
+}
+
+static int cuda_arena_reserve(struct backend *b, uint64_t bytes)
+{
+    struct backend_cuda *c = cu(b);
+    if (c->arena) return KRS_ERR_STATE;
+    if (bytes == 0) return KRS_ERR_INVALID;
+    int rc = CUDA_CHECK(cudaMalloc((void **)&c->arena, bytes), "activation arena");
+    if (rc) return rc;
+    c->arena_bytes = bytes;
+    c->arena_used = 0;
+    return KRS_OK;
+}
+
+static int cuda_act_alloc(struct backend *b, int64_t n, struct backend_tensor **out)
+{
+    struct backend_cuda *c = cu(b);
+    *out = NULL;
+    if (!c->arena) return KRS_ERR_STATE;
+    if (n <= 0) return KRS_ERR_INVALID;
+    uint64_t off = (c->arena_used + CUDA_ALIGN - 1) & ~(uint64_t)(CUDA_ALIGN - 1);
+    uint64_t bytes = (uint64_t)n * sizeof(float);
+    if (off > c->arena_bytes || bytes > c->arena_bytes - off) return KRS_ERR_NOMEM;
+    /* step_end may return any activation tensor: the pinned buffer fits the largest. */
+    if (n > c->h_out_floats) {
+        cudaFreeHost(c->h_out);
+        c->h_out = NULL;
+        c->h_out_floats = 0;
+        int rc = CUDA_CHECK(cudaMallocHost((void **)&c->h_out, (size_t)bytes), "pinned output");
+        if (rc) return rc;
+        c->h_out_floats = n;
+    }
+    struct backend_tensor *t;
+    int rc = tensor_new(c, &t);
+    if (rc) return rc;
+    t->kind = CUDA_T_ACT;
+    t->type = QUANT_F32;
+    t->n = n;
+    t->dev = c->arena + off;
+    c->arena_used = off + bytes;
+    *out = t;
+    return KRS_OK;
+}
+
+/* Pinned staging and its device twin: the header section (tokens, pos, seq, logit rows) and
+ * two block-table sections of table_cap entries. */
+static int stage_reserve(struct backend_cuda *c, int64_t table_cap)
+{
+    int64_t ints = 4ll * c->max_tokens + 2 * table_cap;
+    cudaFreeHost(c->h_stage);
+    cudaFree(c->d_stage);
+    c->h_stage = NULL;
+    c->d_stage = NULL;
+    c->stage_ints = c->table_cap = 0;
+    int rc;
+    if ((rc = CUDA_CHECK(cudaMallocHost((void **)&c->h_stage, (size_t)ints * 4), "staging")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->d_stage, (size_t)ints * 4), "staging")))
+        return rc;
+    c->stage_ints = ints;
+    c->table_cap = table_cap;
+    return KRS_OK;
+}
+
+static int cuda_kv_reserve(struct backend *b, const struct backend_kv_layout *l)
+{
+    struct backend_cuda *c = cu(b);
+    struct cuda_kv *kv = &c->kv;
+    if (kv->reserved) return KRS_ERR_STATE;
+    if (!l || l->n_layers <= 0 || !l->layer_group || l->block_size <= 0 || l->kv_dim <= 0)
+        return KRS_ERR_INVALID;
+    kv->layer_group = (uint8_t *)alloc_calloc((size_t)l->n_layers, 1);
+    kv->layer_slot = (int *)alloc_calloc((size_t)l->n_layers, sizeof(int));
+    if (!kv->layer_group || !kv->layer_slot) return KRS_ERR_NOMEM;
+    kv->n_layers = l->n_layers;
+    kv->block_size = l->block_size;
+    kv->kv_dim = l->kv_dim;
+    for (int il = 0; il < l->n_layers; il++) {
+        int g = l->layer_group[il];
+        if (g != BACKEND_KV_FULL && g != BACKEND_KV_SWA) return KRS_ERR_INVALID;
+        kv->layer_group[il] = (uint8_t)g;
+        kv->layer_slot[il] = kv->n_group_layers[g]++;
+    }
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        kv->n_blocks[g] = l->n_blocks[g];
+        if (kv->n_group_layers[g] == 0) continue;
+        if (l->n_blocks[g] <= 0) return KRS_ERR_INVALID;
+        size_t bytes = (size_t)kv->n_group_layers[g] * (size_t)l->n_blocks[g] *
+                       (size_t)l->block_size * (size_t)l->kv_dim * sizeof(float);
+        int rc;
+        if ((rc = CUDA_CHECK(cudaMalloc((void **)&kv->k[g], bytes), "KV pool")) ||
+            (rc = CUDA_CHECK(cudaMalloc((void **)&kv->v[g], bytes), "KV pool")))
+            return rc;
+        c->kv_bytes += 2 * (uint64_t)bytes;
+    }
+    int rc = stage_reserve(c, (int64_t)c->max_tokens * (c->max_ctx / l->block_size + 1));
+    if (rc) return rc;
+    kv->reserved = 1;
+    return KRS_OK;
+}
+
+/* ---- the step ---- */
+
+static int cuda_step_begin(struct backend *b, const struct backend_step *s)
+{
+    struct backend_cuda *c = cu(b);
+    struct cuda_step *st = &c->step;
+    const struct cuda_kv *kv = &c->kv;
+    st->active = 0;
+    if (!s || s->n_tokens <= 0 || s->n_tokens > c->max_tokens || !s->tokens || !s->pos || !s->seq ||
+        s->n_seqs <= 0 || s->n_seqs > c->max_tokens || s->n_logits < 0 ||
+        s->n_logits > c->max_tokens || (s->n_logits > 0 && !s->logit_rows))
+        return KRS_ERR_INVALID;
+    const int T = s->n_tokens;
+    int max_pos = 0;
+    for (int t = 0; t < T; t++) {
+        if (s->pos[t] < 0 || s->seq[t] < 0 || s->seq[t] >= s->n_seqs) return KRS_ERR_INVALID;
+        if (s->pos[t] > max_pos) max_pos = s->pos[t];
+    }
+    for (int i = 0; i < s->n_logits; i++)
+        if (s->logit_rows[i] < 0 || s->logit_rows[i] >= T) return KRS_ERR_INVALID;
+    /* Block tables of the groups that have layers: ids in range (kv_store checks that the
+     * tokens' own slots are held; a step need not touch the KV cache). */
+    int use[BACKEND_KV_GROUPS] = {0, 0};
+    int64_t entries = 0;
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        if (!kv->reserved || kv->n_group_layers[g] == 0) continue;
+        const int32_t *tb = s->block_table[g];
+        if (!tb || s->max_blocks <= 0) return KRS_ERR_INVALID;
+        int64_t n = (int64_t)s->n_seqs * s->max_blocks;
+        if (n > c->table_cap) return KRS_ERR_INVALID;
+        for (int64_t i = 0; i < n; i++)
+            if (tb[i] < -1 || tb[i] >= kv->n_blocks[g]) return KRS_ERR_INVALID;
+        for (int t = 0; t < T; t++) /* kernels index row seq[t] up to entry pos[t] / bs */
+            if (s->pos[t] / kv->block_size >= s->max_blocks) return KRS_ERR_INVALID;
+        use[g] = 1;
+        entries += n;
+    }
+    /* The previous upload must be done before its pinned buffer is rewritten. */
+    int rc = CUDA_CHECK(cudaEventSynchronize(c->staged), "staging reuse");
+    if (rc) return rc;
+    int32_t *h = c->h_stage;
+    int64_t off = 0;
+    const int32_t *d[4];
+    const int32_t *src[4] = {s->tokens, s->pos, s->seq, s->logit_rows};
+    const int64_t cnt[4] = {T, T, T, s->n_logits};
+    for (int i = 0; i < 4; i++) {
+        if (cnt[i] > 0) memcpy(h + off, src[i], (size_t)cnt[i] * 4);
+        d[i] = c->d_stage + off;
+        off += cnt[i];
+    }
+    for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
+        st->d_table[g] = st->h_table[g] = NULL;
+        if (!use[g]) continue;
+        int64_t n = (int64_t)s->n_seqs * s->max_blocks;
+        memcpy(h + off, s->block_table[g], (size_t)n * 4);
+        st->h_table[g] = h + off;
+        st->d_table[g] = c->d_stage + off;
+        off += n;
+    }
+    if ((rc = CUDA_CHECK(
+             cudaMemcpyAsync(c->d_stage, h, (size_t)off * 4, cudaMemcpyHostToDevice, c->stream),
+             "step upload")) ||
+        (rc = CUDA_CHECK(cudaEventRecord(c->staged, c->stream), "step upload")) ||
+        (rc = CUDA_CHECK(cudaMemsetAsync(c->d_err, 0, sizeof(int), c->stream), "step flags")))
+        return rc;
+    st->n_tokens = T;
+    st->n_seqs = s->n_seqs;
+    st->max_blocks = s->max_blocks;
+    st->n_logits = s->n_logits;
+    st->max_pos = max_pos;
+    st->h_tokens = h;
+    st->h_pos = h + T;
+    st->h_seq = h + 2 * T;
+    st->d_tokens = d[0];
+    st->d_pos = d[1];
+    st->d_seq = d[2];
+    st->d_logit_rows = d[3];
+    st->active = 1;
+    return KRS_OK;
+}
+
+static int cuda_step_end(struct backend *b, const struct backend_tensor *t, int rows, int cols,
+                         const float **out)
+{
+    struct backend_cuda *c = cu(b);
+    *out = NULL;
+    if (!c->step.active) return KRS_ERR_STATE;
+    c->step.active = 0;
+    int64_t n = (int64_t)rows * cols;
+    if (rows < 0 || cols < 0 || !is_act(t, n) || n > c->h_out_floats) return KRS_ERR_INVALID;
+    int rc;
+    if ((n > 0 && (rc = CUDA_CHECK(cudaMemcpyAsync(c->h_out, t->dev, (size_t)n * sizeof(float),
+                                                   cudaMemcpyDeviceToHost, c->stream),
+                                   "logits download"))) ||
+        (rc = CUDA_CHECK(
+             cudaMemcpyAsync(c->h_err, c->d_err, sizeof(int), cudaMemcpyDeviceToHost, c->stream),
+             "step flags")) ||
+        (rc = CUDA_CHECK(cudaStreamSynchronize(c->stream), "step")) ||
+        (rc = CUDA_CHECK(cudaGetLastError(), "step")))
+        return rc;
+    if (*c->h_err) {
+        KRS_LOG_ERRORF("cuda: step read or wrote a KV position whose block is not held (flags %d)",
+                       *c->h_err);
+        return KRS_ERR_INVALID;
+    }
+    *out = c->h_out;
+    return KRS_OK;
+}
+
+/* ---- ops ---- */
+
+#define NEED_STEP(c)                                                                               \
+    do {                                                                                           \
+        if (!(c)->step.active) return KRS_ERR_STATE;                                               \
+    } while (0)
+
+static int cuda_op_embed(struct backend *b, const struct backend_tensor *emb, float scale,
+                         struct backend_tensor *x)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    const int T = c->step.n_tokens;
+    if (!emb || emb->kind != CUDA_T_WEIGHT || !is_act(x, (int64_t)T * emb->n_in))
+        return KRS_ERR_INVALID;
+    for (int t = 0; t < T; t++)
+        if (c->step.h_tokens[t] < 0 || c->step.h_tokens[t] >= emb->n_out) return KRS_ERR_INVALID;
+    return cuda_embed(c, emb, c->step.d_tokens, T, scale, fptr(x));
+}
+
+static int cuda_op_matmul(struct backend *b, const struct backend_tensor *w,
+                          const struct backend_tensor *x, int rows, struct backend_tensor *y)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    if (!w || w->kind != CUDA_T_WEIGHT || rows < 0 || !is_act(x, (int64_t)rows * w->n_in) ||
+        !is_act(y, (int64_t)rows * w->n_out) || x == y)
+        return KRS_ERR_INVALID;
+    if (rows == 0) return KRS_OK;
+    return cuda_matmul(c, w, fptr(x), rows, fptr(y));
+}
+
+static int cuda_op_rmsnorm(struct backend *b, const struct backend_tensor *x,
+                           const struct backend_tensor *w, int rows, int n, float eps,
+                           struct backend_tensor *y)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    int64_t need = (int64_t)rows * n;
+    if (rows < 0 || n <= 0 || !is_act(x, need) || !is_act(y, need) || !is_vec(w, n))
+        return KRS_ERR_INVALID;
+    return cuda_rmsnorm(c, fptr(x), fptr(w), rows, n, eps, fptr(y));
+}
+
+static int cuda_op_add_bias(struct backend *b, struct backend_tensor *y,
+                            const struct backend_tensor *bias, int rows, int n)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    if (rows < 0 || n <= 0 || !is_act(y, (int64_t)rows * n) || !is_vec(bias, n))
+        return KRS_ERR_INVALID;
+    return cuda_add_bias(c, fptr(y), fptr(bias), rows, n);
+}
+
+static int cuda_op_add(struct backend *b, struct backend_tensor *y, const struct backend_tensor *x,
+                       int64_t n)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    if (!is_act(y, n) || !is_act(x, n)) return KRS_ERR_INVALID;
+    return cuda_add(c, fptr(y), fptr(x), n);
+}
+
+static int cuda_op_softcap(struct backend *b, struct backend_tensor *x, int64_t n, float cap)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    if (!is_act(x, n) || !(cap > 0.0f)) return KRS_ERR_INVALID;
+    return cuda_softcap(c, fptr(x), n, cap);
+}
+
+static int cuda_op_glu(struct backend *b, struct backend_tensor *gate,
+                       const struct backend_tensor *up, int64_t n, int gelu)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    if (!is_act(gate, n) || !is_act(up, n)) return KRS_ERR_INVALID;
+    return cuda_glu(c, fptr(gate), fptr(up), n, gelu);
+}
+
+static int cuda_op_rope(struct backend *b, const struct backend_rope_args *a)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    if (!a || a->n_heads <= 0 || a->head_dim <= 0 || a->n_rot <= 0 || a->n_rot % 2 ||
+        a->n_rot > a->head_dim ||
+        !is_act(a->x, (int64_t)c->step.n_tokens * a->n_heads * a->head_dim) ||
+        (a->freq_factors && !is_vec(a->freq_factors, a->n_rot / 2)))
+        return KRS_ERR_INVALID;
+    return cuda_rope(c, fptr(a->x), a->n_heads, a->head_dim, a->n_rot, a->base, a->freq_scale,
+                     a->freq_factors ? fptr(a->freq_factors) : NULL, a->neox);
+}
+
+static int cuda_op_kv_store(struct backend *b, int layer, const struct backend_tensor *k,
+                            const struct backend_tensor *v)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    const struct cuda_kv *kv = &c->kv;
+    int64_t need = (int64_t)c->step.n_tokens * kv->kv_dim;
+    if (!kv->reserved || layer < 0 || layer >= kv->n_layers || !is_act(k, need) || !is_act(v, need))
+        return KRS_ERR_INVALID;
+    /* Every token's own slot must be held in the layer's group. */
+    const struct cuda_step *st = &c->step;
+    const int32_t *tb = st->h_table[kv->layer_group[layer]];
+    if (!tb) return KRS_ERR_INVALID;
+    for (int t = 0; t < st->n_tokens; t++) {
+        int64_t blk = st->h_pos[t] / kv->block_size;
+        if (blk >= st->max_blocks || tb[(int64_t)st->h_seq[t] * st->max_blocks + blk] < 0)
+            return KRS_ERR_INVALID;
+    }
+    return cuda_kv_store(c, layer, fptr(k), fptr(v));
+}
+
+static int cuda_op_attention(struct backend *b, const struct backend_attn_args *a)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    const struct cuda_kv *kv = &c->kv;
+    if (!a || !kv->reserved || a->layer < 0 || a->layer >= kv->n_layers || a->n_head <= 0 ||
+        a->n_head_kv <= 0 || a->n_head % a->n_head_kv || a->head_dim <= 0 || a->n_swa < 0 ||
+        a->n_head_kv * a->head_dim != kv->kv_dim)
+        return KRS_ERR_INVALID;
+    int64_t need = (int64_t)c->step.n_tokens * a->n_head * a->head_dim;
+    if (!is_act(a->q, need) || !is_act(a->out, need) || a->q == a->out ||
+        !c->step.d_table[kv->layer_group[a->layer]])
+        return KRS_ERR_INVALID;
+    if (a->head_dim > 256) {
+        KRS_LOG_ERRORF("cuda: attention head_dim %d (at most 256)", a->head_dim);
+        return KRS_ERR_UNSUPPORTED;
+    }
+    return cuda_attention(c, a, fptr(a->q), fptr(a->out));
+}
+
+static int cuda_op_get_rows(struct backend *b, const struct backend_tensor *x, int n,
+                            struct backend_tensor *dst)
+{
+    struct backend_cuda *c = cu(b);
+    NEED_STEP(c);
+    const struct cuda_step *st = &c->step;
+    if (n <= 0 || !is_act(x, (int64_t)st->n_tokens * n) || !is_act(dst, (int64_t)st->n_logits * n))
+        return KRS_ERR_INVALID;
+    return cuda_get_rows(c, fptr(x), n, st->d_logit_rows, st->n_logits, fptr(dst));
+}
+
+static const struct backend_ops cuda_ops = {
+    .name = "cuda",
+    .destroy = cuda_destroy,
+    .mem_info = cuda_mem_info,
+    .weight_upload = cuda_weight_upload,
+    .arena_reserve = cuda_arena_reserve,
+    .act_alloc = cuda_act_alloc,
+    .kv_reserve = cuda_kv_reserve,
+    .step_begin = cuda_step_begin,
+    .step_end = cuda_step_end,
+    .embed = cuda_op_embed,
+    .matmul = cuda_op_matmul,
+    .rmsnorm = cuda_op_rmsnorm,
+    .add_bias = cuda_op_add_bias,
+    .add = cuda_op_add,
+    .softcap = cuda_op_softcap,
+    .glu = cuda_op_glu,
+    .rope = cuda_op_rope,
+    .kv_store = cuda_op_kv_store,
+    .attention = cuda_op_attention,
+    .get_rows = cuda_op_get_rows,
+    .sample = NULL, /* sampling stays on the host for now */
+    .step_end_sampled = NULL,
+};
+
+static int env_int(const char *name, int def)
+{
+    const char *v = getenv(name);
+    if (!v || !*v) return def;
+    char *end;
+    long x = strtol(v, &end, 10);
+    return *end ? def : (int)x;
+}
+
+extern "C" int backend_cuda_create(const struct backend_params *p, struct backend **out, char *err,
+                                   size_t errlen)
+{
+    *out = NULL;
+    if (err && errlen) err[0] = 0;
+    if (!p || p->max_tokens <= 0 || p->max_ctx <= 0 || p->max_n_in <= 0) {
+        if (err) snprintf(err, errlen, "cuda: invalid backend parameters");
+        return KRS_ERR_INVALID;
+    }
+    int n_dev = 0;
+    cudaError_t e = cudaGetDeviceCount(&n_dev);
+    if (e != cudaSuccess || n_dev == 0) {
+        if (err)
+            snprintf(err, errlen, "cuda: no usable device (%s)",
+                     e != cudaSuccess ? cudaGetErrorString(e) : "none found");
+        cudaGetLastError(); /* clear */
+        return KRS_ERR_UNSUPPORTED;
+    }
+    cudaDeviceProp prop;
+    memset(&prop, 0, sizeof prop);
+    if (cudaGetDeviceProperties(&prop, 0) != cudaSuccess || prop.major < 9) {
+        if (err)
+            snprintf(err, errlen,
+                     "cuda: device 0 is compute capability %d.%d; this build needs 9.0", prop.major,
+                     prop.minor);
+        return KRS_ERR_UNSUPPORTED;
+    }
+    struct backend_cuda *c = (struct backend_cuda *)alloc_calloc(1, sizeof *c);
+    if (!c) return KRS_ERR_NOMEM;
+    c->base.ops = &cuda_ops;
+    c->device = 0;
+    c->n_sm = prop.multiProcessorCount;
+    c->max_tokens = p->max_tokens;
+    c->max_n_in = p->max_n_in;
+    c->max_ctx = p->max_ctx;
+    c->mv_max_rows = env_int("KRS_CUDA_MV_ROWS", CUDA_MV_MAX_ROWS);
+    c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
+    int rc;
+    if ((rc = CUDA_CHECK(cudaSetDevice(0), "cudaSetDevice")) ||
+        (rc = CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream")) ||
+        (rc = CUDA_CHECK(cudaEventCreateWithFlags(&c->staged, cudaEventDisableTiming), "event")) ||
+        (rc = CUDA_CHECK(cudaMalloc(&c->cublas_ws, CUBLAS_WS_BYTES), "cuBLAS workspace")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->attn_part, CUDA_ATTN_PART * sizeof(float)),
+                         "attention partials")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->d_err, sizeof(int)), "flags")) ||
+        (rc = CUDA_CHECK(cudaMallocHost((void **)&c->h_err, sizeof(int)), "flags")))
+        goto fail;
+    c->cublas_ws_bytes = CUBLAS_WS_BYTES;
+    if ((rc = cuda_cublas_status(cublasCreate(&c->cublas), "cublasCreate", __FILE__, __LINE__)) ||
+        (rc = cuda_cublas_status(cublasSetStream(c->cublas, c->stream), "cublasSetStream", __FILE__,
+                                 __LINE__)) ||
+        (rc = cuda_cublas_status(cublasSetWorkspace(c->cublas, c->cublas_ws, c->cublas_ws_bytes),
+                                 "cublasSetWorkspace", __FILE__, __LINE__)))
+        goto fail;
+    if ((rc = stage_reserve(c, 0))) goto fail;
+    if ((rc = CUDA_CHECK(cudaEventRecord(c->staged, c->stream), "event"))) goto fail;
+    KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s", prop.name, c->n_sm,
+                   prop.totalGlobalMem / 1073741824.0, c->mv_max_rows,
+                   c->gemm_tf32 ? "TF32" : "F32");
+    *out = &c->base;
+    return KRS_OK;
+fail:
+    if (err) snprintf(err, errlen, "cuda: backend setup failed: %s", krs_status_str(rc));
+    cuda_destroy(&c->base);
+    return rc;
+}

@@ -1,0 +1,297 @@
+/* CUDA paged KV store and attention.
+ *
+ * The KV pool (backend_cuda.cu) holds, per layer group, [layers][n_blocks][block_size][kv_dim]
+ * floats for K and for V; block_table[group][seq * max_blocks + pos / block_size] names the
+ * physical block of a position. A missing block (-1) never reads or writes memory: it sets
+ * CUDA_ERRF_NO_BLOCK in the device error word, which step_end reports.
+ *
+ * Attention: one launch for every (token, head) of the step. A thread block of ATTN_WARPS warps
+ * takes one (token, head) and one split of its visible positions [lo, pos]; each warp walks
+ * every ATTN_WARPS-th position of the split, ATTN_UNROLL at a time (independent loads and
+ * reductions in flight), keeping an online softmax (running max m, sum l, weighted V sum) over
+ * head_dim <= 32 * D values, D per lane (any head_dim up to 256; multiples of 32 use vector
+ * loads). The warps' states merge in shared memory. When a step has few (token, head) pairs
+ * (decode) or long histories (prefill chunks deep into a sequence), positions are cut into
+ * splits that run as separate blocks and write (m, l, acc) partials; a second kernel merges
+ * them (flash-decoding). */
+#include "backend/cuda/cuda_impl.h"
+
+#include <math.h>
+
+#define ATTN_WARPS  4
+#define ATTN_UNROLL 4
+#define ATTN_SPAN   1024 /* most positions one block walks when splits are affordable */
+
+struct attn_params {
+    const float *q;
+    float *out;
+    float *part;
+    const float *k; /* the layer's slab of the group's pool */
+    const float *v;
+    const int32_t *pos, *seq, *table;
+    int max_blocks, bs, kv_dim, n_head, group, head_dim, n_swa, nsplit;
+    float scale;
+    int *err;
+};
+
+/* The D values of a lane at p (its dims d0 .. d0+D-1); EXACT: all inside head_dim (vector
+ * loads), else dims from hd on read as 0. */
+template <int D, bool EXACT>
+__device__ __forceinline__ void load_d(const float *p, float *r, int d0, int hd)
+{
+    if constexpr (!EXACT) {
+#pragma unroll
+        for (int j = 0; j < D; j++) r[j] = d0 + j < hd ? p[j] : 0.0f;
+    } else if constexpr (D % 4 == 0) {
+#pragma unroll
+        for (int j = 0; j < D; j += 4) {
+            float4 v = *(const float4 *)(p + j);
+            r[j] = v.x, r[j + 1] = v.y, r[j + 2] = v.z, r[j + 3] = v.w;
+        }
+    } else if constexpr (D % 2 == 0) {
+#pragma unroll
+        for (int j = 0; j < D; j += 2) {
+            float2 v = *(const float2 *)(p + j);
+            r[j] = v.x, r[j + 1] = v.y;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < D; j++) r[j] = p[j];
+    }
+}
+
+template <int D, bool EXACT>
+__global__ void __launch_bounds__(ATTN_WARPS * 32) k_attn(const attn_params P)
+{
+    __shared__ float sm_m[ATTN_WARPS], sm_l[ATTN_WARPS];
+    __shared__ float sm_acc[ATTN_WARPS][32 * D];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int th = blockIdx.x, split = blockIdx.y;
+    const int t = th / P.n_head, h = th % P.n_head, g = h / P.group;
+    const int hd = P.head_dim;
+    const int p_end = P.pos[t];
+    const int lo = (P.n_swa > 0 && p_end - P.n_swa + 1 > 0) ? p_end - P.n_swa + 1 : 0;
+    const int span = p_end - lo + 1;
+    const int chunk = (span + P.nsplit - 1) / P.nsplit;
+    const int a = lo + split * chunk;
+    const int e = min(a + chunk, p_end + 1);
+    const int32_t *trow = P.table + (int64_t)P.seq[t] * P.max_blocks;
+
+    const int d0 = lane * D;
+    float q[D];
+    load_d<D, EXACT>(P.q + (int64_t)th * hd + d0, q, d0, hd);
+    float m = -INFINITY, l = 0.0f, acc[D];
+#pragma unroll
+    for (int j = 0; j < D; j++) acc[j] = 0.0f;
+
+    for (int base = a + warp; base < e; base += ATTN_WARPS * ATTN_UNROLL) {
+        float kr[ATTN_UNROLL][D], vr[ATTN_UNROLL][D], s[ATTN_UNROLL];
+        bool ok[ATTN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            const int p = base + u * ATTN_WARPS;
+            int blk = p < e ? trow[p / P.bs] : -1;
+            ok[u] = blk >= 0;
+            if (p < e && blk < 0 && lane == 0) atomicOr(P.err, CUDA_ERRF_NO_BLOCK);
+            s[u] = 0.0f;
+            if (ok[u]) {
+                int64_t off = ((int64_t)blk * P.bs + p % P.bs) * P.kv_dim + g * hd + d0;
+                load_d<D, EXACT>(P.k + off, kr[u], d0, hd);
+                load_d<D, EXACT>(P.v + off, vr[u], d0, hd);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++)
+            if (ok[u])
+#pragma unroll
+                for (int j = 0; j < D; j++) s[u] = fmaf(q[j], kr[u][j], s[u]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < ATTN_UNROLL; u++) s[u] += __shfl_xor_sync(0xFFFFFFFFu, s[u], o);
+#pragma unroll
+        for (int u = 0; u < ATTN_UNROLL; u++) {
+            if (!ok[u]) continue;
+            const float sc = s[u] * P.scale;
+            const float mn = fmaxf(m, sc);
+            const float corr = expf(m - mn), pw = expf(sc - mn);
+            l = l * corr + pw;
+#pragma unroll
+            for (int j = 0; j < D; j++) acc[j] = fmaf(pw, vr[u][j], acc[j] * corr);
+            m = mn;
+        }
+    }
+
+    if (lane == 0) sm_m[warp] = m, sm_l[warp] = l;
+#pragma unroll
+    for (int j = 0; j < D; j++) sm_acc[warp][d0 + j] = acc[j]; /* zeros past hd */
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm_m[w]);
+    float L = 0.0f, f[ATTN_WARPS];
+    for (int w = 0; w < ATTN_WARPS; w++) {
+        f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
+        L += sm_l[w] * f[w];
+    }
+    if (P.nsplit == 1) {
+        const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float sum = 0.0f;
+            for (int w = 0; w < ATTN_WARPS; w++) sum += sm_acc[w][d] * f[w];
+            P.out[(int64_t)th * hd + d] = sum * inv;
+        }
+    } else {
+        float *pp = P.part + ((int64_t)th * P.nsplit + split) * (hd + 2);
+        if (threadIdx.x == 0) pp[0] = M, pp[1] = L;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+            float sum = 0.0f;
+            for (int w = 0; w < ATTN_WARPS; w++) sum += sm_acc[w][d] * f[w];
+            pp[2 + d] = sum;
+        }
+    }
+}
+
+/* Merges the splits of (token, head) blockIdx.x. */
+__global__ void k_attn_merge(const float *__restrict__ part, int nsplit, int hd,
+                             float *__restrict__ out)
+{
+    const float *pp = part + (int64_t)blockIdx.x * nsplit * (hd + 2);
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, pp[s * (hd + 2)]);
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float ms = pp[s * (hd + 2)];
+        if (ms != -INFINITY) L += pp[s * (hd + 2) + 1] * expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            float ms = pp[s * (hd + 2)];
+            if (ms != -INFINITY) sum += pp[s * (hd + 2) + 2 + d] * expf(ms - M);
+        }
+        out[(int64_t)blockIdx.x * hd + d] = sum * inv;
+    }
+}
+
+/* One block per token: K and V rows into the token's (sequence, position) slot. */
+__global__ void k_kv_store(const float *__restrict__ k, const float *__restrict__ v,
+                           float *__restrict__ kc, float *__restrict__ vc,
+                           const int32_t *__restrict__ pos, const int32_t *__restrict__ seq,
+                           const int32_t *__restrict__ table, int max_blocks, int bs, int kv_dim,
+                           int *err)
+{
+    const int t = blockIdx.x, p = pos[t];
+    const int blk = table[(int64_t)seq[t] * max_blocks + p / bs];
+    if (blk < 0) {
+        if (threadIdx.x == 0) atomicOr(err, CUDA_ERRF_NO_BLOCK);
+        return;
+    }
+    const int64_t dst = ((int64_t)blk * bs + p % bs) * kv_dim, src = (int64_t)t * kv_dim;
+    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) {
+        kc[dst + i] = k[src + i];
+        vc[dst + i] = v[src + i];
+    }
+}
+
+/* The layer's K (or V) slab inside its group's pool. */
+static float *layer_slab(const struct backend_cuda *c, float *const *pool, int layer)
+{
+    const struct cuda_kv *kv = &c->kv;
+    int g = kv->layer_group[layer];
+    return pool[g] + (int64_t)kv->layer_slot[layer] * kv->n_blocks[g] * kv->block_size * kv->kv_dim;
+}
+
+int cuda_kv_store(struct backend_cuda *c, int layer, const float *k, const float *v)
+{
+    const struct cuda_kv *kv = &c->kv;
+    int g = kv->layer_group[layer];
+    if (c->step.n_tokens <= 0) return KRS_OK;
+    k_kv_store<<<c->step.n_tokens, 256, 0, c->stream>>>(
+        k, v, layer_slab(c, kv->k, layer), layer_slab(c, kv->v, layer), c->step.d_pos,
+        c->step.d_seq, c->step.d_table[g], c->step.max_blocks, kv->block_size, kv->kv_dim,
+        c->d_err);
+    return CUDA_LAUNCHED("kv_store");
+}
+
+template <int D> static void launch_attn(const attn_params &P, dim3 grid, cudaStream_t st)
+{
+    if (P.head_dim == 32 * D)
+        k_attn<D, true><<<grid, ATTN_WARPS * 32, 0, st>>>(P);
+    else
+        k_attn<D, false><<<grid, ATTN_WARPS * 32, 0, st>>>(P);
+}
+
+int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, const float *q,
+                   float *out)
+{
+    const struct cuda_kv *kv = &c->kv;
+    const int T = c->step.n_tokens, g = kv->layer_group[a->layer];
+    if (T <= 0) return KRS_OK;
+    const int64_t pairs = (int64_t)T * a->n_head;
+    /* Splits when (token, head) pairs alone leave the GPU idle (decode), or a block would walk
+     * more than ATTN_SPAN positions (long prefill chunks); >= 64 positions each, as far as the
+     * partials buffer allows. */
+    int span = c->step.max_pos + 1;
+    if (a->n_swa > 0 && a->n_swa < span) span = a->n_swa;
+    const int64_t target = 4ll * c->n_sm;
+    int64_t nsplit = pairs < target ? (target + pairs - 1) / pairs : 1;
+    if (nsplit < (span + ATTN_SPAN - 1) / ATTN_SPAN) nsplit = (span + ATTN_SPAN - 1) / ATTN_SPAN;
+    if (nsplit > (span + 63) / 64) nsplit = (span + 63) / 64;
+    if (nsplit > CUDA_ATTN_SPLITS) nsplit = CUDA_ATTN_SPLITS;
+    while (nsplit > 1 && pairs * nsplit * (a->head_dim + 2) > CUDA_ATTN_PART) nsplit--;
+    if (nsplit < 1) nsplit = 1;
+    attn_params P;
+    P.q = q;
+    P.out = out;
+    P.part = c->attn_part;
+    P.k = layer_slab(c, kv->k, a->layer);
+    P.v = layer_slab(c, kv->v, a->layer);
+    P.pos = c->step.d_pos;
+    P.seq = c->step.d_seq;
+    P.table = c->step.d_table[g];
+    P.max_blocks = c->step.max_blocks;
+    P.bs = kv->block_size;
+    P.kv_dim = kv->kv_dim;
+    P.n_head = a->n_head;
+    P.group = a->n_head / a->n_head_kv;
+    P.head_dim = a->head_dim;
+    P.n_swa = a->n_swa;
+    P.nsplit = (int)nsplit;
+    P.scale = a->scale;
+    P.err = c->d_err;
+    dim3 grid((unsigned)pairs, (unsigned)nsplit);
+    switch ((a->head_dim + 31) / 32) {
+    case 1:
+        launch_attn<1>(P, grid, c->stream);
+        break;
+    case 2:
+        launch_attn<2>(P, grid, c->stream);
+        break;
+    case 3:
+        launch_attn<3>(P, grid, c->stream);
+        break;
+    case 4:
+        launch_attn<4>(P, grid, c->stream);
+        break;
+    case 5:
+        launch_attn<5>(P, grid, c->stream);
+        break;
+    case 6:
+        launch_attn<6>(P, grid, c->stream);
+        break;
+    case 7:
+        launch_attn<7>(P, grid, c->stream);
+        break;
+    case 8:
+        launch_attn<8>(P, grid, c->stream);
+        break;
+    default:
+        return KRS_ERR_UNSUPPORTED; /* validated by the caller */
+    }
+    int rc = CUDA_LAUNCHED("attention");
+    if (rc || nsplit == 1) return rc;
+    k_attn_merge<<<(unsigned)pairs, 128, 0, c->stream>>>(c->attn_part, (int)nsplit, a->head_dim,
+                                                         out);
+    return CUDA_LAUNCHED("attention merge");
+}

@@ -1,0 +1,134 @@
+/* CUDA elementwise and row ops: rmsnorm, bias, residual add, softcap, GLU, rotary embedding.
+ *
+ * Each follows the CPU backend's arithmetic: rmsnorm sums squares in double, rope computes its
+ * angles in double (pos * base^(-2i/n_rot) * freq_scale / ff[i]) and rounds cos/sin to float,
+ * the activations use tanhf/expf. Launchers only enqueue on the backend's stream. */
+#include "backend/cuda/cuda_impl.h"
+
+#define OPS_THREADS 256
+
+static unsigned blocks_for(int64_t n)
+{
+    int64_t g = (n + OPS_THREADS - 1) / OPS_THREADS;
+    if (g > 65535ll * 32) g = 65535ll * 32; /* grid-stride loops cover the rest */
+    return (unsigned)(g > 0 ? g : 1);
+}
+
+#define GRID_STRIDE(i, n)                                                                          \
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                      \
+         i += (int64_t)gridDim.x * blockDim.x)
+
+/* One block per row. */
+__global__ void k_rmsnorm(const float *x, const float *__restrict__ w, int n, float eps, float *y)
+{
+    __shared__ double part[OPS_THREADS / 32];
+    const float *xr = x + (int64_t)blockIdx.x * n;
+    float *yr = y + (int64_t)blockIdx.x * n;
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    double tot = 0.0;
+    for (int j = 0; j < (int)(blockDim.x >> 5); j++) tot += part[j];
+    const float scale = 1.0f / sqrtf((float)(tot / n) + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __fmul_rn(xr[i] * scale, w[i]);
+}
+
+__global__ void k_add_bias(float *y, const float *__restrict__ b, int64_t total, int n)
+{
+    GRID_STRIDE(i, total) y[i] += b[i % n];
+}
+
+__global__ void k_add(float *y, const float *x, int64_t n)
+{
+    GRID_STRIDE(i, n) y[i] += x[i];
+}
+
+__global__ void k_softcap(float *x, int64_t n, float cap)
+{
+    GRID_STRIDE(i, n) x[i] = cap * tanhf(x[i] / cap);
+}
+
+__global__ void k_glu(float *gate, const float *up, int64_t n, int gelu)
+{
+    GRID_STRIDE(i, n)
+    {
+        float g = gate[i];
+        float a = gelu ? 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)))
+                       : g / (1.0f + expf(-g));
+        gate[i] = a * up[i];
+    }
+}
+
+/* One thread per (token, rotating pair); the angle is shared by every head of the token. */
+__global__ void k_rope(float *x, const int32_t *__restrict__ pos, int T, int n_heads, int head_dim,
+                       int n_rot, float base, float freq_scale, const float *__restrict__ ff,
+                       int neox)
+{
+    const int half = n_rot / 2;
+    GRID_STRIDE(k, (int64_t)T * half)
+    {
+        const int t = (int)(k / half), i = (int)(k % half);
+        double inv = pow((double)base, -2.0 * i / n_rot);
+        double theta = (double)pos[t] * inv * freq_scale;
+        if (ff) theta /= ff[i];
+        const float c = (float)cos(theta), s = (float)sin(theta);
+        const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+        for (int h = 0; h < n_heads; h++) {
+            float *v = x + ((int64_t)t * n_heads + h) * head_dim;
+            float a = v[i0], b = v[i1];
+            v[i0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+            v[i1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+        }
+    }
+}
+
+int cuda_rmsnorm(struct backend_cuda *c, const float *x, const float *w, int rows, int n, float eps,
+                 float *y)
+{
+    if (rows <= 0) return KRS_OK;
+    k_rmsnorm<<<rows, OPS_THREADS, 0, c->stream>>>(x, w, n, eps, y);
+    return CUDA_LAUNCHED("rmsnorm");
+}
+
+int cuda_add_bias(struct backend_cuda *c, float *y, const float *bias, int rows, int n)
+{
+    int64_t total = (int64_t)rows * n;
+    if (total <= 0) return KRS_OK;
+    k_add_bias<<<blocks_for(total), OPS_THREADS, 0, c->stream>>>(y, bias, total, n);
+    return CUDA_LAUNCHED("add_bias");
+}
+
+int cuda_add(struct backend_cuda *c, float *y, const float *x, int64_t n)
+{
+    if (n <= 0) return KRS_OK;
+    k_add<<<blocks_for(n), OPS_THREADS, 0, c->stream>>>(y, x, n);
+    return CUDA_LAUNCHED("add");
+}
+
+int cuda_softcap(struct backend_cuda *c, float *x, int64_t n, float cap)
+{
+    if (n <= 0) return KRS_OK;
+    k_softcap<<<blocks_for(n), OPS_THREADS, 0, c->stream>>>(x, n, cap);
+    return CUDA_LAUNCHED("softcap");
+}
+
+int cuda_glu(struct backend_cuda *c, float *gate, const float *up, int64_t n, int gelu)
+{
+    if (n <= 0) return KRS_OK;
+    k_glu<<<blocks_for(n), OPS_THREADS, 0, c->stream>>>(gate, up, n, gelu);
+    return CUDA_LAUNCHED("glu");
+}
+
+int cuda_rope(struct backend_cuda *c, float *x, int n_heads, int head_dim, int n_rot, float base,
+              float freq_scale, const float *freq_factors, int neox)
+{
+    const int T = c->step.n_tokens;
+    int64_t total = (int64_t)T * (n_rot / 2);
+    if (total <= 0) return KRS_OK;
+    k_rope<<<blocks_for(total), OPS_THREADS, 0, c->stream>>>(
+        x, c->step.d_pos, T, n_heads, head_dim, n_rot, base, freq_scale, freq_factors, neox);
+    return CUDA_LAUNCHED("rope");
+}

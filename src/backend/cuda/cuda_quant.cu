@@ -1,0 +1,578 @@
+/* CUDA kernels on quantized weights: decoders of every block format, the matvec kernels (few
+ * activation rows), the dequantize-to-F32 + cuBLAS GEMM path (many rows), embedding lookup and
+ * row gathering.
+ *
+ * Weights stay in their GGUF block layout on the device. Every format is read in pieces of 8
+ * consecutive elements of a row (decode8): a 32-element block holds 4 pieces, a 256-element
+ * K-quant super-block 32. The decoders follow quant.c's scalar dequantizers operation by
+ * operation with explicitly rounded products (__fmul_rn: no fused multiply-add), so a dequantized
+ * weight is bit-exact with the CPU's.
+ *
+ * Matvec: one warp per NW output rows; lane l takes pieces l, l+32, ... of the row, so a warp
+ * reads 32 consecutive pieces (coalesced) and the activations in 32-byte runs. Each decoded
+ * piece is applied to up to R = 8 activation rows before the next is read: a weight is read
+ * once per launch however many rows there are. Accumulation is F32, reduced across the warp.
+ *
+ * GEMM path: the weight is dequantized in chunks of rows into an F32 scratch and multiplied
+ * by cuBLAS: TF32 tensor cores with F32 accumulation for F16/BF16/quantized weights (relative
+ * error ~1e-3 per output, well under their own rounding), plain F32 for F32 weights and for
+ * every weight when the backend was created with KRS_CUDA_GEMM_F32=1. Must not allocate: the
+ * scratch and cuBLAS' workspace are reserved by backend_cuda.cu. */
+#include "backend/cuda/cuda_impl.h"
+
+#include <cuda_fp16.h>
+
+/* ---- loads and scalar conversions ---- */
+
+__device__ __forceinline__ uint32_t ld16(const uint8_t *p)
+{
+    return __ldg((const unsigned short *)p);
+}
+
+__device__ __forceinline__ uint32_t ld32(const uint8_t *p)
+{
+    return __ldg((const unsigned int *)p);
+}
+
+/* 8 bytes from a 2-aligned address, little-endian, as two words */
+__device__ __forceinline__ uint2 ld8_a2(const uint8_t *p)
+{
+    uint2 r;
+    r.x = ld16(p) | (ld16(p + 2) << 16);
+    r.y = ld16(p + 4) | (ld16(p + 6) << 16);
+    return r;
+}
+
+__device__ __forceinline__ uint2 ld8_a8(const uint8_t *p)
+{
+    return __ldg((const uint2 *)p);
+}
+
+__device__ __forceinline__ float h2f(uint32_t h)
+{
+    return __half2float(__ushort_as_half((unsigned short)h));
+}
+
+__device__ __forceinline__ float bf2f(uint32_t h)
+{
+    return __uint_as_float(h << 16);
+}
+
+/* (float)v for |v| < 2^22, exactly, without the conversion unit (a quarter-rate instruction):
+ * the integer lands in the mantissa of 1.5 * 2^23, then the offset is subtracted. */
+__device__ __forceinline__ float i2f(int v)
+{
+    return __int_as_float(0x4B400000 + v) - 12582912.0f;
+}
+
+/* byte k (runtime, < 8) of the 64-bit value (lo, hi) */
+__device__ __forceinline__ uint32_t byte8(uint2 v, int k)
+{
+    return ((k < 4 ? v.x : v.y) >> (8 * (k & 3))) & 0xFF;
+}
+
+/* byte k (runtime, < 12) of a 12-byte value */
+__device__ __forceinline__ uint32_t byte12(uint32_t a, uint32_t b, uint32_t c, int k)
+{
+    uint32_t w = k < 4 ? a : (k < 8 ? b : c);
+    return (w >> (8 * (k & 3))) & 0xFF;
+}
+
+/* 6-bit scale and min of sub-block sb of a Q4_K/Q5_K super-block (quant_k4_scales) */
+__device__ __forceinline__ void k4_scale(const uint8_t *s, int sb, uint32_t *sc, uint32_t *mn)
+{
+    uint32_t a = ld32(s), b = ld32(s + 4), c = ld32(s + 8);
+    if (sb < 4) {
+        *sc = byte12(a, b, c, sb) & 63;
+        *mn = byte12(a, b, c, sb + 4) & 63;
+    } else {
+        *sc = (byte12(a, b, c, sb + 4) & 0x0F) | ((byte12(a, b, c, sb - 4) >> 6) << 4);
+        *mn = (byte12(a, b, c, sb + 4) >> 4) | ((byte12(a, b, c, sb) >> 6) << 4);
+    }
+}
+
+/* ---- decoders: elements [8p, 8p+8) of a row ---- */
+
+template <int FMT> struct qfmt;
+template <> struct qfmt<QUANT_F32> {
+    static constexpr int QK = 32, BYTES = 128; /* float formats: virtual 32-element blocks */
+};
+template <> struct qfmt<QUANT_F16> {
+    static constexpr int QK = 32, BYTES = 64;
+};
+template <> struct qfmt<QUANT_BF16> {
+    static constexpr int QK = 32, BYTES = 64;
+};
+template <> struct qfmt<QUANT_Q4_0> {
+    static constexpr int QK = 32, BYTES = 18;
+};
+template <> struct qfmt<QUANT_Q4_1> {
+    static constexpr int QK = 32, BYTES = 20;
+};
+template <> struct qfmt<QUANT_Q5_0> {
+    static constexpr int QK = 32, BYTES = 22;
+};
+template <> struct qfmt<QUANT_Q5_1> {
+    static constexpr int QK = 32, BYTES = 24;
+};
+template <> struct qfmt<QUANT_Q8_0> {
+    static constexpr int QK = 32, BYTES = 34;
+};
+template <> struct qfmt<QUANT_Q4_K> {
+    static constexpr int QK = 256, BYTES = 144;
+};
+template <> struct qfmt<QUANT_Q5_K> {
+    static constexpr int QK = 256, BYTES = 176;
+};
+template <> struct qfmt<QUANT_Q6_K> {
+    static constexpr int QK = 256, BYTES = 210;
+};
+
+template <int FMT>
+__device__ __forceinline__ void decode8(const uint8_t *__restrict__ row, int64_t p, float *w)
+{
+    constexpr int QK = qfmt<FMT>::QK, BYTES = qfmt<FMT>::BYTES, PPB = QK / 8;
+    const uint8_t *b = row + (p / PPB) * BYTES;
+    const int i0 = (int)(p % PPB) * 8; /* first element inside the block */
+    if constexpr (FMT == QUANT_F32) {
+        const float4 *f = (const float4 *)(row + p * 32);
+        float4 a = __ldg(f), c = __ldg(f + 1);
+        w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
+        w[4] = c.x, w[5] = c.y, w[6] = c.z, w[7] = c.w;
+    } else if constexpr (FMT == QUANT_F16 || FMT == QUANT_BF16) {
+        const uint4 u = __ldg((const uint4 *)(row + p * 16));
+        if constexpr (FMT == QUANT_F16) {
+            w[0] = h2f(u.x & 0xFFFF), w[1] = h2f(u.x >> 16);
+            w[2] = h2f(u.y & 0xFFFF), w[3] = h2f(u.y >> 16);
+            w[4] = h2f(u.z & 0xFFFF), w[5] = h2f(u.z >> 16);
+            w[6] = h2f(u.w & 0xFFFF), w[7] = h2f(u.w >> 16);
+        } else {
+            w[0] = bf2f(u.x & 0xFFFF), w[1] = bf2f(u.x >> 16);
+            w[2] = bf2f(u.y & 0xFFFF), w[3] = bf2f(u.y >> 16);
+            w[4] = bf2f(u.z & 0xFFFF), w[5] = bf2f(u.z >> 16);
+            w[6] = bf2f(u.w & 0xFFFF), w[7] = bf2f(u.w >> 16);
+        }
+    } else if constexpr (FMT == QUANT_Q8_0) {
+        float d = h2f(ld16(b));
+        uint2 q = ld8_a2(b + 2 + i0);
+#pragma unroll
+        for (int j = 0; j < 8; j++) w[j] = __fmul_rn(i2f((int)(int8_t)byte8(q, j)), d);
+    } else if constexpr (FMT == QUANT_Q4_0) {
+        float d = h2f(ld16(b));
+        uint2 q = ld8_a2(b + 2 + (i0 & 15));
+        int sh = i0 >= 16 ? 4 : 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) w[j] = __fmul_rn(d, i2f((int)((byte8(q, j) >> sh) & 0xF) - 8));
+    } else if constexpr (FMT == QUANT_Q4_1) {
+        uint32_t dm = ld32(b);
+        float d = h2f(dm & 0xFFFF), m = h2f(dm >> 16);
+        uint2 q = ld8_a2(b + 4 + (i0 & 15));
+        int sh = i0 >= 16 ? 4 : 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            w[j] = __fadd_rn(__fmul_rn(d, i2f((int)((byte8(q, j) >> sh) & 0xF))), m);
+    } else if constexpr (FMT == QUANT_Q5_0) {
+        float d = h2f(ld16(b));
+        uint32_t qh = ld16(b + 2) | (ld16(b + 4) << 16);
+        uint2 q = ld8_a2(b + 6 + (i0 & 15));
+        int sh = i0 >= 16 ? 4 : 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int v = (int)((byte8(q, j) >> sh) & 0xF) | (int)(((qh >> (i0 + j)) & 1) << 4);
+            w[j] = __fmul_rn(d, i2f(v - 16));
+        }
+    } else if constexpr (FMT == QUANT_Q5_1) {
+        uint32_t dm = ld32(b);
+        float d = h2f(dm & 0xFFFF), m = h2f(dm >> 16);
+        uint32_t qh = ld32(b + 4);
+        uint2 q = ld8_a8(b + 8 + (i0 & 15));
+        int sh = i0 >= 16 ? 4 : 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int v = (int)((byte8(q, j) >> sh) & 0xF) | (int)(((qh >> (i0 + j)) & 1) << 4);
+            w[j] = __fadd_rn(__fmul_rn(d, i2f(v)), m);
+        }
+    } else if constexpr (FMT == QUANT_Q4_K || FMT == QUANT_Q5_K) {
+        uint32_t dm = ld32(b);
+        float d = h2f(dm & 0xFFFF), dmin = h2f(dm >> 16);
+        int sb = i0 / 32, l0 = i0 % 32;
+        uint32_t sc, mn;
+        k4_scale(b + 4, sb, &sc, &mn);
+        float dl = __fmul_rn(d, (float)sc), ml = __fmul_rn(dmin, (float)mn);
+        int sh = (sb & 1) * 4;
+        if constexpr (FMT == QUANT_Q4_K) {
+            uint2 q = ld8_a8(b + 16 + 32 * (sb / 2) + l0);
+#pragma unroll
+            for (int j = 0; j < 8; j++)
+                w[j] = __fsub_rn(__fmul_rn(dl, i2f((int)((byte8(q, j) >> sh) & 0xF))), ml);
+        } else {
+            uint2 qh = ld8_a8(b + 16 + l0);
+            uint2 q = ld8_a8(b + 48 + 32 * (sb / 2) + l0);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                int v = (int)((byte8(q, j) >> sh) & 0xF) | (int)(((byte8(qh, j) >> sb) & 1) << 4);
+                w[j] = __fsub_rn(__fmul_rn(dl, i2f(v)), ml);
+            }
+        }
+    } else if constexpr (FMT == QUANT_Q6_K) {
+        int h = i0 / 128, k = (i0 % 128) / 32, l0 = i0 % 32;
+        uint2 ql = ld8_a2(b + 64 * h + l0 + 32 * (k & 1));
+        uint2 qh = ld8_a2(b + 128 + 32 * h + l0);
+        float d = h2f(ld16(b + 208));
+        float ds = __fmul_rn(d, (float)(int8_t)__ldg(b + 192 + i0 / 16));
+        int sh = k < 2 ? 0 : 4;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int v = (int)((byte8(ql, j) >> sh) & 0xF) | (int)(((byte8(qh, j) >> (2 * k)) & 3) << 4);
+            w[j] = __fmul_rn(ds, i2f(v - 32));
+        }
+    }
+}
+
+/* Element i of a row of a float format (rows whose length is not a multiple of 8). */
+__device__ __forceinline__ float decode1_float(uint32_t type, const uint8_t *row, int64_t i)
+{
+    if (type == QUANT_F32) return __ldg((const float *)row + i);
+    uint32_t h = __ldg((const unsigned short *)row + i);
+    return type == QUANT_F16 ? h2f(h) : bf2f(h);
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+    return v;
+}
+
+/* ---- kernels ---- */
+
+#define MV_WARPS 4
+
+template <int FMT, int R, int NW>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    k_matvec(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
+             const float *__restrict__ x, int rows, float *__restrict__ y)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 >= n_out) return;
+    const int64_t n_pieces = n_in / 8;
+    const uint8_t *wr[NW];
+#pragma unroll
+    for (int j = 0; j < NW; j++) wr[j] = w + (uint64_t)min(row0 + j, n_out - 1) * row_bytes;
+    const float *xr[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) xr[r] = x + (int64_t)min(r, rows - 1) * n_in;
+    float acc[NW][R];
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[j][r] = 0.0f;
+
+#pragma unroll 4
+    for (int64_t p = lane; p < n_pieces; p += 32) {
+        float wv[NW][8];
+#pragma unroll
+        for (int j = 0; j < NW; j++) decode8<FMT>(wr[j], p, wv[j]);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float4 *xp = (const float4 *)(xr[r] + p * 8);
+            float4 a = __ldg(xp), b = __ldg(xp + 1);
+#pragma unroll
+            for (int j = 0; j < NW; j++) {
+                float s = acc[j][r];
+                s = fmaf(wv[j][0], a.x, s);
+                s = fmaf(wv[j][1], a.y, s);
+                s = fmaf(wv[j][2], a.z, s);
+                s = fmaf(wv[j][3], a.w, s);
+                s = fmaf(wv[j][4], b.x, s);
+                s = fmaf(wv[j][5], b.y, s);
+                s = fmaf(wv[j][6], b.z, s);
+                s = fmaf(wv[j][7], b.w, s);
+                acc[j][r] = s;
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float v = warp_sum(acc[j][r]);
+            if (lane == 0 && r < rows && row0 + j < n_out) y[(int64_t)r * n_out + row0 + j] = v;
+        }
+}
+
+/* dst[r, :] = dequant(row r0 + r) * scale for r < nr; rows of n_in, pieces of 8. */
+template <int FMT>
+__global__ void k_dequant(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_in,
+                          int64_t nr, float scale, float *__restrict__ dst)
+{
+    const int64_t n_pieces = n_in / 8;
+    const int64_t total = nr * n_pieces;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = i / n_pieces, p = i % n_pieces;
+        float v[8];
+        decode8<FMT>(w + (uint64_t)r * row_bytes, p, v);
+        if (scale != 1.0f)
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = __fmul_rn(v[j], scale);
+        float4 *o = (float4 *)(dst + r * n_in + p * 8);
+        o[0] = make_float4(v[0], v[1], v[2], v[3]);
+        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
+/* Float formats of any row length, one element per thread. */
+__global__ void k_dequant_float(uint32_t type, const uint8_t *__restrict__ w, uint64_t row_bytes,
+                                int64_t n_in, int64_t nr, float scale, float *__restrict__ dst)
+{
+    const int64_t total = nr * n_in;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        int64_t r = i / n_in, e = i % n_in;
+        float v = decode1_float(type, w + (uint64_t)r * row_bytes, e);
+        dst[i] = scale != 1.0f ? __fmul_rn(v, scale) : v;
+    }
+}
+
+/* Embedding: block t dequantizes row tokens[t] (validated on the host). */
+template <int FMT>
+__global__ void k_embed(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_in,
+                        const int32_t *__restrict__ tokens, float scale, float *__restrict__ x)
+{
+    const int64_t t = blockIdx.x;
+    const uint8_t *row = w + (uint64_t)tokens[t] * row_bytes;
+    float *dst = x + t * n_in;
+    for (int64_t p = threadIdx.x; p < n_in / 8; p += blockDim.x) {
+        float v[8];
+        decode8<FMT>(row, p, v);
+        if (scale != 1.0f)
+#pragma unroll
+            for (int j = 0; j < 8; j++) v[j] = __fmul_rn(v[j], scale);
+        float4 *o = (float4 *)(dst + p * 8);
+        o[0] = make_float4(v[0], v[1], v[2], v[3]);
+        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
+__global__ void k_embed_float(uint32_t type, const uint8_t *__restrict__ w, uint64_t row_bytes,
+                              int64_t n_in, const int32_t *__restrict__ tokens, float scale,
+                              float *__restrict__ x)
+{
+    const int64_t t = blockIdx.x;
+    const uint8_t *row = w + (uint64_t)tokens[t] * row_bytes;
+    for (int64_t e = threadIdx.x; e < n_in; e += blockDim.x) {
+        float v = decode1_float(type, row, e);
+        x[t * n_in + e] = scale != 1.0f ? __fmul_rn(v, scale) : v;
+    }
+}
+
+__global__ void k_get_rows(const float *__restrict__ x, int n, const int32_t *__restrict__ rows,
+                           float *__restrict__ dst)
+{
+    const float *src = x + (int64_t)rows[blockIdx.x] * n;
+    float *d = dst + (int64_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = src[i];
+}
+
+/* ---- dispatch ---- */
+
+/* Calls F.template run<FMT>() for the weight type; KRS_ERR_UNSUPPORTED for others. */
+template <class F> static int dispatch_type(uint32_t type, F &f)
+{
+    switch (type) {
+    case QUANT_F32:
+        return f.template run<QUANT_F32>();
+    case QUANT_F16:
+        return f.template run<QUANT_F16>();
+    case QUANT_BF16:
+        return f.template run<QUANT_BF16>();
+    case QUANT_Q4_0:
+        return f.template run<QUANT_Q4_0>();
+    case QUANT_Q4_1:
+        return f.template run<QUANT_Q4_1>();
+    case QUANT_Q5_0:
+        return f.template run<QUANT_Q5_0>();
+    case QUANT_Q5_1:
+        return f.template run<QUANT_Q5_1>();
+    case QUANT_Q8_0:
+        return f.template run<QUANT_Q8_0>();
+    case QUANT_Q4_K:
+        return f.template run<QUANT_Q4_K>();
+    case QUANT_Q5_K:
+        return f.template run<QUANT_Q5_K>();
+    case QUANT_Q6_K:
+        return f.template run<QUANT_Q6_K>();
+    default:
+        return KRS_ERR_UNSUPPORTED;
+    }
+}
+
+struct type_probe {
+    template <int FMT> int run()
+    {
+        return KRS_OK;
+    }
+};
+
+int cuda_quant_supported(uint32_t type)
+{
+    type_probe p;
+    return dispatch_type(type, p) == KRS_OK;
+}
+
+static int is_float_type(uint32_t type)
+{
+    return type == QUANT_F32 || type == QUANT_F16 || type == QUANT_BF16;
+}
+
+/* Pieces of 8 work for every quantized type and for float rows of a multiple of 8. */
+static int pieces_ok(const struct backend_tensor *w)
+{
+    return !is_float_type(w->type) || w->n_in % 8 == 0;
+}
+
+static unsigned grid_for(int64_t items, int threads)
+{
+    int64_t g = (items + threads - 1) / threads;
+    if (g > 65535ll * 16) g = 65535ll * 16;
+    return (unsigned)(g > 0 ? g : 1);
+}
+
+struct mv_launch {
+    struct backend_cuda *c;
+    const struct backend_tensor *w;
+    const float *x;
+    int rows; /* <= CUDA_MV_MAX_ROWS */
+    float *y;
+
+    template <int FMT, int R, int NW> int go()
+    {
+        const int per_block = MV_WARPS * NW;
+        unsigned grid = (unsigned)((w->n_out + per_block - 1) / per_block);
+        k_matvec<FMT, R, NW><<<grid, MV_WARPS * 32, 0, c->stream>>>(
+            (const uint8_t *)w->dev, w->row_bytes, w->n_out, w->n_in, x, rows, y);
+        return CUDA_LAUNCHED("matvec");
+    }
+    template <int FMT> int run()
+    {
+        if (rows <= 1) return go<FMT, 1, 1>();
+        if (rows <= 2) return go<FMT, 2, 1>();
+        if (rows <= 4) return go<FMT, 4, 2>();
+        return go<FMT, 8, 2>();
+    }
+};
+
+int cuda_matmul_matvec(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
+                       int rows, float *y)
+{
+    if (!pieces_ok(w)) return KRS_ERR_UNSUPPORTED;
+    for (int r0 = 0; r0 < rows; r0 += CUDA_MV_MAX_ROWS) {
+        int nr = rows - r0 < CUDA_MV_MAX_ROWS ? rows - r0 : CUDA_MV_MAX_ROWS;
+        mv_launch l = {c, w, x + (int64_t)r0 * w->n_in, nr, y + (int64_t)r0 * w->n_out};
+        int rc = dispatch_type(w->type, l);
+        if (rc) return rc;
+    }
+    return KRS_OK;
+}
+
+struct dq_launch {
+    struct backend_cuda *c;
+    const uint8_t *w;
+    uint64_t row_bytes;
+    int64_t n_in, nr;
+    float scale;
+    float *dst;
+
+    template <int FMT> int run()
+    {
+        k_dequant<FMT><<<grid_for(nr * (n_in / 8), 256), 256, 0, c->stream>>>(w, row_bytes, n_in,
+                                                                              nr, scale, dst);
+        return CUDA_LAUNCHED("dequant");
+    }
+};
+
+int cuda_matmul_gemm(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
+                     int rows, float *y)
+{
+    const float one = 1.0f, zero = 0.0f;
+    /* F32 weights keep F32 products (a model stored in F32 is held to ~1e-4 of its reference;
+     * TF32 alone gives ~1e-3); every other format carries far larger rounding of its own. */
+    const cublasComputeType_t ct =
+        c->gemm_tf32 && w->type != QUANT_F32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    const int64_t n_in = w->n_in;
+    int64_t chunk = w->type == QUANT_F32 ? w->n_out : c->dq_scratch_floats / n_in;
+    if (chunk <= 0) return KRS_ERR_INTERNAL; /* weight_upload sizes the scratch */
+    if (chunk > w->n_out) chunk = w->n_out;
+    for (int64_t r0 = 0; r0 < w->n_out; r0 += chunk) {
+        int64_t nr = w->n_out - r0 < chunk ? w->n_out - r0 : chunk;
+        const uint8_t *src = (const uint8_t *)w->dev + (uint64_t)r0 * w->row_bytes;
+        const float *a = (const float *)src;
+        int rc;
+        if (w->type != QUANT_F32) {
+            if (pieces_ok(w)) {
+                dq_launch l = {c, src, w->row_bytes, n_in, nr, 1.0f, c->dq_scratch};
+                rc = dispatch_type(w->type, l);
+            } else {
+                k_dequant_float<<<grid_for(nr * n_in, 256), 256, 0, c->stream>>>(
+                    w->type, src, w->row_bytes, n_in, nr, 1.0f, c->dq_scratch);
+                rc = CUDA_LAUNCHED("dequant");
+            }
+            if (rc) return rc;
+            a = c->dq_scratch;
+        }
+        /* column-major view: Y^T[n_out, rows] = W[n_out, n_in] * X^T[n_in, rows] */
+        rc = cuda_cublas_status(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)nr, rows,
+                                             (int)n_in, &one, a, CUDA_R_32F, (int)n_in, x,
+                                             CUDA_R_32F, (int)n_in, &zero, y + r0, CUDA_R_32F,
+                                             (int)w->n_out, ct, CUBLAS_GEMM_DEFAULT),
+                                "cublasGemmEx", __FILE__, __LINE__);
+        if (rc) return rc;
+    }
+    return KRS_OK;
+}
+
+int cuda_matmul(struct backend_cuda *c, const struct backend_tensor *w, const float *x, int rows,
+                float *y)
+{
+    if (rows <= c->mv_max_rows && pieces_ok(w)) return cuda_matmul_matvec(c, w, x, rows, y);
+    return cuda_matmul_gemm(c, w, x, rows, y);
+}
+
+struct embed_launch {
+    struct backend_cuda *c;
+    const struct backend_tensor *w;
+    const int32_t *tokens;
+    int T;
+    float scale;
+    float *x;
+
+    template <int FMT> int run()
+    {
+        k_embed<FMT><<<T, 128, 0, c->stream>>>((const uint8_t *)w->dev, w->row_bytes, w->n_in,
+                                               tokens, scale, x);
+        return CUDA_LAUNCHED("embed");
+    }
+};
+
+int cuda_embed(struct backend_cuda *c, const struct backend_tensor *emb, const int32_t *tokens,
+               int T, float scale, float *x)
+{
+    if (T <= 0) return KRS_OK;
+    if (!pieces_ok(emb)) {
+        k_embed_float<<<T, 128, 0, c->stream>>>(emb->type, (const uint8_t *)emb->dev,
+                                                emb->row_bytes, emb->n_in, tokens, scale, x);
+        return CUDA_LAUNCHED("embed");
+    }
+    embed_launch l = {c, emb, tokens, T, scale, x};
+    return dispatch_type(emb->type, l);
+}
+
+int cuda_get_rows(struct backend_cuda *c, const float *x, int n, const int32_t *rows, int n_rows,
+                  float *dst)
+{
+    if (n_rows <= 0) return KRS_OK;
+    k_get_rows<<<n_rows, 256, 0, c->stream>>>(x, n, rows, dst);
+    return CUDA_LAUNCHED("get_rows");
+}
