@@ -15,7 +15,7 @@
 # Environment (run): DEVICE_TEST_FULL=1 adds the model-sized op sweep
 # (KRS_BACKEND_OPS_FULL=1); DEVICE_TEST_BENCH=0 skips the timings; DEVICE_TEST_STANDIN=0 skips
 # the default-model stand-in (its expansion writes ~250 MB to /tmp); DEVICE_TEST_STEPS picks
-# steps (default "paths ops models model_check generate standin").
+# steps (default "paths ops models model_check generate standin sample sanitizer bench server").
 # Environment (build): NVCC (default /usr/local/cuda/bin/nvcc), PY (python with gguf + numpy for
 # the stand-in header; default .venv/bin/python).
 #
@@ -30,6 +30,11 @@
 #   5. `krserve generate --temperature 0` on tiny models: the same text on cpu and cuda;
 #   6. the default-model stand-in (same shapes and types, random weights): logits and greedy
 #      tokens of eval-logits, and `krserve generate --temperature 0`, on cpu and cuda, timed.
+#   7. backend_test_backend_sample: the device sampler against a plain reference;
+#   8. compute-sanitizer memcheck on the op harness and a short sampled generation;
+#   9. bench_model --device cuda on the stand-in (decode at 1..256 sequences, prefill);
+#  10. tests/server (the OpenAI-client and HTTP suite) against `serve --device cuda` on the
+#      stand-in, with openai + pytest installed from wheels carried along.
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CARRY=build-cuda/carry
@@ -39,11 +44,11 @@ build() {
     cd "$ROOT"
     local nvcc=${NVCC:-/usr/local/cuda/bin/nvcc} py=${PY:-$ROOT/.venv/bin/python}
     cmake -S . -B build-cuda -DKRS_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" >/dev/null
-    cmake --build build-cuda -j"$(nproc)" --target krserve backend_test_backend_ops \
-        backend_test_cuda_paths
+    local bins="krserve backend_test_backend_ops backend_test_cuda_paths bench_model"
+    [ -f tests/backend/test_backend_sample.c ] && bins="$bins backend_test_backend_sample"
+    cmake --build build-cuda -j"$(nproc)" --target $bins
     rm -rf "$CARRY"
     mkdir -p "$CARRY/bin" "$CARRY/lib" "$CARRY/models"
-    local bins="krserve backend_test_backend_ops backend_test_cuda_paths"
     for b in $bins; do cp "build-cuda/$b" "$CARRY/bin/"; done
     # Debian libraries the GPU image lacks; glibc, libstdc++ and CUDA's own come from there.
     for b in $bins; do ldd "build-cuda/$b"; done | awk '/=> \// {print $3}' | sort -u |
@@ -66,6 +71,17 @@ build() {
     if [ -f models/default.gguf ]; then
         "$py" scripts/synth_model.py skeleton models/default.gguf "$CARRY/standin" >/dev/null
     fi
+    # openai + pytest wheels (cp311..cp313) for the server tests there: the GPU image has neither.
+    local wheels=${WHEELS:-/tmp/krs-wheels}
+    if [ ! -d "$wheels" ]; then
+        for v in 311 312 313; do
+            "$py" -m pip download -q --disable-pip-version-check openai==3.57.0 pytest==9.2.0 \
+                --only-binary=:all: --python-version $v --implementation cp \
+                --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+                --platform manylinux_2_28_x86_64 -d "$wheels" || true
+        done
+    fi
+    [ -d "$wheels" ] && cp -r "$wheels" "$CARRY/wheels"
     du -sh "$CARRY"
     echo "device: command 'scripts/device-test.sh run', carry [\"$CARRY\"]"
 }
@@ -209,6 +225,32 @@ generate() { # krserve generate --temperature 0 on cpu and cuda: the same text
     return $rc
 }
 
+server_tests() { # the OpenAI-client / HTTP suite against serve --device cuda (stand-in model)
+    local pyl=/tmp/krs-pylib
+    python3 -m pip install -q --no-index --find-links "$CARRY/wheels" --target $pyl \
+        openai pytest >/dev/null 2>&1 || { echo "cannot install the test wheels"; return 1; }
+    mkdir -p models
+    ln -sfn /tmp/standin.gguf models/default.gguf
+    PYTHONPATH=$pyl KRSERVE_DEVICE=cuda KRS_BUILD_DIR="$ROOT/$CARRY/bin" \
+        python3 -m pytest -q -p no:cacheprovider tests/server ${SERVER_TESTS_ARGS:-}
+}
+
+sanitizer() { # compute-sanitizer memcheck: the op harness and a short generation
+    local cs
+    cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+    [ -n "$cs" ] || { echo "no compute-sanitizer"; return 1; }
+    "$cs" --tool memcheck --error-exitcode 9 "$CARRY/bin/backend_test_backend_ops" 2>&1 |
+        grep -E "ERROR SUMMARY|PASSED|FAILED|SKIP" || return 1
+    "$cs" --tool memcheck --error-exitcode 9 "$CARRY/bin/krserve" generate \
+        -m "$CARRY/models/gemma3/Q8_0.gguf" -p "the quick brown fox" -n 24 --temperature 0.7 \
+        --seed 7 --device cuda 2>&1 | grep -E "ERROR SUMMARY|error" || return 1
+}
+
+bench() { # decode and prefill throughput on the stand-in, cuda
+    "$CARRY/bin/bench_model" /tmp/standin.gguf --device cuda \
+        --batches ${BENCH_BATCHES:-1,8,32,64,128,256} --steps 64 --md "$LOG/bench_model_cuda.md"
+}
+
 run() {
     cd "$ROOT"
     LOG=${1:-${OUT:-$ROOT/device-out}}
@@ -220,7 +262,7 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv |
         tee -a "$LOG/status.txt"
     ldd "$CARRY/bin/krserve" | grep -E "not found|cublas" | tee -a "$LOG/status.txt"
-    local steps=" ${DEVICE_TEST_STEPS:-paths ops models model_check generate standin} "
+    local steps=" ${DEVICE_TEST_STEPS:-paths ops models model_check generate standin sample sanitizer bench server} "
     if [[ $steps == *" paths "* ]]; then
         KRS_CUDA_BENCH=${DEVICE_TEST_BENCH:-1} step cuda_paths "$CARRY/bin/backend_test_cuda_paths"
     fi
@@ -242,6 +284,14 @@ run() {
     fi
     [[ $steps == *" generate "* ]] && step generate generate
     if [ ${#standin_args[@]} -gt 0 ]; then step standin standin; fi
+    if [[ $steps == *" sample "* ]] && [ -x "$CARRY/bin/backend_test_backend_sample" ]; then
+        step sample "$CARRY/bin/backend_test_backend_sample"
+    fi
+    [[ $steps == *" sanitizer "* ]] && step sanitizer sanitizer
+    if [ ${#standin_args[@]} -gt 0 ]; then
+        [[ $steps == *" bench "* ]] && step bench bench
+        [[ $steps == *" server "* ]] && step server server_tests
+    fi
     echo
     echo "==== summary ($LOG)"
     [ -f "$LOG/cuda_paths.log" ] && grep -h "^cuda_paths\|^cuda_bench" "$LOG/cuda_paths.log"
@@ -251,6 +301,10 @@ run() {
     [ -f "$LOG/model_check.log" ] && cat "$LOG/model_check.log"
     [ -f "$LOG/generate.log" ] && cat "$LOG/generate.log"
     [ -f "$LOG/standin.log" ] && cat "$LOG/standin.log"
+    [ -f "$LOG/sample.log" ] && grep -E "PASSED|FAILED|SKIP|sample" "$LOG/sample.log" | tail -20
+    [ -f "$LOG/sanitizer.log" ] && cat "$LOG/sanitizer.log"
+    [ -f "$LOG/bench.log" ] && cat "$LOG/bench.log"
+    [ -f "$LOG/server.log" ] && tail -30 "$LOG/server.log"
     cat "$LOG/status.txt"
     ! grep " rc=" "$LOG/status.txt" | grep -qv "rc=0"
 }

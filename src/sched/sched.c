@@ -17,6 +17,7 @@
 #include "util/log.h"
 #include "util/threadpool.h"
 
+#include <math.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -762,8 +763,11 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
         };
         n_edits += n;
     }
-    for (int row = 0; row < n_rows; row++)
-        s->dev_rows[row].u = (float)sampler_next_uniform(&s->b_rows[row]->sampler);
+    for (int row = 0; row < n_rows; row++) {
+        /* Rounded to float a draw just below 1 becomes 1: keep it inside [0, 1). */
+        float u = (float)sampler_next_uniform(&s->b_rows[row]->sampler);
+        s->dev_rows[row].u = u < 1.0f ? u : nextafterf(1.0f, 0.0f);
+    }
     s->dev_n_edits = n_edits;
     return 1;
 }

@@ -9,6 +9,9 @@ weight variant) this runs `krserve eval-logits --all` on the CPU and on the GPU 
   - greedy continuations of the F32 files: the same ids on both devices.
 With --model FILE (a real model or a same-shape stand-in) it also compares the last-position
 logits and a greedy continuation of that model on both devices.
+Batch invariance on the GPU: `krserve generate --batch` of several prompts at once gives each
+prompt the same greedy text as that prompt alone (the tiny gemma3 F32 and Q8_0 files, and the
+--model file).
 
 Needs numpy only, so it runs on the GPU machine as it is:
     python3 tests/backend/cuda_model_check.py --krserve build-cuda/krserve \
@@ -123,6 +126,33 @@ def check_model(krserve, model, log):
     return [] if ok else [str(model)]
 
 
+PROMPTS = ["the quick brown fox", "hello world", "once upon a time there was",
+           "a b c d e f g h i j k l m n o p", "1 2 3", "why is the sky blue?"]
+
+
+def batch_invariance(krserve, model, device, log):
+    """Each prompt's greedy continuation alone == the same prompt in a batch of all six."""
+    def gen(prompts):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("\n".join(prompts) + "\n")
+        try:
+            p = subprocess.run([str(krserve), "generate", "-m", str(model), "--batch", f.name,
+                                "-n", "24", "--temperature", "0", "--ignore-eos", "--device",
+                                device], capture_output=True, timeout=600)
+        finally:
+            pathlib.Path(f.name).unlink()
+        if p.returncode:
+            raise RuntimeError(f"generate --batch: {p.stderr.decode(errors='replace')[-300:]}")
+        return p.stdout
+    alone = b"".join(gen([q]) for q in PROMPTS)
+    together = gen(PROMPTS)
+    ok = alone == together
+    log(f"{'ok  ' if ok else 'FAIL'} batch invariance {pathlib.Path(model).parent.name}/"
+        f"{pathlib.Path(model).name} on {device}: {len(PROMPTS)} prompts alone vs together "
+        f"{'identical' if ok else 'DIFFER'}")
+    return [] if ok else [f"batch invariance {model}"]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--krserve", default="build/krserve")
@@ -141,9 +171,13 @@ def main():
         return SKIP
     failures = []
     if a.models:
-        failures += check_tiny(a.krserve, pathlib.Path(a.models), print)
+        d = pathlib.Path(a.models)
+        failures += check_tiny(a.krserve, d, print)
+        for f in ("F32", "Q8_0"):
+            failures += batch_invariance(a.krserve, d / "gemma3" / f"{f}.gguf", "cuda", print)
     if a.model:
         failures += check_model(a.krserve, a.model, print)
+        failures += batch_invariance(a.krserve, a.model, "cuda", print)
     print(f"{'FAILED: ' + ', '.join(failures) if failures else 'all cuda model checks passed'}")
     return 1 if failures else 0
 

@@ -10,6 +10,7 @@
  * return. Device-side faults the host cannot see in advance (a position whose KV block is not
  * held) raise a flag that step_end reads back with the logits. */
 #include "backend/cuda/cuda_impl.h"
+#include "backend/cuda/cuda_sample.h"
 
 extern "C" {
 #include "util/alloc.h"
@@ -112,6 +113,7 @@ static void cuda_destroy(struct backend *b)
         alloc_free(c->tensors[i]);
     }
     alloc_free(c->tensors);
+    cuda_sampler_destroy(c->sampler);
     for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
         cudaFree(c->kv.k[g]);
         cudaFree(c->kv.v[g]);
@@ -566,8 +568,8 @@ static const struct backend_ops cuda_ops = {
     .kv_store = cuda_op_kv_store,
     .attention = cuda_op_attention,
     .get_rows = cuda_op_get_rows,
-    .sample = NULL, /* sampling stays on the host for now */
-    .step_end_sampled = NULL,
+    .sample = cuda_op_sample,
+    .step_end_sampled = cuda_op_step_end_sampled,
 };
 
 static int env_int(const char *name, int def)
@@ -634,6 +636,7 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
                                  "cublasSetWorkspace", __FILE__, __LINE__)))
         goto fail;
     if ((rc = stage_reserve(c, 0))) goto fail;
+    if ((rc = cuda_sampler_create(p->max_tokens, p->max_sample_edits, &c->sampler))) goto fail;
     if ((rc = CUDA_CHECK(cudaEventRecord(c->staged, c->stream), "event"))) goto fail;
     KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s", prop.name, c->n_sm,
                    prop.totalGlobalMem / 1073741824.0, c->mv_max_rows,

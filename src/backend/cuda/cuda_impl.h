@@ -66,6 +66,8 @@ struct cuda_kv {
     float *v[BACKEND_KV_GROUPS];
 };
 
+struct cuda_sampler;
+
 struct backend_cuda {
     struct backend base;
     int device;
@@ -110,6 +112,7 @@ struct backend_cuda {
 
     struct cuda_step step;
     struct cuda_kv kv;
+    struct cuda_sampler *sampler; /* device sampling (cuda_sample.cu) */
     int mv_max_rows; /* rows up to which matmul uses the matvec kernels (KRS_CUDA_MV_ROWS) */
     int gemm_tf32;   /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
 };
