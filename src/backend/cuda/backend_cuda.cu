@@ -8,7 +8,13 @@
  * path never allocates and never synchronises except in step_end: ops validate their arguments
  * on the host, enqueue kernels (cuda_quant.cu, cuda_attn.cu, cuda_ops.cu) on one stream and
  * return. Device-side faults the host cannot see in advance (a position whose KV block is not
- * held) raise a flag that step_end reads back with the logits. */
+ * held) raise a flag that step_end reads back with the logits.
+ *
+ * Ops reach the kernels through cuda_submit (cuda_graph.cu): a decode-sized step whose shape
+ * was seen before replays a CUDA graph of its ops instead of launching them, and runs of ops
+ * fuse into single kernels (cuda_fuse.cu). For that every kernel reads what varies between steps
+ * of one shape (tokens, positions, block tables, logit rows) from the step's upload, whose
+ * layout the shape fixes: block tables are padded to a power-of-two width. */
 #include "backend/cuda/cuda_impl.h"
 #include "backend/cuda/cuda_sample.h"
 
@@ -96,17 +102,13 @@ static int is_vec(const struct backend_tensor *t, int64_t n)
     return t && t->kind == CUDA_T_WEIGHT && t->type == QUANT_F32 && t->n_out == 1 && t->n_in >= n;
 }
 
-static float *fptr(const struct backend_tensor *t)
-{
-    return (float *)t->dev;
-}
-
 /* ---- lifetime ---- */
 
 static void cuda_destroy(struct backend *b)
 {
     struct backend_cuda *c = cu(b);
     if (!c) return;
+    cuda_graphs_destroy(c); /* ends a capture in progress, then waits for the stream */
     if (c->stream) cudaStreamSynchronize(c->stream);
     for (size_t i = 0; i < c->n_tensors; i++) {
         if (c->tensors[i]->kind == CUDA_T_WEIGHT) cudaFree(c->tensors[i]->dev);
@@ -237,6 +239,13 @@ static int cuda_act_alloc(struct backend *b, int64_t n, struct backend_tensor **
     return KRS_OK;
 }
 
+static int pow2_at_least(int n)
+{
+    int w = 1;
+    while (w < n && w < (1 << 30)) w <<= 1;
+    return w;
+}
+
 /* Pinned staging and its device twin: the header section (tokens, pos, seq, logit rows) and
  * two block-table sections of table_cap entries. */
 static int stage_reserve(struct backend_cuda *c, int64_t table_cap)
@@ -287,7 +296,8 @@ static int cuda_kv_reserve(struct backend *b, const struct backend_kv_layout *l)
             return rc;
         c->kv_bytes += 2 * (uint64_t)bytes;
     }
-    int rc = stage_reserve(c, (int64_t)c->max_tokens * (c->max_ctx / l->block_size + 1));
+    int rc =
+        stage_reserve(c, (int64_t)c->max_tokens * pow2_at_least(c->max_ctx / l->block_size + 1));
     if (rc) return rc;
     kv->reserved = 1;
     return KRS_OK;
@@ -295,12 +305,18 @@ static int cuda_kv_reserve(struct backend *b, const struct backend_kv_layout *l)
 
 /* ---- the step ---- */
 
+/* Steps of up to this many tokens (with logits) are recorded as CUDA graphs. */
+#define GRAPH_MAX_TOKENS 256
+
 static int cuda_step_begin(struct backend *b, const struct backend_step *s)
 {
     struct backend_cuda *c = cu(b);
     struct cuda_step *st = &c->step;
     const struct cuda_kv *kv = &c->kv;
+    /* What the last step still holds back (one without step_end: no logits, or abandoned). */
+    int rc = cuda_flush(c);
     st->active = 0;
+    if (rc) return rc;
     if (!s || s->n_tokens <= 0 || s->n_tokens > c->max_tokens || !s->tokens || !s->pos || !s->seq ||
         s->n_seqs <= 0 || s->n_seqs > c->max_tokens || s->n_logits < 0 ||
         s->n_logits > c->max_tokens || (s->n_logits > 0 && !s->logit_rows))
@@ -316,23 +332,28 @@ static int cuda_step_begin(struct backend *b, const struct backend_step *s)
     /* Block tables of the groups that have layers: ids in range (kv_store checks that the
      * tokens' own slots are held; a step need not touch the KV cache). */
     int use[BACKEND_KV_GROUPS] = {0, 0};
-    int64_t entries = 0;
+    const int mb = s->max_blocks;
     for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
         if (!kv->reserved || kv->n_group_layers[g] == 0) continue;
         const int32_t *tb = s->block_table[g];
-        if (!tb || s->max_blocks <= 0) return KRS_ERR_INVALID;
-        int64_t n = (int64_t)s->n_seqs * s->max_blocks;
+        if (!tb || mb <= 0) return KRS_ERR_INVALID;
+        int64_t n = (int64_t)s->n_seqs * mb;
         if (n > c->table_cap) return KRS_ERR_INVALID;
         for (int64_t i = 0; i < n; i++)
             if (tb[i] < -1 || tb[i] >= kv->n_blocks[g]) return KRS_ERR_INVALID;
         for (int t = 0; t < T; t++) /* kernels index row seq[t] up to entry pos[t] / bs */
-            if (s->pos[t] / kv->block_size >= s->max_blocks) return KRS_ERR_INVALID;
+            if (s->pos[t] / kv->block_size >= mb) return KRS_ERR_INVALID;
         use[g] = 1;
-        entries += n;
+    }
+    /* Rows padded with -1 to a power of two (what does not fit stays as it came): steps with
+     * the same width share a graph, and no kernel reads past entry pos / block_size. */
+    int W = 0;
+    if (use[0] || use[1]) {
+        W = pow2_at_least(mb);
+        if ((int64_t)s->n_seqs * W > c->table_cap) W = mb;
     }
     /* The previous upload must be done before its pinned buffer is rewritten. */
-    int rc = CUDA_CHECK(cudaEventSynchronize(c->staged), "staging reuse");
-    if (rc) return rc;
+    if ((rc = CUDA_CHECK(cudaEventSynchronize(c->staged), "staging reuse"))) return rc;
     int32_t *h = c->h_stage;
     int64_t off = 0;
     const int32_t *d[4];
@@ -346,11 +367,14 @@ static int cuda_step_begin(struct backend *b, const struct backend_step *s)
     for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
         st->d_table[g] = st->h_table[g] = NULL;
         if (!use[g]) continue;
-        int64_t n = (int64_t)s->n_seqs * s->max_blocks;
-        memcpy(h + off, s->block_table[g], (size_t)n * 4);
+        for (int q = 0; q < s->n_seqs; q++) {
+            int32_t *row = h + off + (int64_t)q * W;
+            memcpy(row, s->block_table[g] + (int64_t)q * mb, (size_t)mb * 4);
+            for (int i = mb; i < W; i++) row[i] = -1;
+        }
         st->h_table[g] = h + off;
         st->d_table[g] = c->d_stage + off;
-        off += n;
+        off += (int64_t)s->n_seqs * W;
     }
     if ((rc = CUDA_CHECK(
              cudaMemcpyAsync(c->d_stage, h, (size_t)off * 4, cudaMemcpyHostToDevice, c->stream),
@@ -360,7 +384,7 @@ static int cuda_step_begin(struct backend *b, const struct backend_step *s)
         return rc;
     st->n_tokens = T;
     st->n_seqs = s->n_seqs;
-    st->max_blocks = s->max_blocks;
+    st->max_blocks = W;
     st->n_logits = s->n_logits;
     st->max_pos = max_pos;
     st->h_tokens = h;
@@ -370,6 +394,14 @@ static int cuda_step_begin(struct backend *b, const struct backend_step *s)
     st->d_pos = d[1];
     st->d_seq = d[2];
     st->d_logit_rows = d[3];
+    /* The shape key: everything the upload's layout and the kernels' launch parameters depend
+     * on besides the ops' own arguments. Steps without logits have no step_end to launch from. */
+    uint64_t key = 0;
+    if (T <= GRAPH_MAX_TOKENS && s->n_logits > 0 && s->n_logits < 4096 && s->n_seqs < 4096 &&
+        W < (1 << 24))
+        key = 1 | (uint64_t)T << 1 | (uint64_t)s->n_logits << 13 | (uint64_t)s->n_seqs << 25 |
+              (uint64_t)(use[0] | use[1] << 1) << 37 | (uint64_t)W << 39;
+    if ((rc = cuda_graph_begin(c, key))) return rc;
     st->active = 1;
     return KRS_OK;
 }
@@ -380,10 +412,11 @@ static int cuda_step_end(struct backend *b, const struct backend_tensor *t, int 
     struct backend_cuda *c = cu(b);
     *out = NULL;
     if (!c->step.active) return KRS_ERR_STATE;
+    int rc = cuda_flush(c);
     c->step.active = 0;
+    if (rc) return rc;
     int64_t n = (int64_t)rows * cols;
     if (rows < 0 || cols < 0 || !is_act(t, n) || n > c->h_out_floats) return KRS_ERR_INVALID;
-    int rc;
     if ((n > 0 && (rc = CUDA_CHECK(cudaMemcpyAsync(c->h_out, t->dev, (size_t)n * sizeof(float),
                                                    cudaMemcpyDeviceToHost, c->stream),
                                    "logits download"))) ||
@@ -402,12 +435,47 @@ static int cuda_step_end(struct backend *b, const struct backend_tensor *t, int 
     return KRS_OK;
 }
 
-/* ---- ops ---- */
+/* The sampler enqueues on the stream itself: what the step holds back goes first. */
+static int op_sample(struct backend *b, const struct backend_tensor *logits, int rows, int n_vocab,
+                     const struct backend_sample_row *r, const struct backend_logit_edit *edits,
+                     int n_edits)
+{
+    struct backend_cuda *c = cu(b);
+    if (c->step.active) {
+        int rc = cuda_flush(c);
+        if (rc) return rc;
+    }
+    return cuda_op_sample(b, logits, rows, n_vocab, r, edits, n_edits);
+}
+
+static int op_step_end_sampled(struct backend *b, int rows, const int32_t **ids,
+                               const float **logprobs)
+{
+    struct backend_cuda *c = cu(b);
+    if (c->step.active) {
+        int rc = cuda_flush(c);
+        if (rc) {
+            c->step.active = 0;
+            return rc;
+        }
+    }
+    return cuda_op_step_end_sampled(b, rows, ids, logprobs);
+}
+
+/* ---- ops: validated here, recorded as struct cuda_op, enqueued by cuda_submit ---- */
 
 #define NEED_STEP(c)                                                                               \
     do {                                                                                           \
         if (!(c)->step.active) return KRS_ERR_STATE;                                               \
     } while (0)
+
+static struct cuda_op op_new(int kind)
+{
+    struct cuda_op o;
+    memset(&o, 0, sizeof o); /* records compare byte for byte */
+    o.kind = kind;
+    return o;
+}
 
 static int cuda_op_embed(struct backend *b, const struct backend_tensor *emb, float scale,
                          struct backend_tensor *x)
@@ -419,7 +487,11 @@ static int cuda_op_embed(struct backend *b, const struct backend_tensor *emb, fl
         return KRS_ERR_INVALID;
     for (int t = 0; t < T; t++)
         if (c->step.h_tokens[t] < 0 || c->step.h_tokens[t] >= emb->n_out) return KRS_ERR_INVALID;
-    return cuda_embed(c, emb, c->step.d_tokens, T, scale, fptr(x));
+    struct cuda_op o = op_new(CUDA_OP_EMBED);
+    o.t[0] = emb;
+    o.t[1] = x;
+    o.f[0] = scale;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_matmul(struct backend *b, const struct backend_tensor *w,
@@ -431,7 +503,12 @@ static int cuda_op_matmul(struct backend *b, const struct backend_tensor *w,
         !is_act(y, (int64_t)rows * w->n_out) || x == y)
         return KRS_ERR_INVALID;
     if (rows == 0) return KRS_OK;
-    return cuda_matmul(c, w, fptr(x), rows, fptr(y));
+    struct cuda_op o = op_new(CUDA_OP_MATMUL);
+    o.t[0] = w;
+    o.t[1] = x;
+    o.t[2] = y;
+    o.i[0] = rows;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_rmsnorm(struct backend *b, const struct backend_tensor *x,
@@ -443,7 +520,14 @@ static int cuda_op_rmsnorm(struct backend *b, const struct backend_tensor *x,
     int64_t need = (int64_t)rows * n;
     if (rows < 0 || n <= 0 || !is_act(x, need) || !is_act(y, need) || !is_vec(w, n))
         return KRS_ERR_INVALID;
-    return cuda_rmsnorm(c, fptr(x), fptr(w), rows, n, eps, fptr(y));
+    struct cuda_op o = op_new(CUDA_OP_RMSNORM);
+    o.t[0] = x;
+    o.t[1] = w;
+    o.t[2] = y;
+    o.i[0] = rows;
+    o.i[1] = n;
+    o.f[0] = eps;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_add_bias(struct backend *b, struct backend_tensor *y,
@@ -453,7 +537,12 @@ static int cuda_op_add_bias(struct backend *b, struct backend_tensor *y,
     NEED_STEP(c);
     if (rows < 0 || n <= 0 || !is_act(y, (int64_t)rows * n) || !is_vec(bias, n))
         return KRS_ERR_INVALID;
-    return cuda_add_bias(c, fptr(y), fptr(bias), rows, n);
+    struct cuda_op o = op_new(CUDA_OP_ADD_BIAS);
+    o.t[0] = y;
+    o.t[1] = bias;
+    o.i[0] = rows;
+    o.i[1] = n;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_add(struct backend *b, struct backend_tensor *y, const struct backend_tensor *x,
@@ -462,7 +551,11 @@ static int cuda_op_add(struct backend *b, struct backend_tensor *y, const struct
     struct backend_cuda *c = cu(b);
     NEED_STEP(c);
     if (!is_act(y, n) || !is_act(x, n)) return KRS_ERR_INVALID;
-    return cuda_add(c, fptr(y), fptr(x), n);
+    struct cuda_op o = op_new(CUDA_OP_ADD);
+    o.t[0] = y;
+    o.t[1] = x;
+    o.n = n;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_softcap(struct backend *b, struct backend_tensor *x, int64_t n, float cap)
@@ -470,7 +563,11 @@ static int cuda_op_softcap(struct backend *b, struct backend_tensor *x, int64_t 
     struct backend_cuda *c = cu(b);
     NEED_STEP(c);
     if (!is_act(x, n) || !(cap > 0.0f)) return KRS_ERR_INVALID;
-    return cuda_softcap(c, fptr(x), n, cap);
+    struct cuda_op o = op_new(CUDA_OP_SOFTCAP);
+    o.t[0] = x;
+    o.n = n;
+    o.f[0] = cap;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_glu(struct backend *b, struct backend_tensor *gate,
@@ -479,7 +576,12 @@ static int cuda_op_glu(struct backend *b, struct backend_tensor *gate,
     struct backend_cuda *c = cu(b);
     NEED_STEP(c);
     if (!is_act(gate, n) || !is_act(up, n)) return KRS_ERR_INVALID;
-    return cuda_glu(c, fptr(gate), fptr(up), n, gelu);
+    struct cuda_op o = op_new(CUDA_OP_GLU);
+    o.t[0] = gate;
+    o.t[1] = up;
+    o.n = n;
+    o.i[0] = gelu != 0;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_rope(struct backend *b, const struct backend_rope_args *a)
@@ -491,8 +593,16 @@ static int cuda_op_rope(struct backend *b, const struct backend_rope_args *a)
         !is_act(a->x, (int64_t)c->step.n_tokens * a->n_heads * a->head_dim) ||
         (a->freq_factors && !is_vec(a->freq_factors, a->n_rot / 2)))
         return KRS_ERR_INVALID;
-    return cuda_rope(c, fptr(a->x), a->n_heads, a->head_dim, a->n_rot, a->base, a->freq_scale,
-                     a->freq_factors ? fptr(a->freq_factors) : NULL, a->neox);
+    struct cuda_op o = op_new(CUDA_OP_ROPE);
+    o.t[0] = a->x;
+    o.t[1] = a->freq_factors;
+    o.i[0] = a->n_heads;
+    o.i[1] = a->head_dim;
+    o.i[2] = a->n_rot;
+    o.i[3] = a->neox != 0;
+    o.f[0] = a->base;
+    o.f[1] = a->freq_scale;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_kv_store(struct backend *b, int layer, const struct backend_tensor *k,
@@ -513,7 +623,11 @@ static int cuda_op_kv_store(struct backend *b, int layer, const struct backend_t
         if (blk >= st->max_blocks || tb[(int64_t)st->h_seq[t] * st->max_blocks + blk] < 0)
             return KRS_ERR_INVALID;
     }
-    return cuda_kv_store(c, layer, fptr(k), fptr(v));
+    struct cuda_op o = op_new(CUDA_OP_KV_STORE);
+    o.i[0] = layer;
+    o.t[0] = k;
+    o.t[1] = v;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_attention(struct backend *b, const struct backend_attn_args *a)
@@ -533,7 +647,16 @@ static int cuda_op_attention(struct backend *b, const struct backend_attn_args *
         KRS_LOG_ERRORF("cuda: attention head_dim %d (at most 256)", a->head_dim);
         return KRS_ERR_UNSUPPORTED;
     }
-    return cuda_attention(c, a, fptr(a->q), fptr(a->out));
+    struct cuda_op o = op_new(CUDA_OP_ATTENTION);
+    o.t[0] = a->q;
+    o.t[1] = a->out;
+    o.i[0] = a->layer;
+    o.i[1] = a->n_head;
+    o.i[2] = a->n_head_kv;
+    o.i[3] = a->head_dim;
+    o.i[4] = a->n_swa;
+    o.f[0] = a->scale;
+    return cuda_submit(c, &o);
 }
 
 static int cuda_op_get_rows(struct backend *b, const struct backend_tensor *x, int n,
@@ -544,7 +667,11 @@ static int cuda_op_get_rows(struct backend *b, const struct backend_tensor *x, i
     const struct cuda_step *st = &c->step;
     if (n <= 0 || !is_act(x, (int64_t)st->n_tokens * n) || !is_act(dst, (int64_t)st->n_logits * n))
         return KRS_ERR_INVALID;
-    return cuda_get_rows(c, fptr(x), n, st->d_logit_rows, st->n_logits, fptr(dst));
+    struct cuda_op o = op_new(CUDA_OP_GET_ROWS);
+    o.t[0] = x;
+    o.t[1] = dst;
+    o.i[0] = n;
+    return cuda_submit(c, &o);
 }
 
 static const struct backend_ops cuda_ops = {
@@ -568,8 +695,8 @@ static const struct backend_ops cuda_ops = {
     .kv_store = cuda_op_kv_store,
     .attention = cuda_op_attention,
     .get_rows = cuda_op_get_rows,
-    .sample = cuda_op_sample,
-    .step_end_sampled = cuda_op_step_end_sampled,
+    .sample = op_sample,
+    .step_end_sampled = op_step_end_sampled,
 };
 
 static int env_int(const char *name, int def)
@@ -618,6 +745,7 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->max_ctx = p->max_ctx;
     c->mv_max_rows = env_int("KRS_CUDA_MV_ROWS", CUDA_MV_MAX_ROWS);
     c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
+    c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
     int rc;
     if ((rc = CUDA_CHECK(cudaSetDevice(0), "cudaSetDevice")) ||
         (rc = CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream")) ||
@@ -637,10 +765,11 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
         goto fail;
     if ((rc = stage_reserve(c, 0))) goto fail;
     if ((rc = cuda_sampler_create(p->max_tokens, p->max_sample_edits, &c->sampler))) goto fail;
+    if ((rc = cuda_graphs_create(c))) goto fail;
     if ((rc = CUDA_CHECK(cudaEventRecord(c->staged, c->stream), "event"))) goto fail;
-    KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s", prop.name, c->n_sm,
-                   prop.totalGlobalMem / 1073741824.0, c->mv_max_rows,
-                   c->gemm_tf32 ? "TF32" : "F32");
+    KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s, fusion %s",
+                   prop.name, c->n_sm, prop.totalGlobalMem / 1073741824.0, c->mv_max_rows,
+                   c->gemm_tf32 ? "TF32" : "F32", c->fuse ? "on" : "off");
     *out = &c->base;
     return KRS_OK;
 fail:

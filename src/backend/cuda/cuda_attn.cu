@@ -17,6 +17,7 @@
 #include "backend/cuda/cuda_impl.h"
 
 #include <math.h>
+#include <string.h>
 
 #define ATTN_WARPS  4
 #define ATTN_UNROLL 4
@@ -194,6 +195,71 @@ __global__ void k_kv_store(const float *__restrict__ k, const float *__restrict_
     }
 }
 
+/* Fused attention prologue: block (t, h) takes q head h (h < n_head), k head h - n_head, or
+ * (with a KV store) v head h - n_head - n_head_kv: rmsnorm (k_rmsnorm's arithmetic), rope
+ * (k_rope's), then the row back in place and, for k and v, into its KV slot. */
+struct qk_params {
+    float *q, *k;
+    const float *v;
+    const float *wq, *wk;
+    float eps_q, eps_k;
+    int nh, nkv, hd, n_rot, neox;
+    float base, freq_scale;
+    const float *ff;
+    const int32_t *pos, *seq, *table;
+    int max_blocks, bs, kv_dim;
+    float *kc, *vc; /* the layer's slabs; NULL: no store */
+    int *err;
+};
+
+__global__ void __launch_bounds__(CUDA_NORM_THREADS) k_qk_rope_store(const qk_params P)
+{
+    __shared__ double part[CUDA_NORM_THREADS / 32];
+    __shared__ float row[CUDA_QK_MAX_HD];
+    const int H = P.nh + P.nkv + (P.kc ? P.nkv : 0);
+    const int t = blockIdx.x / H, h = blockIdx.x % H, hd = P.hd, p = P.pos[t];
+    int64_t slot = -1;
+    if (P.kc && h >= P.nh) {
+        const int blk = P.table[(int64_t)P.seq[t] * P.max_blocks + p / P.bs];
+        if (blk < 0) {
+            if (threadIdx.x == 0) atomicOr(P.err, CUDA_ERRF_NO_BLOCK);
+        } else {
+            slot = ((int64_t)blk * P.bs + p % P.bs) * P.kv_dim;
+        }
+    }
+    if (h >= P.nh + P.nkv) { /* a v head: copy into the cache */
+        const int64_t o = (int64_t)(h - P.nh - P.nkv) * hd;
+        if (slot >= 0)
+            for (int i = threadIdx.x; i < hd; i += blockDim.x)
+                P.vc[slot + o + i] = P.v[(int64_t)t * P.kv_dim + o + i];
+        return;
+    }
+    const int isq = h < P.nh;
+    float *xr =
+        isq ? P.q + ((int64_t)t * P.nh + h) * hd : P.k + ((int64_t)t * P.nkv + h - P.nh) * hd;
+    const float *w = isq ? P.wq : P.wk;
+    if (w) {
+        const float sc = cuda_rms_scale(xr, hd, isq ? P.eps_q : P.eps_k, part);
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) row[i] = __fmul_rn(xr[i] * sc, w[i]);
+    } else {
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) row[i] = xr[i];
+    }
+    __syncthreads();
+    const int half = P.n_rot / 2;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float cs, sn;
+        cuda_rope_cs(p, i, P.n_rot, P.base, P.freq_scale, P.ff, &cs, &sn);
+        const int i0 = P.neox ? i : 2 * i, i1 = P.neox ? i + half : 2 * i + 1;
+        cuda_rope_pair(row + i0, row + i1, cs, sn);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) xr[i] = row[i];
+    if (!isq && slot >= 0) {
+        const int64_t o = slot + (int64_t)(h - P.nh) * hd;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) P.kc[o + i] = row[i];
+    }
+}
+
 /* The layer's K (or V) slab inside its group's pool. */
 static float *layer_slab(const struct backend_cuda *c, float *const *pool, int layer)
 {
@@ -214,6 +280,46 @@ int cuda_kv_store(struct backend_cuda *c, int layer, const float *k, const float
     return CUDA_LAUNCHED("kv_store");
 }
 
+int cuda_qk_rope_store(struct backend_cuda *c, const struct cuda_qk_args *a)
+{
+    const struct cuda_kv *kv = &c->kv;
+    const int T = c->step.n_tokens;
+    if (T <= 0) return KRS_OK;
+    if (a->head_dim > CUDA_QK_MAX_HD) return KRS_ERR_INVALID; /* the caller checks */
+    qk_params P;
+    memset(&P, 0, sizeof P);
+    P.q = a->q;
+    P.k = a->k;
+    P.v = a->v;
+    P.wq = a->wq;
+    P.wk = a->wk;
+    P.eps_q = a->eps_q;
+    P.eps_k = a->eps_k;
+    P.nh = a->n_head;
+    P.nkv = a->n_head_kv;
+    P.hd = a->head_dim;
+    P.n_rot = a->n_rot;
+    P.neox = a->neox;
+    P.base = a->base;
+    P.freq_scale = a->freq_scale;
+    P.ff = a->freq_factors;
+    P.pos = c->step.d_pos;
+    P.seq = c->step.d_seq;
+    P.err = c->d_err;
+    int heads = a->n_head + a->n_head_kv;
+    if (a->layer >= 0) {
+        P.table = c->step.d_table[kv->layer_group[a->layer]];
+        P.max_blocks = c->step.max_blocks;
+        P.bs = kv->block_size;
+        P.kv_dim = kv->kv_dim;
+        P.kc = layer_slab(c, kv->k, a->layer);
+        P.vc = layer_slab(c, kv->v, a->layer);
+        heads += a->n_head_kv;
+    }
+    k_qk_rope_store<<<(unsigned)((int64_t)T * heads), CUDA_NORM_THREADS, 0, c->stream>>>(P);
+    return CUDA_LAUNCHED("qk_rope_store");
+}
+
 template <int D> static void launch_attn(const attn_params &P, dim3 grid, cudaStream_t st)
 {
     if (P.head_dim == 32 * D)
@@ -231,8 +337,9 @@ int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, co
     const int64_t pairs = (int64_t)T * a->n_head;
     /* Splits when (token, head) pairs alone leave the GPU idle (decode), or a block would walk
      * more than ATTN_SPAN positions (long prefill chunks); >= 64 positions each, as far as the
-     * partials buffer allows. */
-    int span = c->step.max_pos + 1;
+     * partials buffer allows. The span is bounded by the table's (padded) width, not by the
+     * step's positions: steps of one graph key take the same launch (cuda_graph.cu). */
+    int span = c->step.max_blocks * kv->block_size;
     if (a->n_swa > 0 && a->n_swa < span) span = a->n_swa;
     const int64_t target = 4ll * c->n_sm;
     int64_t nsplit = pairs < target ? (target + pairs - 1) / pairs : 1;

@@ -1,6 +1,8 @@
 /* Private interface of the CUDA backend: the backend and tensor structs, the error helper, and
  * the kernel launchers of cuda_quant.cu (weights: dequant, matvec, GEMM path, embed),
- * cuda_attn.cu (KV store, paged attention) and cuda_ops.cu (elementwise ops).
+ * cuda_attn.cu (KV store, paged attention) and cuda_ops.cu (elementwise ops); the op records
+ * that cuda_graph.cu (CUDA graphs of decode steps) and cuda_fuse.cu (ops to kernels, fused
+ * runs) pass around.
  *
  * backend_cuda.cu owns every allocation and validates every argument on the host; a launcher
  * only enqueues kernels on the backend's stream and reports launch errors. Nothing here
@@ -41,7 +43,8 @@ struct backend_tensor {
 /* The step's inputs on the device (one upload in step_begin) and what the host kept of them. */
 struct cuda_step {
     int active;
-    int n_tokens, n_seqs, max_blocks, n_logits;
+    int n_tokens, n_seqs, n_logits;
+    int max_blocks;          /* table row width: the caller's, padded to a power of two */
     int max_pos;             /* largest position of the step */
     const int32_t *h_tokens; /* pinned host copies (validation on the host) */
     const int32_t *h_pos, *h_seq;
@@ -67,6 +70,40 @@ struct cuda_kv {
 };
 
 struct cuda_sampler;
+struct cuda_graphs;
+
+/* One op call as the ops table received it (arguments validated): what a CUDA graph records and
+ * what a replayed step is compared with, byte for byte (records are zeroed before filling). */
+enum cuda_op_kind {
+    CUDA_OP_EMBED = 1, /* t0 emb, t1 x, f0 scale */
+    CUDA_OP_MATMUL,    /* t0 w, t1 x, t2 y, i0 rows */
+    CUDA_OP_RMSNORM,   /* t0 x, t1 w, t2 y, i0 rows, i1 n, f0 eps */
+    CUDA_OP_ADD_BIAS,  /* t0 y, t1 bias, i0 rows, i1 n */
+    CUDA_OP_ADD,       /* t0 y, t1 x, n */
+    CUDA_OP_SOFTCAP,   /* t0 x, n, f0 cap */
+    CUDA_OP_GLU,       /* t0 gate, t1 up, n, i0 gelu */
+    CUDA_OP_ROPE,      /* t0 x, t1 freq_factors, i0 n_heads, i1 head_dim, i2 n_rot, i3 neox,
+                        * f0 base, f1 freq_scale */
+    CUDA_OP_KV_STORE,  /* i0 layer, t0 k, t1 v */
+    CUDA_OP_ATTENTION, /* t0 q, t1 out, i0 layer, i1 n_head, i2 n_head_kv, i3 head_dim, i4 n_swa,
+                        * f0 scale */
+    CUDA_OP_GET_ROWS,  /* t0 x, t1 dst, i0 n */
+};
+
+struct cuda_op {
+    int kind;
+    int i[5];
+    int64_t n;
+    float f[2];
+    const struct backend_tensor *t[3];
+};
+
+/* Ops not yet enqueued: cuda_fuse.cu looks this far ahead for runs it can fuse. */
+#define CUDA_FUSE_WINDOW 5
+struct cuda_opq {
+    struct cuda_op op[CUDA_FUSE_WINDOW];
+    int n;
+};
 
 struct backend_cuda {
     struct backend base;
@@ -113,8 +150,11 @@ struct backend_cuda {
     struct cuda_step step;
     struct cuda_kv kv;
     struct cuda_sampler *sampler; /* device sampling (cuda_sample.cu) */
-    int mv_max_rows; /* rows up to which matmul uses the matvec kernels (KRS_CUDA_MV_ROWS) */
-    int gemm_tf32;   /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
+    int mv_max_rows;     /* rows up to which matmul uses the matvec kernels (KRS_CUDA_MV_ROWS) */
+    int gemm_tf32;       /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
+    int fuse;            /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
+    struct cuda_opq opq; /* ops waiting for fusion (cuda_fuse.cu) */
+    struct cuda_graphs *graphs; /* recorded decode steps (cuda_graph.cu) */
 };
 
 /* Device error flags (bits of *d_err). */
@@ -159,5 +199,92 @@ int cuda_softcap(struct backend_cuda *c, float *x, int64_t n, float cap);
 int cuda_glu(struct backend_cuda *c, float *gate, const float *up, int64_t n, int gelu);
 int cuda_rope(struct backend_cuda *c, float *x, int n_heads, int head_dim, int n_rot, float base,
               float freq_scale, const float *freq_factors, int neox);
+
+/* ---- cuda_graph.cu: CUDA graphs of decode steps ----
+ * step_begin hands over the step's shape key (0: never recorded); every op goes through
+ * cuda_submit; cuda_flush enqueues whatever the step holds back (a graph launch, the end of a
+ * capture, ops waiting for fusion) and must run before anything else is enqueued on the stream
+ * for the step (step_end, the sampler) and before the next step's upload. */
+int cuda_graphs_create(struct backend_cuda *c);
+void cuda_graphs_destroy(struct backend_cuda *c);
+int cuda_graph_begin(struct backend_cuda *c, uint64_t key);
+int cuda_submit(struct backend_cuda *c, const struct cuda_op *op);
+int cuda_flush(struct backend_cuda *c);
+
+/* ---- cuda_fuse.cu: ops to kernels, fusing runs of them ---- */
+int cuda_op_exec(struct backend_cuda *c, const struct cuda_op *op); /* one op, unfused */
+int cuda_fuse_push(struct backend_cuda *c, const struct cuda_op *op);
+int cuda_fuse_drain(struct backend_cuda *c);
+void cuda_fuse_clear(struct backend_cuda *c); /* drops what waits (an abandoned capture) */
+
+/* Fused launchers. cuda_quant.cu: up to 3 matvecs of one input (rows <= CUDA_MV_MAX_ROWS,
+ * pieces of 8, equal n_in), bit-identical to separate ones; with glu >= 0 exactly two, gate
+ * and up of one type and shape, and gate[i] = act(gate[i]) * up[i] as cuda_glu computes it. */
+int cuda_matvec_multi(struct backend_cuda *c, int nw, const struct backend_tensor *const *w,
+                      const float *x, int rows, float *const *y, int glu);
+/* cuda_ops.cu: tm = rmsnorm(tm) * wp (wp NULL: skipped); x += tm; xn = rmsnorm(x) * wn. */
+int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float eps_p, float *x,
+                       const float *wn, float eps_n, float *xn, int rows, int n);
+/* cuda_attn.cu: per-head rmsnorm of q and k (wq NULL: none), rope of both, and (layer >= 0) the
+ * KV store of k and v: the ops rmsnorm, rmsnorm, rope, rope, kv_store in one kernel. */
+struct cuda_qk_args {
+    float *q, *k;
+    const float *v;
+    const float *wq, *wk;
+    float eps_q, eps_k;
+    int n_head, n_head_kv, head_dim, n_rot, neox;
+    float base, freq_scale;
+    const float *freq_factors;
+    int layer; /* -1: no KV store */
+};
+int cuda_qk_rope_store(struct backend_cuda *c, const struct cuda_qk_args *a);
+#define CUDA_QK_MAX_HD 512 /* head_dim the fused q/k kernel takes */
+
+/* ---- device helpers shared by the plain and the fused kernels (same arithmetic) ---- */
+#define CUDA_NORM_THREADS 256 /* block of every rmsnorm: the reduction order depends on it */
+
+/* 1 / sqrt(mean(x^2) + eps) of a row of n, by the whole block (CUDA_NORM_THREADS threads);
+ * part: shared, one double per warp, free again on return. */
+static __device__ __forceinline__ float cuda_rms_scale(const float *xr, int n, float eps,
+                                                       double *part)
+{
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    double tot = 0.0;
+    for (int j = 0; j < (int)(blockDim.x >> 5); j++) tot += part[j];
+    __syncthreads();
+    return 1.0f / sqrtf((float)(tot / n) + eps);
+}
+
+/* cos and sin of rotary pair i at position pos (angles in double, as the CPU) */
+static __device__ __forceinline__ void cuda_rope_cs(int pos, int i, int n_rot, float base,
+                                                    float freq_scale, const float *ff, float *c,
+                                                    float *s)
+{
+    double inv = pow((double)base, -2.0 * i / n_rot);
+    double theta = (double)pos * inv * freq_scale;
+    if (ff) theta /= ff[i];
+    *c = (float)cos(theta);
+    *s = (float)sin(theta);
+}
+
+static __device__ __forceinline__ void cuda_rope_pair(float *v0, float *v1, float c, float s)
+{
+    float a = *v0, b = *v1;
+    *v0 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    *v1 = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+}
+
+/* act(g) * u: tanh-GELU or SiLU */
+static __device__ __forceinline__ float cuda_glu1(float g, float u, int gelu)
+{
+    float a = gelu ? 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)))
+                   : g / (1.0f + expf(-g));
+    return a * u;
+}
 
 #endif

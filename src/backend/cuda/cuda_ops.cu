@@ -18,22 +18,32 @@ static unsigned blocks_for(int64_t n)
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                      \
          i += (int64_t)gridDim.x * blockDim.x)
 
-/* One block per row. */
+/* One block of CUDA_NORM_THREADS per row. */
 __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, int n, float eps, float *y)
 {
-    __shared__ double part[OPS_THREADS / 32];
+    __shared__ double part[CUDA_NORM_THREADS / 32];
     const float *xr = x + (int64_t)blockIdx.x * n;
     float *yr = y + (int64_t)blockIdx.x * n;
-    double ss = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-    __syncthreads();
-    double tot = 0.0;
-    for (int j = 0; j < (int)(blockDim.x >> 5); j++) tot += part[j];
-    const float scale = 1.0f / sqrtf((float)(tot / n) + eps);
+    const float scale = cuda_rms_scale(xr, n, eps, part);
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __fmul_rn(xr[i] * scale, w[i]);
+}
+
+/* Fused residual step, one block per row: tm = rmsnorm(tm) * wp (if wp); x += tm;
+ * xn = rmsnorm(x) * wn. Each thread touches the same elements in every phase, so only the
+ * reductions need barriers; the arithmetic is that of k_rmsnorm and k_add. */
+__global__ void k_norm_add_norm(float *tm, const float *__restrict__ wp, float eps_p, float *x,
+                                const float *__restrict__ wn, float eps_n, float *xn, int n)
+{
+    __shared__ double part[CUDA_NORM_THREADS / 32];
+    const int64_t off = (int64_t)blockIdx.x * n;
+    float *tr = tm + off, *xr = x + off, *yr = xn + off;
+    if (wp) {
+        const float sp = cuda_rms_scale(tr, n, eps_p, part);
+        for (int i = threadIdx.x; i < n; i += blockDim.x) tr[i] = __fmul_rn(tr[i] * sp, wp[i]);
+    }
+    for (int i = threadIdx.x; i < n; i += blockDim.x) xr[i] += tr[i];
+    const float sn = cuda_rms_scale(xr, n, eps_n, part);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __fmul_rn(xr[i] * sn, wn[i]);
 }
 
 __global__ void k_add_bias(float *y, const float *__restrict__ b, int64_t total, int n)
@@ -53,13 +63,7 @@ __global__ void k_softcap(float *x, int64_t n, float cap)
 
 __global__ void k_glu(float *gate, const float *up, int64_t n, int gelu)
 {
-    GRID_STRIDE(i, n)
-    {
-        float g = gate[i];
-        float a = gelu ? 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)))
-                       : g / (1.0f + expf(-g));
-        gate[i] = a * up[i];
-    }
+    GRID_STRIDE(i, n) gate[i] = cuda_glu1(gate[i], up[i], gelu);
 }
 
 /* One thread per (token, rotating pair); the angle is shared by every head of the token. */
@@ -71,16 +75,12 @@ __global__ void k_rope(float *x, const int32_t *__restrict__ pos, int T, int n_h
     GRID_STRIDE(k, (int64_t)T * half)
     {
         const int t = (int)(k / half), i = (int)(k % half);
-        double inv = pow((double)base, -2.0 * i / n_rot);
-        double theta = (double)pos[t] * inv * freq_scale;
-        if (ff) theta /= ff[i];
-        const float c = (float)cos(theta), s = (float)sin(theta);
+        float c, s;
+        cuda_rope_cs(pos[t], i, n_rot, base, freq_scale, ff, &c, &s);
         const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
         for (int h = 0; h < n_heads; h++) {
             float *v = x + ((int64_t)t * n_heads + h) * head_dim;
-            float a = v[i0], b = v[i1];
-            v[i0] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-            v[i1] = __fadd_rn(__fmul_rn(a, s), __fmul_rn(b, c));
+            cuda_rope_pair(v + i0, v + i1, c, s);
         }
     }
 }
@@ -89,8 +89,16 @@ int cuda_rmsnorm(struct backend_cuda *c, const float *x, const float *w, int row
                  float *y)
 {
     if (rows <= 0) return KRS_OK;
-    k_rmsnorm<<<rows, OPS_THREADS, 0, c->stream>>>(x, w, n, eps, y);
+    k_rmsnorm<<<rows, CUDA_NORM_THREADS, 0, c->stream>>>(x, w, n, eps, y);
     return CUDA_LAUNCHED("rmsnorm");
+}
+
+int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float eps_p, float *x,
+                       const float *wn, float eps_n, float *xn, int rows, int n)
+{
+    if (rows <= 0) return KRS_OK;
+    k_norm_add_norm<<<rows, CUDA_NORM_THREADS, 0, c->stream>>>(tm, wp, eps_p, x, wn, eps_n, xn, n);
+    return CUDA_LAUNCHED("norm_add_norm");
 }
 
 int cuda_add_bias(struct backend_cuda *c, float *y, const float *bias, int rows, int n)

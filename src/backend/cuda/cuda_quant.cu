@@ -22,6 +22,8 @@
 
 #include <cuda_fp16.h>
 
+#include <string.h>
+
 /* ---- loads and scalar conversions ---- */
 
 __device__ __forceinline__ uint32_t ld16(const uint8_t *p)
@@ -248,14 +250,15 @@ __device__ __forceinline__ float warp_sum(float v)
 
 #define MV_WARPS 4
 
+/* One warp's share of a matvec: acc[j][r] = row0 + j of W times activation row r, reduced
+ * across the warp (every lane holds the sums). The plain and the fused matvec kernels both
+ * call it, so an output does not depend on which kernel computed it. */
 template <int FMT, int R, int NW>
-__global__ void __launch_bounds__(MV_WARPS * 32)
-    k_matvec(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
-             const float *__restrict__ x, int rows, float *__restrict__ y)
+__device__ __forceinline__ void mv_warp(const uint8_t *__restrict__ w, uint64_t row_bytes,
+                                        int64_t n_out, int64_t n_in, const float *__restrict__ x,
+                                        int rows, int64_t row0, float (&acc)[NW][R])
 {
     const int lane = threadIdx.x & 31;
-    const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
-    if (row0 >= n_out) return;
     const int64_t n_pieces = n_in / 8;
     const uint8_t *wr[NW];
 #pragma unroll
@@ -263,7 +266,6 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
     const float *xr[R];
 #pragma unroll
     for (int r = 0; r < R; r++) xr[r] = x + (int64_t)min(r, rows - 1) * n_in;
-    float acc[NW][R];
 #pragma unroll
     for (int j = 0; j < NW; j++)
 #pragma unroll
@@ -296,10 +298,110 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 #pragma unroll
     for (int j = 0; j < NW; j++)
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            float v = warp_sum(acc[j][r]);
-            if (lane == 0 && r < rows && row0 + j < n_out) y[(int64_t)r * n_out + row0 + j] = v;
-        }
+        for (int r = 0; r < R; r++) acc[j][r] = warp_sum(acc[j][r]);
+}
+
+template <int FMT, int R, int NW>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    k_matvec(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
+             const float *__restrict__ x, int rows, float *__restrict__ y)
+{
+    const int lane = threadIdx.x & 31;
+    const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 >= n_out) return;
+    float acc[NW][R];
+    mv_warp<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, row0, acc);
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (lane == 0 && r < rows && row0 + j < n_out)
+                y[(int64_t)r * n_out + row0 + j] = acc[j][r];
+}
+
+/* Several matvecs of one input in one launch: blocks [s.block0, next block0) take segment s. */
+#define MV_MULTI 3
+struct mv_seg {
+    const uint8_t *w;
+    uint64_t row_bytes;
+    int64_t n_out;
+    uint32_t type;
+    unsigned block0;
+    float *y;
+};
+struct mv_multi_params {
+    mv_seg s[MV_MULTI];
+    int n_seg;
+    int64_t n_in;
+    const float *x;
+    int rows;
+};
+
+template <int R, int NW>
+__device__ __forceinline__ void mv_any(const mv_seg &S, int64_t n_in, const float *x, int rows,
+                                       int64_t row0, float (&acc)[NW][R])
+{
+#define MV_CASE(F)                                                                                 \
+    case F:                                                                                        \
+        mv_warp<F, R, NW>(S.w, S.row_bytes, S.n_out, n_in, x, rows, row0, acc);                    \
+        break
+    switch (S.type) {
+        MV_CASE(QUANT_F32);
+        MV_CASE(QUANT_F16);
+        MV_CASE(QUANT_BF16);
+        MV_CASE(QUANT_Q4_0);
+        MV_CASE(QUANT_Q4_1);
+        MV_CASE(QUANT_Q5_0);
+        MV_CASE(QUANT_Q5_1);
+        MV_CASE(QUANT_Q8_0);
+        MV_CASE(QUANT_Q4_K);
+        MV_CASE(QUANT_Q5_K);
+        MV_CASE(QUANT_Q6_K);
+    default:
+        break; /* the launcher takes supported types only */
+    }
+#undef MV_CASE
+}
+
+template <int R, int NW>
+__global__ void __launch_bounds__(MV_WARPS * 32) k_matvec_multi(const mv_multi_params P)
+{
+    int si = 0;
+    while (si + 1 < P.n_seg && blockIdx.x >= P.s[si + 1].block0) si++;
+    const mv_seg &S = P.s[si];
+    const int lane = threadIdx.x & 31;
+    const int64_t row0 = ((int64_t)(blockIdx.x - S.block0) * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 >= S.n_out) return;
+    float acc[NW][R];
+    mv_any<R, NW>(S, P.n_in, P.x, P.rows, row0, acc);
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (lane == 0 && r < P.rows && row0 + j < S.n_out)
+                S.y[(int64_t)r * S.n_out + row0 + j] = acc[j][r];
+}
+
+/* Gate and up of one type and shape, then the GLU: each warp takes the same rows of both. */
+template <int FMT, int R, int NW>
+__global__ void __launch_bounds__(MV_WARPS * 32) k_matvec_glu(const mv_multi_params P, int gelu)
+{
+    const mv_seg &G = P.s[0], &U = P.s[1];
+    const int lane = threadIdx.x & 31;
+    const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 >= G.n_out) return;
+    float g[NW][R], u[NW][R];
+    mv_warp<FMT, R, NW>(G.w, G.row_bytes, G.n_out, P.n_in, P.x, P.rows, row0, g);
+    mv_warp<FMT, R, NW>(U.w, U.row_bytes, U.n_out, P.n_in, P.x, P.rows, row0, u);
+#pragma unroll
+    for (int j = 0; j < NW; j++)
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (lane == 0 && r < P.rows && row0 + j < G.n_out) {
+                const int64_t o = (int64_t)r * G.n_out + row0 + j;
+                U.y[o] = u[j][r];
+                G.y[o] = cuda_glu1(g[j][r], u[j][r], gelu);
+            }
 }
 
 /* dst[r, :] = dequant(row r0 + r) * scale for r < nr; rows of n_in, pieces of 8. */
@@ -475,6 +577,68 @@ int cuda_matmul_matvec(struct backend_cuda *c, const struct backend_tensor *w, c
         if (rc) return rc;
     }
     return KRS_OK;
+}
+
+struct mv_multi_launch {
+    struct backend_cuda *c;
+    mv_multi_params P;
+    int glu;
+    unsigned grid;
+
+    template <int R, int NW> int go()
+    {
+        const int per_block = MV_WARPS * NW;
+        unsigned blocks = 0;
+        for (int i = 0; i < P.n_seg; i++) {
+            P.s[i].block0 = blocks;
+            blocks += (unsigned)((P.s[i].n_out + per_block - 1) / per_block);
+        }
+        grid = blocks;
+        if (glu < 0) {
+            k_matvec_multi<R, NW><<<grid, MV_WARPS * 32, 0, c->stream>>>(P);
+            return CUDA_LAUNCHED("matvec_multi");
+        }
+        grid = P.s[1].block0; /* the blocks of the gate rows cover both */
+        glu_fmt<R, NW> f = {this};
+        return dispatch_type(P.s[0].type, f);
+    }
+    template <int R, int NW> struct glu_fmt {
+        mv_multi_launch *l;
+        template <int FMT> int run()
+        {
+            k_matvec_glu<FMT, R, NW><<<l->grid, MV_WARPS * 32, 0, l->c->stream>>>(l->P, l->glu);
+            return CUDA_LAUNCHED("matvec_glu");
+        }
+    };
+};
+
+int cuda_matvec_multi(struct backend_cuda *c, int nw, const struct backend_tensor *const *w,
+                      const float *x, int rows, float *const *y, int glu)
+{
+    if (nw < 1 || nw > MV_MULTI || rows < 1 || rows > CUDA_MV_MAX_ROWS ||
+        (glu >= 0 && (nw != 2 || w[0]->type != w[1]->type || w[0]->n_out != w[1]->n_out)))
+        return KRS_ERR_INVALID; /* cuda_fuse.cu matches only what fits */
+    mv_multi_launch l;
+    memset(&l, 0, sizeof l);
+    l.c = c;
+    l.glu = glu;
+    l.P.n_seg = nw;
+    l.P.n_in = w[0]->n_in;
+    l.P.x = x;
+    l.P.rows = rows;
+    for (int i = 0; i < nw; i++) {
+        if (!pieces_ok(w[i]) || !cuda_quant_supported(w[i]->type) || w[i]->n_in != w[0]->n_in)
+            return KRS_ERR_INVALID;
+        l.P.s[i].w = (const uint8_t *)w[i]->dev;
+        l.P.s[i].row_bytes = w[i]->row_bytes;
+        l.P.s[i].n_out = w[i]->n_out;
+        l.P.s[i].type = w[i]->type;
+        l.P.s[i].y = y[i];
+    }
+    if (rows <= 1) return l.go<1, 1>();
+    if (rows <= 2) return l.go<2, 1>();
+    if (rows <= 4) return l.go<4, 2>();
+    return l.go<8, 2>();
 }
 
 struct dq_launch {
