@@ -15,7 +15,8 @@
 # Environment (run): DEVICE_TEST_FULL=1 adds the model-sized op sweep
 # (KRS_BACKEND_OPS_FULL=1); DEVICE_TEST_BENCH=0 skips the timings; DEVICE_TEST_STANDIN=0 skips
 # the default-model stand-in (its expansion writes ~250 MB to /tmp); DEVICE_TEST_STEPS picks
-# steps (default "paths ops models model_check generate standin sample sanitizer bench server").
+# steps (default "paths ops models model_check generate standin graphs sample sanitizer bench
+# server").
 # Environment (build): NVCC (default /usr/local/cuda/bin/nvcc), PY (python with gguf + numpy for
 # the stand-in header; default .venv/bin/python).
 #
@@ -46,6 +47,7 @@ build() {
     cmake -S . -B build-cuda -DKRS_CUDA=ON -DCMAKE_CUDA_COMPILER="$nvcc" >/dev/null
     local bins="krserve backend_test_backend_ops backend_test_cuda_paths bench_model"
     [ -f tests/backend/test_backend_sample.c ] && bins="$bins backend_test_backend_sample"
+    [ -f tests/backend/test_cuda_graphs.c ] && bins="$bins backend_test_cuda_graphs"
     cmake --build build-cuda -j"$(nproc)" --target $bins
     rm -rf "$CARRY"
     mkdir -p "$CARRY/bin" "$CARRY/lib" "$CARRY/models"
@@ -241,6 +243,10 @@ sanitizer() { # compute-sanitizer memcheck: the op harness and a short generatio
     [ -n "$cs" ] || { echo "no compute-sanitizer"; return 1; }
     "$cs" --tool memcheck --error-exitcode 9 "$CARRY/bin/backend_test_backend_ops" 2>&1 |
         grep -E "ERROR SUMMARY|PASSED|FAILED|SKIP" || return 1
+    if [ -x "$CARRY/bin/backend_test_cuda_graphs" ]; then
+        "$cs" --tool memcheck --error-exitcode 9 "$CARRY/bin/backend_test_cuda_graphs" 2>&1 |
+            grep -E "ERROR SUMMARY|PASSED|FAILED|SKIP" || return 1
+    fi
     "$cs" --tool memcheck --error-exitcode 9 "$CARRY/bin/krserve" generate \
         -m "$CARRY/models/gemma3/Q8_0.gguf" -p "the quick brown fox" -n 24 --temperature 0.7 \
         --seed 7 --device cuda 2>&1 | grep -E "ERROR SUMMARY|error" || return 1
@@ -262,7 +268,7 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv |
         tee -a "$LOG/status.txt"
     ldd "$CARRY/bin/krserve" | grep -E "not found|cublas" | tee -a "$LOG/status.txt"
-    local steps=" ${DEVICE_TEST_STEPS:-paths ops models model_check generate standin sample sanitizer bench server} "
+    local steps=" ${DEVICE_TEST_STEPS:-paths ops models model_check generate standin graphs sample sanitizer bench server} "
     if [[ $steps == *" paths "* ]]; then
         KRS_CUDA_BENCH=${DEVICE_TEST_BENCH:-1} step cuda_paths "$CARRY/bin/backend_test_cuda_paths"
     fi
@@ -284,6 +290,9 @@ run() {
     fi
     [[ $steps == *" generate "* ]] && step generate generate
     if [ ${#standin_args[@]} -gt 0 ]; then step standin standin; fi
+    if [[ $steps == *" graphs "* ]] && [ -x "$CARRY/bin/backend_test_cuda_graphs" ]; then
+        step graphs "$CARRY/bin/backend_test_cuda_graphs"
+    fi
     if [[ $steps == *" sample "* ]] && [ -x "$CARRY/bin/backend_test_backend_sample" ]; then
         step sample "$CARRY/bin/backend_test_backend_sample"
     fi
@@ -301,6 +310,7 @@ run() {
     [ -f "$LOG/model_check.log" ] && cat "$LOG/model_check.log"
     [ -f "$LOG/generate.log" ] && cat "$LOG/generate.log"
     [ -f "$LOG/standin.log" ] && cat "$LOG/standin.log"
+    [ -f "$LOG/graphs.log" ] && grep -E "PASSED|FAILED|SKIP|identical|differ" "$LOG/graphs.log" | tail -10
     [ -f "$LOG/sample.log" ] && grep -E "PASSED|FAILED|SKIP|sample" "$LOG/sample.log" | tail -20
     [ -f "$LOG/sanitizer.log" ] && cat "$LOG/sanitizer.log"
     [ -f "$LOG/bench.log" ] && cat "$LOG/bench.log"
