@@ -34,8 +34,12 @@ def wait_ready(url, proc, timeout=300.0):
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
+        # kr-serve answers /health while it loads its model and /ready once it can serve;
+        # llama-server has no /ready and answers /health 200 only when loaded.
         try:
-            st, _ = loadgen.http_get(url + "/health", timeout=2.0)
+            st, _ = loadgen.http_get(url + "/ready", timeout=2.0)
+            if st == 404:
+                st, _ = loadgen.http_get(url + "/health", timeout=2.0)
             if st == 200:
                 return
         except OSError:
