@@ -232,7 +232,14 @@ int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
         goto fail;
     }
     if ((rc = upload_weights(c))) {
-        snprintf(err, errlen, "uploading weights to %s: %s", c->be->ops->name, krs_status_str(rc));
+        struct backend_mem_info mi = {0};
+        c->be->ops->mem_info(c->be, &mi);
+        snprintf(err, errlen,
+                 "uploading weights to %s: %s after %.1f MiB; %.1f MiB free of %.1f MiB "
+                 "(the model's matrices: %.1f MiB)",
+                 c->be->ops->name, krs_status_str(rc), mi.weights_bytes / 1048576.0,
+                 mi.free_bytes / 1048576.0, mi.total_bytes / 1048576.0,
+                 model_weight_bytes(m) / 1048576.0);
         goto fail;
     }
     if ((rc = reserve_activations(c))) {

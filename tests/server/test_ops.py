@@ -377,3 +377,21 @@ def test_ready_while_loading_then_ready():
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def test_device_memory_reported(server):
+    """/stats and /metrics carry the compute backend's memory by use (weights, KV pool,
+    activations, free, total) and its name; the numbers are the ones the backend reserved."""
+    st, _, b = server.get("/stats")
+    assert st == 200
+    sch = json.loads(b)["models"][0]["scheduler"]
+    assert sch["device"] in ("cpu", "cuda")
+    dm = sch["device_memory_bytes"]
+    # the default model: ~250 MB of weights; the server's --kv-tokens 4096 pool in F32:
+    # 2 (K, V) * 4096 * kv_dim 256 * 4 bytes * 3 full layers, plus the sliding layers' pool
+    assert 150e6 < dm["weights"] < 400e6
+    assert dm["kv"] >= 2 * 4096 * 256 * 4 * 3
+    assert dm["activations"] > 0 and dm["total"] >= dm["free"] > 0
+    text = server.get("/metrics")[2].decode()
+    assert sample(text, "krserve_device_memory_bytes", {"use": "weights"}) == dm["weights"]
+    assert sample(text, "krserve_device_memory_bytes", {"use": "kv"}) == dm["kv"]

@@ -392,6 +392,17 @@ static inline float dot_f32(const float *a, const float *b, int n)
     return s;
 }
 
+/* out[i] += w * v[i]. restrict and fixed 8-wide groups let -O2 vectorize it (GCC's cheap
+ * cost model skips loops that need alias checks or epilogues); scalar, this loop was the
+ * largest cost of prefill attention. */
+static inline void axpy_f32(float *restrict out, float w, const float *restrict v, int n)
+{
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) out[i + j] += w * v[i + j];
+    for (; i < n; i++) out[i] += w * v[i];
+}
+
 static void attn_task(void *p, int ith, int nth)
 {
     struct backend_cpu *c = p;
@@ -436,8 +447,7 @@ static void attn_task(void *p, int ith, int nth)
             const float *v = vbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
             for (int j = 0; j < run; j++) {
                 float w = scores[p0 - lo + j] * inv;
-                const float *vr = v + (size_t)j * dim + (size_t)kh * hd;
-                for (int i = 0; i < hd; i++) out[i] += w * vr[i];
+                axpy_f32(out, w, v + (size_t)j * dim + (size_t)kh * hd, hd);
             }
             p0 += run;
         }
