@@ -51,6 +51,17 @@ void engine_sched_params(const struct krs_config *cfg, struct sched_params *p)
     p->adaptive_window = cfg->performance.adaptive_batching.enabled;
     p->window_min_ms = cfg->performance.adaptive_batching.window_min_ms;
     p->window_max_ms = cfg->performance.adaptive_batching.window_max_ms;
+    /* A GPU step costs about the same for 8 sequences as for 1 and grows slowly to hundreds
+     * (bench/results/h200): where the batch keys were left at their CPU-sized defaults, a cuda
+     * engine may run up to 256 sequences and starts its tuner (and fixed mode) at 32. */
+    if (cfg->model.device == CONFIG_DEVICE_CUDA) {
+        int k_max = config_key_find("performance.gpuScheduler.autoTune.maxBatch");
+        int k_size = config_key_find("performance.gpuScheduler.batchSize");
+        if (k_max >= 0 && cfg->origin[k_max].source == CONFIG_SRC_DEFAULT) p->auto_max_batch = 256;
+        if (k_size >= 0 && cfg->origin[k_size].source == CONFIG_SRC_DEFAULT)
+            p->fixed_batch = p->auto_max_batch < 32 ? p->auto_max_batch : 32;
+        p->max_running = p->auto_max_batch > p->fixed_batch ? p->auto_max_batch : p->fixed_batch;
+    }
 #undef g
 }
 
