@@ -53,6 +53,7 @@
 #include <string.h>
 
 #include "backend/backend.h"
+#include "backend/backend_test_util.h"
 #include "krserve.h"
 #include "quant/quant.h"
 
@@ -72,10 +73,7 @@ static struct rng rng_seed(uint64_t seed)
 
 static uint64_t rng_next(struct rng *r)
 {
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
+    return test_splitmix(&r->s);
 }
 
 static double rng_unit(struct rng *r) /* [0, 1) */
@@ -407,13 +405,6 @@ static void h_set(struct harness *h, struct staged s, struct backend_tensor *dst
 }
 
 /* ---- random weights in every format ---- */
-
-static void put_half(uint8_t *p, float f)
-{
-    uint16_t v = quant_f32_to_fp16(f);
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
 
 static float rng_scale(struct rng *r) /* [0.001, 0.01) */
 {

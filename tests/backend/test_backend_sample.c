@@ -45,6 +45,7 @@
 #include <time.h>
 
 #include "backend/backend.h"
+#include "backend/backend_test_util.h"
 #include "krserve.h"
 #include "quant/quant.h"
 
@@ -65,10 +66,7 @@ struct rng {
 
 static uint64_t rng_next(struct rng *r)
 {
-    uint64_t z = (r->s += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
+    return test_splitmix(&r->s);
 }
 
 static double rng_unit(struct rng *r) /* [0, 1) */
@@ -160,6 +158,7 @@ struct ctx {
     int32_t pos[MAX_ROWS], seq[MAX_ROWS];
 };
 
+/* A failing call fails the current cmocka test, naming the device. */
 #define CHECK(call)                                                                                \
     do {                                                                                           \
         int rc_ = (call);                                                                          \

@@ -13,6 +13,8 @@
  *
  * Without a CUDA device (or in a build without CUDA) it prints SKIP and passes. */
 #include "backend/backend.h"
+#define BACKEND_TEST_EXIT_ON_FAILURE
+#include "backend/backend_test_util.h"
 #include "krserve.h"
 #include "quant/quant.h"
 #include "util/clock.h"
@@ -26,10 +28,7 @@ static uint64_t g_rng = 0x1234567887654321ull;
 
 static uint64_t rnd(void)
 {
-    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
+    return test_splitmix(&g_rng);
 }
 
 static float rnd_sym(void)
@@ -37,34 +36,7 @@ static float rnd_sym(void)
     return (float)((double)(rnd() >> 11) * 0x1.0p-53 * 2.0 - 1.0);
 }
 
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p) {
-        fprintf(stderr, "out of memory\n");
-        exit(1);
-    }
-    return p;
-}
-
 static int g_failed;
-
-#define CHECK(call)                                                                                \
-    do {                                                                                           \
-        int rc_ = (call);                                                                          \
-        if (rc_) {                                                                                 \
-            fprintf(stderr, "FAIL %s:%d: %s -> %s\n", __FILE__, __LINE__, #call,                   \
-                    krs_status_str(rc_));                                                          \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
-
-static void put_half(uint8_t *p, float f)
-{
-    uint16_t v = quant_f32_to_fp16(f);
-    p[0] = (uint8_t)v;
-    p[1] = (uint8_t)(v >> 8);
-}
 
 /* Random blocks with sane fp16 scales (random payload bytes otherwise). */
 static void *make_weight(uint32_t type, int64_t n_out, int64_t n_in)
