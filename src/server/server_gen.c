@@ -567,8 +567,14 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
         snprintf(err.message, sizeof err.message, "too many requests in progress");
         goto fail_err;
     }
+    /* Counted in flight before the scheduler can see it: a drain that starts between the
+     * submit and the count would find nothing in flight and stop the server under a request
+     * the scheduler had accepted (the flaky test_sigterm_drains_inflight: its stream cut with
+     * no response). A request the draining scheduler refuses is uncounted below. */
+    atomic_fetch_add(&s->inflight, 1);
     int rc = sched_submit(g->eng->sched, &sr, &g->st, &g->req_id);
     if (rc) {
+        atomic_fetch_sub(&s->inflight, 1);
         g->st = NULL;
         if (rc == KRS_ERR_FULL) {
             err.status = 429;
@@ -591,7 +597,6 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
         }
         goto fail_err;
     }
-    atomic_fetch_add(&s->inflight, 1);
     alloc_free(ids);
     ids = NULL;
     g->n_prompt = n_ids;
