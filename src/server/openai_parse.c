@@ -314,6 +314,22 @@ static int parse_body(const cJSON *root, enum server_api api, const struct serve
     if (iv != 1) return fail(err, "n", "only n=1 is supported");
     if ((rc = get_int(root, "best_of", 1, 1e9, &iv, &given, err))) return rc;
     if (given && iv != 1) return fail(err, "best_of", "only best_of=1 is supported");
+    /* Not implemented yet: refused by name, never silently ignored (a reply that ignores a
+     * requested JSON schema or tool list looks valid and is not). */
+    const cJSON *rf = cJSON_GetObjectItemCaseSensitive(root, "response_format");
+    if (rf && !cJSON_IsNull(rf)) {
+        const cJSON *ty = cJSON_IsObject(rf) ? cJSON_GetObjectItemCaseSensitive(rf, "type") : NULL;
+        if (!cJSON_IsString(ty) || strcmp(ty->valuestring, "text"))
+            return fail(err, "response_format",
+                        "response_format %s is not supported yet; only {\"type\": \"text\"}",
+                        cJSON_IsString(ty) ? ty->valuestring : "without a string type");
+    }
+    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
+    if (tools && !cJSON_IsNull(tools) && !(cJSON_IsArray(tools) && !cJSON_GetArraySize(tools)))
+        return fail(err, "tools", "tools (function calling) are not supported yet");
+    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
+    if (tc && !cJSON_IsNull(tc) && !(cJSON_IsString(tc) && !strcmp(tc->valuestring, "none")))
+        return fail(err, "tool_choice", "tool_choice other than \"none\" is not supported yet");
 
     int64_t mt = -1, mct = -1;
     int g1 = 0, g2 = 0;

@@ -31,6 +31,13 @@ def envelope(body):
     (json.dumps({"prompt": "hi", "max_tokens": 100000}).encode(), "max_tokens"),
     (json.dumps({"prompt": "hi", "max_tokens": 4096}).encode(), "max_tokens"),  # > context
     (b'{"prompt": "\xff\xfe bad utf8", "max_tokens": 2}', "prompt"),
+    (json.dumps({"prompt": "hi", "response_format": {"type": "json_object"}}).encode(),
+     "response_format"),
+    (json.dumps({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}}).encode(), "response_format"),
+    (json.dumps({"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]})
+     .encode(), "tools"),
+    (json.dumps({"prompt": "hi", "tool_choice": "required"}).encode(), "tool_choice"),
 ])
 def test_400(server, body, param):
     st, _, b = server.post("/v1/completions", body)
@@ -38,6 +45,14 @@ def test_400(server, body, param):
     e = envelope(b)
     assert e["type"] == "invalid_request_error"
     assert e["param"] == param
+
+
+def test_text_response_format_and_no_tools_accepted(server):
+    """The defaults clients send explicitly stay accepted."""
+    st, _, b = server.post("/v1/completions", {
+        "prompt": "hi", "max_tokens": 2, "response_format": {"type": "text"}, "tools": [],
+        "tool_choice": "none"})
+    assert st == 200, b
 
 
 def test_400_chat(server):
