@@ -825,6 +825,11 @@ static void step(struct sched *s, uint64_t t0)
             s->device_failed = 1;
             snprintf(s->device_error, sizeof s->device_error, "%s forward failed: %s",
                      model_ctx_backend_name(s->ctx), krs_status_str(rc));
+            /* Published now, before the requests below end: a client that sees its error and
+             * asks /health at once must find the engine unhealthy already. */
+            pthread_mutex_lock(&s->state_lock);
+            snprintf(s->pub.device_error, sizeof s->pub.device_error, "%s", s->device_error);
+            pthread_mutex_unlock(&s->state_lock);
         }
         for (int i = 0; i < s->p.max_running; i++)
             if (s->running[i]) finish(s, s->running[i], SCHED_FINISH_ERROR, "forward pass failed");
