@@ -187,11 +187,6 @@ void kv_seq_release(struct kv_cache *kv, int seq)
         if (kv->g[gi].n_layers) release_range(kv, &kv->g[gi], seq, 0, kv->max_blocks);
 }
 
-int kv_layer_group(const struct kv_cache *kv, int layer)
-{
-    return kv->is_swa[layer];
-}
-
 int64_t kv_group_blocks(const struct kv_cache *kv, int g)
 {
     return kv->g[g].n_layers ? kv->g[g].n_blocks : 0;
@@ -219,21 +214,6 @@ int kv_seq_holds(const struct kv_cache *kv, int layer, int seq, int64_t pos)
 int kv_block_size(const struct kv_cache *kv)
 {
     return kv->block_size;
-}
-
-int kv_dim(const struct kv_cache *kv)
-{
-    return kv->kv_dim;
-}
-
-int kv_layer_is_swa(const struct kv_cache *kv, int layer)
-{
-    return kv->is_swa[layer];
-}
-
-int kv_n_swa(const struct kv_cache *kv)
-{
-    return kv->n_swa;
 }
 
 void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out)

@@ -69,8 +69,6 @@ void kv_seq_trim(struct kv_cache *kv, int seq, int64_t next_pos);
 /* Returns every block of seq to the pools. Idempotent. */
 void kv_seq_release(struct kv_cache *kv, int seq);
 
-/* Group of a layer: 0 = full, 1 = sliding (the backend's BACKEND_KV_FULL / _SWA). */
-int kv_layer_group(const struct kv_cache *kv, int layer);
 /* Physical blocks in group g's pool (0 when the group has no layers). */
 int64_t kv_group_blocks(const struct kv_cache *kv, int g);
 /* Entries of a sequence's block table (max_ctx / block_size rounded up). */
@@ -82,9 +80,6 @@ const int32_t *kv_seq_table(const struct kv_cache *kv, int g, int seq);
 int kv_seq_holds(const struct kv_cache *kv, int layer, int seq, int64_t pos);
 
 int kv_block_size(const struct kv_cache *kv);
-int kv_dim(const struct kv_cache *kv);
-int kv_layer_is_swa(const struct kv_cache *kv, int layer);
-int kv_n_swa(const struct kv_cache *kv);
 void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out);
 /* Blocks held by seq in each group (for tests and the registry). */
 void kv_seq_blocks_held(const struct kv_cache *kv, int seq, int64_t *full, int64_t *swa);
