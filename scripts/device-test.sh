@@ -6,6 +6,10 @@
 #                                        build-cuda/carry/ (binaries, the Debian .so files they
 #                                        need, the tiny test models, a stand-in of the default
 #                                        model's header); prints its size
+#   scripts/device-test.sh stage-bench   here, after build: build-cuda/bench-carry/ for
+#                                        bench/gpu/gpu_bench.sh (krserve, bench_model, libs, the
+#                                        default model's and the 1B shape's headers, the llama.cpp
+#                                        peer's tarball); about 40 MB
 #   scripts/device-test.sh run [DIR]     there: runs the CUDA tests and the CPU-vs-CUDA model
 #                                        comparison from build-cuda/carry/; logs to DIR
 #                                        (default $OUT, else ./device-out); a summary at the end
@@ -51,7 +55,7 @@ build() {
     cmake --build build-cuda -j"$(nproc)" --target $bins
     rm -rf "$CARRY"
     mkdir -p "$CARRY/bin" "$CARRY/lib" "$CARRY/models"
-    for b in $bins; do cp "build-cuda/$b" "$CARRY/bin/"; done
+    for b in $bins; do cp "build-cuda/$b" "$CARRY/bin/" && strip "$CARRY/bin/$b"; done
     # Debian libraries the GPU image lacks; glibc, libstdc++ and CUDA's own come from there.
     for b in $bins; do ldd "build-cuda/$b"; done | awk '/=> \// {print $3}' | sort -u |
         grep -Ev '/(libc|libm|libdl|librt|libpthread|ld-linux[^/]*|libstdc\+\+|libgcc_s)\.so' |
@@ -86,6 +90,25 @@ build() {
     [ -d "$wheels" ] && cp -r "$wheels" "$CARRY/wheels"
     du -sh "$CARRY"
     echo "device: command 'scripts/device-test.sh run', carry [\"$CARRY\"]"
+}
+
+# The GPU benchmark's carry: no tests, models or wheels, so both stand-ins and the peer fit.
+stage_bench() {
+    set -e
+    cd "$ROOT"
+    local py=${PY:-$ROOT/.venv/bin/python} dst=build-cuda/bench-carry
+    [ -x "$CARRY/bin/krserve" ] || {
+        echo "run '$0 build' first" >&2
+        exit 1
+    }
+    rm -rf "$dst"
+    mkdir -p "$dst/bin" "$dst/peers"
+    cp "$CARRY/bin/krserve" "$CARRY/bin/bench_model" "$dst/bin/"
+    cp -r "$CARRY/lib" "$CARRY/standin" "$dst/"
+    "$py" scripts/synth_model.py llama1b "$dst/llama1b" >/dev/null
+    cp "$ROOT"/../shared/peers/build-llama.sh "$ROOT"/../shared/peers/llama.cpp-*.tar.gz "$dst/peers/"
+    du -sh "$dst"
+    echo "device: command 'bench/gpu/gpu_bench.sh $dst $dst/peers \$OUT', carry [\"$dst\"]"
 }
 
 # ---- there ----
@@ -321,6 +344,7 @@ run() {
 
 case "${1:-}" in
 build) build ;;
+stage-bench) stage_bench ;;
 run)
     shift
     run "$@"

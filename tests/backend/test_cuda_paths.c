@@ -96,9 +96,11 @@ static int open_cuda(struct env *e, const char *mv_rows, const char *gemm_f32, i
     char err[256] = "";
     struct backend_params p = {.max_tokens = max_tokens, .max_n_in = 16384, .max_ctx = max_ctx};
     setenv("KRS_CUDA_MV_ROWS", mv_rows, 1);
+    setenv("KRS_CUDA_MV_HALF_ROWS", mv_rows, 1); /* the path under test for F16/BF16 too */
     setenv("KRS_CUDA_GEMM_F32", gemm_f32, 1);
     int rc = backend_create("cuda", &p, &e->b, err, sizeof err);
     unsetenv("KRS_CUDA_MV_ROWS");
+    unsetenv("KRS_CUDA_MV_HALF_ROWS");
     unsetenv("KRS_CUDA_GEMM_F32");
     if (rc == KRS_ERR_UNSUPPORTED) {
         printf("SKIP cuda: %s\n", err);

@@ -124,7 +124,10 @@ static void cuda_destroy(struct backend *b)
     alloc_free(c->kv.layer_slot);
     cudaFree(c->arena);
     cudaFree(c->dq_scratch);
+    cudaFree(c->x_half);
+    cudaFree(c->x_inv_scale);
     cudaFree(c->attn_part);
+    cudaFree(c->attn_done);
     cudaFree(c->d_stage);
     cudaFree(c->d_err);
     cudaFree(c->cublas_ws);
@@ -149,10 +152,22 @@ static void cuda_mem_info(const struct backend *b, struct backend_mem_info *out)
     out->kv_bytes = c->kv_bytes;
     /* the arena and the scratch of the step (dequant, attention partials, cuBLAS workspace) */
     out->activation_bytes = c->arena_bytes + (uint64_t)c->dq_scratch_floats * sizeof(float) +
+                            (c->x_half ? (uint64_t)c->max_tokens * (c->max_n_in * 2 + 4) : 0) +
                             (uint64_t)CUDA_ATTN_PART * sizeof(float) + c->cublas_ws_bytes;
 }
 
 /* ---- memory, at load time ---- */
+
+/* GGUF Q8_0 (per 32: 2-byte scale, 32 quants) to CUDA_Q8_0_G (per 128: 4 scales, 128 quants),
+ * for n_groups groups of 4 blocks. */
+static void q8_0_regroup(const uint8_t *src, int64_t n_groups, uint8_t *dst)
+{
+    for (int64_t g = 0; g < n_groups; g++, src += 136, dst += 136)
+        for (int k = 0; k < 4; k++) {
+            memcpy(dst + 2 * k, src + 34 * k, 2);
+            memcpy(dst + 8 + 32 * k, src + 34 * k + 2, 32);
+        }
+}
 
 static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
                               struct backend_tensor **out)
@@ -167,7 +182,10 @@ static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
     uint64_t rb = quant_row_bytes(w->type, w->n_in);
     if (rb == 0 || rb != w->row_bytes) return KRS_ERR_INVALID;
     /* The GEMM path dequantizes chunks of rows: at least one row, at most CUDA_DQ_SCRATCH. */
-    if (w->type != QUANT_F32) {
+    struct backend_tensor probe;
+    memset(&probe, 0, sizeof probe);
+    probe.type = w->type;
+    if (w->type != QUANT_F32 && !cuda_gemm_half(c, &probe)) {
         int64_t need = w->n_out * w->n_in;
         if (need > CUDA_DQ_SCRATCH) need = CUDA_DQ_SCRATCH > w->n_in ? CUDA_DQ_SCRATCH : w->n_in;
         if (need > c->dq_scratch_floats) {
@@ -189,9 +207,18 @@ static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
     t->n_out = w->n_out;
     t->row_bytes = rb;
     size_t bytes = (size_t)rb * (size_t)w->n_out;
-    if ((rc = CUDA_CHECK(cudaMalloc(&t->dev, bytes), "weight")) ||
-        (rc = CUDA_CHECK(cudaMemcpy(t->dev, w->data, bytes, cudaMemcpyHostToDevice), "weight")))
-        return rc; /* t stays registered; destroy frees it */
+    const void *src = w->data;
+    uint8_t *regrouped = NULL;
+    if (w->type == QUANT_Q8_0 && w->n_in % 128 == 0) {
+        if (!(regrouped = (uint8_t *)alloc_malloc(bytes))) return KRS_ERR_NOMEM;
+        q8_0_regroup((const uint8_t *)w->data, w->n_out * (w->n_in / 128), regrouped);
+        src = regrouped;
+        t->type = CUDA_Q8_0_G;
+    }
+    rc = CUDA_CHECK(cudaMalloc(&t->dev, bytes), "weight");
+    if (!rc) rc = CUDA_CHECK(cudaMemcpy(t->dev, src, bytes, cudaMemcpyHostToDevice), "weight");
+    alloc_free(regrouped);
+    if (rc) return rc; /* t stays registered; destroy frees it */
     c->weights_bytes += bytes;
     *out = t;
     return KRS_OK;
@@ -744,8 +771,10 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->max_n_in = p->max_n_in;
     c->max_ctx = p->max_ctx;
     c->mv_max_rows = env_int("KRS_CUDA_MV_ROWS", CUDA_MV_MAX_ROWS);
+    c->mv_half_rows = env_int("KRS_CUDA_MV_HALF_ROWS", 2);
     c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
     c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
+    c->pdl = env_int("KRS_CUDA_PDL", 1) != 0;
     int rc;
     if ((rc = CUDA_CHECK(cudaSetDevice(0), "cudaSetDevice")) ||
         (rc = CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream")) ||
@@ -753,6 +782,14 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
         (rc = CUDA_CHECK(cudaMalloc(&c->cublas_ws, CUBLAS_WS_BYTES), "cuBLAS workspace")) ||
         (rc = CUDA_CHECK(cudaMalloc((void **)&c->attn_part, CUDA_ATTN_PART * sizeof(float)),
                          "attention partials")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->attn_done, CUDA_ATTN_PAIRS * sizeof(int)),
+                         "attention split counters")) ||
+        (rc = CUDA_CHECK(cudaMemset(c->attn_done, 0, CUDA_ATTN_PAIRS * sizeof(int)),
+                         "attention split counters")) ||
+        (rc = CUDA_CHECK(cudaMalloc(&c->x_half, (size_t)c->max_tokens * c->max_n_in * 2),
+                         "half activations")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->x_inv_scale, (size_t)c->max_tokens * 4),
+                         "half activation scales")) ||
         (rc = CUDA_CHECK(cudaMalloc((void **)&c->d_err, sizeof(int)), "flags")) ||
         (rc = CUDA_CHECK(cudaMallocHost((void **)&c->h_err, sizeof(int)), "flags")))
         goto fail;
@@ -767,9 +804,9 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     if ((rc = cuda_sampler_create(p->max_tokens, p->max_sample_edits, &c->sampler))) goto fail;
     if ((rc = cuda_graphs_create(c))) goto fail;
     if ((rc = CUDA_CHECK(cudaEventRecord(c->staged, c->stream), "event"))) goto fail;
-    KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s, fusion %s",
+    KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s, fusion %s, PDL %s",
                    prop.name, c->n_sm, prop.totalGlobalMem / 1073741824.0, c->mv_max_rows,
-                   c->gemm_tf32 ? "TF32" : "F32", c->fuse ? "on" : "off");
+                   c->gemm_tf32 ? "TF32" : "F32", c->fuse ? "on" : "off", c->pdl ? "on" : "off");
     *out = &c->base;
     return KRS_OK;
 fail:

@@ -12,8 +12,10 @@
  * head_dim <= 32 * D values, D per lane (any head_dim up to 256; multiples of 32 use vector
  * loads). The warps' states merge in shared memory. When a step has few (token, head) pairs
  * (decode) or long histories (prefill chunks deep into a sequence), positions are cut into
- * splits that run as separate blocks and write (m, l, acc) partials; a second kernel merges
- * them (flash-decoding). */
+ * splits that run as separate blocks and write (m, l, acc) partials; the last split of a
+ * (token, head) to finish (a counter per pair) merges them (flash-decoding without a second
+ * launch: at batch 1 a launch costs as much as the attention itself). A decode over a short
+ * history takes one wide block (ATTN_WIDE_WARPS) per (token, head) instead of splits. */
 #include "backend/cuda/cuda_impl.h"
 
 #include <math.h>
@@ -22,11 +24,20 @@
 #define ATTN_WARPS  4
 #define ATTN_UNROLL 4
 #define ATTN_SPAN   1024 /* most positions one block walks when splits are affordable */
+/* fewest positions of a split: one pass of the block's warps (ATTN_WARPS * ATTN_UNROLL), so a
+ * decode at batch 1 spreads a short history over enough blocks to hide memory latency */
+#define ATTN_MIN_SPLIT (ATTN_WARPS * ATTN_UNROLL)
+/* Decode over a short history (at most ATTN_WIDE_SPAN positions): one block of
+ * ATTN_WIDE_WARPS warps per (token, head) instead of splits, whose partials, counter and merge
+ * cost more than the walk itself there. */
+#define ATTN_WIDE_WARPS 16
+#define ATTN_WIDE_SPAN  (4 * ATTN_WIDE_WARPS * ATTN_UNROLL)
 
 struct attn_params {
     const float *q;
     float *out;
     float *part;
+    int *done;      /* [pairs] splits finished; the last one merges and resets it */
     const float *k; /* the layer's slab of the group's pool */
     const float *v;
     const int32_t *pos, *seq, *table;
@@ -61,11 +72,34 @@ __device__ __forceinline__ void load_d(const float *p, float *r, int d0, int hd)
     }
 }
 
-template <int D, bool EXACT>
-__global__ void __launch_bounds__(ATTN_WARPS * 32) k_attn(const attn_params P)
+/* Merges the nsplit partials of one (token, head) into out[hd], by the whole block. The
+ * partials were written by other blocks of this launch: read through L2 (__ldcg). */
+__device__ void attn_merge(const float *pp, int nsplit, int hd, float *__restrict__ out)
 {
-    __shared__ float sm_m[ATTN_WARPS], sm_l[ATTN_WARPS];
-    __shared__ float sm_acc[ATTN_WARPS][32 * D];
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, __ldcg(pp + s * (hd + 2)));
+    float L = 0.0f;
+    for (int s = 0; s < nsplit; s++) {
+        float ms = __ldcg(pp + s * (hd + 2));
+        if (ms != -INFINITY) L += __ldcg(pp + s * (hd + 2) + 1) * expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float sum = 0.0f;
+        for (int s = 0; s < nsplit; s++) {
+            float ms = __ldcg(pp + s * (hd + 2));
+            if (ms != -INFINITY) sum += __ldcg(pp + s * (hd + 2) + 2 + d) * expf(ms - M);
+        }
+        out[d] = sum * inv;
+    }
+}
+
+template <int D, bool EXACT, int W>
+__global__ void __launch_bounds__(W * 32) k_attn(const attn_params P)
+{
+    cuda_pdl_enter();
+    __shared__ float sm_m[W], sm_l[W];
+    __shared__ float sm_acc[W][32 * D];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int th = blockIdx.x, split = blockIdx.y;
     const int t = th / P.n_head, h = th % P.n_head, g = h / P.group;
@@ -85,12 +119,12 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) k_attn(const attn_params P)
 #pragma unroll
     for (int j = 0; j < D; j++) acc[j] = 0.0f;
 
-    for (int base = a + warp; base < e; base += ATTN_WARPS * ATTN_UNROLL) {
+    for (int base = a + warp; base < e; base += W * ATTN_UNROLL) {
         float kr[ATTN_UNROLL][D], vr[ATTN_UNROLL][D], s[ATTN_UNROLL];
         bool ok[ATTN_UNROLL];
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; u++) {
-            const int p = base + u * ATTN_WARPS;
+            const int p = base + u * W;
             int blk = p < e ? trow[p / P.bs] : -1;
             ok[u] = blk >= 0;
             if (p < e && blk < 0 && lane == 0) atomicOr(P.err, CUDA_ERRF_NO_BLOCK);
@@ -128,9 +162,9 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) k_attn(const attn_params P)
     for (int j = 0; j < D; j++) sm_acc[warp][d0 + j] = acc[j]; /* zeros past hd */
     __syncthreads();
     float M = -INFINITY;
-    for (int w = 0; w < ATTN_WARPS; w++) M = fmaxf(M, sm_m[w]);
-    float L = 0.0f, f[ATTN_WARPS];
-    for (int w = 0; w < ATTN_WARPS; w++) {
+    for (int w = 0; w < W; w++) M = fmaxf(M, sm_m[w]);
+    float L = 0.0f, f[W];
+    for (int w = 0; w < W; w++) {
         f[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
         L += sm_l[w] * f[w];
     }
@@ -138,7 +172,7 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) k_attn(const attn_params P)
         const float inv = L > 0.0f ? 1.0f / L : 0.0f;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) {
             float sum = 0.0f;
-            for (int w = 0; w < ATTN_WARPS; w++) sum += sm_acc[w][d] * f[w];
+            for (int w = 0; w < W; w++) sum += sm_acc[w][d] * f[w];
             P.out[(int64_t)th * hd + d] = sum * inv;
         }
     } else {
@@ -146,32 +180,21 @@ __global__ void __launch_bounds__(ATTN_WARPS * 32) k_attn(const attn_params P)
         if (threadIdx.x == 0) pp[0] = M, pp[1] = L;
         for (int d = threadIdx.x; d < hd; d += blockDim.x) {
             float sum = 0.0f;
-            for (int w = 0; w < ATTN_WARPS; w++) sum += sm_acc[w][d] * f[w];
+            for (int w = 0; w < W; w++) sum += sm_acc[w][d] * f[w];
             pp[2 + d] = sum;
         }
-    }
-}
-
-/* Merges the splits of (token, head) blockIdx.x. */
-__global__ void k_attn_merge(const float *__restrict__ part, int nsplit, int hd,
-                             float *__restrict__ out)
-{
-    const float *pp = part + (int64_t)blockIdx.x * nsplit * (hd + 2);
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, pp[s * (hd + 2)]);
-    float L = 0.0f;
-    for (int s = 0; s < nsplit; s++) {
-        float ms = pp[s * (hd + 2)];
-        if (ms != -INFINITY) L += pp[s * (hd + 2) + 1] * expf(ms - M);
-    }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-        float sum = 0.0f;
-        for (int s = 0; s < nsplit; s++) {
-            float ms = pp[s * (hd + 2)];
-            if (ms != -INFINITY) sum += pp[s * (hd + 2) + 2 + d] * expf(ms - M);
+        /* publish this split, then count it; the block that counts last merges */
+        __shared__ int last;
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) last = atomicAdd(P.done + th, 1) == P.nsplit - 1;
+        __syncthreads();
+        if (last) {
+            __threadfence();
+            attn_merge(P.part + (int64_t)th * P.nsplit * (hd + 2), P.nsplit, hd,
+                       P.out + (int64_t)th * hd);
+            if (threadIdx.x == 0) P.done[th] = 0; /* ready for the next launch */
         }
-        out[(int64_t)blockIdx.x * hd + d] = sum * inv;
     }
 }
 
@@ -182,6 +205,7 @@ __global__ void k_kv_store(const float *__restrict__ k, const float *__restrict_
                            const int32_t *__restrict__ table, int max_blocks, int bs, int kv_dim,
                            int *err)
 {
+    cuda_pdl_enter();
     const int t = blockIdx.x, p = pos[t];
     const int blk = table[(int64_t)seq[t] * max_blocks + p / bs];
     if (blk < 0) {
@@ -214,6 +238,7 @@ struct qk_params {
 
 __global__ void __launch_bounds__(CUDA_NORM_THREADS) k_qk_rope_store(const qk_params P)
 {
+    cuda_pdl_enter();
     __shared__ double part[CUDA_NORM_THREADS / 32];
     __shared__ float row[CUDA_QK_MAX_HD];
     const int H = P.nh + P.nkv + (P.kc ? P.nkv : 0);
@@ -273,10 +298,9 @@ int cuda_kv_store(struct backend_cuda *c, int layer, const float *k, const float
     const struct cuda_kv *kv = &c->kv;
     int g = kv->layer_group[layer];
     if (c->step.n_tokens <= 0) return KRS_OK;
-    k_kv_store<<<c->step.n_tokens, 256, 0, c->stream>>>(
-        k, v, layer_slab(c, kv->k, layer), layer_slab(c, kv->v, layer), c->step.d_pos,
-        c->step.d_seq, c->step.d_table[g], c->step.max_blocks, kv->block_size, kv->kv_dim,
-        c->d_err);
+    cuda_launch(c, k_kv_store, c->step.n_tokens, 256, k, v, layer_slab(c, kv->k, layer),
+                layer_slab(c, kv->v, layer), c->step.d_pos, c->step.d_seq, c->step.d_table[g],
+                c->step.max_blocks, kv->block_size, kv->kv_dim, c->d_err);
     return CUDA_LAUNCHED("kv_store");
 }
 
@@ -316,16 +340,23 @@ int cuda_qk_rope_store(struct backend_cuda *c, const struct cuda_qk_args *a)
         P.vc = layer_slab(c, kv->v, a->layer);
         heads += a->n_head_kv;
     }
-    k_qk_rope_store<<<(unsigned)((int64_t)T * heads), CUDA_NORM_THREADS, 0, c->stream>>>(P);
+    cuda_launch(c, k_qk_rope_store, (unsigned)((int64_t)T * heads), CUDA_NORM_THREADS, P);
     return CUDA_LAUNCHED("qk_rope_store");
 }
 
-template <int D> static void launch_attn(const attn_params &P, dim3 grid, cudaStream_t st)
+template <int D>
+static void launch_attn(const struct backend_cuda *c, const attn_params &P, dim3 grid, int wide)
 {
-    if (P.head_dim == 32 * D)
-        k_attn<D, true><<<grid, ATTN_WARPS * 32, 0, st>>>(P);
-    else
-        k_attn<D, false><<<grid, ATTN_WARPS * 32, 0, st>>>(P);
+    if (wide) {
+        if (P.head_dim == 32 * D)
+            cuda_launch(c, k_attn<D, true, ATTN_WIDE_WARPS>, grid, ATTN_WIDE_WARPS * 32, P);
+        else
+            cuda_launch(c, k_attn<D, false, ATTN_WIDE_WARPS>, grid, ATTN_WIDE_WARPS * 32, P);
+    } else if (P.head_dim == 32 * D) {
+        cuda_launch(c, k_attn<D, true, ATTN_WARPS>, grid, ATTN_WARPS * 32, P);
+    } else {
+        cuda_launch(c, k_attn<D, false, ATTN_WARPS>, grid, ATTN_WARPS * 32, P);
+    }
 }
 
 int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, const float *q,
@@ -336,22 +367,26 @@ int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, co
     if (T <= 0) return KRS_OK;
     const int64_t pairs = (int64_t)T * a->n_head;
     /* Splits when (token, head) pairs alone leave the GPU idle (decode), or a block would walk
-     * more than ATTN_SPAN positions (long prefill chunks); >= 64 positions each, as far as the
-     * partials buffer allows. The span is bounded by the table's (padded) width, not by the
+     * more than ATTN_SPAN positions (long prefill chunks); >= ATTN_MIN_SPLIT positions each, as far
+     * as the partials buffer allows. The span is bounded by the table's (padded) width, not by the
      * step's positions: steps of one graph key take the same launch (cuda_graph.cu). */
     int span = c->step.max_blocks * kv->block_size;
     if (a->n_swa > 0 && a->n_swa < span) span = a->n_swa;
     const int64_t target = 4ll * c->n_sm;
     int64_t nsplit = pairs < target ? (target + pairs - 1) / pairs : 1;
     if (nsplit < (span + ATTN_SPAN - 1) / ATTN_SPAN) nsplit = (span + ATTN_SPAN - 1) / ATTN_SPAN;
-    if (nsplit > (span + 63) / 64) nsplit = (span + 63) / 64;
+    if (nsplit > (span + ATTN_MIN_SPLIT - 1) / ATTN_MIN_SPLIT)
+        nsplit = (span + ATTN_MIN_SPLIT - 1) / ATTN_MIN_SPLIT;
     if (nsplit > CUDA_ATTN_SPLITS) nsplit = CUDA_ATTN_SPLITS;
     while (nsplit > 1 && pairs * nsplit * (a->head_dim + 2) > CUDA_ATTN_PART) nsplit--;
-    if (nsplit < 1) nsplit = 1;
+    if (nsplit < 1 || pairs > CUDA_ATTN_PAIRS) nsplit = 1;
+    const int wide = nsplit > 1 && span <= ATTN_WIDE_SPAN;
+    if (wide) nsplit = 1;
     attn_params P;
     P.q = q;
     P.out = out;
     P.part = c->attn_part;
+    P.done = c->attn_done;
     P.k = layer_slab(c, kv->k, a->layer);
     P.v = layer_slab(c, kv->v, a->layer);
     P.pos = c->step.d_pos;
@@ -370,35 +405,31 @@ int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, co
     dim3 grid((unsigned)pairs, (unsigned)nsplit);
     switch ((a->head_dim + 31) / 32) {
     case 1:
-        launch_attn<1>(P, grid, c->stream);
+        launch_attn<1>(c, P, grid, wide);
         break;
     case 2:
-        launch_attn<2>(P, grid, c->stream);
+        launch_attn<2>(c, P, grid, wide);
         break;
     case 3:
-        launch_attn<3>(P, grid, c->stream);
+        launch_attn<3>(c, P, grid, wide);
         break;
     case 4:
-        launch_attn<4>(P, grid, c->stream);
+        launch_attn<4>(c, P, grid, wide);
         break;
     case 5:
-        launch_attn<5>(P, grid, c->stream);
+        launch_attn<5>(c, P, grid, wide);
         break;
     case 6:
-        launch_attn<6>(P, grid, c->stream);
+        launch_attn<6>(c, P, grid, wide);
         break;
     case 7:
-        launch_attn<7>(P, grid, c->stream);
+        launch_attn<7>(c, P, grid, wide);
         break;
     case 8:
-        launch_attn<8>(P, grid, c->stream);
+        launch_attn<8>(c, P, grid, wide);
         break;
     default:
         return KRS_ERR_UNSUPPORTED; /* validated by the caller */
     }
-    int rc = CUDA_LAUNCHED("attention");
-    if (rc || nsplit == 1) return rc;
-    k_attn_merge<<<(unsigned)pairs, 128, 0, c->stream>>>(c->attn_part, (int)nsplit, a->head_dim,
-                                                         out);
-    return CUDA_LAUNCHED("attention merge");
+    return CUDA_LAUNCHED("attention");
 }

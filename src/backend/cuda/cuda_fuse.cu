@@ -79,7 +79,9 @@ static int match_matvec(struct backend_cuda *c, const struct cuda_op *q, int n)
 {
     const int rows = q[0].i[0];
     const struct backend_tensor *x = q[0].t[1];
-    if (rows < 1 || rows > c->mv_max_rows || rows > CUDA_MV_MAX_ROWS || !mv_ok(q[0].t[0])) return 0;
+    if (rows < 1 || rows > cuda_matvec_rows(c, q[0].t[0]) || rows > CUDA_MV_MAX_ROWS ||
+        !mv_ok(q[0].t[0]))
+        return 0;
     int m = 1;
     while (m < 3 && m < n && q[m].kind == CUDA_OP_MATMUL && q[m].t[1] == x && q[m].i[0] == rows &&
            q[m].t[0]->n_in == q[0].t[0]->n_in && mv_ok(q[m].t[0])) {

@@ -27,8 +27,15 @@ extern "C" {
 #define CUDA_DQ_SCRATCH  (16ll * 1024 * 1024) /* floats of dequantized weight per GEMM chunk */
 #define CUDA_ATTN_PART   (16ll * 1024 * 1024) /* floats of split-attention partials */
 #define CUDA_ATTN_SPLITS 64                   /* most position splits of one (token, head) */
+#define CUDA_ATTN_PAIRS  (256 * 1024)         /* most (token, head) pairs of a split launch */
 
 enum cuda_tensor_kind { CUDA_T_WEIGHT = 1, CUDA_T_ACT = 2 };
+
+/* Q8_0 rows of a multiple of 128 are stored regrouped on the device: per 128 elements, the 4
+ * block scales (8 bytes) then the 128 quants, so a piece of 8 is one aligned 8-byte load and a
+ * 2-byte scale instead of five 2-byte loads (the output projection of a 262k vocabulary is
+ * bound by load instructions otherwise). Same bytes per row; a type id outside GGUF's. */
+#define CUDA_Q8_0_G 0x1000u
 
 struct backend_tensor {
     int kind;
@@ -129,8 +136,10 @@ struct backend_cuda {
     float *dq_scratch;
     int64_t dq_scratch_floats;
 
-    /* split-attention partials: [T * n_head * splits][head_dim + 2] */
+    /* split-attention partials: [T * n_head * splits][head_dim + 2], and per (token, head) the
+     * count of its splits done (zero between launches: the last split resets it) */
     float *attn_part;
+    int *attn_done; /* [CUDA_ATTN_PAIRS] */
 
     /* step inputs: pinned staging and its device twin, reserved for the largest step */
     int32_t *h_stage;
@@ -151,8 +160,13 @@ struct backend_cuda {
     struct cuda_kv kv;
     struct cuda_sampler *sampler; /* device sampling (cuda_sample.cu) */
     int mv_max_rows;     /* rows up to which matmul uses the matvec kernels (KRS_CUDA_MV_ROWS) */
+    int mv_half_rows;    /* the same for F16/BF16 weights, which GEMM reads as they are
+                          * (KRS_CUDA_MV_HALF_ROWS) */
+    void *x_half;        /* [max_tokens * max_n_in] activations as F16/BF16 for those GEMMs */
+    float *x_inv_scale;  /* [max_tokens] 1 / the power-of-two scale of each such row */
     int gemm_tf32;       /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
     int fuse;            /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
+    int pdl;             /* programmatic dependent launches (KRS_CUDA_PDL, default 1) */
     struct cuda_opq opq; /* ops waiting for fusion (cuda_fuse.cu) */
     struct cuda_graphs *graphs; /* recorded decode steps (cuda_graph.cu) */
 };
@@ -167,6 +181,39 @@ int cuda_status(cudaError_t e, const char *what, const char *file, int line);
 #define CUDA_LAUNCHED(what) cuda_status(cudaGetLastError(), (what), __FILE__, __LINE__)
 int cuda_cublas_status(cublasStatus_t s, const char *what, const char *file, int line);
 
+/* ---- launches ----
+ * Every kernel is launched through cuda_launch and starts with cuda_pdl_enter. With c->pdl the
+ * launch allows programmatic dependent launch (Hopper): the next kernel of the stream is
+ * scheduled while this one still runs and waits in cuda_pdl_enter (griddepcontrol.wait) until
+ * its predecessor has finished and its writes are visible, so a step of ~150 small kernels pays
+ * the launch latency once instead of at every boundary. A kernel lets its successor be scheduled
+ * right after its own wait: the successor still waits for the whole grid, so the order of
+ * memory effects is exactly that of a plain stream. Graph capture keeps these edges. */
+static __device__ __forceinline__ void cuda_pdl_enter()
+{
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+template <typename... KArgs, typename... Args>
+static inline void cuda_launch(const struct backend_cuda *c, void (*kernel)(KArgs...), dim3 grid,
+                               dim3 block, Args... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute attr[1] = {};
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.stream = c->stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = c->pdl ? 1 : 0;
+    /* errors are the launch's: CUDA_LAUNCHED reads them with cudaGetLastError */
+    (void)cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 /* ---- cuda_quant.cu ---- */
 /* 1 when the type has a device decoder. */
 int cuda_quant_supported(uint32_t type);
@@ -174,6 +221,10 @@ int cuda_quant_supported(uint32_t type);
 int cuda_matmul(struct backend_cuda *c, const struct backend_tensor *w, const float *x, int rows,
                 float *y);
 /* Runs only the matvec kernels / only the GEMM path (tests and timing compare them). */
+/* Rows up to which matmul of w takes the matvec kernels (the fused ones too). */
+int cuda_matvec_rows(const struct backend_cuda *c, const struct backend_tensor *w);
+/* 1 when GEMMs of w read its F16/BF16 elements directly (tensor cores, activations converted). */
+int cuda_gemm_half(const struct backend_cuda *c, const struct backend_tensor *w);
 int cuda_matmul_matvec(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
                        int rows, float *y);
 int cuda_matmul_gemm(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
@@ -243,13 +294,11 @@ int cuda_qk_rope_store(struct backend_cuda *c, const struct cuda_qk_args *a);
 /* ---- device helpers shared by the plain and the fused kernels (same arithmetic) ---- */
 #define CUDA_NORM_THREADS 256 /* block of every rmsnorm: the reduction order depends on it */
 
-/* 1 / sqrt(mean(x^2) + eps) of a row of n, by the whole block (CUDA_NORM_THREADS threads);
- * part: shared, one double per warp, free again on return. */
-static __device__ __forceinline__ float cuda_rms_scale(const float *xr, int n, float eps,
-                                                       double *part)
+/* 1 / sqrt(mean(x^2) + eps) of a row of n from each thread's partial sum of squares ss (its
+ * elements threadIdx.x, + blockDim.x, ... in that order), by the whole block
+ * (CUDA_NORM_THREADS threads); part: shared, one double per warp, free again on return. */
+static __device__ __forceinline__ float cuda_block_rms(double ss, int n, float eps, double *part)
 {
-    double ss = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
@@ -258,6 +307,14 @@ static __device__ __forceinline__ float cuda_rms_scale(const float *xr, int n, f
     for (int j = 0; j < (int)(blockDim.x >> 5); j++) tot += part[j];
     __syncthreads();
     return 1.0f / sqrtf((float)(tot / n) + eps);
+}
+
+static __device__ __forceinline__ float cuda_rms_scale(const float *xr, int n, float eps,
+                                                       double *part)
+{
+    double ss = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
+    return cuda_block_rms(ss, n, eps, part);
 }
 
 /* cos and sin of rotary pair i at position pos (angles in double, as the CPU) */

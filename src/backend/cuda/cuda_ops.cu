@@ -18,14 +18,52 @@ static unsigned blocks_for(int64_t n)
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                      \
          i += (int64_t)gridDim.x * blockDim.x)
 
+/* Rows up to NORM_REG * CUDA_NORM_THREADS elements are held in registers: every input of a
+ * row is loaded at once, so a norm costs one trip to memory instead of one per phase. Longer
+ * rows take the looping kernels. Both sum squares in the same order (cuda_block_rms), so they
+ * give the same bits. */
+#define NORM_REG 8
+
+/* rms scale of a row held NORM_REG elements per thread (zeros past its end) */
+__device__ __forceinline__ float reg_rms(const float (&v)[NORM_REG], int n, float eps, double *part)
+{
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) ss += (double)v[j] * v[j];
+    return cuda_block_rms(ss, n, eps, part);
+}
+
 /* One block of CUDA_NORM_THREADS per row. */
 __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, int n, float eps, float *y)
 {
+    cuda_pdl_enter();
     __shared__ double part[CUDA_NORM_THREADS / 32];
     const float *xr = x + (int64_t)blockIdx.x * n;
     float *yr = y + (int64_t)blockIdx.x * n;
     const float scale = cuda_rms_scale(xr, n, eps, part);
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __fmul_rn(xr[i] * scale, w[i]);
+}
+
+__global__ void __launch_bounds__(CUDA_NORM_THREADS)
+    k_rmsnorm_reg(const float *x, const float *__restrict__ w, int n, float eps, float *y)
+{
+    cuda_pdl_enter();
+    __shared__ double part[CUDA_NORM_THREADS / 32];
+    const float *xr = x + (int64_t)blockIdx.x * n;
+    float *yr = y + (int64_t)blockIdx.x * n;
+    float v[NORM_REG], wv[NORM_REG];
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) {
+        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+        v[j] = i < n ? xr[i] : 0.0f;
+        wv[j] = i < n ? w[i] : 0.0f;
+    }
+    const float scale = reg_rms(v, n, eps, part);
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) {
+        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+        if (i < n) yr[i] = __fmul_rn(v[j] * scale, wv[j]);
+    }
 }
 
 /* Fused residual step, one block per row: tm = rmsnorm(tm) * wp (if wp); x += tm;
@@ -34,6 +72,7 @@ __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, int n, fl
 __global__ void k_norm_add_norm(float *tm, const float *__restrict__ wp, float eps_p, float *x,
                                 const float *__restrict__ wn, float eps_n, float *xn, int n)
 {
+    cuda_pdl_enter();
     __shared__ double part[CUDA_NORM_THREADS / 32];
     const int64_t off = (int64_t)blockIdx.x * n;
     float *tr = tm + off, *xr = x + off, *yr = xn + off;
@@ -46,23 +85,67 @@ __global__ void k_norm_add_norm(float *tm, const float *__restrict__ wp, float e
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = __fmul_rn(xr[i] * sn, wn[i]);
 }
 
+__global__ void __launch_bounds__(CUDA_NORM_THREADS)
+    k_norm_add_norm_reg(float *tm, const float *__restrict__ wp, float eps_p, float *x,
+                        const float *__restrict__ wn, float eps_n, float *xn, int n)
+{
+    cuda_pdl_enter();
+    __shared__ double part[CUDA_NORM_THREADS / 32];
+    const int64_t off = (int64_t)blockIdx.x * n;
+    float *tr = tm + off, *xr = x + off, *yr = xn + off;
+    float t[NORM_REG], xv[NORM_REG], wpv[NORM_REG], wnv[NORM_REG];
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) {
+        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+        const bool in = i < n;
+        t[j] = in ? tr[i] : 0.0f;
+        xv[j] = in ? xr[i] : 0.0f;
+        wpv[j] = in && wp ? wp[i] : 0.0f;
+        wnv[j] = in ? wn[i] : 0.0f;
+    }
+    if (wp) {
+        const float sp = reg_rms(t, n, eps_p, part);
+#pragma unroll
+        for (int j = 0; j < NORM_REG; j++) {
+            const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+            t[j] = __fmul_rn(t[j] * sp, wpv[j]);
+            if (i < n) tr[i] = t[j];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) xv[j] += t[j];
+    const float sn = reg_rms(xv, n, eps_n, part);
+#pragma unroll
+    for (int j = 0; j < NORM_REG; j++) {
+        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+        if (i < n) {
+            xr[i] = xv[j];
+            yr[i] = __fmul_rn(xv[j] * sn, wnv[j]);
+        }
+    }
+}
+
 __global__ void k_add_bias(float *y, const float *__restrict__ b, int64_t total, int n)
 {
+    cuda_pdl_enter();
     GRID_STRIDE(i, total) y[i] += b[i % n];
 }
 
 __global__ void k_add(float *y, const float *x, int64_t n)
 {
+    cuda_pdl_enter();
     GRID_STRIDE(i, n) y[i] += x[i];
 }
 
 __global__ void k_softcap(float *x, int64_t n, float cap)
 {
+    cuda_pdl_enter();
     GRID_STRIDE(i, n) x[i] = cap * tanhf(x[i] / cap);
 }
 
 __global__ void k_glu(float *gate, const float *up, int64_t n, int gelu)
 {
+    cuda_pdl_enter();
     GRID_STRIDE(i, n) gate[i] = cuda_glu1(gate[i], up[i], gelu);
 }
 
@@ -71,6 +154,7 @@ __global__ void k_rope(float *x, const int32_t *__restrict__ pos, int T, int n_h
                        int n_rot, float base, float freq_scale, const float *__restrict__ ff,
                        int neox)
 {
+    cuda_pdl_enter();
     const int half = n_rot / 2;
     GRID_STRIDE(k, (int64_t)T * half)
     {
@@ -89,7 +173,10 @@ int cuda_rmsnorm(struct backend_cuda *c, const float *x, const float *w, int row
                  float *y)
 {
     if (rows <= 0) return KRS_OK;
-    k_rmsnorm<<<rows, CUDA_NORM_THREADS, 0, c->stream>>>(x, w, n, eps, y);
+    if (n <= NORM_REG * CUDA_NORM_THREADS)
+        cuda_launch(c, k_rmsnorm_reg, rows, CUDA_NORM_THREADS, x, w, n, eps, y);
+    else
+        cuda_launch(c, k_rmsnorm, rows, CUDA_NORM_THREADS, x, w, n, eps, y);
     return CUDA_LAUNCHED("rmsnorm");
 }
 
@@ -97,7 +184,12 @@ int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float
                        const float *wn, float eps_n, float *xn, int rows, int n)
 {
     if (rows <= 0) return KRS_OK;
-    k_norm_add_norm<<<rows, CUDA_NORM_THREADS, 0, c->stream>>>(tm, wp, eps_p, x, wn, eps_n, xn, n);
+    if (n <= NORM_REG * CUDA_NORM_THREADS)
+        cuda_launch(c, k_norm_add_norm_reg, rows, CUDA_NORM_THREADS, tm, wp, eps_p, x, wn, eps_n,
+                    xn, n);
+    else
+        cuda_launch(c, k_norm_add_norm, rows, CUDA_NORM_THREADS, tm, wp, eps_p, x, wn, eps_n, xn,
+                    n);
     return CUDA_LAUNCHED("norm_add_norm");
 }
 
@@ -105,28 +197,28 @@ int cuda_add_bias(struct backend_cuda *c, float *y, const float *bias, int rows,
 {
     int64_t total = (int64_t)rows * n;
     if (total <= 0) return KRS_OK;
-    k_add_bias<<<blocks_for(total), OPS_THREADS, 0, c->stream>>>(y, bias, total, n);
+    cuda_launch(c, k_add_bias, blocks_for(total), OPS_THREADS, y, bias, total, n);
     return CUDA_LAUNCHED("add_bias");
 }
 
 int cuda_add(struct backend_cuda *c, float *y, const float *x, int64_t n)
 {
     if (n <= 0) return KRS_OK;
-    k_add<<<blocks_for(n), OPS_THREADS, 0, c->stream>>>(y, x, n);
+    cuda_launch(c, k_add, blocks_for(n), OPS_THREADS, y, x, n);
     return CUDA_LAUNCHED("add");
 }
 
 int cuda_softcap(struct backend_cuda *c, float *x, int64_t n, float cap)
 {
     if (n <= 0) return KRS_OK;
-    k_softcap<<<blocks_for(n), OPS_THREADS, 0, c->stream>>>(x, n, cap);
+    cuda_launch(c, k_softcap, blocks_for(n), OPS_THREADS, x, n, cap);
     return CUDA_LAUNCHED("softcap");
 }
 
 int cuda_glu(struct backend_cuda *c, float *gate, const float *up, int64_t n, int gelu)
 {
     if (n <= 0) return KRS_OK;
-    k_glu<<<blocks_for(n), OPS_THREADS, 0, c->stream>>>(gate, up, n, gelu);
+    cuda_launch(c, k_glu, blocks_for(n), OPS_THREADS, gate, up, n, gelu);
     return CUDA_LAUNCHED("glu");
 }
 
@@ -136,7 +228,7 @@ int cuda_rope(struct backend_cuda *c, float *x, int n_heads, int head_dim, int n
     const int T = c->step.n_tokens;
     int64_t total = (int64_t)T * (n_rot / 2);
     if (total <= 0) return KRS_OK;
-    k_rope<<<blocks_for(total), OPS_THREADS, 0, c->stream>>>(
-        x, c->step.d_pos, T, n_heads, head_dim, n_rot, base, freq_scale, freq_factors, neox);
+    cuda_launch(c, k_rope, blocks_for(total), OPS_THREADS, x, c->step.d_pos, T, n_heads, head_dim,
+                n_rot, base, freq_scale, freq_factors, neox);
     return CUDA_LAUNCHED("rope");
 }

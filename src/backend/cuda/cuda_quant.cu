@@ -20,7 +20,10 @@
  * scratch and cuBLAS' workspace are reserved by backend_cuda.cu. */
 #include "backend/cuda/cuda_impl.h"
 
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include <string.h>
 
@@ -120,6 +123,9 @@ template <> struct qfmt<QUANT_Q5_1> {
 template <> struct qfmt<QUANT_Q8_0> {
     static constexpr int QK = 32, BYTES = 34;
 };
+template <> struct qfmt<CUDA_Q8_0_G> {
+    static constexpr int QK = 128, BYTES = 136;
+};
 template <> struct qfmt<QUANT_Q4_K> {
     static constexpr int QK = 256, BYTES = 144;
 };
@@ -157,6 +163,11 @@ __device__ __forceinline__ void decode8(const uint8_t *__restrict__ row, int64_t
     } else if constexpr (FMT == QUANT_Q8_0) {
         float d = h2f(ld16(b));
         uint2 q = ld8_a2(b + 2 + i0);
+#pragma unroll
+        for (int j = 0; j < 8; j++) w[j] = __fmul_rn(i2f((int)(int8_t)byte8(q, j)), d);
+    } else if constexpr (FMT == CUDA_Q8_0_G) {
+        float d = h2f(ld16(b + 2 * (i0 / 32)));
+        uint2 q = ld8_a8(b + 8 + i0);
 #pragma unroll
         for (int j = 0; j < 8; j++) w[j] = __fmul_rn(i2f((int)(int8_t)byte8(q, j)), d);
     } else if constexpr (FMT == QUANT_Q4_0) {
@@ -248,6 +259,19 @@ __device__ __forceinline__ float warp_sum(float v)
 
 /* ---- kernels ---- */
 
+/* Pulls rows [row0, row0 + nw) of W (contiguous bytes) into L2, 128 bytes per lane at a time.
+ * Matvec kernels call it before cuda_pdl_enter: weights do not depend on the previous kernel,
+ * so under programmatic dependent launch they stream in while that kernel still runs and the
+ * matvec then reads them from L2 instead of waiting on DRAM. */
+__device__ __forceinline__ void mv_prefetch(const uint8_t *w, uint64_t row_bytes, int64_t n_out,
+                                            int64_t row0, int nw)
+{
+    const int64_t r1 = row0 + nw < n_out ? row0 + nw : n_out;
+    const uint8_t *e = w + r1 * row_bytes;
+    for (const uint8_t *p = w + row0 * row_bytes + (threadIdx.x & 31) * 128; p < e; p += 32 * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 #define MV_WARPS 4
 
 /* One warp's share of a matvec: acc[j][r] = row0 + j of W times activation row r, reduced
@@ -308,6 +332,8 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
 {
     const int lane = threadIdx.x & 31;
     const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 < n_out) mv_prefetch(w, row_bytes, n_out, row0, NW);
+    cuda_pdl_enter();
     if (row0 >= n_out) return;
     float acc[NW][R];
     mv_warp<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, row0, acc);
@@ -354,6 +380,7 @@ __device__ __forceinline__ void mv_any(const mv_seg &S, int64_t n_in, const floa
         MV_CASE(QUANT_Q5_0);
         MV_CASE(QUANT_Q5_1);
         MV_CASE(QUANT_Q8_0);
+        MV_CASE(CUDA_Q8_0_G);
         MV_CASE(QUANT_Q4_K);
         MV_CASE(QUANT_Q5_K);
         MV_CASE(QUANT_Q6_K);
@@ -371,6 +398,8 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec_multi(const mv_multi_p
     const mv_seg &S = P.s[si];
     const int lane = threadIdx.x & 31;
     const int64_t row0 = ((int64_t)(blockIdx.x - S.block0) * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 < S.n_out) mv_prefetch(S.w, S.row_bytes, S.n_out, row0, NW);
+    cuda_pdl_enter();
     if (row0 >= S.n_out) return;
     float acc[NW][R];
     mv_any<R, NW>(S, P.n_in, P.x, P.rows, row0, acc);
@@ -389,6 +418,11 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec_glu(const mv_multi_par
     const mv_seg &G = P.s[0], &U = P.s[1];
     const int lane = threadIdx.x & 31;
     const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    if (row0 < G.n_out) {
+        mv_prefetch(G.w, G.row_bytes, G.n_out, row0, NW);
+        mv_prefetch(U.w, U.row_bytes, U.n_out, row0, NW);
+    }
+    cuda_pdl_enter();
     if (row0 >= G.n_out) return;
     float g[NW][R], u[NW][R];
     mv_warp<FMT, R, NW>(G.w, G.row_bytes, G.n_out, P.n_in, P.x, P.rows, row0, g);
@@ -409,6 +443,7 @@ template <int FMT>
 __global__ void k_dequant(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_in,
                           int64_t nr, float scale, float *__restrict__ dst)
 {
+    cuda_pdl_enter();
     const int64_t n_pieces = n_in / 8;
     const int64_t total = nr * n_pieces;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
@@ -429,6 +464,7 @@ __global__ void k_dequant(const uint8_t *__restrict__ w, uint64_t row_bytes, int
 __global__ void k_dequant_float(uint32_t type, const uint8_t *__restrict__ w, uint64_t row_bytes,
                                 int64_t n_in, int64_t nr, float scale, float *__restrict__ dst)
 {
+    cuda_pdl_enter();
     const int64_t total = nr * n_in;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (int64_t)gridDim.x * blockDim.x) {
@@ -443,6 +479,7 @@ template <int FMT>
 __global__ void k_embed(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_in,
                         const int32_t *__restrict__ tokens, float scale, float *__restrict__ x)
 {
+    cuda_pdl_enter();
     const int64_t t = blockIdx.x;
     const uint8_t *row = w + (uint64_t)tokens[t] * row_bytes;
     float *dst = x + t * n_in;
@@ -462,6 +499,7 @@ __global__ void k_embed_float(uint32_t type, const uint8_t *__restrict__ w, uint
                               int64_t n_in, const int32_t *__restrict__ tokens, float scale,
                               float *__restrict__ x)
 {
+    cuda_pdl_enter();
     const int64_t t = blockIdx.x;
     const uint8_t *row = w + (uint64_t)tokens[t] * row_bytes;
     for (int64_t e = threadIdx.x; e < n_in; e += blockDim.x) {
@@ -473,6 +511,7 @@ __global__ void k_embed_float(uint32_t type, const uint8_t *__restrict__ w, uint
 __global__ void k_get_rows(const float *__restrict__ x, int n, const int32_t *__restrict__ rows,
                            float *__restrict__ dst)
 {
+    cuda_pdl_enter();
     const float *src = x + (int64_t)rows[blockIdx.x] * n;
     float *d = dst + (int64_t)blockIdx.x * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = src[i];
@@ -500,6 +539,8 @@ template <class F> static int dispatch_type(uint32_t type, F &f)
         return f.template run<QUANT_Q5_1>();
     case QUANT_Q8_0:
         return f.template run<QUANT_Q8_0>();
+    case CUDA_Q8_0_G:
+        return f.template run<CUDA_Q8_0_G>();
     case QUANT_Q4_K:
         return f.template run<QUANT_Q4_K>();
     case QUANT_Q5_K:
@@ -553,13 +594,15 @@ struct mv_launch {
     {
         const int per_block = MV_WARPS * NW;
         unsigned grid = (unsigned)((w->n_out + per_block - 1) / per_block);
-        k_matvec<FMT, R, NW><<<grid, MV_WARPS * 32, 0, c->stream>>>(
-            (const uint8_t *)w->dev, w->row_bytes, w->n_out, w->n_in, x, rows, y);
+        cuda_launch(c, k_matvec<FMT, R, NW>, grid, MV_WARPS * 32, (const uint8_t *)w->dev,
+                    w->row_bytes, w->n_out, w->n_in, x, rows, y);
         return CUDA_LAUNCHED("matvec");
     }
     template <int FMT> int run()
     {
-        if (rows <= 1) return go<FMT, 1, 1>();
+        /* a long output (the vocabulary) at batch 1: 4 rows per warp share each activation
+         * load; short ones keep a warp per row for more parallel warps */
+        if (rows <= 1) return w->n_out >= 32768 ? go<FMT, 1, 4>() : go<FMT, 1, 1>();
         if (rows <= 2) return go<FMT, 2, 1>();
         if (rows <= 4) return go<FMT, 4, 2>();
         return go<FMT, 8, 2>();
@@ -595,7 +638,7 @@ struct mv_multi_launch {
         }
         grid = blocks;
         if (glu < 0) {
-            k_matvec_multi<R, NW><<<grid, MV_WARPS * 32, 0, c->stream>>>(P);
+            cuda_launch(c, k_matvec_multi<R, NW>, grid, MV_WARPS * 32, P);
             return CUDA_LAUNCHED("matvec_multi");
         }
         grid = P.s[1].block0; /* the blocks of the gate rows cover both */
@@ -606,7 +649,7 @@ struct mv_multi_launch {
         mv_multi_launch *l;
         template <int FMT> int run()
         {
-            k_matvec_glu<FMT, R, NW><<<l->grid, MV_WARPS * 32, 0, l->c->stream>>>(l->P, l->glu);
+            cuda_launch(l->c, k_matvec_glu<FMT, R, NW>, l->grid, MV_WARPS * 32, l->P, l->glu);
             return CUDA_LAUNCHED("matvec_glu");
         }
     };
@@ -651,15 +694,95 @@ struct dq_launch {
 
     template <int FMT> int run()
     {
-        k_dequant<FMT><<<grid_for(nr * (n_in / 8), 256), 256, 0, c->stream>>>(w, row_bytes, n_in,
-                                                                              nr, scale, dst);
+        cuda_launch(c, k_dequant<FMT>, grid_for(nr * (n_in / 8), 256), 256, w, row_bytes, n_in, nr,
+                    scale, dst);
         return CUDA_LAUNCHED("dequant");
     }
 };
 
+/* Activations to F16 (H = __half) or BF16 for a GEMM on F16/BF16 weights, one block per row.
+ * F16 rows whose largest magnitude exceeds 2^14 are scaled down by a power of two (exact) so
+ * that products stay in range; inv[row] takes 1 / scale for k_unscale_rows. */
+template <typename H>
+__global__ void __launch_bounds__(CUDA_NORM_THREADS)
+    k_rows_to_half(const float *__restrict__ x, int64_t n_in, H *__restrict__ xh,
+                   float *__restrict__ inv)
+{
+    cuda_pdl_enter();
+    __shared__ float part[CUDA_NORM_THREADS / 32];
+    const float *xr = x + (int64_t)blockIdx.x * n_in;
+    H *hr = xh + (int64_t)blockIdx.x * n_in;
+    float s = 1.0f;
+    if constexpr (sizeof(H) == 2 && std::is_same<H, __half>::value) {
+        float m = 0.0f;
+        for (int64_t i = threadIdx.x; i < n_in; i += blockDim.x) m = fmaxf(m, fabsf(xr[i]));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, o));
+        if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = m;
+        __syncthreads();
+        m = 0.0f;
+        for (int j = 0; j < (int)(blockDim.x >> 5); j++) m = fmaxf(m, part[j]);
+        if (m > 16384.0f) s = exp2f(-ceilf(log2f(m / 16384.0f)));
+        if (threadIdx.x == 0) inv[blockIdx.x] = 1.0f / s;
+    }
+    for (int64_t i = threadIdx.x; i < n_in; i += blockDim.x) {
+        if constexpr (std::is_same<H, __half>::value)
+            hr[i] = __float2half_rn(xr[i] * s);
+        else
+            hr[i] = __float2bfloat16_rn(xr[i]);
+    }
+}
+
+__global__ void k_unscale_rows(float *y, int64_t n_out, int64_t total, const float *inv)
+{
+    cuda_pdl_enter();
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (int64_t)gridDim.x * blockDim.x)
+        y[i] *= inv[i / n_out];
+}
+
+int cuda_gemm_half(const struct backend_cuda *c, const struct backend_tensor *w)
+{
+    return c->gemm_tf32 && c->x_half && (w->type == QUANT_F16 || w->type == QUANT_BF16);
+}
+
+int cuda_matvec_rows(const struct backend_cuda *c, const struct backend_tensor *w)
+{
+    return cuda_gemm_half(c, w) && c->mv_half_rows < c->mv_max_rows ? c->mv_half_rows
+                                                                    : c->mv_max_rows;
+}
+
+/* y = x * W^T for F16/BF16 W on tensor cores: activations converted, F32 accumulation. */
+static int gemm_half(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
+                     int rows, float *y)
+{
+    const float one = 1.0f, zero = 0.0f;
+    const int f16 = w->type == QUANT_F16;
+    const cudaDataType_t dt = f16 ? CUDA_R_16F : CUDA_R_16BF;
+    if (f16)
+        cuda_launch(c, k_rows_to_half<__half>, rows, CUDA_NORM_THREADS, x, w->n_in,
+                    (__half *)c->x_half, c->x_inv_scale);
+    else
+        cuda_launch(c, k_rows_to_half<__nv_bfloat16>, rows, CUDA_NORM_THREADS, x, w->n_in,
+                    (__nv_bfloat16 *)c->x_half, c->x_inv_scale);
+    int rc = CUDA_LAUNCHED("rows to half");
+    if (rc) return rc;
+    rc = cuda_cublas_status(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->n_out, rows,
+                                         (int)w->n_in, &one, w->dev, dt, (int)w->n_in, c->x_half,
+                                         dt, (int)w->n_in, &zero, y, CUDA_R_32F, (int)w->n_out,
+                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                            "cublasGemmEx", __FILE__, __LINE__);
+    if (rc || !f16) return rc;
+    const int64_t total = (int64_t)rows * w->n_out;
+    cuda_launch(c, k_unscale_rows, grid_for(total, 256), 256, y, w->n_out, total, c->x_inv_scale);
+    return CUDA_LAUNCHED("unscale rows");
+}
+
 int cuda_matmul_gemm(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
                      int rows, float *y)
 {
+    if (cuda_gemm_half(c, w) && rows <= c->max_tokens && w->n_in <= c->max_n_in)
+        return gemm_half(c, w, x, rows, y);
     const float one = 1.0f, zero = 0.0f;
     /* F32 weights keep F32 products (a model stored in F32 is held to ~1e-4 of its reference;
      * TF32 alone gives ~1e-3); every other format carries far larger rounding of its own. */
@@ -679,8 +802,8 @@ int cuda_matmul_gemm(struct backend_cuda *c, const struct backend_tensor *w, con
                 dq_launch l = {c, src, w->row_bytes, n_in, nr, 1.0f, c->dq_scratch};
                 rc = dispatch_type(w->type, l);
             } else {
-                k_dequant_float<<<grid_for(nr * n_in, 256), 256, 0, c->stream>>>(
-                    w->type, src, w->row_bytes, n_in, nr, 1.0f, c->dq_scratch);
+                cuda_launch(c, k_dequant_float, grid_for(nr * n_in, 256), 256, w->type, src,
+                            w->row_bytes, n_in, nr, 1.0f, c->dq_scratch);
                 rc = CUDA_LAUNCHED("dequant");
             }
             if (rc) return rc;
@@ -700,7 +823,7 @@ int cuda_matmul_gemm(struct backend_cuda *c, const struct backend_tensor *w, con
 int cuda_matmul(struct backend_cuda *c, const struct backend_tensor *w, const float *x, int rows,
                 float *y)
 {
-    if (rows <= c->mv_max_rows && pieces_ok(w)) return cuda_matmul_matvec(c, w, x, rows, y);
+    if (rows <= cuda_matvec_rows(c, w) && pieces_ok(w)) return cuda_matmul_matvec(c, w, x, rows, y);
     return cuda_matmul_gemm(c, w, x, rows, y);
 }
 
@@ -714,8 +837,8 @@ struct embed_launch {
 
     template <int FMT> int run()
     {
-        k_embed<FMT><<<T, 128, 0, c->stream>>>((const uint8_t *)w->dev, w->row_bytes, w->n_in,
-                                               tokens, scale, x);
+        cuda_launch(c, k_embed<FMT>, T, 128, (const uint8_t *)w->dev, w->row_bytes, w->n_in, tokens,
+                    scale, x);
         return CUDA_LAUNCHED("embed");
     }
 };
@@ -725,8 +848,8 @@ int cuda_embed(struct backend_cuda *c, const struct backend_tensor *emb, const i
 {
     if (T <= 0) return KRS_OK;
     if (!pieces_ok(emb)) {
-        k_embed_float<<<T, 128, 0, c->stream>>>(emb->type, (const uint8_t *)emb->dev,
-                                                emb->row_bytes, emb->n_in, tokens, scale, x);
+        cuda_launch(c, k_embed_float, T, 128, emb->type, (const uint8_t *)emb->dev, emb->row_bytes,
+                    emb->n_in, tokens, scale, x);
         return CUDA_LAUNCHED("embed");
     }
     embed_launch l = {c, emb, tokens, T, scale, x};
@@ -737,6 +860,6 @@ int cuda_get_rows(struct backend_cuda *c, const float *x, int n, const int32_t *
                   float *dst)
 {
     if (n_rows <= 0) return KRS_OK;
-    k_get_rows<<<n_rows, 256, 0, c->stream>>>(x, n, rows, dst);
+    cuda_launch(c, k_get_rows, n_rows, 256, x, n, rows, dst);
     return CUDA_LAUNCHED("get_rows");
 }

@@ -457,6 +457,7 @@ __global__ void __launch_bounds__(SMP_THREADS, 1)
     k_sample(float *logits, int V, int n_rows, const struct backend_sample_row *rows,
              const struct backend_logit_edit *edits, int32_t *res, const int *kv_err, int cand_path)
 {
+    cuda_pdl_enter();
     __shared__ struct smp_shared sh;
     const int t = threadIdx.x, lane = t & 31, w = t >> 5;
     if (blockIdx.x == 0 && t == 0) res[0] = kv_err ? *kv_err : 0;
@@ -852,10 +853,10 @@ int cuda_op_sample(struct backend *b, const struct backend_tensor *logits, int r
                   (rc = CUDA_CHECK(cudaEventRecord(s->staged, c->stream), "sampler upload"))))
         return rc;
     const unsigned grid = rows > 0 ? (unsigned)rows : 1u; /* block 0 also reads the flags */
-    k_sample<<<grid, SMP_THREADS, 0, c->stream>>>(
-        (float *)logits->dev, n_vocab, rows, (const struct backend_sample_row *)s->d_stage,
-        (const struct backend_logit_edit *)(s->d_stage + s->edits_off), s->d_res, c->d_err,
-        !s->radix_only);
+    cuda_launch(c, k_sample, grid, SMP_THREADS, (float *)logits->dev, n_vocab, rows,
+                (const struct backend_sample_row *)s->d_stage,
+                (const struct backend_logit_edit *)(s->d_stage + s->edits_off), s->d_res, c->d_err,
+                !s->radix_only);
     if ((rc = CUDA_LAUNCHED("sample"))) return rc;
     s->rows = rows;
     return KRS_OK;
