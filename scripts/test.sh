@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every test of kr-serve, in the order that fails fastest:
-#   1. clang-format check      2. Release build (-Wall -Wextra -Werror) + ctest
-#   3. pytest (oracles, CLI, server)  4. ASan+UBSan build + ctest
-#   5. TSan build + the scheduler tests   6. libFuzzer targets, bounded time each
+#   1. clang-format check      2. Release build (-Wall -Wextra -Werror, the CUDA backend where
+#      nvcc exists)            3. ctest + pytest (oracles, CLI, server) over a gcov-instrumented
+#      -O2 build (scripts/coverage.sh), failing below KRS_COVERAGE_MIN (85) % of src/ lines
+#   4. ASan+UBSan build + ctest   5. TSan build + the scheduler tests
+#   6. libFuzzer targets, bounded time each
 # KRS_FUZZ_SECONDS (default 60 for the GGUF parser, 30 for the others) bounds fuzzing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,11 +28,8 @@ step "build (Release, -Wall -Wextra -Werror${NVCC:+, CUDA backend})"
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release "${CUDA_ARGS[@]}" >/dev/null
 cmake --build build -j "$JOBS"
 
-step "C unit tests (ctest)"
-ctest --test-dir build --output-on-failure -j "$JOBS"
-
-step "Python tests (pytest)"
-python -m pytest -q tests
+step "C unit tests (ctest) + Python tests (pytest) over the coverage build"
+scripts/coverage.sh "${KRS_COVERAGE_MIN:-85}"
 
 # The sanitizer runs drive the model/scheduler tests with a tiny generated model (pytest made it
 # above) so that they stay fast; the Release run above used the real default model.
