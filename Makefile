@@ -3,7 +3,7 @@
 JOBS ?= $(shell nproc)
 BUILD ?= build
 
-.PHONY: all deps model build run test format clean
+.PHONY: all deps model build run test coverage format clean
 
 all: build
 
@@ -21,6 +21,10 @@ run: deps build
 
 test: deps
 	@scripts/test.sh
+
+# line coverage of src/ by the whole test run; last line "coverage: NN.N% of src/ lines"
+coverage: deps
+	@scripts/coverage.sh
 
 format:
 	@clang-format -i $$(git ls-files '*.c' '*.h' '*.cu')
