@@ -359,6 +359,7 @@ def main():
                     out, _ = one_run(url, f"{label}", lambda c=c: loadgen.run_closed_loop(
                         url, questions, c, a.per_client, a.max_tokens, ignore_eos=True), sampler)
                     lvl["runs"].append(out)
+                    save(res, a, t_start, partial=True)
                 res["levels"].append(lvl)
             if a.mixed_clients > 0:
                 loadgen.wait_idle(url)
@@ -384,10 +385,16 @@ def main():
     finally:
         if srv:
             srv.stop()
+    save(res, a, t_start)
+    print(pathlib.Path(a.md).read_text())
+
+
+def save(res, a, t_start, partial=False):
+    """Writes what is measured so far (a run cut short keeps its finished levels)."""
     res["total_s"] = time.time() - t_start
+    res["partial"] = partial
     pathlib.Path(a.json).write_text(json.dumps(res, indent=1))
     write_md(res, a.md)
-    print(pathlib.Path(a.md).read_text())
 
 
 if __name__ == "__main__":
