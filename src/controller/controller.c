@@ -292,8 +292,17 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
     /* Goodput: when the fit says no batch size meets the target (the fixed cost alone is over
      * it: a slow or busy host), fewer sequences only lose throughput: run at the knee. */
     double at_min = c->knee && have_fit(c) ? line_ms(c, (double)cfg->min_batch) : 0.0;
+    /* Remembered (with its knee) until the EMA is back under target: a fit reset on a noisy
+     * host must not turn it back into blind shrinking. */
     if (at_min > target) {
-        uint32_t knee = c->knee;
+        c->unreach_knee = c->knee;
+        c->unreach_ms = at_min;
+    } else if (c->ema_ms <= target || (c->knee && have_fit(c))) {
+        c->unreach_knee = 0;
+    }
+    if (c->unreach_knee) {
+        uint32_t knee = c->unreach_knee;
+        at_min = c->unreach_ms;
         if (old == knee || (old < knee && !pressure)) return;
         uint32_t step = old / 2 > 1 ? old / 2 : 1;
         uint32_t nl = old > knee ? knee : (knee < old + step ? knee : old + step);
@@ -370,8 +379,9 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
     double p99 = p99_ms(c->window_ns, c->n_in_window);
-    /* The fit sees the decode-only steps of the window, when there are a few. */
-    bool dec = c->n_dec >= (c->n_in_window < 3 ? c->n_in_window : 3);
+    /* The fit sees the decode-only steps of the window (and decode-equivalents of the
+     * others, see controller_observe). */
+    bool dec = c->n_dec >= 1;
     double dec_p99 = dec ? p99_ms(c->dec_ns, c->n_dec) : 0.0;
     double mean_batch = dec ? (double)c->batch_sum / (double)c->n_dec : 0.0;
     bool pressure = c->pressure;
@@ -445,10 +455,19 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
     ctrl->window_time_ns += st->latency_ns;
     ctrl->tokens_sum += st->n_decode;
     ctrl->prefill_sum += st->n_prefill;
+    double pf_tok = prefill_ms_per_token(ctrl);
     if (st->n_prefill == 0) {
         ctrl->dec_ns[ctrl->n_dec++] = st->latency_ns;
         ctrl->batch_sum += st->n_decode;
-    } else if (ctrl->have_dec) {
+    } else if (st->n_decode > 0 && pf_tok > 0.0 && have_fit(ctrl)) {
+        /* Under steady arrivals most steps carry a prompt chunk: once a prompt token's cost
+         * is known, such a step also tells what its decodes cost (its latency less the
+         * prompt's share), so the fit keeps learning. */
+        double eq = (double)st->latency_ns - pf_tok * NS_PER_MS * (double)st->n_prefill;
+        ctrl->dec_ns[ctrl->n_dec++] = eq > 0.0 ? (uint64_t)eq : 0;
+        ctrl->batch_sum += st->n_decode;
+    }
+    if (st->n_prefill > 0 && ctrl->have_dec) {
         /* What the prompt tokens added to the step over the decode line: their cost. The line
          * is a P99, so this errs low; the shrink rule catches the rest. */
         double base = have_fit(ctrl) ? line_ms(ctrl, (double)st->n_decode)

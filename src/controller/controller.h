@@ -180,6 +180,8 @@ struct controller {
     double sw, sx, sy, sxx, sxy;
     double slope;
     uint32_t knee;         /* knee of the last confirmed fit; 0 = unknown */
+    uint32_t unreach_knee; /* != 0: the target is unreachable, run at this knee */
+    double unreach_ms;     /* the P99 predicted at the minimum batch when that was seen */
     uint32_t ceiling;      /* 0 = none */
     uint32_t ceiling_left; /* windows the ceiling still holds */
     uint64_t last_spike_ns;
