@@ -11,11 +11,14 @@
 
 #include "krserve.h"
 
-#define FIT_DECAY      0.9  /* per-window decay of the least-squares statistics */
-#define FIT_MIN_VAR    0.25 /* batch-size variance needed before the fitted slope is trusted */
-#define FIT_RESET_FRAC 0.1  /* residual (share of target) that restarts the fit */
-#define GROW_NOISE_K   2.0  /* growth keeps this many mean deviations of headroom */
-#define NS_PER_MS      1000000.0
+#define FIT_DECAY            0.9 /* per-window decay of the least-squares statistics */
+#define FIT_MIN_VAR          0.2 /* batch-size variance needed before the fitted slope is trusted */
+#define FIT_RESET_FRAC       0.1 /* residual (share of target) that restarts the fit */
+#define GROW_NOISE_K         2.0 /* growth keeps this many mean deviations of headroom */
+#define NS_PER_MS            1000000.0
+#define UNMET_PROBE          1.5 /* EMA over this * target at the minimum limit: probe the slope */
+#define PF_DECAY             0.8 /* per-sample decay of the prompt-token cost statistics */
+#define PREFILL_TARGET_SHARE 0.9 /* prompt chunks fill a step up to this share of target */
 
 void controller_config_default(struct controller_config *cfg)
 {
@@ -35,6 +38,10 @@ void controller_config_default(struct controller_config *cfg)
     cfg->max_shrink_fraction = 0.5;
     cfg->ceiling_windows = 50;
     cfg->ceiling_reset = 0.8;
+    cfg->ttft_target_ms = 1000.0;
+    cfg->knee_gain = 0.2;
+    cfg->hold_band = 0.05;
+    cfg->min_prefill_chunk = 8;
     cfg->enabled = true;
 }
 
@@ -87,6 +94,10 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
     if (!(cfg->grow_fraction >= 0.0) || cfg->grow_fraction > 1.0) return KRS_ERR_INVALID;
     if (!(cfg->max_shrink_fraction > 0.0) || cfg->max_shrink_fraction > 1.0) return KRS_ERR_INVALID;
     if (!(cfg->ceiling_reset >= 0.0) || cfg->ceiling_reset > 1.0) return KRS_ERR_INVALID;
+    if (!(cfg->ttft_target_ms >= 0.0) || !(cfg->knee_gain > 0.0) || cfg->knee_gain >= 1.0)
+        return KRS_ERR_INVALID;
+    if (!(cfg->hold_band >= 0.0) || cfg->hold_band >= 1.0 || cfg->min_prefill_chunk == 0)
+        return KRS_ERR_INVALID;
 
     memset(ctrl, 0, sizeof *ctrl);
     ctrl->cfg = *cfg;
@@ -101,12 +112,11 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
     return KRS_OK;
 }
 
-/* Nearest-rank P99 of the window (ceil(0.99 n)-th smallest), in ms. */
-static double window_p99_ms(const struct controller *c)
+/* Nearest-rank P99 (ceil(0.99 n)-th smallest) of n latencies, in ms. */
+static double p99_ms(const uint64_t *lat, uint32_t n)
 {
     uint64_t v[CONTROLLER_MAX_INTERVAL];
-    uint32_t n = c->n_in_window;
-    memcpy(v, c->window_ns, n * sizeof v[0]);
+    memcpy(v, lat, n * sizeof v[0]);
     for (uint32_t i = 1; i < n; i++) {
         uint64_t x = v[i];
         uint32_t j = i;
@@ -121,32 +131,71 @@ static double window_p99_ms(const struct controller *c)
     return (double)v[rank - 1] / NS_PER_MS;
 }
 
-/* Folds a (non-spike) window into the EMA and the latency-vs-batch fit. */
-static bool have_fit(const struct controller *c);
-
-static void fold_window(struct controller *c, double p99_ms, double mean_batch)
+/* The slope is confirmed by the windows in the fit now (two batch sizes seen since the last
+ * reset), not carried over from before. */
+static bool fit_fresh(const struct controller *c)
 {
-    if (!c->have_ema) {
-        c->ema_ms = p99_ms;
-        c->have_ema = true;
+    if (c->sw <= 0.0) return false;
+    double mx = c->sx / c->sw;
+    return c->sxx / c->sw - mx * mx >= FIT_MIN_VAR;
+}
+
+/* A slope to predict with: confirmed, or carried over a reset. */
+static bool have_fit(const struct controller *c)
+{
+    return c->sw > 0.0 && (fit_fresh(c) || c->slope > 0.0);
+}
+
+/* The fitted decode-step P99 at batch n. */
+static double line_ms(const struct controller *c, double n)
+{
+    return c->sy / c->sw + c->slope * (n - c->sx / c->sw);
+}
+
+/* Folds a (non-spike) window P99 of all steps into the EMA that the shrink rule watches. */
+static void fold_ema(struct controller *c, double p99_ms)
+{
+    double a = c->cfg.ema_alpha;
+    c->ema_ms = c->have_ema ? a * p99_ms + (1.0 - a) * c->ema_ms : p99_ms;
+    c->have_ema = true;
+}
+
+static uint32_t knee_limit(const struct controller *c);
+
+/* Folds the window P99 of the decode-only steps (at mean batch `mean_batch`) into the
+ * latency-vs-batch fit and the noise estimate. */
+static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
+{
+    double a = c->cfg.ema_alpha;
+    if (!c->have_dec) {
+        c->dec_ema_ms = p99_ms;
+        c->have_dec = true;
     } else {
-        double a = c->cfg.ema_alpha;
         /* Noise is what the batch size does not explain: the residual from the fitted line
          * once there is one (a limit that just grew moves P99 away from the EMA by design). */
-        double expect = c->ema_ms;
-        if (have_fit(c)) expect = c->sy / c->sw + c->slope * (mean_batch - c->sx / c->sw);
+        double expect = have_fit(c) ? line_ms(c, mean_batch) : c->dec_ema_ms;
         c->dev_ms = a * fabs(p99_ms - expect) + (1.0 - a) * c->dev_ms;
-        c->ema_ms = a * p99_ms + (1.0 - a) * c->ema_ms;
+        c->dec_ema_ms = a * p99_ms + (1.0 - a) * c->dec_ema_ms;
     }
+    c->dec_last_ms = p99_ms;
+    c->dec_last_batch = mean_batch;
     /* A window at the batch size the fit is centred on but far off the fitted line means the cost
-     * model changed (another model load, thermal throttling, prompts of another length): start the
-     * fit afresh. */
+     * model changed (another model load, thermal throttling, a busier host): start the fit
+     * afresh. */
     if (c->sw > 0.0) {
-        double mx = c->sx / c->sw, my = c->sy / c->sw;
-        double expect = my + c->slope * (mean_batch - mx);
-        if (fabs(mean_batch - mx) < 1.0 &&
-            fabs(p99_ms - expect) > FIT_RESET_FRAC * c->cfg.p99_target_ms)
+        double mx = c->sx / c->sw;
+        double expect = line_ms(c, mean_batch);
+        /* (an unconfirmed slope is only trusted at the centre itself) */
+        double near = fit_fresh(c) ? 1.0 : 0.5;
+        if (!fit_fresh(c)) expect = c->sy / c->sw;
+        if (fabs(mean_batch - mx) < near &&
+            fabs(p99_ms - expect) > FIT_RESET_FRAC * c->cfg.p99_target_ms) {
+            /* Until two batch sizes are seen again, assume the whole cost scaled (a slower or
+             * faster host scales the fixed and the per-sequence part alike). */
+            if (expect > 0.0 && c->slope > 0.0) c->slope *= p99_ms / expect;
+            c->knee = 0;
             c->sw = c->sx = c->sy = c->sxx = c->sxy = 0.0;
+        }
     }
     c->sw = FIT_DECAY * c->sw + 1.0;
     c->sx = FIT_DECAY * c->sx + mean_batch;
@@ -158,18 +207,79 @@ static void fold_window(struct controller *c, double p99_ms, double mean_batch)
     if (var >= FIT_MIN_VAR) {
         double cov = c->sxy / c->sw - mx * my;
         c->slope = cov / var > 0.0 ? cov / var : 0.0;
+        c->knee = knee_limit(c);
     }
 }
 
-static bool have_fit(const struct controller *c)
+static double prefill_ms_per_token(const struct controller *c)
 {
-    if (c->sw <= 0.0) return false;
-    double mx = c->sx / c->sw;
-    return c->sxx / c->sw - mx * mx >= FIT_MIN_VAR || c->slope > 0.0;
+    return c->pf_tok > 0.0 ? c->pf_ms / c->pf_tok : 0.0;
 }
 
-static void tune(struct controller *c, double p99_ms, double mean_batch, bool pressure,
-                 uint32_t demand, uint64_t now_ns)
+/* Time kept free for prompt chunks while prompts arrive: the measured cost of the prompt
+ * tokens an average step carries, at most a minimum chunk. */
+static double prefill_reserve_ms(const struct controller *c)
+{
+    double tok = c->prefill_per_step;
+    if (tok > (double)c->cfg.min_prefill_chunk) tok = (double)c->cfg.min_prefill_chunk;
+    return tok >= 0.5 ? tok * prefill_ms_per_token(c) : 0.0;
+}
+
+/* Predicted P99 of a decode step at batch n (plus the prefill reserve), from the fresher of
+ * the last decode window and its EMA (the EMA lags a limit that just grew). */
+static double predict_ms(const struct controller *c, double n)
+{
+    double now_ms = c->dec_last_ms > c->dec_ema_ms ? c->dec_last_ms : c->dec_ema_ms;
+    double slope = have_fit(c) ? c->slope : 0.0;
+    return now_ms + slope * (n - c->dec_last_batch) + prefill_reserve_ms(c);
+}
+
+/* The most sequences whose predicted P99 plus noise headroom stays within target. */
+static uint32_t capacity_limit(const struct controller *c)
+{
+    const struct controller_config *cfg = &c->cfg;
+    double room = cfg->p99_target_ms - GROW_NOISE_K * c->dev_ms - predict_ms(c, c->dec_last_batch);
+    if (room < 0.0) return clamp_limit(cfg, (uint32_t)floor(c->dec_last_batch));
+    if (!have_fit(c) || c->slope <= 1e-9) return cfg->max_batch;
+    double n = floor(c->dec_last_batch + room / c->slope);
+    return n >= (double)cfg->max_batch ? cfg->max_batch : clamp_limit(cfg, (uint32_t)n);
+}
+
+/* The knee of throughput n / (a + b n): one more sequence adds a / (a + b n) of a sequence's
+ * share; the knee is the largest n where that is still >= knee_gain. */
+static uint32_t knee_limit(const struct controller *c)
+{
+    const struct controller_config *cfg = &c->cfg;
+    if (!fit_fresh(c) || c->slope <= 1e-9) return cfg->max_batch;
+    double a = line_ms(c, 0.0);
+    if (a <= 0.0) return cfg->max_batch; /* no fixed cost in the fit: it is off, no knee known */
+    double n = floor(a * (1.0 / cfg->knee_gain - 1.0) / c->slope + 1e-9) + 1.0;
+    return n >= (double)cfg->max_batch ? cfg->max_batch : clamp_limit(cfg, (uint32_t)n);
+}
+
+static void shrink(struct controller *c, double p99_ms, uint64_t now_ns)
+{
+    const struct controller_config *cfg = &c->cfg;
+    double target = cfg->p99_target_ms;
+    uint32_t old = c->limit;
+    if (old <= cfg->min_batch) return;
+    double want = floor((double)old * target / c->ema_ms);
+    double floor_cut = ceil((double)old * (1.0 - cfg->max_shrink_fraction));
+    if (want < floor_cut) want = floor_cut;
+    if (want > (double)(old - 1)) want = (double)(old - 1);
+    uint32_t nl = clamp_limit(cfg, want < 1.0 ? 1u : (uint32_t)want);
+    c->ceiling = old;
+    c->ceiling_left = cfg->ceiling_windows;
+    c->limit = nl;
+    c->adjustments++;
+    push_event(c, now_ns, CONTROLLER_EVENT_SHRINK, old, nl,
+               "shrink %u -> %u: ema p99 %.1f ms and window p99 %.1f ms > target %.1f ms "
+               "(%.0f prompt tokens/step)",
+               old, nl, c->ema_ms, p99_ms, target, c->prefill_per_step);
+}
+
+static void tune(struct controller *c, double p99_ms, bool pressure, double wait_ms,
+                 uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
     double target = cfg->p99_target_ms;
@@ -179,72 +289,120 @@ static void tune(struct controller *c, double p99_ms, double mean_batch, bool pr
         if (c->ceiling_left > 0) c->ceiling_left--;
         if (c->ceiling_left == 0 || c->ema_ms < cfg->ceiling_reset * target) c->ceiling = 0;
     }
-
-    if (c->ema_ms > target && p99_ms > target) {
-        if (old <= cfg->min_batch) return;
-        double want = floor((double)old * target / c->ema_ms);
-        double floor_cut = ceil((double)old * (1.0 - cfg->max_shrink_fraction));
-        if (want < floor_cut) want = floor_cut;
-        if (want > (double)(old - 1)) want = (double)(old - 1);
-        uint32_t nl = clamp_limit(cfg, want < 1.0 ? 1u : (uint32_t)want);
-        c->ceiling = old;
-        c->ceiling_left = cfg->ceiling_windows;
+    /* Goodput: when the fit says no batch size meets the target (the fixed cost alone is over
+     * it: a slow or busy host), fewer sequences only lose throughput: run at the knee. */
+    double at_min = c->knee && have_fit(c) ? line_ms(c, (double)cfg->min_batch) : 0.0;
+    /* Remembered (with its knee) until the EMA is back under target: a fit reset on a noisy
+     * host must not turn it back into blind shrinking. */
+    if (at_min > target) {
+        c->unreach_knee = c->knee;
+        c->unreach_ms = at_min;
+    } else if (c->ema_ms <= target || (c->knee && have_fit(c))) {
+        c->unreach_knee = 0;
+    }
+    if (c->unreach_knee) {
+        uint32_t knee = c->unreach_knee;
+        at_min = c->unreach_ms;
+        if (old == knee || (old < knee && !pressure)) return;
+        uint32_t step = old / 2 > 1 ? old / 2 : 1;
+        uint32_t nl = old > knee ? knee : (knee < old + step ? knee : old + step);
         c->limit = nl;
         c->adjustments++;
-        push_event(c, now_ns, CONTROLLER_EVENT_SHRINK, old, nl,
-                   "shrink %u -> %u: ema p99 %.1f ms and window p99 %.1f ms > target %.1f ms", old,
-                   nl, c->ema_ms, p99_ms, target);
+        push_event(c, now_ns, nl > old ? CONTROLLER_EVENT_GROW : CONTROLLER_EVENT_SHRINK, old, nl,
+                   "%u -> %u toward the knee %u: target %.1f ms unreachable (p99 at batch %u "
+                   "predicted %.1f ms)",
+                   old, nl, knee, target, cfg->min_batch, at_min);
         return;
     }
-    if (!pressure || old >= cfg->max_batch || c->ema_ms > target || p99_ms > target) return;
-
-    uint32_t step = (uint32_t)floor(cfg->grow_fraction * (double)old);
-    if (step < 1) step = 1;
-    bool fit = have_fit(c);
-    /* With a fitted slope the prediction below picks the step: up to +50 % at once, so a limit
-     * far under target converges in a few windows instead of +1 per window. */
-    if (fit && step < old / 2) step = old / 2 > 1 ? old / 2 : 1;
-    uint32_t nl = clamp_limit(cfg, old + step);
-    /* Room beyond what was asked for in the window buys nothing (one probe step aside). */
-    if (nl > old + 1 && nl > demand) nl = demand > old + 1 ? demand : old + 1;
-    if (c->ceiling && nl >= c->ceiling) nl = c->ceiling - 1;
-    double base_batch = mean_batch >= 1.0 ? mean_batch : 1.0;
-    /* Before two batch sizes were seen the slope is unknown: probe with a single +1 step
-     * (bounded by the shrink rule and the ceiling if it goes over). */
-    if (!fit) nl = old + 1 <= nl ? old + 1 : nl;
-    double slope = fit ? c->slope : 0.0;
-    /* Predict from the fresher of the two: the EMA lags a limit that just grew. */
-    double now_ms = p99_ms > c->ema_ms ? p99_ms : c->ema_ms;
-    double pred = 0.0;
-    while (nl > old) {
-        pred = now_ms + slope * ((double)nl - base_batch);
-        if (pred + GROW_NOISE_K * c->dev_ms <= target) break;
-        nl--;
+    if (c->ema_ms > target && p99_ms > target) {
+        bool unmet = !c->knee && c->ema_ms > UNMET_PROBE * target;
+        /* Far over target at the minimum with no fit to say why: one more sequence shows
+         * whether the cost is per sequence or fixed (then the rule above applies); held there
+         * until the fit has both sizes. */
+        if (unmet && old == cfg->min_batch + 1) return;
+        if (unmet && old <= cfg->min_batch && pressure && old < cfg->max_batch) {
+            c->limit = old + 1;
+            c->adjustments++;
+            push_event(c, now_ns, CONTROLLER_EVENT_GROW, old, old + 1,
+                       "probe %u -> %u: ema p99 %.1f ms > target %.1f ms at the minimum", old,
+                       old + 1, c->ema_ms, target);
+            return;
+        }
+        shrink(c, p99_ms, now_ns);
+        return;
     }
+    if (c->ema_ms > target || p99_ms > target || !c->have_dec || old >= cfg->max_batch) return;
+
+    uint32_t nl;
+    char why[80];
+    if (!c->knee) {
+        /* Before two batch sizes were seen (since the last reset) the slope, and so the knee,
+         * is unknown: probe with a single +1 step, only while work is waiting (bounded by the
+         * prediction, the shrink rule and the ceiling). */
+        if (!pressure) return;
+        nl = clamp_limit(cfg, old + 1);
+        snprintf(why, sizeof why, "probe");
+    } else {
+        uint32_t knee = c->knee, cap = capacity_limit(c);
+        /* Past the knee only for goodput: requests miss their first-token target in the queue. */
+        bool late = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+        uint32_t want = late || cap < knee ? cap : knee;
+        if (late)
+            snprintf(why, sizeof why, "queue wait %.0f ms > ttft target %.0f ms, capacity %u",
+                     wait_ms, cfg->ttft_target_ms, cap);
+        else if (cap < knee)
+            snprintf(why, sizeof why, "capacity %u (knee %u)", cap, knee);
+        else
+            snprintf(why, sizeof why, "knee %u (capacity %u)", knee, cap);
+        /* Steady hold: a change under hold_band of the limit is noise in the fit. */
+        uint32_t band = (uint32_t)ceil(cfg->hold_band * (double)old);
+        if (band < 1) band = 1;
+        if (want < old + band) return;
+        uint32_t step = (uint32_t)floor(cfg->grow_fraction * (double)old);
+        if (step < old / 2) step = old / 2;
+        if (step < 1) step = 1;
+        nl = want < old + step ? want : old + step;
+    }
+    if (c->ceiling && nl >= c->ceiling) nl = c->ceiling - 1;
+    nl = clamp_limit(cfg, nl);
+    double pred = predict_ms(c, (double)nl);
+    while (nl > old && pred + GROW_NOISE_K * c->dev_ms > target) pred = predict_ms(c, --nl);
     if (nl <= old) return;
     c->limit = nl;
     c->adjustments++;
     push_event(c, now_ns, CONTROLLER_EVENT_GROW, old, nl,
-               "grow %u -> %u: ema p99 %.1f ms, predicted %.1f ms <= target %.1f ms", old, nl,
-               c->ema_ms, pred, target);
+               "grow %u -> %u: %s; p99 predicted %.1f ms <= target %.1f ms", old, nl, why, pred,
+               target);
 }
 
 static void evaluate_window(struct controller *c, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
-    double p99 = window_p99_ms(c);
-    double mean_batch = (double)c->batch_sum / (double)c->n_in_window;
+    double p99 = p99_ms(c->window_ns, c->n_in_window);
+    /* The fit sees the decode-only steps of the window (and decode-equivalents of the
+     * others, see controller_observe). */
+    bool dec = c->n_dec >= 1;
+    double dec_p99 = dec ? p99_ms(c->dec_ns, c->n_dec) : 0.0;
+    double mean_batch = dec ? (double)c->batch_sum / (double)c->n_dec : 0.0;
     bool pressure = c->pressure;
-    uint32_t demand = c->demand;
-    c->n_in_window = 0;
-    c->batch_sum = 0;
+    double wait_ms = (double)c->max_wait_ns / NS_PER_MS;
+    double a = cfg->ema_alpha, pps = (double)c->prefill_sum / (double)c->n_in_window;
+    c->prefill_per_step = c->windows ? a * pps + (1.0 - a) * c->prefill_per_step : pps;
+    c->last_tok_s =
+        c->window_time_ns ? (double)c->tokens_sum * 1e9 / (double)c->window_time_ns : 0.0;
+    c->last_wait_ms = wait_ms;
+    c->n_in_window = c->n_dec = 0;
+    c->batch_sum = c->tokens_sum = c->prefill_sum = c->window_time_ns = c->max_wait_ns = 0;
     c->pressure = false;
-    c->demand = 0;
     c->windows++;
     c->last_p99_ms = p99;
 
     bool spike = c->have_ema && p99 > cfg->degrade_factor_target * cfg->p99_target_ms &&
                  p99 > cfg->degrade_factor_ema * c->ema_ms;
+    if (!spike) {
+        fold_ema(c, p99);
+        if (dec) fold_decode(c, dec_p99, mean_batch);
+    }
 
     switch (c->mode) {
     case CONTROLLER_MODE_TUNING:
@@ -263,15 +421,16 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
                        c->ema_ms, old, nl);
             return;
         }
-        fold_window(c, p99, mean_batch);
-        tune(c, p99, mean_batch, pressure, demand, now_ns);
+        tune(c, p99, pressure, wait_ms, now_ns);
         return;
     case CONTROLLER_MODE_DEGRADED:
         if (spike) {
+            /* Folded while degraded: a lasting new level (a slower host) becomes the EMA
+             * within a few windows, stops reading as a spike, and tuning resumes. */
+            fold_ema(c, p99);
             c->last_spike_ns = now_ns;
             return;
         }
-        fold_window(c, p99, mean_batch);
         if (now_ns - c->last_spike_ns >= cfg->calm_period_ms * 1000000ull) {
             c->mode = CONTROLLER_MODE_TUNING;
             c->recoveries++;
@@ -282,23 +441,74 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
         }
         return;
     case CONTROLLER_MODE_FIXED:
-        fold_window(c, p99, mean_batch);
+        if (spike) fold_ema(c, p99); /* statistics only: nothing reacts to it */
         return;
     }
+}
+
+uint32_t controller_observe(struct controller *ctrl, const struct controller_step *st)
+{
+    if (!ctrl || !st) return 0;
+    if (st->n_decode == 0 && st->n_prefill == 0) return ctrl->limit; /* idle: says nothing */
+    uint32_t i = ctrl->n_in_window++;
+    ctrl->window_ns[i] = st->latency_ns;
+    ctrl->window_time_ns += st->latency_ns;
+    ctrl->tokens_sum += st->n_decode;
+    ctrl->prefill_sum += st->n_prefill;
+    double pf_tok = prefill_ms_per_token(ctrl);
+    if (st->n_prefill == 0) {
+        ctrl->dec_ns[ctrl->n_dec++] = st->latency_ns;
+        ctrl->batch_sum += st->n_decode;
+    } else if (st->n_decode > 0 && pf_tok > 0.0 && have_fit(ctrl)) {
+        /* Under steady arrivals most steps carry a prompt chunk: once a prompt token's cost
+         * is known, such a step also tells what its decodes cost (its latency less the
+         * prompt's share), so the fit keeps learning. */
+        double eq = (double)st->latency_ns - pf_tok * NS_PER_MS * (double)st->n_prefill;
+        ctrl->dec_ns[ctrl->n_dec++] = eq > 0.0 ? (uint64_t)eq : 0;
+        ctrl->batch_sum += st->n_decode;
+    }
+    if (st->n_prefill > 0 && ctrl->have_dec) {
+        /* What the prompt tokens added to the step over the decode line: their cost. The line
+         * is a P99, so this errs low; the shrink rule catches the rest. */
+        double base = have_fit(ctrl) ? line_ms(ctrl, (double)st->n_decode)
+                                     : (st->n_decode ? ctrl->dec_ema_ms : 0.0);
+        double extra = (double)st->latency_ns / NS_PER_MS - (base > 0.0 ? base : 0.0);
+        ctrl->pf_ms = PF_DECAY * ctrl->pf_ms + (extra > 0.0 ? extra : 0.0);
+        ctrl->pf_tok = PF_DECAY * ctrl->pf_tok + (double)st->n_prefill;
+    }
+    if (st->queued > 0 || st->n_decode >= ctrl->limit) ctrl->pressure = true;
+    if (st->oldest_wait_ns > ctrl->max_wait_ns) ctrl->max_wait_ns = st->oldest_wait_ns;
+    if (ctrl->n_in_window >= ctrl->cfg.interval) evaluate_window(ctrl, st->now_ns);
+    return ctrl->limit;
 }
 
 uint32_t controller_observe_step(struct controller *ctrl, uint64_t step_latency_ns,
                                  uint32_t batch_size, uint32_t queued_waiting, uint64_t now_ns)
 {
+    struct controller_step st = {.latency_ns = step_latency_ns,
+                                 .n_decode = batch_size,
+                                 .queued = queued_waiting,
+                                 .now_ns = now_ns};
+    return controller_observe(ctrl, &st);
+}
+
+uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
+                                   uint32_t max_tokens)
+{
     if (!ctrl) return 0;
-    if (batch_size == 0) return ctrl->limit; /* idle steps say nothing about batch cost */
-    ctrl->window_ns[ctrl->n_in_window++] = step_latency_ns;
-    ctrl->batch_sum += batch_size;
-    if (queued_waiting > 0 || batch_size >= ctrl->limit) ctrl->pressure = true;
-    uint64_t want = (uint64_t)batch_size + queued_waiting;
-    if (want > ctrl->demand) ctrl->demand = want > UINT32_MAX ? UINT32_MAX : (uint32_t)want;
-    if (ctrl->n_in_window >= ctrl->cfg.interval) evaluate_window(ctrl, now_ns);
-    return ctrl->limit;
+    uint32_t min_chunk = ctrl->cfg.min_prefill_chunk;
+    if (ctrl->mode == CONTROLLER_MODE_FIXED) return max_tokens;
+    if (min_chunk >= max_tokens) return max_tokens;
+    double per_tok = prefill_ms_per_token(ctrl);
+    if (per_tok <= 0.0) return min_chunk; /* not measured yet: start small */
+    double dec_ms = 0.0;
+    if (n_decode > 0 && ctrl->have_dec) {
+        dec_ms = have_fit(ctrl) ? line_ms(ctrl, (double)n_decode) : ctrl->dec_ema_ms;
+        dec_ms += GROW_NOISE_K * ctrl->dev_ms;
+    }
+    double n = floor((PREFILL_TARGET_SHARE * ctrl->cfg.p99_target_ms - dec_ms) / per_tok);
+    if (n < (double)min_chunk) return min_chunk;
+    return n >= (double)max_tokens ? max_tokens : (uint32_t)n;
 }
 
 uint32_t controller_limit(const struct controller *ctrl)
@@ -315,6 +525,14 @@ int controller_state(const struct controller *ctrl, struct controller_snapshot *
     out->ema_p99_ms = ctrl->have_ema ? ctrl->ema_ms : 0.0;
     out->last_window_p99_ms = ctrl->last_p99_ms;
     out->slope_ms_per_seq = ctrl->slope;
+    if (have_fit(ctrl)) {
+        out->intercept_ms = line_ms(ctrl, 0.0);
+        out->capacity_limit = ctrl->have_dec ? capacity_limit(ctrl) : 0;
+    }
+    out->knee_limit = ctrl->knee;
+    out->prefill_ms_per_token = prefill_ms_per_token(ctrl);
+    out->window_tok_s = ctrl->last_tok_s;
+    out->window_max_wait_ms = ctrl->last_wait_ms;
     out->windows = ctrl->windows;
     out->adjustments = ctrl->adjustments;
     out->degradations = ctrl->degradations;

@@ -1,35 +1,50 @@
-/* controller/: the adaptive batch-limit controller (the seed plan's AdaptiveController).
+/* controller/: the adaptive batch-limit controller (the seed plan's AdaptiveController), a
+ * goodput controller that finds the knee of step time vs batch size.
  *
  * The engine thread runs every admitted sequence together in one batched forward per "step";
- * the batch limit (how many sequences may run at once) trades per-stream speed for throughput.
- * This controller turns measured step latency into that limit:
+ * the batch limit (how many sequences may run at once) trades per-stream speed for throughput,
+ * and prompt chunks ride in the same steps. The controller sees every step (its latency, the
+ * decoding sequences in it, the prompt tokens in it, the queue and how long its oldest request
+ * has waited) and decides three things:
  *
- *   - every `interval` steps it takes the P99 of the step latencies of that window and folds it
- *     into an EMA (alpha `ema_alpha`);
- *   - it SHRINKS when the EMA P99 is over the target: to limit * target / ema (the proportional
- *     model), at least by 1 and at most by `max_shrink_fraction` of the limit;
- *   - it GROWS only while work is waiting (a step in the window had queued requests or ran a
- *     full batch), the EMA and the window P99 are both under target, and the latency predicted
- *     for the bigger limit, plus twice the window-to-window noise (EMA of |P99 - EMA|), stays
- *     within target. The prediction uses the per-sequence slope of a
- *     decayed least-squares fit of window P99 against mean batch size (before the fit has two
- *     distinct batch sizes, growth is a single +1 probe). The step is
- *     +max(1, grow_fraction * limit), or up to +50 % once the slope is fitted, never beyond the
- *     most sequences that wanted to run in the window (one +1 probe aside), cut down to what
- *     the prediction allows;
- *   - between the two it HOLDS. That is the hysteresis band: [latency predicted one step up >
- *     target, EMA <= target]. A limit that went over target is also remembered as a ceiling
- *     that growth may not reach again for `ceiling_windows` windows (forgotten early once the
- *     EMA falls under `ceiling_reset` * target: the load got lighter), so noise cannot make the
- *     limit ping-pong across the target;
- *   - DEGRADATION: a window P99 over degrade_factor_target * target AND over
- *     degrade_factor_ema * EMA (a sudden regression, not a slow drift) cuts the limit at once to
- *     the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a spike), records
- * an event with its reason and stops tuning. Windows keep being measured; after `calm_period_ms`
- * without a new spike tuning resumes from the fallback size ("recovered" event). The spike window
- * itself is not folded into the EMA;
- *   - disabled (controller_set_enabled(false)) the limit is the fixed fallback size and only
- *     the statistics are kept (mode CONTROLLER_MODE_FIXED).
+ *   1. the batch LIMIT. Goodput is the tokens/s of requests that meet their latency targets: a
+ *      step P99 under p99_target_ms (every stream's inter-token latency) and a first token
+ *      before ttft_target_ms. From decode-only steps it keeps a decayed least-squares line of
+ *      window step P99 against batch size, P99(n) = a + b n. Throughput n / (a + b n) has a
+ *      knee: the marginal tok/s of one more sequence, relative to what each sequence gets,
+ *      is a / (a + b n). The limit grows
+ *        - up to the KNEE (the largest n where that ratio is still >= knee_gain): beyond it
+ *          extra sequences add little throughput and slow every stream; on a GPU (b ~ 0) the
+ *          knee is max_batch;
+ *        - past the knee only while requests queue for longer than ttft_target_ms: then the
+ *          sequences it admits turn missed first-token targets into goodput;
+ *        - never past the CAPACITY: the largest n whose predicted P99 plus twice the noise
+ *          (EMA of the residual from the line) plus a prefill reserve (the time of a minimum
+ *          prompt chunk while prompts are arriving) stays within target.
+ *      Growth needs no queue once the line is fitted (the limit sits at what the engine can
+ *      take, so a burst is admitted at once); before the fit it is a +1 probe under pressure.
+ *      One grow step is at most +50 %. It HOLDS while the wanted change is under hold_band
+ *      (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
+ *      the window P99 of ALL steps (prompt chunks included: that is what a stream's
+ *      inter-token gap sees) and the window P99 are both over target, to limit * target / ema
+ *      (at least by 1, at most max_shrink_fraction); the old limit is then a ceiling growth
+ *      may not reach for ceiling_windows windows (forgotten early once the EMA falls under
+ *      ceiling_reset * target), so noise cannot make it ping-pong;
+ *   2. the PREFILL BUDGET of a step (controller_prefill_budget): the prompt tokens that keep
+ *      the step's predicted latency (decode line + learned ms per prompt token) under 0.9 *
+ *      target, at least min_prefill_chunk so prompts always progress, at most the engine's
+ *      token budget. Until the per-token cost has been measured the budget is
+ *      min_prefill_chunk;
+ *   3. DEGRADATION: a window P99 over degrade_factor_target * target AND over
+ *      degrade_factor_ema * EMA (a sudden regression, not a slow drift) cuts the limit at once
+ *      to the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a
+ *      spike), records an event with its reason and stops tuning. Windows keep being measured;
+ *      after `calm_period_ms` without a new spike tuning resumes from the fallback size
+ *      ("recovered" event). The spike window itself is not folded into the EMA.
+ *   Disabled (controller_set_enabled(false)) the limit is the fixed fallback size and only the
+ *   statistics are kept (mode CONTROLLER_MODE_FIXED).
+ *
+ * Every limit change is an event with its reason (which rule, the numbers behind it).
  *
  * Pure logic: no threads, no clock reads (every time is passed in, so tests drive it with
  * synthetic traces), no allocation at all (the struct is caller-owned, fixed size).
@@ -43,6 +58,11 @@
  *                                 out first anyway.
  *   p99_target_ms 100             100 ms per step = 10 tokens/s per stream, about reading speed:
  *                                 below that a stream looks stuck.
+ *   ttft_target_ms 1000           a first token within a second.
+ *   knee_gain 0.2                 stop at the knee where one more sequence adds less than a
+ *                                 fifth of a sequence's share (80 % of the asymptotic tok/s).
+ *   hold_band 0.05                the seed plan's +-5 % steadiness.
+ *   min_prefill_chunk 8           prompts progress by at least 8 tokens a step.
  *   fixed_batch 4                 the seed plan's middle batch size (2..8); safe on any CPU.
  *   ema_alpha 0.3, interval 10    the seed plan's values.
  *   degrade 2.0x target, 1.5x EMA the seed plan's regression rule.
@@ -90,6 +110,10 @@ struct controller_config {
     double max_shrink_fraction;   /* one shrink removes at most this share of the limit, (0,1] */
     uint32_t ceiling_windows;     /* windows a limit that went over target stays barred */
     double ceiling_reset;         /* forget the ceiling when EMA < ceiling_reset * target */
+    double ttft_target_ms;        /* queue wait past which growth may pass the knee; 0 = never */
+    double knee_gain;             /* (0,1): marginal/average tok/s ratio that ends growth */
+    double hold_band;             /* [0,1): changes smaller than this share of the limit wait */
+    uint32_t min_prefill_chunk;   /* >= 1: prompt tokens a step carries at least */
     bool enabled;                 /* false = fixed limit (MLX_AUTO_TUNE off) */
 };
 
@@ -103,15 +127,31 @@ struct controller_event {
 struct controller_snapshot {
     uint32_t limit;
     enum controller_mode mode;
-    double ema_p99_ms;         /* 0 before the first window */
-    double last_window_p99_ms; /* 0 before the first window */
-    double slope_ms_per_seq;   /* current per-sequence latency estimate (0 if none yet) */
-    uint64_t windows;          /* windows evaluated */
-    uint64_t adjustments;      /* grow + shrink decisions (not degradation cuts) */
+    double ema_p99_ms;           /* 0 before the first window */
+    double last_window_p99_ms;   /* 0 before the first window */
+    double slope_ms_per_seq;     /* current per-sequence latency estimate (0 if none yet) */
+    double intercept_ms;         /* fitted P99 at batch 0 (0 if no fit yet) */
+    uint32_t knee_limit;         /* where one more sequence stops paying (0 = no fit yet) */
+    uint32_t capacity_limit;     /* most sequences the P99 target allows (0 = no fit yet) */
+    double prefill_ms_per_token; /* measured cost of a prompt token in a step (0 = unknown) */
+    double window_tok_s;         /* decode tokens/s of the last window */
+    double window_max_wait_ms;   /* longest queue wait seen in the last window */
+    uint64_t windows;            /* windows evaluated */
+    uint64_t adjustments;        /* grow + shrink decisions (not degradation cuts) */
     uint64_t degradations;
     uint64_t recoveries;
     uint32_t n_events;                                 /* valid entries in events[] */
     struct controller_event events[CONTROLLER_EVENTS]; /* oldest first */
+};
+
+/* One step as the engine saw it. */
+struct controller_step {
+    uint64_t latency_ns;
+    uint32_t n_decode;       /* sequences that decoded one token in the step */
+    uint32_t n_prefill;      /* prompt tokens the step carried */
+    uint32_t queued;         /* requests still waiting for admission after it */
+    uint64_t oldest_wait_ns; /* how long the oldest of them has waited (0 if none) */
+    uint64_t now_ns;         /* when the step ended */
 };
 
 /* Internal state; caller-owned (embed or put on the heap), treat as opaque. */
@@ -119,17 +159,29 @@ struct controller {
     struct controller_config cfg;
     enum controller_mode mode;
     uint32_t limit;
-    uint64_t window_ns[CONTROLLER_MAX_INTERVAL];
-    uint32_t n_in_window;
-    uint64_t batch_sum; /* sum of batch sizes in the window */
-    bool pressure;      /* work was waiting at some step of the window */
-    uint32_t demand;    /* most sequences that wanted to run at a step (running + waiting) */
+    uint64_t window_ns[CONTROLLER_MAX_INTERVAL]; /* every step of the window */
+    uint64_t dec_ns[CONTROLLER_MAX_INTERVAL];    /* its decode-only steps */
+    uint32_t n_in_window, n_dec;
+    uint64_t batch_sum;   /* sum of batch sizes of the decode-only steps */
+    uint64_t tokens_sum;  /* decode tokens in the window */
+    uint64_t prefill_sum; /* prompt tokens in the window */
+    uint64_t window_time_ns;
+    uint64_t max_wait_ns; /* longest queue wait in the window */
+    bool pressure;        /* work was waiting at some step of the window */
     bool have_ema;
     double ema_ms, last_p99_ms;
     double dev_ms; /* EMA of |window p99 - EMA|: the noise level */
+    bool have_dec;
+    double dec_ema_ms, dec_last_ms, dec_last_batch; /* decode-only window P99 */
+    double pf_ms, pf_tok;    /* decayed sums: what prompt tokens added to steps, and how many */
+    double prefill_per_step; /* EMA of prompt tokens per step (are prompts arriving?) */
+    double last_tok_s, last_wait_ms;
     /* decayed least-squares stats of (mean batch, window p99 ms) */
     double sw, sx, sy, sxx, sxy;
     double slope;
+    uint32_t knee;         /* knee of the last confirmed fit; 0 = unknown */
+    uint32_t unreach_knee; /* != 0: the target is unreachable, run at this knee */
+    double unreach_ms;     /* the P99 predicted at the minimum batch when that was seen */
     uint32_t ceiling;      /* 0 = none */
     uint32_t ceiling_left; /* windows the ceiling still holds */
     uint64_t last_spike_ns;
@@ -146,11 +198,18 @@ void controller_config_default(struct controller_config *cfg);
  * alpha outside (0,1], factors < 1, fractions out of range). cfg is copied. */
 int controller_init(struct controller *ctrl, const struct controller_config *cfg, uint64_t now_ns);
 
-/* Records one step: its latency, how many sequences it ran, how many requests were waiting for
- * admission after it, and the time it ended. Every `interval` steps evaluates a window and may
- * change the limit. Steps with batch_size 0 are ignored. Returns the batch limit to use from
- * now on (0 only for ctrl NULL). Callers feed adjustments/degradations to metrics from the
- * snapshot counters or events. */
+/* Records one step (see struct controller_step). Every `interval` steps that carried work
+ * evaluates a window and may change the limit. Returns the batch limit to use from now on (0
+ * only for ctrl/st NULL). */
+uint32_t controller_observe(struct controller *ctrl, const struct controller_step *st);
+
+/* The prompt tokens the next step may carry next to n_decode decoding sequences, at most
+ * max_tokens (see rule 2 above); in FIXED mode max_tokens. */
+uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
+                                   uint32_t max_tokens);
+
+/* controller_observe for a decode-only step that nobody waited long for (no prompt tokens,
+ * oldest_wait 0): batch_size decoding sequences, queued_waiting requests queued after it. */
 uint32_t controller_observe_step(struct controller *ctrl, uint64_t step_latency_ns,
                                  uint32_t batch_size, uint32_t queued_waiting, uint64_t now_ns);
 

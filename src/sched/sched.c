@@ -483,12 +483,14 @@ static int blocks_fit(struct sched *s, int slot, int64_t begin, int64_t end)
 
 static void admit(struct sched *s, uint64_t now)
 {
+    struct admit_budget budget;
+    admit_budget_init(s, &budget);
     for (;;) {
         int q = queue_pick(s, now);
         if (q < 0) return;
         struct req *r = s->q_head[q];
         int slot = free_slot(s);
-        int room = s->n_running < s->limit && slot >= 0;
+        int room = slot >= 0 && admit_room(s, r, &budget);
         if (!room) {
             /* Urgent work may take a background request's place. */
             if (q == SCHED_PRIO_URGENT && preempt_one(s, NULL, SCHED_PRIO_DEFAULT)) continue;
@@ -772,16 +774,50 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
     return 1;
 }
 
+/* Feeds one step to the controller, applies its limit in auto mode, and logs and counts
+ * every tuning event it recorded. */
+static void observe_step(struct sched *s, uint64_t step_ns, int n_decode, int n_prefill)
+{
+    uint64_t now = clock_now_ns(), oldest = now;
+    for (int q = 0; q < 3; q++)
+        if (s->q_head[q] && s->q_head[q]->t_submit < oldest) oldest = s->q_head[q]->t_submit;
+    struct controller_step st = {.latency_ns = step_ns,
+                                 .n_decode = (uint32_t)n_decode,
+                                 .n_prefill = (uint32_t)n_prefill,
+                                 .queued = (uint32_t)queued_total(s),
+                                 .oldest_wait_ns = now - oldest,
+                                 .now_ns = now};
+    uint64_t before = s->ctrl.adjustments;
+    uint32_t n_ev = s->ctrl.ev_count, head = s->ctrl.ev_head;
+    uint32_t limit = controller_observe(&s->ctrl, &st);
+    if (s->metrics && s->ctrl.adjustments != before)
+        metrics_record_tuning_adjustments(s->metrics, s->ctrl.adjustments - before);
+    if (s->ctrl.ev_count != n_ev || s->ctrl.ev_head != head) {
+        const struct controller_event *e =
+            &s->ctrl.events[(s->ctrl.ev_head + s->ctrl.ev_count - 1) % CONTROLLER_EVENTS];
+        KRS_LOG_INFOF("controller %s: %s", controller_event_name(e->kind), e->reason);
+    }
+    if (s->mode == SCHED_MODE_AUTO)
+        s->limit = limit < (uint32_t)s->p.max_running ? (int)limit : s->p.max_running;
+}
+
 static void step(struct sched *s, uint64_t t0)
 {
-    int T = 0, budget = s->p.max_batch_tokens;
-    /* Decodes first (one token each), then prompt chunks in admission order. */
-    for (int pass = 0; pass < 2; pass++) {
+    int T = 0, budget = s->p.max_batch_tokens, n_decode = 0;
+    /* Decodes first (one token each), then prompt chunks by priority within the prefill
+     * budget (sched_admit.c), which keeps the decodes' step latency under target. */
+    for (int pass = 0; pass < 4; pass++) {
+        if (pass == 1) {
+            n_decode = T;
+            int pf = sched_prefill_budget(s, n_decode, budget);
+            budget = pf < budget ? pf : budget;
+        }
         for (int i = 0; i < s->p.max_running && budget > 0; i++) {
             struct req *r = s->running[i];
             if (!r) continue;
             int pending = r->n_prompt + r->n_gen - r->n_past;
             if ((pass == 0) != (pending == 1)) continue;
+            if (pass > 0 && (int)r->priority != pass - 1) continue;
             budget -= schedule_req(s, r, budget, &T);
         }
     }
@@ -879,19 +915,10 @@ static void step(struct sched *s, uint64_t t0)
     if (s->metrics) {
         metrics_record_step(s->metrics, step_ns, (uint32_t)batch_seqs);
     }
-    /* The controller sizes the batch from decode steps only (one token per sequence). A step
-     * that also carries prompt chunks costs what the chunk budget (max_batch_tokens) allows,
-     * whatever the batch limit: fed to the controller, those steps read as "the batch is too
-     * big" and collapse the limit to its minimum. They still count in the step metrics. */
-    if (T == batch_seqs) {
-        uint64_t before = s->ctrl.adjustments;
-        uint32_t limit = controller_observe_step(&s->ctrl, step_ns, (uint32_t)batch_seqs,
-                                                 (uint32_t)queued_total(s), now);
-        if (s->metrics && s->ctrl.adjustments != before)
-            metrics_record_tuning_adjustments(s->metrics, s->ctrl.adjustments - before);
-        if (s->mode == SCHED_MODE_AUTO)
-            s->limit = limit < (uint32_t)s->p.max_running ? (int)limit : s->p.max_running;
-    }
+    /* Every step feeds the controller: the decodes and prompt tokens it carried (it fits
+     * its step-time model on the decode-only ones and learns a prompt token's cost from the
+     * others) and how long the queue has waited. */
+    observe_step(s, step_ns, n_decode < T ? n_decode : T, T - (n_decode < T ? n_decode : T));
     pthread_mutex_lock(&s->state_lock);
     s->pub.steps++;
     pthread_mutex_unlock(&s->state_lock);

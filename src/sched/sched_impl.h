@@ -132,4 +132,16 @@ struct sched {
     struct controller pub_ctrl; /* copy of ctrl as of the last publish */
 };
 
+/* sched_admit.c: admission and prompt-chunk policy (engine thread). */
+struct admit_budget {
+    int prefill_left; /* prompt tokens the next step can still start */
+};
+/* The prompt tokens a step may carry next to n_decode decoding sequences, at most max_tokens. */
+int sched_prefill_budget(const struct sched *s, int n_decode, int max_tokens);
+/* Starts an admission round: what the next step's prefill budget leaves for new prompts. */
+void admit_budget_init(const struct sched *s, struct admit_budget *b);
+/* Whether queued r may take a free slot now (batch limit, prefill budget); charges its prompt
+ * to b when it may. */
+int admit_room(const struct sched *s, const struct req *r, struct admit_budget *b);
+
 #endif

@@ -204,6 +204,12 @@ static cJSON *controller_json(const struct controller_snapshot *cs)
     cJSON_AddNumberToObject(o, "ema_p99_ms", cs->ema_p99_ms);
     cJSON_AddNumberToObject(o, "last_window_p99_ms", cs->last_window_p99_ms);
     cJSON_AddNumberToObject(o, "slope_ms_per_seq", cs->slope_ms_per_seq);
+    cJSON_AddNumberToObject(o, "intercept_ms", cs->intercept_ms);
+    cJSON_AddNumberToObject(o, "knee_limit", cs->knee_limit);
+    cJSON_AddNumberToObject(o, "capacity_limit", cs->capacity_limit);
+    cJSON_AddNumberToObject(o, "prefill_ms_per_token", cs->prefill_ms_per_token);
+    cJSON_AddNumberToObject(o, "window_tok_s", cs->window_tok_s);
+    cJSON_AddNumberToObject(o, "window_max_wait_ms", cs->window_max_wait_ms);
     cJSON_AddNumberToObject(o, "windows", (double)cs->windows);
     cJSON_AddNumberToObject(o, "adjustments", (double)cs->adjustments);
     cJSON_AddNumberToObject(o, "degradations", (double)cs->degradations);
