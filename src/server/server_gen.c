@@ -160,6 +160,9 @@ static cJSON *usage_json(const struct server_gen *g)
     cJSON_AddNumberToObject(u, "prompt_tokens", g->n_prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", gen);
     cJSON_AddNumberToObject(u, "total_tokens", g->n_prompt + gen);
+    /* OpenAI's field: prompt tokens whose KV the prefix cache supplied. */
+    cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
+    if (d) cJSON_AddNumberToObject(d, "cached_tokens", g->fin.n_cached_tokens);
     return u;
 }
 
