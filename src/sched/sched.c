@@ -503,6 +503,10 @@ static void admit(struct sched *s, uint64_t now)
         kv_seq_attach_prefix(kv, slot, r->tokens, r->n_prompt + r->n_gen, &cached);
         int first = r->n_prompt + r->n_gen - (int)cached;
         if (first > s->p.max_batch_tokens) first = s->p.max_batch_tokens;
+        if (sched_prefix_should_wait(s, r, cached)) {
+            kv_seq_release(kv, slot);
+            return; /* a running request is computing more of r's prefix: attach it then */
+        }
         if (!blocks_fit(s, slot, cached, cached + first)) {
             kv_seq_release(kv, slot);
             if (q == SCHED_PRIO_URGENT && preempt_one(s, NULL, SCHED_PRIO_DEFAULT)) continue;

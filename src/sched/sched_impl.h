@@ -61,6 +61,11 @@ struct req {
 };
 
 struct backend_sample_row;
+struct sched;
+
+/* sched_prefix.c: 1 when r (whose cached prefix is `cached` positions) should stay queued
+ * because a running request is computing at least one more whole block of r's tokens. */
+int sched_prefix_should_wait(const struct sched *s, const struct req *r, int64_t cached);
 
 struct sched {
     const struct model *model;
