@@ -176,3 +176,55 @@ def test_chat_usage_reports_cached_tokens(server):
     st, _, raw = server.get("/stats")
     pc = json.loads(raw)["models"][0]["metrics"]["prefix_cache"]
     assert pc["hit_requests"] >= 2 and 0 < pc["token_hit_rate"] <= 1
+
+
+def test_n_choices_share_the_prompt():
+    """`n` > 1: one generation per choice, each with its own sampler (seed + i), the prompt
+    computed once and shared; streamed chunks carry their choice's index."""
+    path = tiny_model("gemma3")
+    s, model = serve(path, {})
+    try:
+        p = base_tokens(100, 7)
+        body = {"model": model, "prompt": p, "max_tokens": 10, "temperature": 1.0, "seed": 40,
+                "logprobs": 1}
+        before = metric(s, "krserve_prefix_cache_requests_total", 'result="hit"')
+        st, _, raw = s.post("/v1/completions", dict(body, n=4))
+        assert st == 200, raw
+        r = json.loads(raw)
+        assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+        # choices 1..3 attached the prompt the first choice computed (96 = whole blocks)
+        assert metric(s, "krserve_prefix_cache_requests_total", 'result="hit"') - before >= 3
+        assert r["usage"]["prompt_tokens"] == 100
+        assert r["usage"]["completion_tokens"] == 40
+        texts = [c["text"] for c in r["choices"]]
+        # choice i is what a single request with seed 40 + i gives
+        for i in range(4):
+            st, _, raw = s.post("/v1/completions", dict(body, seed=40 + i))
+            one = json.loads(raw)["choices"][0]
+            assert one["text"] == texts[i]
+            assert one["logprobs"]["token_logprobs"] == \
+                r["choices"][i]["logprobs"]["token_logprobs"]
+        assert len(set(texts)) > 1  # distinct seeds, distinct samples
+        # greedy: every choice the same
+        st, _, raw = s.post("/v1/completions", dict(body, temperature=0, n=3))
+        g = [c["text"] for c in json.loads(raw)["choices"]]
+        assert g[0] == g[1] == g[2]
+        # streaming, chat-shaped counts per index
+        st, _, raw = s.post("/v1/completions",
+                            dict(body, n=2, stream=True, stream_options={"include_usage": True}))
+        assert st == 200
+        events = [json.loads(ln[6:]) for ln in raw.decode().splitlines()
+                  if ln.startswith("data: {")]
+        got = {0: "", 1: ""}
+        fins = {}
+        for e in events:
+            for c in e.get("choices", []):
+                got[c["index"]] += c["text"]
+                if c["finish_reason"]:
+                    fins[c["index"]] = c["finish_reason"]
+        assert got[0] == texts[0] and got[1] == texts[1]
+        assert fins == {0: "length", 1: "length"}
+        assert events[-1]["usage"]["completion_tokens"] == 20
+        assert raw.decode().rstrip().endswith("data: [DONE]")
+    finally:
+        s.stop()
