@@ -104,7 +104,7 @@ def shared_workload(url, questions, args):
             results[i] = loadgen.generate(
                 url, messages=[{"role": "system", "content": sysmsg},
                                {"role": "user", "content": q}],
-                max_tokens=args.shared_tokens, ignore_eos=True)
+                max_tokens=args.shared_tokens, ignore_eos=True, timeout=args.timeout)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
@@ -129,7 +129,7 @@ def chat_workload(url, questions, args):
             msgs.append({"role": "user",
                          "content": questions[(c * args.turns + t) % len(questions)]})
             r = loadgen.generate(url, messages=list(msgs), max_tokens=args.chat_tokens,
-                                 ignore_eos=True)
+                                 ignore_eos=True, timeout=args.timeout)
             with lock:
                 results.append(r)
             msgs.append({"role": "assistant", "content": r.text if r.ok else ""})
@@ -193,6 +193,7 @@ def main(argv=None):
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--chat-tokens", type=int, default=24)
     ap.add_argument("--server-args", default="--kv-tokens 16384")
+    ap.add_argument("--timeout", type=float, default=1200.0, help="per request, seconds")
     args = ap.parse_args(argv)
     questions = [q.strip() for q in (ROOT / "bench" / "serve" / "questions.txt").read_text()
                  .splitlines() if q.strip()]
