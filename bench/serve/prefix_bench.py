@@ -33,16 +33,9 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
+from run_bench import pct  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def pct(xs, q):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    k = max(1, -(-int(q * 1000) * len(xs) // 1000))
-    return xs[min(k, len(xs)) - 1]
 
 
 def system_prompt():
@@ -91,6 +84,18 @@ def summarize(results, t0, t1):
     }
 
 
+def run_clients(n, client, results):
+    """Runs client(0..n-1) on threads (they start together at their barrier) and summarizes
+    `results` over the wall time."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return summarize(results, t0, time.perf_counter())
+
+
 def shared_workload(url, questions, args):
     sysmsg = system_prompt()
     results = [None] * (args.clients * args.per_client)
@@ -106,13 +111,7 @@ def shared_workload(url, questions, args):
                                {"role": "user", "content": q}],
                 max_tokens=args.shared_tokens, ignore_eos=True, timeout=args.timeout)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(results, t0, time.perf_counter())
+    return run_clients(args.clients, client, results)
 
 
 def chat_workload(url, questions, args):
@@ -134,13 +133,7 @@ def chat_workload(url, questions, args):
                 results.append(r)
             msgs.append({"role": "assistant", "content": r.text if r.ok else ""})
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.chat_clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(results, t0, time.perf_counter())
+    return run_clients(args.chat_clients, client, results)
 
 
 def write_md(path, res):
