@@ -82,6 +82,7 @@ class Result:
     chunk_times: list = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens (prefix cache)
     finish_reason: str = ""
     text: str = ""
     tag: str = ""
@@ -158,6 +159,7 @@ def generate(url, *, prompt=None, messages=None, max_tokens=16, stream=True, pri
             u = js.get("usage") or {}
             res.completion_tokens = u.get("completion_tokens", 0)
             res.prompt_tokens = u.get("prompt_tokens", 0)
+            res.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             res.t_first = res.t_end  # no streaming: first token seen with the whole answer
             res.ok = True
             return res
@@ -193,6 +195,7 @@ def generate(url, *, prompt=None, messages=None, max_tokens=16, stream=True, pri
             if u:
                 res.completion_tokens = u.get("completion_tokens", 0)
                 res.prompt_tokens = u.get("prompt_tokens", 0)
+                res.cached_tokens = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             if cancel_after_chunks is not None and len(res.chunk_times) >= cancel_after_chunks:
                 res.cancelled = True
                 res.t_end = now

@@ -103,6 +103,10 @@ struct krs_config {
             double window_min_ms, window_max_ms; /* window_min_ms <= window_max_ms */
             int priority_levels;
         } adaptive_batching;
+        struct {
+            bool enabled;       /* reuse the KV of repeated prompt prefixes */
+            int64_t max_tokens; /* cached positions kept while unused; 0 = KV pool's room */
+        } prefix_cache;
     } performance;
     struct {
         struct {

@@ -142,6 +142,15 @@ static const struct config_key keys[] = {
      OFF(performance.adaptive_batching.priority_levels), 1, 3, NULL, false, NULL, NULL, NULL,
      "priority queues in use (urgent, default, background)", NULL},
 
+    {"performance.prefixCache.enabled", "true", CONFIG_T_BOOL, OFF(performance.prefix_cache.enabled),
+     0, 0, NULL, false, "KRSERVE_PREFIX_CACHE", NULL, NULL,
+     "reuse the KV cache of prompt prefixes computed before (shared system prompts, chat history)",
+     NULL},
+    {"performance.prefixCache.maxTokens", "0", CONFIG_T_INT, OFF(performance.prefix_cache.max_tokens),
+     0, 1073741824.0, NULL, false, "KRSERVE_PREFIX_CACHE_MAX_TOKENS", NULL, NULL,
+     "most cached positions kept while no request uses them; 0 = whatever the KV cache has free",
+     NULL},
+
     {"monitoring.prometheus.enabled", "true", CONFIG_T_BOOL, OFF(monitoring.prometheus.enabled), 0, 0,
      NULL, false, NULL, NULL, NULL, "serve Prometheus metrics", NULL},
     {"monitoring.prometheus.port", "0", CONFIG_T_INT, OFF(monitoring.prometheus.port), 0, 65535, NULL,

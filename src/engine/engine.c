@@ -48,6 +48,8 @@ void engine_sched_params(const struct krs_config *cfg, struct sched_params *p)
     p->mode = m == CONFIG_SCHED_OFF     ? SCHED_MODE_OFF
               : m == CONFIG_SCHED_FIXED ? SCHED_MODE_FIXED
                                         : SCHED_MODE_AUTO;
+    p->prefix_cache = cfg->performance.prefix_cache.enabled;
+    p->prefix_cache_max_tokens = cfg->performance.prefix_cache.max_tokens;
     p->adaptive_window = cfg->performance.adaptive_batching.enabled;
     p->window_min_ms = cfg->performance.adaptive_batching.window_min_ms;
     p->window_max_ms = cfg->performance.adaptive_batching.window_max_ms;

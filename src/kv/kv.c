@@ -1,35 +1,13 @@
 /* Paged KV bookkeeping: two block pools (full and sliding-window layers), a free-list stack per
- * pool and a per-sequence table of logical block -> physical block (-1 = not held). The storage
- * of the blocks is the backend's. */
-#include "kv/kv.h"
+ * pool and a per-sequence table of logical block -> physical block (-1 = not held). Physical
+ * blocks are reference-counted because the prefix cache (kv_prefix.c) lets several tables hold
+ * one. The storage of the blocks is the backend's. */
+#include "kv/kv_impl.h"
 
 #include "krserve.h"
 #include "util/alloc.h"
 
 #include <string.h>
-
-struct kv_group {
-    int n_layers;
-    int64_t n_blocks;
-    int64_t n_free;
-    int32_t *free_stack; /* [n_blocks] */
-    int32_t *tables;     /* [max_seqs][max_blocks_per_seq] */
-    int64_t *held;       /* [max_seqs] blocks held */
-};
-
-struct kv_cache {
-    int n_layers;
-    uint8_t *is_swa;  /* [n_layers] */
-    int *group_layer; /* [n_layers] index within its group */
-    int n_swa;
-    int kv_dim;
-    int block_size;
-    int elem_bytes;
-    int max_seqs;
-    int max_ctx;
-    int max_blocks;       /* per sequence */
-    struct kv_group g[2]; /* 0 = full, 1 = sliding */
-};
 
 static int group_init(struct kv_cache *kv, struct kv_group *g, int n_layers, int64_t n_tokens)
 {
@@ -40,7 +18,15 @@ static int group_init(struct kv_cache *kv, struct kv_group *g, int n_layers, int
     g->free_stack = alloc_calloc((size_t)g->n_blocks, sizeof *g->free_stack);
     g->tables = alloc_calloc((size_t)kv->max_seqs * (size_t)kv->max_blocks, sizeof *g->tables);
     g->held = alloc_calloc((size_t)kv->max_seqs, sizeof *g->held);
-    if (!g->free_stack || !g->tables || !g->held) return KRS_ERR_NOMEM;
+    g->refs = alloc_calloc((size_t)g->n_blocks, sizeof *g->refs);
+    g->owner = alloc_malloc((size_t)g->n_blocks * sizeof *g->owner);
+    g->lru_prev = alloc_malloc((size_t)g->n_blocks * sizeof *g->lru_prev);
+    g->lru_next = alloc_malloc((size_t)g->n_blocks * sizeof *g->lru_next);
+    if (!g->free_stack || !g->tables || !g->held || !g->refs || !g->owner || !g->lru_prev ||
+        !g->lru_next)
+        return KRS_ERR_NOMEM;
+    for (int64_t i = 0; i < g->n_blocks; i++) g->owner[i] = g->lru_prev[i] = g->lru_next[i] = -1;
+    g->lru_head = g->lru_tail = -1;
     for (int64_t i = 0; i < g->n_blocks; i++) g->free_stack[i] = (int32_t)(g->n_blocks - 1 - i);
     g->n_free = g->n_blocks;
     for (size_t i = 0; i < (size_t)kv->max_seqs * (size_t)kv->max_blocks; i++) g->tables[i] = -1;
@@ -52,6 +38,10 @@ static void group_free(struct kv_group *g)
     alloc_free(g->free_stack);
     alloc_free(g->tables);
     alloc_free(g->held);
+    alloc_free(g->refs);
+    alloc_free(g->owner);
+    alloc_free(g->lru_prev);
+    alloc_free(g->lru_next);
 }
 
 int kv_create(const struct kv_config *cfg, struct kv_cache **out)
@@ -82,6 +72,7 @@ int kv_create(const struct kv_config *cfg, struct kv_cache **out)
     int64_t swa_tokens = cfg->n_tokens_swa > 0 ? cfg->n_tokens_swa : cfg->n_tokens;
     if ((rc = group_init(kv, &kv->g[0], counts[0], cfg->n_tokens))) goto fail;
     if ((rc = group_init(kv, &kv->g[1], counts[1], swa_tokens))) goto fail;
+    if ((rc = kv_prefix_init(kv, cfg))) goto fail;
     *out = kv;
     return KRS_OK;
 fail:
@@ -92,6 +83,7 @@ fail:
 void kv_free(struct kv_cache *kv)
 {
     if (!kv) return;
+    kv_prefix_free(kv);
     group_free(&kv->g[0]);
     group_free(&kv->g[1]);
     alloc_free(kv->is_swa);
@@ -144,7 +136,7 @@ int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t pos_begin, int64_t pos_
     int64_t need[2];
     kv_seq_blocks_needed(kv, seq, pos_begin, pos_end, &need[0], &need[1]);
     for (int gi = 0; gi < 2; gi++)
-        if (need[gi] > kv->g[gi].n_free) return KRS_ERR_AGAIN;
+        if (need[gi] > kv->g[gi].n_free + kv->g[gi].n_lru) return KRS_ERR_AGAIN;
     for (int gi = 0; gi < 2; gi++) {
         struct kv_group *g = &kv->g[gi];
         if (!g->n_layers || !need[gi]) continue;
@@ -153,19 +145,23 @@ int kv_seq_reserve(struct kv_cache *kv, int seq, int64_t pos_begin, int64_t pos_
         int32_t *t = seq_table(kv, g, seq);
         for (int64_t b = b0; b < b1; b++) {
             if (t[b] >= 0) continue;
-            t[b] = g->free_stack[--g->n_free];
+            t[b] = kv_block_take(kv, gi);
+            g->refs[t[b]] = 1;
             g->held[seq]++;
         }
     }
     return KRS_OK;
 }
 
-static void release_range(struct kv_cache *kv, struct kv_group *g, int seq, int64_t b0, int64_t b1)
+/* Last block first: a released chain then leaves the LRU list from its tail end, so what
+ * stays cached longest is the part other prompts share (the beginning). */
+static void release_range(struct kv_cache *kv, int gi, int seq, int64_t b0, int64_t b1)
 {
+    struct kv_group *g = &kv->g[gi];
     int32_t *t = seq_table(kv, g, seq);
-    for (int64_t b = b0; b < b1; b++) {
+    for (int64_t b = b1 - 1; b >= b0; b--) {
         if (t[b] < 0) continue;
-        g->free_stack[g->n_free++] = t[b];
+        if (--g->refs[t[b]] == 0) kv_block_unheld(kv, gi, t[b]);
         t[b] = -1;
         g->held[seq]--;
     }
@@ -177,14 +173,15 @@ void kv_seq_trim(struct kv_cache *kv, int seq, int64_t next_pos)
     if (!g->n_layers || seq < 0 || seq >= kv->max_seqs) return;
     int64_t first_visible = next_pos - kv->n_swa + 1;
     if (first_visible <= 0) return;
-    release_range(kv, g, seq, 0, first_visible / kv->block_size);
+    release_range(kv, 1, seq, 0, first_visible / kv->block_size);
 }
 
 void kv_seq_release(struct kv_cache *kv, int seq)
 {
     if (seq < 0 || seq >= kv->max_seqs) return;
     for (int gi = 0; gi < 2; gi++)
-        if (kv->g[gi].n_layers) release_range(kv, &kv->g[gi], seq, 0, kv->max_blocks);
+        if (kv->g[gi].n_layers) release_range(kv, gi, seq, 0, kv->max_blocks);
+    kv_prefix_seq_reset(kv, seq);
 }
 
 int64_t kv_group_blocks(const struct kv_cache *kv, int g)
@@ -224,11 +221,16 @@ void kv_get_stats(const struct kv_cache *kv, struct kv_stats *out)
         const struct kv_group *g = &kv->g[gi];
         s[gi]->n_layers = g->n_layers;
         s[gi]->blocks_total = g->n_blocks;
-        s[gi]->blocks_free = g->n_free;
+        s[gi]->blocks_free = g->n_free + g->n_lru;
+        s[gi]->blocks_cached = g->n_cached;
+        s[gi]->blocks_evictable = g->n_lru;
+        s[gi]->evictions = g->evictions;
         out->bytes += 2u * (uint64_t)g->n_layers * (uint64_t)g->n_blocks *
                       (uint64_t)kv->block_size * (uint64_t)kv->kv_dim * (uint64_t)kv->elem_bytes;
     }
     out->block_size = kv->block_size;
+    out->prefix = (struct kv_prefix_stats){kv->px.enabled, kv->px.lookups, kv->px.hits,
+                                           kv->px.lookup_tokens, kv->px.hit_tokens};
 }
 
 void kv_seq_blocks_held(const struct kv_cache *kv, int seq, int64_t *full, int64_t *swa)

@@ -132,6 +132,24 @@ void metrics_record_preemption(struct metrics *m)
     if (m) atomic_fetch_add_explicit(&m->preemptions, 1, RLX);
 }
 
+void metrics_record_prefix_lookup(struct metrics *m, uint32_t prompt_tokens, uint32_t cached_tokens)
+{
+    if (!m) return;
+    atomic_fetch_add_explicit(&m->prefix_requests, 1, RLX);
+    if (cached_tokens) atomic_fetch_add_explicit(&m->prefix_hit_requests, 1, RLX);
+    atomic_fetch_add_explicit(&m->prefix_prompt_tokens, prompt_tokens, RLX);
+    atomic_fetch_add_explicit(&m->prefix_cached_tokens, cached_tokens, RLX);
+}
+
+void metrics_set_prefix_cache(struct metrics *m, int64_t blocks, int64_t evictable,
+                              uint64_t evictions)
+{
+    if (!m) return;
+    atomic_store_explicit(&m->prefix_blocks, blocks, RLX);
+    atomic_store_explicit(&m->prefix_blocks_evictable, evictable, RLX);
+    atomic_store_explicit(&m->prefix_evictions, evictions, RLX);
+}
+
 void metrics_record_tuning_adjustments(struct metrics *m, uint64_t n)
 {
     if (m) atomic_fetch_add_explicit(&m->tuning_adjustments, n, RLX);
@@ -273,6 +291,13 @@ int metrics_snapshot(struct metrics *m, uint64_t now_ns, struct metrics_snapshot
     out->dev_free = atomic_load_explicit(&m->dev_free, RLX);
     out->dev_total = atomic_load_explicit(&m->dev_total, RLX);
     out->mode = (enum metrics_sched_mode)atomic_load_explicit(&m->mode, RLX);
+    out->prefix_requests = atomic_load_explicit(&m->prefix_requests, RLX);
+    out->prefix_hit_requests = atomic_load_explicit(&m->prefix_hit_requests, RLX);
+    out->prefix_prompt_tokens = atomic_load_explicit(&m->prefix_prompt_tokens, RLX);
+    out->prefix_cached_tokens = atomic_load_explicit(&m->prefix_cached_tokens, RLX);
+    out->prefix_blocks = atomic_load_explicit(&m->prefix_blocks, RLX);
+    out->prefix_blocks_evictable = atomic_load_explicit(&m->prefix_blocks_evictable, RLX);
+    out->prefix_evictions = atomic_load_explicit(&m->prefix_evictions, RLX);
 
     for (int h = 0; h < METRICS_HIST_COUNT; h++) {
         struct metrics_hist_snapshot *hs = &out->hist[h];

@@ -127,6 +127,11 @@ struct metrics_snapshot {
     /* compute device memory in bytes, by use (metrics_set_device_memory) */
     int64_t dev_weights, dev_kv, dev_activations, dev_free, dev_total;
     enum metrics_sched_mode mode;
+    /* prefix cache: lookups at first admission, and the KV cache's published blocks */
+    uint64_t prefix_requests, prefix_hit_requests; /* requests looked up / that found a prefix */
+    uint64_t prefix_prompt_tokens, prefix_cached_tokens; /* their prompt tokens / those reused */
+    int64_t prefix_blocks, prefix_blocks_evictable;      /* gauges */
+    uint64_t prefix_evictions;
     /* windows */
     struct metrics_window_snapshot windows[METRICS_N_WINDOWS];
     uint64_t recent_requests; /* requests behind the recent_* percentiles */
@@ -165,6 +170,10 @@ void metrics_record_step(struct metrics *m, uint64_t step_ns, uint32_t batch_siz
 void metrics_record_finish(struct metrics *m, const struct metrics_request_record *rec,
                            uint64_t now_ns);
 void metrics_record_preemption(struct metrics *m);
+/* A request's first admission looked up the prefix cache: cached_tokens of its prompt_tokens
+ * came from the cache. */
+void metrics_record_prefix_lookup(struct metrics *m, uint32_t prompt_tokens,
+                                  uint32_t cached_tokens);
 void metrics_record_tuning_adjustments(struct metrics *m, uint64_t n);
 /* A degradation event; reason is copied (truncated to METRICS_REASON_LEN - 1). Takes a short
  * mutex (rare event, never on the per-token path). */
@@ -174,6 +183,9 @@ void metrics_record_degradation(struct metrics *m, const char *reason, uint64_t 
 void metrics_set_queue_depth(struct metrics *m, enum metrics_priority prio, int64_t depth);
 void metrics_set_batch(struct metrics *m, uint32_t running, uint32_t limit);
 void metrics_set_kv_blocks(struct metrics *m, uint32_t used, uint32_t free_blocks);
+/* The prefix cache's blocks (published, of which evictable) and its eviction total. */
+void metrics_set_prefix_cache(struct metrics *m, int64_t blocks, int64_t evictable,
+                              uint64_t evictions);
 /* The compute backend's memory: weights, KV pool, activation arena, free and total bytes. */
 void metrics_set_device_memory(struct metrics *m, uint64_t weights, uint64_t kv,
                                uint64_t activations, uint64_t free_bytes, uint64_t total);

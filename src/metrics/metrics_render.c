@@ -10,6 +10,7 @@
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "krserve.h"
@@ -151,6 +152,23 @@ static void put_hist_samples(struct out_buf *o, enum metrics_hist_id id, const c
     sample_u(o, name, lab, "", (unsigned long long)h->count);
 }
 
+/* A counter family split into result="hit" and result="miss" (= all - hit), read from two
+ * uint64_t fields of each collector's snapshot. */
+static void put_hit_miss(struct out_buf *o, const struct prom_set *ps, const char *name,
+                         const char *help, size_t off_hit, size_t off_all)
+{
+    head(o, name, "counter", help);
+    FOR_EACH(ps, i)
+    {
+        const char *d = (const char *)ps->s[i];
+        uint64_t hit, all;
+        memcpy(&hit, d + off_hit, sizeof hit);
+        memcpy(&all, d + off_all, sizeof all);
+        sample_u(o, name, ps->lab[i], "result=\"hit\"", hit);
+        sample_u(o, name, ps->lab[i], "result=\"miss\"", all - hit);
+    }
+}
+
 static void render_prom(const struct prom_set *ps, struct out_buf *o)
 {
     static const char *wnames[METRICS_N_WINDOWS] = {"5s", "30s", "60s"};
@@ -244,6 +262,28 @@ static void render_prom(const struct prom_set *ps, struct out_buf *o)
     }
     FAMILY_U(o, ps, "krserve_preemptions_total", "counter",
              "Running sequences preempted (KV blocks reclaimed).", S->preemptions);
+    put_hit_miss(o, ps, "krserve_prefix_cache_requests_total",
+                 "Requests that looked up the prefix cache at admission, by result.",
+                 offsetof(struct metrics_snapshot, prefix_hit_requests),
+                 offsetof(struct metrics_snapshot, prefix_requests));
+    put_hit_miss(o, ps, "krserve_prefix_cache_tokens_total",
+                 "Prompt tokens of those requests: hit = KV reused from the cache, miss = "
+                 "computed.",
+                 offsetof(struct metrics_snapshot, prefix_cached_tokens),
+                 offsetof(struct metrics_snapshot, prefix_prompt_tokens));
+    head(o, "krserve_prefix_cache_blocks", "gauge",
+         "KV blocks published in the prefix cache: held by a running request, or evictable.");
+    FOR_EACH(ps, i)
+    {
+        const struct metrics_snapshot *d = ps->s[i];
+        sample_f(o, "krserve_prefix_cache_blocks", ps->lab[i], "state=\"held\"",
+                 (double)(d->prefix_blocks - d->prefix_blocks_evictable));
+        sample_f(o, "krserve_prefix_cache_blocks", ps->lab[i], "state=\"evictable\"",
+                 (double)d->prefix_blocks_evictable);
+    }
+    FAMILY_U(o, ps, "krserve_prefix_cache_evictions_total", "counter",
+             "Cached KV blocks evicted to make room or to stay under the size cap.",
+             S->prefix_evictions);
     FAMILY_U(o, ps, "krserve_degradation_events_total", "counter",
              "P99 regressions that made the controller fall back to the fixed batch size.",
              S->degradation_events);
@@ -408,6 +448,23 @@ static void build_json(const struct metrics_snapshot *s, cJSON *root, bool *ok)
     if (kv) {
         add_num(kv, "used", (double)s->kv_used, ok);
         add_num(kv, "free", (double)s->kv_free, ok);
+    }
+
+    cJSON *pc = add_obj(root, "prefix_cache", ok);
+    if (pc) {
+        add_num(pc, "requests", (double)s->prefix_requests, ok);
+        add_num(pc, "hit_requests", (double)s->prefix_hit_requests, ok);
+        add_num(pc, "request_hit_rate",
+                s->prefix_requests ? (double)s->prefix_hit_requests / s->prefix_requests : 0, ok);
+        add_num(pc, "prompt_tokens", (double)s->prefix_prompt_tokens, ok);
+        add_num(pc, "cached_tokens", (double)s->prefix_cached_tokens, ok);
+        add_num(pc, "token_hit_rate",
+                s->prefix_prompt_tokens ? (double)s->prefix_cached_tokens / s->prefix_prompt_tokens
+                                        : 0,
+                ok);
+        add_num(pc, "blocks", (double)s->prefix_blocks, ok);
+        add_num(pc, "evictable_blocks", (double)s->prefix_blocks_evictable, ok);
+        add_num(pc, "evictions", (double)s->prefix_evictions, ok);
     }
 
     cJSON *dm = add_obj(root, "device_memory_bytes", ok);

@@ -76,6 +76,8 @@ struct model_ctx_params {
     int max_logits;       /* rows of logits one forward may return; 0 = max_seqs */
     const char *device;   /* "cpu" (NULL) or "cuda" */
     uint64_t mem_budget;  /* CPU backend: bytes it may reserve; 0 = available memory */
+    int prefix_cache;     /* 1: the KV cache keeps computed blocks for reuse (kv.h) */
+    int64_t prefix_cache_max_tokens; /* cap on cached positions no sequence holds; 0 = none */
 };
 
 struct model_ctx;

@@ -6,6 +6,7 @@
 #include "model/model_impl.h"
 
 #include "backend/backend.h"
+#include "gguf/gguf.h"
 #include "krserve.h"
 #include "kv/kv.h"
 #include "util/alloc.h"
@@ -135,6 +136,18 @@ static int size_kv(struct model_ctx *c, const struct model_ctx_params *p, int n_
     return KRS_OK;
 }
 
+/* What the KV of a token sequence depends on besides the tokens: the weights (file size and
+ * the hyper-parameters stand for them) and the element type. Seeds the prefix cache's hash
+ * chains so that no cached block could ever be taken for another model's. */
+static uint64_t model_identity(const struct model *m)
+{
+    const struct model_hparams *hp = &m->hp;
+    uint64_t h = 0xcbf29ce484222325ull ^ gguf_file_size(m->gguf) ^ (sizeof(float) << 56);
+    const unsigned char *b = (const unsigned char *)hp;
+    for (size_t i = 0; i < sizeof *hp; i++) h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
+
 static int create_kv(struct model_ctx *c, const struct model_ctx_params *p, int requested_ctx,
                      char *err, size_t errlen)
 {
@@ -169,6 +182,9 @@ static int create_kv(struct model_ctx *c, const struct model_ctx_params *p, int 
         .max_seqs = p->max_seqs,
         .max_ctx = c->max_ctx,
         .elem_bytes = sizeof(float),
+        .prefix_cache = p->prefix_cache,
+        .prefix_salt = model_identity(m),
+        .prefix_max_tokens = p->prefix_cache_max_tokens,
     };
     if ((rc = kv_create(&kc, &c->kv))) {
         snprintf(err, errlen, "KV cache of %lld tokens: %s", (long long)kv_tokens,

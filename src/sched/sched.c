@@ -88,6 +88,7 @@ void sched_params_default(struct sched_params *p)
     p->window_max_ms = 3.0;
     p->stream_capacity = 256;
     p->background_aging_ms = 2000;
+    p->prefix_cache = 1;
 }
 
 static enum metrics_sched_mode metrics_mode(enum sched_mode m)
@@ -321,6 +322,7 @@ static void finish(struct sched *s, struct req *r, enum sched_finish why, const 
     snprintf(ev.reason, sizeof ev.reason, "%s", reason ? reason : sched_finish_name(why));
     ev.n_prompt_tokens = r->n_prompt;
     ev.n_gen_tokens = r->n_gen;
+    ev.n_cached_tokens = r->n_cached;
     ev.queue_ms =
         r->t_admit ? clock_ns_to_ms(r->t_admit - r->t_submit) : clock_ns_to_ms(now - r->t_submit);
     ev.ttft_ms = r->t_first ? clock_ns_to_ms(r->t_first - r->t_submit) : 0;
@@ -496,22 +498,38 @@ static void admit(struct sched *s, uint64_t now)
             if (q == SCHED_PRIO_URGENT && preempt_one(s, NULL, SCHED_PRIO_DEFAULT)) continue;
             return;
         }
-        int first = r->n_prompt + r->n_gen - r->n_past;
+        /* The prefix cache supplies what it holds of the prompt (and, after a preemption, of
+         * the tokens generated so far); only the rest is computed. */
+        struct kv_cache *kv = model_ctx_kv(s->ctx);
+        int64_t cached = 0;
+        kv_seq_attach_prefix(kv, slot, r->tokens, r->n_prompt + r->n_gen, &cached);
+        int first = r->n_prompt + r->n_gen - (int)cached;
         if (first > s->p.max_batch_tokens) first = s->p.max_batch_tokens;
-        if (!blocks_fit(s, slot, 0, first)) {
+        if (sched_prefix_should_wait(s, r, cached)) {
+            kv_seq_release(kv, slot);
+            return; /* a running request is computing more of r's prefix: attach it then */
+        }
+        if (!blocks_fit(s, slot, cached, cached + first)) {
+            kv_seq_release(kv, slot);
             if (q == SCHED_PRIO_URGENT && preempt_one(s, NULL, SCHED_PRIO_DEFAULT)) continue;
             return; /* wait for blocks to come back */
         }
         queue_pop(s, q);
         __atomic_store_n(&r->state, REQ_RUNNING, __ATOMIC_RELAXED);
         r->slot = slot;
-        __atomic_store_n(&r->n_past, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&r->n_past, (int)cached, __ATOMIC_RELAXED);
         r->admit_order = ++s->admit_counter;
         s->running[slot] = r;
         s->n_running++;
         if (!r->t_admit) {
             r->t_admit = now;
-            if (s->metrics) metrics_record_admit(s->metrics, now - r->t_submit);
+            r->n_cached = (int)cached;
+            if (s->metrics) {
+                metrics_record_admit(s->metrics, now - r->t_submit);
+                if (s->p.prefix_cache)
+                    metrics_record_prefix_lookup(s->metrics, (uint32_t)r->n_prompt,
+                                                 (uint32_t)cached);
+            }
         }
         pthread_mutex_lock(&s->lock);
         s->n_waiting--;
@@ -651,6 +669,9 @@ static void publish(struct sched *s, uint64_t now, int idle)
             metrics_set_queue_depth(s->metrics, (enum metrics_priority)q, s->q_len[q]);
         metrics_set_batch(s->metrics, (uint32_t)s->n_running, (uint32_t)s->limit);
         metrics_set_kv_blocks(s->metrics, (uint32_t)(total - free_blocks), (uint32_t)free_blocks);
+        metrics_set_prefix_cache(s->metrics, st.full.blocks_cached + st.swa.blocks_cached,
+                                 st.full.blocks_evictable + st.swa.blocks_evictable,
+                                 st.full.evictions + st.swa.evictions);
         metrics_set_device_memory(s->metrics, mem.weights, mem.kv, mem.activations, mem.free_bytes,
                                   mem.total);
     }
@@ -881,7 +902,7 @@ static void step(struct sched *s, uint64_t t0)
             if (s->b_seq[t] == i) advanced++;
         if (advanced) batch_seqs++;
         __atomic_store_n(&r->n_past, r->n_past + advanced, __ATOMIC_RELAXED);
-        kv_seq_trim(model_ctx_kv(s->ctx), r->slot, r->n_past);
+        kv_seq_commit(model_ctx_kv(s->ctx), r->slot, r->tokens, r->n_past);
     }
     /* Rows are independent (each request has its own sampler and RNG), so they are sampled in
      * parallel; tokens are then accepted in row order on this thread. */
@@ -1038,6 +1059,8 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         .n_threads = p->n_threads,
         .device = p->device,
         .mem_budget = p->mem_budget,
+        .prefix_cache = p->prefix_cache,
+        .prefix_cache_max_tokens = p->prefix_cache_max_tokens,
     };
     if ((rc = model_ctx_create(model, &mp, &s->ctx, err, errlen))) goto fail;
     if (pool_create(p->n_threads, &s->sample_pool)) {

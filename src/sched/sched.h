@@ -67,6 +67,8 @@ struct sched_params {
     double window_min_ms, window_max_ms;
     int stream_capacity;     /* events buffered per stream before the request is cancelled */
     int background_aging_ms; /* a background request waiting this long competes with default */
+    int prefix_cache;        /* 1: reuse the KV of prompt prefixes computed before (kv.h) */
+    int64_t prefix_cache_max_tokens; /* cached positions kept while unused; 0 = KV pool's room */
 };
 void sched_params_default(struct sched_params *p);
 
@@ -103,6 +105,7 @@ struct sched_event {
     enum sched_finish finish;
     char reason[96]; /* human-readable detail (e.g. "stop string", "client too slow") */
     int n_prompt_tokens, n_gen_tokens;
+    int n_cached_tokens; /* prompt tokens whose KV came from the prefix cache at admission */
     double ttft_ms, total_ms, queue_ms;
 };
 

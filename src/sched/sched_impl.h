@@ -43,8 +43,9 @@ struct req {
     enum req_state state;
     int32_t *tokens; /* [n_prompt + max_tokens]: prompt then generated */
     int n_prompt, n_gen, max_tokens;
-    int n_past; /* tokens already in the KV cache */
-    int slot;   /* KV sequence slot while running, else -1 */
+    int n_past;   /* tokens already in the KV cache */
+    int n_cached; /* prompt tokens the prefix cache supplied at the first admission */
+    int slot;     /* KV sequence slot while running, else -1 */
     uint64_t admit_order;
     struct sampler sampler;
     struct sampler_logit_bias *bias; /* owned copy */
@@ -60,6 +61,11 @@ struct req {
 };
 
 struct backend_sample_row;
+struct sched;
+
+/* sched_prefix.c: 1 when r (whose cached prefix is `cached` positions) should stay queued
+ * because a running request is computing at least one more whole block of r's tokens. */
+int sched_prefix_should_wait(const struct sched *s, const struct req *r, int64_t cached);
 
 struct sched {
     const struct model *model;

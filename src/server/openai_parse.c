@@ -310,8 +310,8 @@ static int parse_body(const cJSON *root, enum server_api api, const struct serve
         return rc;
 
     int64_t iv = 1;
-    if ((rc = get_int(root, "n", 1, 1e9, &iv, NULL, err))) return rc;
-    if (iv != 1) return fail(err, "n", "only n=1 is supported");
+    if ((rc = get_int(root, "n", 1, SERVER_MAX_N, &iv, NULL, err))) return rc;
+    out->n = (int)iv;
     if ((rc = get_int(root, "best_of", 1, 1e9, &iv, &given, err))) return rc;
     if (given && iv != 1) return fail(err, "best_of", "only best_of=1 is supported");
     /* Not implemented yet: refused by name, never silently ignored (a reply that ignores a

@@ -593,6 +593,9 @@ void server_reload(struct server *s, const struct krs_config *cfg)
         o->model.threads != cfg->model.threads ||
         o->model.max_batch_tokens != cfg->model.max_batch_tokens)
         KRS_LOG_WARNF("reload: model.* changed: needs a restart (or /admin/models/load)");
+    if (o->performance.prefix_cache.enabled != cfg->performance.prefix_cache.enabled ||
+        o->performance.prefix_cache.max_tokens != cfg->performance.prefix_cache.max_tokens)
+        KRS_LOG_WARNF("reload: performance.prefixCache.* changed: needs a restart");
     if (o->monitoring.prometheus.port != cfg->monitoring.prometheus.port ||
         strcmp(o->monitoring.prometheus.path, cfg->monitoring.prometheus.path))
         KRS_LOG_WARNF("reload: monitoring.prometheus.* changed: needs a restart");

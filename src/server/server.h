@@ -61,6 +61,8 @@ struct server_limits {
     int max_tokens_limit; /* server.maxTokensLimit */
 };
 
+#define SERVER_MAX_N 16 /* most choices (OpenAI `n`) one request may ask for */
+
 /* A parsed generation request. Strings point into `root` (owned, freed with
  * server_gen_request_free); msgs and bias are owned arrays. */
 struct server_gen_request {
@@ -73,6 +75,7 @@ struct server_gen_request {
     struct chat_message *msgs; /* chat, owned */
     char **msg_text;           /* joined content parts per message (owned, may be NULL each) */
     int n_msgs;
+    int n;          /* choices, 1..SERVER_MAX_N: one generation each (own sampler and seed) */
     int max_tokens; /* -1 = not given */
     int stream, include_usage;
     int logprobs;     /* completions: -1 = off, else top count; chat: 0/1 */

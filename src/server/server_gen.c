@@ -12,7 +12,14 @@
  * belongs to a connection that is suspended. A stale notify can at worst resume a connection
  * spuriously, which drains nothing and suspends again. A client that goes away is seen either by
  * MHD (failed write) or by a peek at the socket on each wake-up; the request-completed callback
- * then releases the stream, which cancels the request at the engine's next step. */
+ * then releases the stream, which cancels the request at the engine's next step.
+ *
+ * `n` > 1 (several choices of one prompt): one scheduler request per choice, each with its own
+ * sampler and seed (seed + i when a seed is given), all submitted together and all notifying
+ * the same slot. The scheduler's prefix cache makes the prompt's KV computed once and shared
+ * (the later choices wait for the first one's prefill and attach its blocks). Chunks carry their
+ * choice's index; the response ends when every choice has, or at the first that fails (the
+ * others are then cancelled). */
 #include "server/server_impl.h"
 
 #include "engine/engine.h"
@@ -28,27 +35,36 @@
 #include <string.h>
 #include <time.h>
 
-struct server_gen {
-    struct server *srv;
-    struct engine *eng;
+/* One choice: its scheduler request and what it produced. */
+struct gen_choice {
     struct sched_stream *st;
     uint64_t req_id;
-    int slot;
-    struct server_gen_request req;
-    char id[64];
-    uint64_t created;
-    int n_prompt;
     size_t text_off; /* bytes of completion text so far (text_offset of the next token) */
     /* non-streaming accumulators */
     char *text;
     size_t text_len, text_cap;
     cJSON *lp; /* chat: array "content"; completions: {tokens, token_logprobs, ...} */
+    int finished;
+    struct sched_event fin;
+};
+
+struct server_gen {
+    struct server *srv;
+    struct engine *eng;
+    int slot;
+    struct server_gen_request req;
+    char id[64];
+    uint64_t created;
+    int n_prompt;
+    int n_choices, n_finished; /* submitted / ended */
+    int counted;               /* counted in srv->inflight */
+    struct gen_choice ch[SERVER_MAX_N];
+    const struct sched_event *failed; /* FINISH of the first choice that did not succeed */
     /* streaming output not yet handed to MHD */
     char *out;
     size_t out_len, out_cap, out_off;
-    int finished, done_written;
-    struct sched_event fin;
-    struct sched_event ev; /* scratch */
+    int finished, done_written; /* finished: every choice ended, or one failed */
+    struct sched_event ev;      /* scratch */
 };
 
 static int buf_append(char **buf, size_t *len, size_t *cap, const char *s, size_t n)
@@ -156,10 +172,15 @@ static const char *finish_str(enum sched_finish f)
 static cJSON *usage_json(const struct server_gen *g)
 {
     cJSON *u = cJSON_CreateObject();
-    int gen = g->fin.n_gen_tokens;
+    int gen = 0;
+    for (int i = 0; i < g->n_choices; i++) gen += g->ch[i].fin.n_gen_tokens;
     cJSON_AddNumberToObject(u, "prompt_tokens", g->n_prompt);
     cJSON_AddNumberToObject(u, "completion_tokens", gen);
     cJSON_AddNumberToObject(u, "total_tokens", g->n_prompt + gen);
+    /* OpenAI's field: prompt tokens whose KV the prefix cache supplied (to the first choice;
+     * the others share what it computed). */
+    cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
+    if (d) cJSON_AddNumberToObject(d, "cached_tokens", g->ch[0].fin.n_cached_tokens);
     return u;
 }
 
@@ -186,16 +207,17 @@ static void sse_emit(struct server_gen *g, cJSON *obj)
     cJSON_free(txt);
 }
 
-/* One streaming chunk: text (may be empty), optional logprobs, optional finish reason. */
-static cJSON *chunk(struct server_gen *g, const char *text, size_t n, cJSON *lp, const char *fin,
-                    int role)
+/* One streaming chunk of choice `index`: text (may be empty), optional logprobs, optional
+ * finish reason. */
+static cJSON *chunk(struct server_gen *g, int index, const char *text, size_t n, cJSON *lp,
+                    const char *fin, int role)
 {
     int chat = g->req.api == SERVER_API_CHAT;
     cJSON *o = envelope(g, chat ? "chat.completion.chunk" : "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
     cJSON *c = cJSON_CreateObject();
     cJSON_AddItemToArray(choices, c);
-    cJSON_AddNumberToObject(c, "index", 0);
+    cJSON_AddNumberToObject(c, "index", index);
     if (chat) {
         cJSON *d = cJSON_AddObjectToObject(c, "delta");
         if (role) cJSON_AddStringToObject(d, "role", "assistant");
@@ -241,16 +263,17 @@ static void error_of_finish(const struct sched_event *fin, struct server_error *
              fin->reason);
 }
 
-/* Drains every buffered event of the stream into the accumulators / SSE output. */
-static void gen_pump(struct server_gen *g)
+/* Drains one choice's buffered events into its accumulators / the SSE output. */
+static void pump_choice(struct server_gen *g, int i)
 {
+    struct gen_choice *c = &g->ch[i];
     struct sched_event *ev = &g->ev;
     int stream = g->req.stream;
-    while (!g->finished && sched_stream_try_read(g->st, ev) == KRS_OK) {
+    while (!c->finished && sched_stream_try_read(c->st, ev) == KRS_OK) {
         if (ev->kind == SCHED_EV_TOKEN) {
             int lp = want_logprobs(g) && ev->token >= 0;
-            size_t off = g->text_off;
-            g->text_off += ev->text_len;
+            size_t off = c->text_off;
+            c->text_off += ev->text_len;
             if (stream) {
                 if (!ev->text_len && !lp) continue;
                 cJSON *l = NULL;
@@ -258,33 +281,44 @@ static void gen_pump(struct server_gen *g)
                     l = lp_new(g);
                     lp_add(g, l, ev, off);
                 }
-                sse_emit(g, chunk(g, ev->text, ev->text_len, l, NULL, 0));
+                sse_emit(g, chunk(g, i, ev->text, ev->text_len, l, NULL, 0));
             } else {
-                buf_append(&g->text, &g->text_len, &g->text_cap, ev->text, ev->text_len);
-                if (lp) lp_add(g, g->lp, ev, off);
+                buf_append(&c->text, &c->text_len, &c->text_cap, ev->text, ev->text_len);
+                if (lp) lp_add(g, c->lp, ev, off);
             }
             continue;
         }
-        g->fin = *ev;
-        g->finished = 1;
-        if (!stream) break;
-        if (ev->finish == SCHED_FINISH_STOP || ev->finish == SCHED_FINISH_LENGTH) {
-            sse_emit(g, chunk(g, "", 0, NULL, finish_str(ev->finish), 0));
-            if (g->req.include_usage) {
-                cJSON *o = envelope(g, g->req.api == SERVER_API_CHAT ? "chat.completion.chunk"
-                                                                     : "text_completion");
-                cJSON_AddArrayToObject(o, "choices");
-                cJSON_AddItemToObject(o, "usage", usage_json(g));
-                sse_emit(g, o);
-            }
-        } else {
-            struct server_error e;
-            error_of_finish(ev, &e);
-            sse_emit(g, server_error_json(&e));
-        }
-        buf_append(&g->out, &g->out_len, &g->out_cap, "data: [DONE]\n\n", 14);
-        g->done_written = 1;
+        c->fin = *ev;
+        c->finished = 1;
+        g->n_finished++;
+        if (ev->finish != SCHED_FINISH_STOP && ev->finish != SCHED_FINISH_LENGTH)
+            g->failed = &c->fin;
+        else if (stream)
+            sse_emit(g, chunk(g, i, "", 0, NULL, finish_str(ev->finish), 0));
     }
+}
+
+/* Drains every choice; once all have ended (or one failed) writes the stream's tail. */
+static void gen_pump(struct server_gen *g)
+{
+    for (int i = 0; i < g->n_choices && !g->finished; i++) {
+        pump_choice(g, i);
+        g->finished = g->failed || g->n_finished == g->n_choices;
+    }
+    if (!g->finished || !g->req.stream || g->done_written) return;
+    if (g->failed) {
+        struct server_error e;
+        error_of_finish(g->failed, &e);
+        sse_emit(g, server_error_json(&e));
+    } else if (g->req.include_usage) {
+        cJSON *o = envelope(g, g->req.api == SERVER_API_CHAT ? "chat.completion.chunk"
+                                                             : "text_completion");
+        cJSON_AddArrayToObject(o, "choices");
+        cJSON_AddItemToObject(o, "usage", usage_json(g));
+        sse_emit(g, o);
+    }
+    buf_append(&g->out, &g->out_len, &g->out_cap, "data: [DONE]\n\n", 14);
+    g->done_written = 1;
 }
 
 static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
@@ -316,39 +350,37 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
 static enum MHD_Result send_final(struct server_conn *c)
 {
     struct server_gen *g = c->gen;
-    if (g->fin.finish != SCHED_FINISH_STOP && g->fin.finish != SCHED_FINISH_LENGTH) {
+    if (g->failed) {
         struct server_error e;
-        error_of_finish(&g->fin, &e);
+        error_of_finish(g->failed, &e);
         return server_send_error(c->mc, &e);
     }
     int chat = g->req.api == SERVER_API_CHAT;
     cJSON *o = envelope(g, chat ? "chat.completion" : "text_completion");
     cJSON *choices = cJSON_AddArrayToObject(o, "choices");
-    cJSON *ch = cJSON_CreateObject();
-    cJSON_AddItemToArray(choices, ch);
-    cJSON_AddNumberToObject(ch, "index", 0);
-    const char *text = g->text ? g->text : "";
-    if (chat) {
-        cJSON *m = cJSON_AddObjectToObject(ch, "message");
-        cJSON_AddStringToObject(m, "role", "assistant");
-        add_sanitized(m, "content", text, g->text_len);
-        if (g->lp) {
-            cJSON *l = cJSON_AddObjectToObject(ch, "logprobs");
-            cJSON_AddItemToObject(l, "content", g->lp);
-            g->lp = NULL;
+    for (int i = 0; i < g->n_choices; i++) {
+        struct gen_choice *gc = &g->ch[i];
+        cJSON *ch = cJSON_CreateObject();
+        cJSON_AddItemToArray(choices, ch);
+        cJSON_AddNumberToObject(ch, "index", i);
+        const char *text = gc->text ? gc->text : "";
+        cJSON *holder = ch;
+        if (chat) {
+            cJSON *m = cJSON_AddObjectToObject(ch, "message");
+            cJSON_AddStringToObject(m, "role", "assistant");
+            add_sanitized(m, "content", text, gc->text_len);
+            if (gc->lp) holder = cJSON_AddObjectToObject(ch, "logprobs");
+        } else {
+            add_sanitized(ch, "text", text, gc->text_len);
+        }
+        if (gc->lp) {
+            cJSON_AddItemToObject(holder, chat ? "content" : "logprobs", gc->lp);
+            gc->lp = NULL;
         } else {
             cJSON_AddNullToObject(ch, "logprobs");
         }
-    } else {
-        add_sanitized(ch, "text", text, g->text_len);
-        if (g->lp) {
-            cJSON_AddItemToObject(ch, "logprobs", g->lp);
-            g->lp = NULL;
-        } else {
-            cJSON_AddNullToObject(ch, "logprobs");
-        }
+        cJSON_AddStringToObject(ch, "finish_reason", finish_str(gc->fin.finish));
     }
-    cJSON_AddStringToObject(ch, "finish_reason", finish_str(g->fin.finish));
     cJSON_AddItemToObject(o, "usage", usage_json(g));
     return server_send_json(c->mc, 200, o);
 }
@@ -383,14 +415,14 @@ static void gen_notify(void *arg)
 static void gen_free(struct server_gen *g)
 {
     if (g->slot >= 0) server_slot_free(g->srv, g->slot);
-    if (g->st) {
-        sched_stream_release(g->st);
-        atomic_fetch_sub(&g->srv->inflight, 1);
+    for (int i = 0; i < g->n_choices; i++) {
+        sched_stream_release(g->ch[i].st);
+        cJSON_Delete(g->ch[i].lp);
+        alloc_free(g->ch[i].text);
     }
+    if (g->counted) atomic_fetch_sub(&g->srv->inflight, 1);
     if (g->eng) engine_release(g->eng);
     server_gen_request_free(&g->req);
-    cJSON_Delete(g->lp);
-    alloc_free(g->text);
     alloc_free(g->out);
     alloc_free(g);
 }
@@ -572,10 +604,18 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
      * the scheduler had accepted (the flaky test_sigterm_drains_inflight: its stream cut with
      * no response). A request the draining scheduler refuses is uncounted below. */
     atomic_fetch_add(&s->inflight, 1);
-    int rc = sched_submit(g->eng->sched, &sr, &g->st, &g->req_id);
+    g->counted = 1;
+    int rc = KRS_OK;
+    for (int i = 0; i < g->req.n && !rc; i++) {
+        /* Each choice its own sampler: with a seed, seed + i (reproducible and distinct). */
+        if (g->req.has_seed) sr.sampling.seed = g->req.sampling.seed + (uint64_t)i;
+        rc = sched_submit(g->eng->sched, &sr, &g->ch[i].st, &g->ch[i].req_id);
+        if (!rc) g->n_choices++;
+    }
     if (rc) {
+        /* Choices already submitted are cancelled when gen_free releases their streams. */
         atomic_fetch_sub(&s->inflight, 1);
-        g->st = NULL;
+        g->counted = 0;
         if (rc == KRS_ERR_FULL) {
             err.status = 429;
             err.type = "rate_limit_error";
@@ -604,13 +644,16 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     snprintf(g->id, sizeof g->id, "%s-%" PRIx64 "%06" PRIx64,
              api == SERVER_API_CHAT ? "chatcmpl" : "cmpl", g->created,
              (uint64_t)atomic_fetch_add(&s->next_id, 1));
-    if (want_logprobs(g) && !g->req.stream) g->lp = lp_new(g);
     c->gen = g;
-    sched_stream_set_notify(g->st, gen_notify, &s->slots[g->slot]);
+    for (int i = 0; i < g->n_choices; i++) {
+        if (want_logprobs(g) && !g->req.stream) g->ch[i].lp = lp_new(g);
+        sched_stream_set_notify(g->ch[i].st, gen_notify, &s->slots[g->slot]);
+    }
 
     if (!g->req.stream) return server_gen_continue(c);
 
-    if (api == SERVER_API_CHAT) sse_emit(g, chunk(g, "", 0, NULL, NULL, 1));
+    if (api == SERVER_API_CHAT)
+        for (int i = 0; i < g->n_choices; i++) sse_emit(g, chunk(g, i, "", 0, NULL, NULL, 1));
     struct MHD_Response *resp =
         MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16 * 1024, sse_read, c, NULL);
     if (!resp) return MHD_NO;

@@ -44,8 +44,10 @@ def test_defaults_without_file(krserve, workdir):
     assert r.returncode == 0, r.stderr
     d = parse_dump(r.stdout)
     assert "# config file: none" in r.stdout
-    assert len(d) == 40
+    assert len(d) == 42
     assert d["model.device"] == ("cpu", "default")
+    assert d["performance.prefixCache.enabled"] == ("true", "default")
+    assert d["performance.prefixCache.maxTokens"] == ("0", "default")
     assert d["server.port"] == ("8080", "default")
     assert d["performance.gpuScheduler.mode"] == ("auto", "default")
     assert d["monitoring.metrics.windowsSec"] == ("[5, 30, 60]", "default")

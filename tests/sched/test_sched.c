@@ -68,6 +68,7 @@ struct result {
     char text[2048];
     size_t text_len;
     double total_ms; /* submit -> finish, from the FINISH event */
+    int cached;      /* prompt tokens the prefix cache supplied */
 };
 
 static void make_request(struct sched_request *r, int32_t *ids, int *n_ids, const char *prompt,
@@ -96,6 +97,7 @@ static void collect(struct sched_stream *st, struct result *res)
         if (ev.kind == SCHED_EV_FINISH) {
             res->finish = ev.finish;
             res->total_ms = ev.total_ms;
+            res->cached = ev.n_cached_tokens;
             break;
         }
         if (ev.token >= 0 && res->n < 64) res->tokens[res->n++] = ev.token;
@@ -237,6 +239,84 @@ static void test_preemption_tiny_kv_completes_correctly(void **state)
     if (!model) skip();
     /* 8 blocks of 16 positions: six requests of ~10 + 12 tokens cannot all hold their KV. */
     concurrent_equals_alone(128, 0, 1);
+}
+
+/* The prefix cache: four prompts opening with the same ~100 tokens, greedy and seeded, give
+ * the tokens a cache-off engine gives, whether they run together (the later ones wait for the
+ * first one's prefill and attach its blocks) or again one by one (their whole prompts cached);
+ * the FINISH event says how many prompt tokens came from the cache. */
+static void test_prefix_cache_equals_no_cache(void **state)
+{
+    if (!model) skip();
+    static const char *const tails[4] = {" First, the", " Second, a", " Third: the", " Finally"};
+    char text[4][1024];
+    static int32_t ids[4][256];
+    struct sched_request req[4];
+    static struct result ref[4], together[4], again[4];
+    for (int i = 0; i < 4; i++) {
+        int n;
+        snprintf(text[i], sizeof text[i], "%s%s",
+                 "Here is a long shared preamble that several requests open with, as a system "
+                 "prompt would: be brief, be precise, use plain words, cite nothing you have not "
+                 "seen, and keep every answer to one short sentence unless the user asks for "
+                 "more detail about the subject at hand, which they rarely do.",
+                 tails[i]);
+        make_request(&req[i], ids[i], &n, text[i], 8);
+        req[i].ignore_eos = 1;
+        if (i % 2) {
+            req[i].sampling.temperature = 0.9f;
+            req[i].sampling.seed = 77 + (uint64_t)i;
+            req[i].has_seed = 1;
+        }
+    }
+    struct sched_params p;
+    test_params(&p, 4096, SCHED_MODE_FIXED);
+    p.fixed_batch = 4;
+    p.prefix_cache = 0;
+    struct sched *off = create_sched(&p, NULL);
+    for (int i = 0; i < 4; i++) {
+        run_alone(off, &req[i], &ref[i]);
+        assert_int_equal(ref[i].cached, 0);
+    }
+    sched_destroy(off);
+
+    struct metrics *m;
+    assert_int_equal(metrics_create(clock_now_ns(), &m), KRS_OK);
+    p.prefix_cache = 1;
+    struct sched *s = create_sched(&p, m);
+    struct sched_stream *st[4];
+    for (int i = 0; i < 4; i++) {
+        uint64_t id;
+        assert_int_equal(sched_submit(s, &req[i], &st[i], &id), KRS_OK);
+    }
+    for (int i = 0; i < 4; i++) collect(st[i], &together[i]);
+    int attached = 0;
+    for (int i = 0; i < 4; i++) {
+        run_alone(s, &req[i], &again[i]);
+        attached += together[i].cached > 0;
+        assert_int_equal(again[i].cached, (req[i].n_prompt - 1) / 16 * 16);
+        const struct result *got[2] = {&together[i], &again[i]};
+        for (int k = 0; k < 2; k++) {
+            assert_int_equal(got[k]->n, ref[i].n);
+            assert_memory_equal(got[k]->tokens, ref[i].tokens, sizeof(int32_t) * ref[i].n);
+            assert_int_equal(got[k]->text_len, ref[i].text_len);
+            assert_memory_equal(got[k]->text, ref[i].text, ref[i].text_len);
+        }
+    }
+    printf("prompt %d tokens: %d of 4 concurrent requests attached a cached prefix\n",
+           req[0].n_prompt, attached);
+    assert_int_equal(attached, 3); /* all but the one that computed it */
+    struct metrics_snapshot *snap = calloc(1, sizeof *snap);
+    assert_non_null(snap);
+    assert_int_equal(metrics_snapshot(m, clock_now_ns(), snap), KRS_OK);
+    assert_int_equal(snap->prefix_requests, 8);
+    assert_int_equal(snap->prefix_hit_requests, 7);
+    assert_true(snap->prefix_blocks > 0);
+    free(snap);
+    assert_kv_all_free(s);
+    assert_counters_balance(s);
+    sched_destroy(s);
+    metrics_destroy(m);
 }
 
 static void test_priorities_order_admission(void **state)
@@ -450,6 +530,7 @@ int main(void)
         cmocka_unit_test(test_concurrent_greedy_equals_alone),
         cmocka_unit_test(test_concurrent_seeded_equals_alone),
         cmocka_unit_test(test_preemption_tiny_kv_completes_correctly),
+        cmocka_unit_test(test_prefix_cache_equals_no_cache),
         cmocka_unit_test(test_priorities_order_admission),
         cmocka_unit_test(test_cancel_at_every_stage),
         cmocka_unit_test(test_slow_reader_is_cancelled),
