@@ -338,6 +338,17 @@ static void *gen_thread(void *arg)
         g->fin.finish = SCHED_FINISH_ERROR;
         snprintf(g->fin.reason, sizeof g->fin.reason, "stream ended without a finish event");
     }
+    /* Out of the cancel registry before the final notifications go out (a client that has seen
+     * the stream end must get "unknown or finished stream" for it) and before the engine
+     * reference goes. */
+    pthread_mutex_lock(&c->lock);
+    for (struct rpc_gen **pp = &c->active; *pp; pp = &(*pp)->next_active)
+        if (*pp == g) {
+            *pp = g->next_active;
+            break;
+        }
+    g->in_active = 0;
+    pthread_mutex_unlock(&c->lock);
     if (g->streaming) {
         const struct sched_event *f = &g->fin;
         cJSON *p = cJSON_CreateObject();
@@ -361,15 +372,6 @@ static void *gen_thread(void *arg)
     }
     sched_stream_release(g->st);
     g->st = NULL;
-    /* Out of the cancel registry before the engine reference goes. */
-    pthread_mutex_lock(&c->lock);
-    for (struct rpc_gen **pp = &c->active; *pp; pp = &(*pp)->next_active)
-        if (*pp == g) {
-            *pp = g->next_active;
-            break;
-        }
-    g->in_active = 0;
-    pthread_mutex_unlock(&c->lock);
     engine_release(g->eng);
     g->eng = NULL;
 
