@@ -1,0 +1,94 @@
+/* Private to grammar/: the compiled grammar and the sorted vocabulary.
+ *
+ * A grammar is a flat array of elements. Rule r starts at el[rule_start[r]]; its alternatives
+ * follow one another, each ended by G_ALT, the last by G_END. Terminals match one Unicode code
+ * point: G_LIT (val = the code point) or G_CLASS (val = index into classes). A position in the
+ * grammar is an index into el; a parse stack is a list of positions, the top being the next
+ * element to match (the matcher, grammar_match.c, keeps a set of such stacks). */
+#ifndef KRS_GRAMMAR_IMPL_H
+#define KRS_GRAMMAR_IMPL_H
+
+#include "grammar/grammar.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+enum { G_END = 0, G_ALT = 1, G_REF = 2, G_LIT = 3, G_CLASS = 4 };
+
+struct gel {
+    uint32_t type;
+    uint32_t val;
+};
+
+struct gclass {
+    uint32_t off, n; /* ranges[off .. off + n) */
+    uint32_t neg;    /* 1: matches every code point outside the ranges */
+};
+
+struct grange {
+    uint32_t lo, hi; /* inclusive */
+};
+
+struct grammar {
+    _Atomic int refs;
+    struct gel *el;
+    uint32_t n_el;
+    uint32_t *rule_start; /* [n_rules] */
+    uint32_t n_rules;
+    uint32_t root;
+    struct gclass *classes;
+    uint32_t n_classes;
+    struct grange *ranges;
+    uint32_t n_ranges;
+    char *text; /* the GBNF source (NUL-terminated) */
+};
+
+/* 1 when terminal element e matches code point cp. */
+static inline int grammar_el_match(const struct grammar *g, const struct gel *e, uint32_t cp)
+{
+    if (e->type == G_LIT) return e->val == cp;
+    const struct gclass *c = &g->classes[e->val];
+    int in = 0;
+    for (uint32_t i = 0; i < c->n && !in; i++)
+        in = cp >= g->ranges[c->off + i].lo && cp <= g->ranges[c->off + i].hi;
+    return in != (int)c->neg;
+}
+
+/* 1 when terminal e matches some code point in [lo, hi]. Exact for literals and positive
+ * classes; for negated classes, 0 only when one excluded range covers [lo, hi]. */
+static inline int grammar_el_match_range(const struct grammar *g, const struct gel *e, uint32_t lo,
+                                         uint32_t hi)
+{
+    if (e->type == G_LIT) return e->val >= lo && e->val <= hi;
+    const struct gclass *c = &g->classes[e->val];
+    for (uint32_t i = 0; i < c->n; i++) {
+        const struct grange *r = &g->ranges[c->off + i];
+        if (c->neg && r->lo <= lo && r->hi >= hi) return 0;
+        if (!c->neg && r->lo <= hi && r->hi >= lo) return 1;
+    }
+    return (int)c->neg;
+}
+
+/* Tokens sorted by their bytes, so that tokens sharing a prefix are neighbours: the mask walk
+ * reuses the automaton states of the common prefix (lcp) and skips every token below a dead
+ * prefix. Tokens with empty text are left out. */
+struct grammar_vocab {
+    int32_t n_vocab;
+    int32_t n_sorted;
+    int32_t *order;    /* [n_sorted] token ids, by bytes */
+    uint32_t *off;     /* [n_sorted] offsets into bytes */
+    uint16_t *len;     /* [n_sorted] */
+    uint16_t *lcp;     /* [n_sorted] common prefix with the previous entry */
+    uint8_t *bytes;    /* concatenated texts */
+    uint32_t *tok_off; /* [n_vocab] by token id: offset into bytes */
+    uint16_t *tok_len; /* [n_vocab] 0 = empty text */
+    uint8_t *eog;      /* [n_vocab] 1 = end of generation */
+    uint16_t max_len;
+};
+
+/* A vocabulary from explicit token texts (tests, benches): text[t][0..len[t]), eog[t] (may be
+ * NULL). Everything is copied. */
+int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
+                             const uint8_t *eog, struct grammar_vocab **out);
+
+#endif
