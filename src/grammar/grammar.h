@@ -50,6 +50,16 @@ int grammar_compile_json_schema(const char *schema, size_t len, struct grammar *
  * Same errors as grammar_compile_json_schema. For tests, docs and debugging. */
 int grammar_schema_to_gbnf(const char *schema, size_t len, char **out, char *err, size_t errlen);
 
+/* The grammar a request asks for, shared by the front ends (OpenAI and JSON-RPC): rf is the
+ * request's "response_format" (absent/null or {"type":"text"}: none; {"type":"json_object"};
+ * {"type":"json_schema","json_schema":{"schema":{...}}}), gbnf its "grammar" (a GBNF string);
+ * both given is an error. KRS_OK with *out NULL when the output is unconstrained. Errors:
+ * KRS_ERR_INVALID or KRS_ERR_UNSUPPORTED with *param the request field to blame and err the
+ * reason (naming the unsupported keyword). The caller owns *out. */
+struct cJSON;
+int grammar_from_request(const struct cJSON *rf, const struct cJSON *gbnf, struct grammar **out,
+                         const char **param, char *err, size_t errlen);
+
 struct grammar *grammar_retain(struct grammar *g);
 void grammar_release(struct grammar *g); /* NULL is a no-op; frees at the last reference */
 

@@ -71,18 +71,35 @@ static inline int grammar_el_match_range(const struct grammar *g, const struct g
 
 /* Tokens sorted by their bytes, so that tokens sharing a prefix are neighbours: the mask walk
  * reuses the automaton states of the common prefix (lcp) and skips every token below a dead
- * prefix. Tokens with empty text are left out. */
+ * prefix. */
+struct grammar_toklist {
+    int32_t n;
+    int32_t *order; /* [n] token ids, by bytes */
+    uint32_t *off;  /* [n] offsets into the vocabulary's bytes */
+    uint16_t *len;  /* [n] */
+    uint16_t *lcp;  /* [n] common prefix with the previous entry */
+};
+
+/* "Plain" tokens: complete UTF-8 made only of printable ASCII other than '"' and '\', and
+ * non-ASCII code points (most of a vocabulary). Where the grammar takes any such character
+ * the same way (inside a JSON string), they need no walk: plain_le[l - 1] holds the plain
+ * tokens of at most l code points. */
+#define GRAMMAR_PLAIN_LEVELS 16
+
 struct grammar_vocab {
     int32_t n_vocab;
-    int32_t n_sorted;
-    int32_t *order;    /* [n_sorted] token ids, by bytes */
-    uint32_t *off;     /* [n_sorted] offsets into bytes */
-    uint16_t *len;     /* [n_sorted] */
-    uint16_t *lcp;     /* [n_sorted] common prefix with the previous entry */
-    uint8_t *bytes;    /* concatenated texts */
-    uint32_t *tok_off; /* [n_vocab] by token id: offset into bytes */
-    uint16_t *tok_len; /* [n_vocab] 0 = empty text */
-    uint8_t *eog;      /* [n_vocab] 1 = end of generation */
+    int32_t n_words;             /* mask words: ceil(n_vocab / 32) */
+    struct grammar_toklist all;  /* every token with text */
+    struct grammar_toklist rest; /* the tokens with text that are not plain */
+    uint8_t *bytes;              /* concatenated texts */
+    uint32_t *tok_off;           /* [n_vocab] by token id: offset into bytes */
+    uint16_t *tok_len;           /* [n_vocab] 0 = empty text */
+    uint8_t *eog;                /* [n_vocab] 1 = end of generation */
+    uint8_t *plain_cps;          /* [n_vocab] code points of a plain token (max 255), else 0 */
+    uint32_t *plain_le;          /* [GRAMMAR_PLAIN_LEVELS][n_words] */
+    int32_t *plain_long;         /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
+    int32_t n_plain_long;
+    int32_t max_plain; /* most code points of a plain token */
     uint16_t max_len;
 };
 

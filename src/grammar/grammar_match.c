@@ -4,19 +4,20 @@
  * grammar positions, its top a terminal to match next; an empty stack means the text so far is
  * a complete sentence. Advancing by a code point keeps the stacks whose top matches, pops that
  * terminal and expands rule references at the new top depth-first (no left recursion: checked
- * at compile time), giving the next set. Text arrives as bytes: a state may also be "inside a
- * UTF-8 sequence" (a base state plus the bits seen so far), kept only when some stack can match
- * a code point with that prefix.
+ * at compile time), giving the next set. Text arrives as bytes: between code points the
+ * position is an interned state; inside a UTF-8 sequence it is a "virtual" value (the state
+ * before the sequence, the bits so far, the bytes left), never interned, kept only when some
+ * stack can match a code point with that prefix.
  *
  * Speed. Each distinct state (the sorted, deduplicated set of stacks) is interned once and gets
  * a numeric id; transitions by byte are filled in lazily and cached (a lazily built DFA over
- * the grammar's states). Code points >= 0x80 are looked up by their "signature" (which stacks'
- * tops match them), so a JSON string state handles every non-ASCII character with one
- * expansion. The mask of a state walks the vocabulary sorted by bytes: neighbours share the
- * states of their common prefix and a dead prefix skips every token below it, so a miss costs a
- * few table lookups per distinct trie byte; masks are cached per state (MASK_SLOTS, clock
- * eviction), so a state the sequence returns to (inside a string, between list items) costs
- * nothing.
+ * the grammar's states) for ASCII. Most states treat every code point >= 0x80 alike (a JSON
+ * string takes them all, structure takes none): such a state stores its one non-ASCII
+ * successor; the others look code points up by their "signature" (which stacks' tops match). The
+ * mask of a state walks the vocabulary sorted by bytes: neighbours share the states of their common
+ * prefix and a dead prefix skips every token below it, so a miss costs a few table lookups per
+ * distinct trie byte; masks are cached per state (MASK_SLOTS, clock eviction), so a state the
+ * sequence returns to (inside a string, between list items) costs nothing.
  *
  * Memory is reserved at creation; when a table fills up everything is flushed and rebuilt from
  * the current state. Must not allocate after grammar_matcher_create. */
@@ -29,29 +30,38 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_STATES   16000 /* ids fit int16 */
-#define HASH_SIZE    32768 /* power of two, >= 2 * MAX_STATES */
-#define KEY_WORDS    (256 * 1024)
-#define TRANS_CAP    (1024 * 1024)
-#define SIG_SIZE     8192 /* power of two */
-#define MASK_SLOTS   16
-#define MAX_STACKS   512
-#define MAX_DEPTH    1024
-#define BUILD_WORDS  (64 * 1024)
-#define UNKNOWN      (-1)
-#define DEAD         (-2)
-#define KIND_FULL    0
-#define KIND_PARTIAL 1
+#define MAX_STATES  16000 /* ids fit int16 */
+#define HASH_SIZE   32768 /* power of two, >= 2 * MAX_STATES */
+#define KEY_WORDS   (256 * 1024)
+#define TRANS_CAP   (1024 * 1024)
+#define SIG_SIZE    8192 /* power of two */
+#define MASK_SLOTS  16
+#define MAX_STACKS  512
+#define MAX_DEPTH   1024
+#define BUILD_WORDS (64 * 1024)
+#define UNKNOWN     (-1)
+#define DEAD        (-2)
+#define NA_UNKNOWN  0
+#define NA_UNIFORM  1 /* every code point >= 0x80 leads to na_next */
+#define NA_MIXED    2
+
+/* Positions: >= 0 an interned state; VPART bit set: inside a UTF-8 sequence. */
+#define VPART                (1ll << 62)
+#define VP_MAKE(b, cp, r, t) (VPART | (int64_t)(b) << 32 | (int64_t)(cp) << 8 | (r) << 4 | (t))
+#define VP_BASE(v)           ((int32_t)((v) >> 32 & 0xFFFF))
+#define VP_CP(v)             ((uint32_t)((v) >> 8 & 0x1FFFFF))
+#define VP_REM(v)            ((int)((v) >> 4 & 0xF))
+#define VP_TOTAL(v)          ((int)((v)&0xF))
 
 struct mstate {
-    uint32_t key_off, key_len; /* FULL: [len, pos...] per stack, stacks sorted */
+    uint32_t key_off, key_len; /* [len, pos...] per stack, stacks sorted */
     uint32_t hash;
-    int32_t trans; /* offset in the transition pool, or -1 */
-    uint8_t kind, accepting, rem, total;
-    int16_t base;      /* PARTIAL: the state before the UTF-8 sequence */
-    int16_t mask_slot; /* -1: no cached mask */
-    uint32_t cp;       /* PARTIAL: bits so far */
-    uint32_t n_term;   /* FULL: stacks with a terminal on top */
+    int32_t trans; /* offset in the transition pool (128 ASCII entries), or -1 */
+    uint8_t accepting, na_kind, plain_kind;
+    int16_t mask_slot;  /* -1: no cached mask */
+    int32_t plain_next; /* NA_UNIFORM plain_kind: the state after any plain character */
+    int32_t na_next;    /* NA_UNIFORM: the state after any code point >= 0x80 (or DEAD) */
+    uint32_t n_term;    /* stacks with a terminal on top */
 };
 
 struct sig_entry {
@@ -84,8 +94,8 @@ struct grammar_matcher {
     int32_t slot_allowed[MASK_SLOTS];
     uint8_t slot_ref[MASK_SLOTS];
     int clock_hand;
-    int16_t *walk; /* [max_len + 1] states along the current token */
-    int32_t cur;
+    int64_t *walk; /* [max_len + 1] positions along the current token */
+    int64_t cur;
     int finished; /* an end-of-generation token was accepted */
     struct grammar_matcher_stats stats;
 };
@@ -173,7 +183,7 @@ static int32_t intern_full(struct grammar_matcher *m)
     uint32_t len = k - start, h = hash_words(m->keys + start, len, 0);
     for (uint32_t i = h & (HASH_SIZE - 1); m->hash[i] >= 0; i = (i + 1) & (HASH_SIZE - 1)) {
         const struct mstate *s = &m->st[m->hash[i]];
-        if (s->kind == KIND_FULL && s->hash == h && s->key_len == len &&
+        if (s->hash == h && s->key_len == len &&
             !memcmp(m->keys + s->key_off, m->keys + start, len * sizeof(uint32_t)))
             return m->hash[i];
     }
@@ -181,33 +191,10 @@ static int32_t intern_full(struct grammar_matcher *m)
     if (id < 0) return DEAD;
     m->n_keys = k;
     struct mstate *s = &m->st[id];
-    s->kind = KIND_FULL;
     s->key_off = start;
     s->key_len = len;
     s->n_term = n_term;
     s->accepting = (uint8_t)accepting;
-    return id;
-}
-
-static int32_t intern_partial(struct grammar_matcher *m, int32_t base, uint32_t cp, int rem,
-                              int total)
-{
-    uint32_t w[3] = {(uint32_t)base, cp, (uint32_t)(rem | total << 8)};
-    uint32_t h = hash_words(w, 3, 1);
-    for (uint32_t i = h & (HASH_SIZE - 1); m->hash[i] >= 0; i = (i + 1) & (HASH_SIZE - 1)) {
-        const struct mstate *s = &m->st[m->hash[i]];
-        if (s->kind == KIND_PARTIAL && s->hash == h && s->base == base && s->cp == cp &&
-            s->rem == rem && s->total == total)
-            return m->hash[i];
-    }
-    int32_t id = new_state(m, h);
-    if (id < 0) return DEAD;
-    struct mstate *s = &m->st[id];
-    s->kind = KIND_PARTIAL;
-    s->base = (int16_t)base;
-    s->cp = cp;
-    s->rem = (uint8_t)rem;
-    s->total = (uint8_t)total;
     return id;
 }
 
@@ -326,70 +313,91 @@ static int viable(const struct grammar_matcher *m, int32_t id, uint32_t lo, uint
     return 0;
 }
 
-static int32_t partial_or_dead(struct grammar_matcher *m, int32_t base, uint32_t cp, int rem,
-                               int total)
+/* Whether every code point >= 0x80 leads the same way from state id; if so, where. */
+static int na_uniform(struct grammar_matcher *m, int32_t id)
+{
+    struct mstate *s = &m->st[id];
+    if (s->na_kind != NA_UNKNOWN) return s->na_kind == NA_UNIFORM;
+    const struct grammar *g = m->g;
+    int uniform = 1;
+    const uint32_t *k = m->keys + s->key_off, *end = k + s->key_len;
+    for (; k < end && uniform; k += 1 + k[0]) {
+        if (!k[0]) continue;
+        const struct gel *e = &g->el[k[k[0]]];
+        int any = grammar_el_match_range(g, e, 0x80, 0x10FFFF);
+        int all = 0;
+        if (e->type == G_CLASS) {
+            const struct gclass *c = &g->classes[e->val];
+            if (c->neg) {
+                all = 1;
+                for (uint32_t i = 0; i < c->n; i++) all &= g->ranges[c->off + i].hi < 0x80;
+            } else {
+                for (uint32_t i = 0; i < c->n; i++)
+                    all |= g->ranges[c->off + i].lo <= 0x80 && g->ranges[c->off + i].hi >= 0x10FFFF;
+            }
+        }
+        uniform = !any || all;
+    }
+    int32_t next = DEAD;
+    if (uniform) next = advance_cp(m, id, 0x80);
+    if (m->overflow) return uniform;
+    s = &m->st[id];
+    s->na_kind = uniform ? NA_UNIFORM : NA_MIXED;
+    s->na_next = next;
+    return uniform;
+}
+
+/* 1 when a code point with the bits `cp` so far (rem bytes left, total long) can follow id. */
+static int partial_viable(struct grammar_matcher *m, int32_t id, uint32_t cp, int rem, int total)
 {
     static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (na_uniform(m, id)) return m->st[id].na_next >= 0;
     uint32_t lo = cp << (6 * rem), hi = lo | ((1u << (6 * rem)) - 1);
     if (lo < min_cp[total]) lo = min_cp[total];
     if (hi > 0x10FFFF) hi = 0x10FFFF;
-    if (lo > hi || !viable(m, base, lo, hi)) return DEAD;
-    return intern_partial(m, base, cp, rem, total);
+    return lo <= hi && viable(m, id, lo, hi);
 }
 
-static int16_t *trans_of(struct grammar_matcher *m, int32_t id)
+/* The position after byte c from position v (DEAD when no sentence continues that way). */
+static int64_t step_byte(struct grammar_matcher *m, int64_t v, uint8_t c)
 {
+    if (v & VPART) {
+        if ((c & 0xC0) != 0x80) return DEAD;
+        int32_t base = VP_BASE(v);
+        uint32_t cp = VP_CP(v) << 6 | (c & 0x3Fu);
+        int rem = VP_REM(v) - 1, total = VP_TOTAL(v);
+        if (rem > 0)
+            return partial_viable(m, base, cp, rem, total) ? VP_MAKE(base, cp, rem, total) : DEAD;
+        static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[total] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return DEAD;
+        if (na_uniform(m, base)) return m->st[base].na_next;
+        return advance_sig(m, base, cp);
+    }
+    int32_t id = (int32_t)v;
+    if (c >= 0x80) {
+        int rem = c >= 0xC2 && c <= 0xDF   ? 1
+                  : c >= 0xE0 && c <= 0xEF ? 2
+                  : c >= 0xF0 && c <= 0xF4 ? 3
+                                           : 0;
+        if (!rem) return DEAD;
+        uint32_t cp = c & (rem == 1 ? 0x1Fu : rem == 2 ? 0x0Fu : 0x07u);
+        return partial_viable(m, id, cp, rem, rem + 1) ? VP_MAKE(id, cp, rem, rem + 1) : DEAD;
+    }
     struct mstate *s = &m->st[id];
     if (s->trans < 0) {
-        uint32_t n = s->kind == KIND_FULL ? 256 : 64;
-        if (m->n_trans + n > TRANS_CAP) {
+        if (m->n_trans + 128 > TRANS_CAP) {
             m->overflow = 1;
-            return NULL;
+            return DEAD;
         }
         s->trans = (int32_t)m->n_trans;
-        memset(m->trans + m->n_trans, 0xFF, n * sizeof *m->trans); /* -1 = UNKNOWN */
-        m->n_trans += n;
+        memset(m->trans + m->n_trans, 0xFF, 128 * sizeof *m->trans); /* -1 = UNKNOWN */
+        m->n_trans += 128;
     }
-    return m->trans + s->trans;
-}
-
-/* The state after byte c from state id (DEAD when no sentence continues that way). */
-static inline int32_t step_byte(struct grammar_matcher *m, int32_t id, uint8_t c)
-{
-    struct mstate *s = &m->st[id];
-    if (s->kind == KIND_PARTIAL && (c & 0xC0) != 0x80) return DEAD;
-    int16_t *t = trans_of(m, id);
-    if (!t) return DEAD;
-    int idx = s->kind == KIND_FULL ? c : c & 0x3F;
-    if (t[idx] != UNKNOWN) return t[idx];
-    int32_t next;
-    if (s->kind == KIND_FULL) {
-        if (c < 0x80)
-            next = advance_cp(m, id, c);
-        else if (c >= 0xC2 && c <= 0xDF)
-            next = partial_or_dead(m, id, c & 0x1Fu, 1, 2);
-        else if (c >= 0xE0 && c <= 0xEF)
-            next = partial_or_dead(m, id, c & 0x0Fu, 2, 3);
-        else if (c >= 0xF0 && c <= 0xF4)
-            next = partial_or_dead(m, id, c & 0x07u, 3, 4);
-        else
-            next = DEAD;
-    } else {
-        uint32_t cp = s->cp << 6 | (c & 0x3Fu);
-        int32_t base = s->base;
-        if (s->rem > 1) {
-            next = partial_or_dead(m, base, cp, s->rem - 1, s->total);
-        } else {
-            static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
-            if (cp < min_cp[s->total] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))
-                next = DEAD;
-            else
-                next = advance_sig(m, base, cp);
-        }
-    }
+    int16_t t = m->trans[s->trans + c];
+    if (t != UNKNOWN) return t;
+    int32_t next = advance_cp(m, id, c);
     if (m->overflow) return DEAD; /* nothing cached: the tables are about to be flushed */
-    t = m->trans + m->st[id].trans;
-    t[idx] = (int16_t)next;
+    m->trans[m->st[id].trans + c] = (int16_t)next;
     return next;
 }
 
@@ -407,11 +415,11 @@ static void reset_tables(struct grammar_matcher *m)
     for (int i = 0; i < MASK_SLOTS; i++) m->slot_state[i] = -1;
 }
 
-/* Rebuilds the automaton from nothing but the current state. */
+/* Rebuilds the automaton from nothing but the current position. */
 static int flush(struct grammar_matcher *m)
 {
-    struct mstate cur = m->st[m->cur];
-    int32_t base = cur.kind == KIND_FULL ? m->cur : cur.base;
+    int64_t cur = m->cur;
+    int32_t base = cur & VPART ? VP_BASE(cur) : (int32_t)cur;
     const struct mstate *bs = &m->st[base];
     uint32_t len = bs->key_len;
     /* the key moves to the build buffer (it holds at most BUILD_WORDS words as a state) */
@@ -425,46 +433,107 @@ static int flush(struct grammar_matcher *m)
     m->n_build_stacks = n;
     int32_t id = intern_full(m);
     if (id < 0) return KRS_ERR_INTERNAL;
-    if (cur.kind == KIND_PARTIAL) id = intern_partial(m, id, cur.cp, cur.rem, cur.total);
-    if (id < 0) return KRS_ERR_INTERNAL;
-    m->cur = id;
+    m->cur = cur & VPART ? VP_MAKE(id, VP_CP(cur), VP_REM(cur), VP_TOTAL(cur)) : id;
     return KRS_OK;
 }
 
 /* ---- masks ---- */
 
-static void walk_mask(struct grammar_matcher *m, int32_t from, uint32_t *mask, int32_t *n_allowed)
+/* Whether every plain character (grammar_impl.h) leads the same way from state id, and where:
+ * NA_UNIFORM with *next (DEAD when none is allowed), or NA_MIXED. */
+static int plain_step(struct grammar_matcher *m, int32_t id, int32_t *next)
+{
+    struct mstate *s = &m->st[id];
+    if (s->plain_kind == NA_UNKNOWN) {
+        int kind = NA_MIXED;
+        int32_t x = DEAD;
+        if (na_uniform(m, id)) {
+            x = m->st[id].na_next;
+            kind = NA_UNIFORM;
+            for (int c = 0x20; c < 0x7F && kind == NA_UNIFORM; c++) {
+                if (c == '"' || c == '\\') continue;
+                int64_t y = step_byte(m, id, (uint8_t)c);
+                if (y != x) kind = NA_MIXED;
+            }
+        }
+        if (m->overflow) return NA_MIXED;
+        s = &m->st[id];
+        s->plain_kind = (uint8_t)kind;
+        s->plain_next = x;
+    }
+    *next = s->plain_next;
+    return s->plain_kind;
+}
+
+/* How many plain characters in a row state id takes whatever they are: 0..max, or -1 when
+ * that depends on which characters (the plain shortcut does not apply). */
+static int32_t plain_run(struct grammar_matcher *m, int32_t id, int32_t max)
+{
+    int32_t n = 0;
+    while (n < max) {
+        int32_t next;
+        if (plain_step(m, id, &next) != NA_UNIFORM) return n ? -1 : -1;
+        if (next < 0) return n;
+        if (next == id) return max; /* a loop: any number */
+        id = next;
+        n++;
+    }
+    return n;
+}
+
+/* Sets the bits of the tokens of list l whose bytes the grammar takes from `from`. */
+static void walk_list(struct grammar_matcher *m, const struct grammar_toklist *l, int64_t from,
+                      uint32_t *mask)
 {
     const struct grammar_vocab *v = m->v;
-    int16_t *st = m->walk;
-    int32_t allowed = 0;
-    memset(mask, 0, (size_t)m->n_words * sizeof *mask);
-    st[0] = (int16_t)from;
+    int64_t *st = m->walk;
+    st[0] = from;
     uint32_t valid = 0;
-    for (int32_t i = 0; i < v->n_sorted && !m->overflow; i++) {
-        uint32_t d = v->lcp[i] < valid ? v->lcp[i] : valid, len = v->len[i];
-        const uint8_t *b = v->bytes + v->off[i];
+    for (int32_t i = 0; i < l->n && !m->overflow; i++) {
+        uint32_t d = l->lcp[i] < valid ? l->lcp[i] : valid, len = l->len[i];
+        const uint8_t *b = v->bytes + l->off[i];
         while (d < len) {
-            int32_t ns = step_byte(m, st[d], b[d]);
+            int64_t ns = step_byte(m, st[d], b[d]);
             if (ns < 0) break;
-            st[++d] = (int16_t)ns;
+            st[++d] = ns;
         }
         valid = d;
         if (d == len) {
-            int32_t t = v->order[i];
+            int32_t t = l->order[i];
             mask[t >> 5] |= 1u << (t & 31);
-            allowed++;
         } else {
-            while (i + 1 < v->n_sorted && v->lcp[i + 1] > d) i++;
+            while (i + 1 < l->n && l->lcp[i + 1] > d) i++;
         }
     }
-    const struct mstate *s = &m->st[from];
-    if (s->kind == KIND_FULL && s->accepting)
-        for (int32_t t = 0; t < v->n_vocab; t++)
-            if (v->eog[t]) {
-                mask[t >> 5] |= 1u << (t & 31);
-                allowed++;
+}
+
+static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, int32_t *n_allowed)
+{
+    const struct grammar_vocab *v = m->v;
+    size_t nw = (size_t)v->n_words;
+    memset(mask, 0, nw * sizeof *mask);
+    int32_t run = from & VPART ? -1 : plain_run(m, (int32_t)from, v->max_plain);
+    if (m->overflow) return;
+    if (run < 0) {
+        walk_list(m, &v->all, from, mask);
+    } else {
+        /* plain tokens of at most `run` code points all fit; walk only the others */
+        walk_list(m, &v->rest, from, mask);
+        if (run > 0) {
+            int32_t lv = run < GRAMMAR_PLAIN_LEVELS ? run : GRAMMAR_PLAIN_LEVELS;
+            const uint32_t *pm = v->plain_le + (size_t)(lv - 1) * nw;
+            for (size_t w = 0; w < nw; w++) mask[w] |= pm[w];
+            for (int32_t i = 0; i < v->n_plain_long; i++) {
+                int32_t t = v->plain_long[i];
+                if (v->plain_cps[t] <= run) mask[t >> 5] |= 1u << (t & 31);
             }
+        }
+    }
+    if (!(from & VPART) && m->st[from].accepting)
+        for (int32_t t = 0; t < v->n_vocab; t++)
+            if (v->eog[t]) mask[t >> 5] |= 1u << (t & 31);
+    int32_t allowed = 0;
+    for (size_t w = 0; w < nw; w++) allowed += __builtin_popcount(mask[w]);
     *n_allowed = allowed;
 }
 
@@ -472,12 +541,12 @@ int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32
 {
     m->stats.masks++;
     if (m->finished) return KRS_ERR_STATE;
-    struct mstate *s = &m->st[m->cur];
-    if (s->mask_slot >= 0) {
+    int16_t cached = m->cur & VPART ? -1 : m->st[m->cur].mask_slot;
+    if (cached >= 0) {
         m->stats.mask_hits++;
-        m->slot_ref[s->mask_slot] = 1;
-        *mask = m->masks + (size_t)s->mask_slot * (size_t)m->n_words;
-        *n_allowed = m->slot_allowed[s->mask_slot];
+        m->slot_ref[cached] = 1;
+        *mask = m->masks + (size_t)cached * (size_t)m->n_words;
+        *n_allowed = m->slot_allowed[cached];
         return KRS_OK;
     }
     uint64_t t0 = clock_now_ns();
@@ -496,10 +565,12 @@ int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32
         if (!m->overflow) break;
         if (attempt || flush(m)) return KRS_ERR_INTERNAL;
     }
-    m->slot_state[slot] = m->cur;
+    if (!(m->cur & VPART)) { /* inside a UTF-8 sequence: rare, not cached */
+        m->slot_state[slot] = (int32_t)m->cur;
+        m->st[m->cur].mask_slot = (int16_t)slot;
+    }
     m->slot_allowed[slot] = *n_allowed;
     m->slot_ref[slot] = 1;
-    m->st[m->cur].mask_slot = (int16_t)slot;
     m->stats.mask_ns += clock_now_ns() - t0;
     *mask = out;
     return KRS_OK;
@@ -520,7 +591,7 @@ int grammar_matcher_accept(struct grammar_matcher *m, int32_t token)
     if (!len) return KRS_ERR_INVALID;
     const uint8_t *b = v->bytes + v->tok_off[token];
     for (int attempt = 0;; attempt++) {
-        int32_t s = m->cur;
+        int64_t s = m->cur;
         for (uint32_t i = 0; i < len && s >= 0; i++) s = step_byte(m, s, b[i]);
         if (!m->overflow) {
             if (s < 0) return KRS_ERR_INVALID;
@@ -533,14 +604,15 @@ int grammar_matcher_accept(struct grammar_matcher *m, int32_t token)
 
 int grammar_matcher_accepting(const struct grammar_matcher *m)
 {
-    const struct mstate *s = &m->st[m->cur];
-    return !m->finished && s->kind == KIND_FULL && s->accepting;
+    return !m->finished && !(m->cur & VPART) && m->st[m->cur].accepting;
 }
 
 int grammar_matcher_done(const struct grammar_matcher *m)
 {
+    if (m->finished) return 1;
+    if (m->cur & VPART) return 0;
     const struct mstate *s = &m->st[m->cur];
-    return m->finished || (s->kind == KIND_FULL && s->accepting && s->n_term == 0);
+    return s->accepting && s->n_term == 0;
 }
 
 void grammar_matcher_get_stats(const struct grammar_matcher *m, struct grammar_matcher_stats *out)
@@ -576,7 +648,7 @@ int grammar_matcher_create(struct grammar *g, const struct grammar_vocab *v,
     if (!m) return KRS_ERR_NOMEM;
     m->g = grammar_retain(g);
     m->v = v;
-    m->n_words = (v->n_vocab + 31) / 32;
+    m->n_words = v->n_words;
     m->st = alloc_malloc(MAX_STATES * sizeof *m->st);
     m->hash = alloc_malloc(HASH_SIZE * sizeof *m->hash);
     m->keys = alloc_malloc(KEY_WORDS * sizeof *m->keys);

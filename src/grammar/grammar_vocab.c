@@ -24,17 +24,26 @@ static int cmp_tok(const void *pa, const void *pb)
     return la < lb ? -1 : la > lb;
 }
 
+static void list_free(struct grammar_toklist *l)
+{
+    alloc_free(l->order);
+    alloc_free(l->off);
+    alloc_free(l->len);
+    alloc_free(l->lcp);
+}
+
 void grammar_vocab_free(struct grammar_vocab *v)
 {
     if (!v) return;
-    alloc_free(v->order);
-    alloc_free(v->off);
-    alloc_free(v->len);
-    alloc_free(v->lcp);
+    list_free(&v->all);
+    list_free(&v->rest);
     alloc_free(v->bytes);
     alloc_free(v->tok_off);
     alloc_free(v->tok_len);
     alloc_free(v->eog);
+    alloc_free(v->plain_cps);
+    alloc_free(v->plain_le);
+    alloc_free(v->plain_long);
     alloc_free(v);
 }
 
@@ -43,31 +52,83 @@ int32_t grammar_vocab_size(const struct grammar_vocab *v)
     return v->n_vocab;
 }
 
-/* Sorts the tokens with text and computes the common prefixes. */
-static int vocab_finish(struct grammar_vocab *v)
+/* Code points of a plain token (see grammar_impl.h), 0 when it is not plain. */
+static int plain_count(const uint8_t *s, size_t n)
 {
+    int cps = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned c = s[i];
+        size_t len = c < 0x80                 ? 1
+                     : c >= 0xC2 && c <= 0xDF ? 2
+                     : c >= 0xE0 && c <= 0xEF ? 3
+                     : c >= 0xF0 && c <= 0xF4 ? 4
+                                              : 0;
+        if (!len || i + len > n) return 0;
+        if (len == 1 && (c < 0x20 || c > 0x7E || c == '"' || c == '\\')) return 0;
+        uint32_t cp = len == 1 ? c : c & (0x7Fu >> len);
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + k] & 0x3Fu);
+        }
+        static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+        i += len;
+        cps++;
+    }
+    return cps > 255 ? 255 : cps;
+}
+
+/* Fills l with the tokens t (with text) for which want(t) holds, sorted, with common prefixes. */
+static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, int plain_only_not)
+{
+    size_t n = (size_t)v->n_vocab;
+    l->order = alloc_malloc(n * sizeof *l->order + 1);
+    l->off = alloc_malloc(n * sizeof *l->off + 1);
+    l->len = alloc_malloc(n * sizeof *l->len + 1);
+    l->lcp = alloc_malloc(n * sizeof *l->lcp + 1);
+    if (!l->order || !l->off || !l->len || !l->lcp) return KRS_ERR_NOMEM;
+    for (int32_t t = 0; t < v->n_vocab; t++)
+        if (v->tok_len[t] && (!plain_only_not || !v->plain_cps[t])) l->order[l->n++] = t;
     static pthread_mutex_t sort_lock = PTHREAD_MUTEX_INITIALIZER;
     pthread_mutex_lock(&sort_lock);
     sort_vocab = v;
-    qsort(v->order, (size_t)v->n_sorted, sizeof *v->order, cmp_tok);
+    qsort(l->order, (size_t)l->n, sizeof *l->order, cmp_tok);
     pthread_mutex_unlock(&sort_lock);
-    v->off = alloc_malloc((size_t)v->n_sorted * sizeof *v->off + 1);
-    v->len = alloc_malloc((size_t)v->n_sorted * sizeof *v->len + 1);
-    v->lcp = alloc_malloc((size_t)v->n_sorted * sizeof *v->lcp + 1);
-    if (!v->off || !v->len || !v->lcp) return KRS_ERR_NOMEM;
-    for (int32_t i = 0; i < v->n_sorted; i++) {
-        int32_t t = v->order[i];
-        v->off[i] = v->tok_off[t];
-        v->len[i] = v->tok_len[t];
-        uint16_t l = 0;
+    for (int32_t i = 0; i < l->n; i++) {
+        int32_t t = l->order[i];
+        l->off[i] = v->tok_off[t];
+        l->len[i] = v->tok_len[t];
+        uint16_t c = 0;
         if (i > 0) {
-            const uint8_t *a = v->bytes + v->off[i - 1], *b = v->bytes + v->off[i];
-            uint16_t m = v->len[i - 1] < v->len[i] ? v->len[i - 1] : v->len[i];
-            while (l < m && a[l] == b[l]) l++;
+            const uint8_t *a = v->bytes + l->off[i - 1], *b = v->bytes + l->off[i];
+            uint16_t m = l->len[i - 1] < l->len[i] ? l->len[i - 1] : l->len[i];
+            while (c < m && a[c] == b[c]) c++;
         }
-        v->lcp[i] = l;
+        l->lcp[i] = c;
     }
     return KRS_OK;
+}
+
+/* Everything derived from the token texts: plain tokens, their masks, both sorted lists. */
+static int vocab_finish(struct grammar_vocab *v)
+{
+    v->n_words = (v->n_vocab + 31) / 32;
+    size_t nw = (size_t)v->n_words;
+    v->plain_cps = alloc_calloc((size_t)v->n_vocab, 1);
+    v->plain_le = alloc_calloc(GRAMMAR_PLAIN_LEVELS * nw, sizeof *v->plain_le);
+    v->plain_long = alloc_malloc((size_t)v->n_vocab * sizeof *v->plain_long);
+    if (!v->plain_cps || !v->plain_le || !v->plain_long) return KRS_ERR_NOMEM;
+    for (int32_t t = 0; t < v->n_vocab; t++) {
+        int c = v->eog[t] ? 0 : plain_count(v->bytes + v->tok_off[t], v->tok_len[t]);
+        v->plain_cps[t] = (uint8_t)c;
+        if (c > v->max_plain) v->max_plain = c;
+        if (c > GRAMMAR_PLAIN_LEVELS) v->plain_long[v->n_plain_long++] = t;
+        for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++)
+            v->plain_le[(size_t)(l - 1) * nw + (size_t)(t >> 5)] |= 1u << (t & 31);
+    }
+    int rc = list_build(v, &v->all, 0);
+    if (!rc) rc = list_build(v, &v->rest, 1);
+    return rc;
 }
 
 /* Empty vocabulary of n tokens with room for `cap` bytes of text. */
@@ -80,8 +141,7 @@ static struct grammar_vocab *vocab_new(int32_t n, size_t cap)
     v->tok_off = alloc_calloc((size_t)n, sizeof *v->tok_off);
     v->tok_len = alloc_calloc((size_t)n, sizeof *v->tok_len);
     v->eog = alloc_calloc((size_t)n, 1);
-    v->order = alloc_malloc((size_t)n * sizeof *v->order);
-    if (!v->bytes || !v->tok_off || !v->tok_len || !v->eog || !v->order) {
+    if (!v->bytes || !v->tok_off || !v->tok_len || !v->eog) {
         grammar_vocab_free(v);
         return NULL;
     }
@@ -96,7 +156,6 @@ static void vocab_add(struct grammar_vocab *v, size_t *used, int32_t t, const ch
     v->tok_len[t] = (uint16_t)len;
     if (len > v->max_len) v->max_len = (uint16_t)len;
     *used += len;
-    if (len) v->order[v->n_sorted++] = t;
 }
 
 int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,

@@ -105,6 +105,7 @@ static void req_free(struct req *r)
     alloc_free(r->tokens);
     alloc_free(r->bias);
     alloc_free(r->stop_ids);
+    grammar_matcher_free(r->gm);
     alloc_free(r);
 }
 
@@ -113,6 +114,17 @@ static uint64_t random_seed(uint64_t id)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ (id * 0x9E3779B97F4A7C15ull);
+}
+
+/* The model's token texts for grammar matchers, built once on first use (any thread). */
+static int grammar_vocab(struct sched *s, const struct grammar_vocab **out)
+{
+    int rc = KRS_OK;
+    pthread_mutex_lock(&s->gvocab_lock);
+    if (!s->gvocab) rc = grammar_vocab_create(s->tok, &s->gvocab);
+    *out = s->gvocab;
+    pthread_mutex_unlock(&s->gvocab_lock);
+    return rc;
 }
 
 static int req_create(struct sched *s, const struct sched_request *in, uint64_t id,
@@ -161,6 +173,11 @@ static int req_create(struct sched *s, const struct sched_request *in, uint64_t 
         r->n_stop_ids = in->n_stop_ids;
     }
     if ((rc = stop_matcher_init(&r->stop, in->stop, in->n_stop))) goto fail;
+    if (in->grammar) {
+        const struct grammar_vocab *gv = NULL;
+        if ((rc = grammar_vocab(s, &gv)) || (rc = grammar_matcher_create(in->grammar, gv, &r->gm)))
+            goto fail;
+    }
     tokenizer_detok_init(&r->detok, 0);
     r->ignore_eos = in->ignore_eos;
     r->t_submit = clock_now_ns();
@@ -562,6 +579,16 @@ static enum sched_finish accept_token(struct sched *s, struct req *r,
         metrics_record_inter_token(s->metrics, now - r->t_last);
     }
     r->t_last = now;
+    if (r->gm) {
+        if (grammar_matcher_accept(r->gm, res->token)) {
+            *reason = "grammar: sampled token outside the grammar";
+            return SCHED_FINISH_ERROR;
+        }
+        if (tokenizer_is_eog(s->tok, res->token)) { /* allowed: the output is complete */
+            *reason = "stop token";
+            return SCHED_FINISH_STOP;
+        }
+    }
     if (is_stop_token(s, r, res->token)) {
         *reason = "stop token";
         return SCHED_FINISH_STOP;
@@ -603,6 +630,10 @@ static enum sched_finish accept_token(struct sched *s, struct req *r,
     }
     if (stopped) {
         *reason = "stop string";
+        return SCHED_FINISH_STOP;
+    }
+    if (r->gm && grammar_matcher_done(r->gm)) {
+        *reason = "grammar complete";
         return SCHED_FINISH_STOP;
     }
     if (r->n_gen >= r->max_tokens) {
@@ -721,9 +752,18 @@ static void sample_rows(void *arg, int ith, int nth)
     for (int row; (row = atomic_fetch_add_explicit(&s->next_sample_row, 1, memory_order_relaxed)) <
                   s->n_sample_rows;) {
         struct req *r = s->b_rows[row];
-        s->res_rc[row] = sampler_sample(
-            &r->sampler, s->scratch[ith], s->cur_logits + (size_t)row * n_vocab, n_vocab, r->tokens,
-            r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
+        const uint32_t *allow = NULL;
+        if (r->gm) {
+            int32_t n_allowed = 0;
+            int rc = grammar_matcher_mask(r->gm, &allow, &n_allowed);
+            if (rc || n_allowed == 0) {
+                s->res_rc[row] = rc ? rc : KRS_ERR_STATE;
+                continue;
+            }
+        }
+        s->res_rc[row] = sampler_sample_masked(
+            &r->sampler, s->scratch[ith], s->cur_logits + (size_t)row * n_vocab, n_vocab, allow,
+            r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
     }
 }
 
@@ -748,6 +788,7 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
         struct req *r = s->b_rows[row];
         const struct sampler_params *sp = &r->sampler.params;
         if (sp->n_top_logprobs > 0) return 0;
+        if (r->gm) return 0; /* the token mask is applied by the host sampler */
         int32_t n;
         if (sampler_edits(&r->sampler, s->scratch[0], r->tokens, r->n_prompt,
                           r->tokens + r->n_prompt, r->n_gen, s->dev_edits + n_edits,
@@ -866,7 +907,11 @@ static void step(struct sched *s, uint64_t t0)
     for (int row = 0; row < n_out; row++) {
         struct req *r = s->b_rows[row];
         if (s->res_rc[row]) {
-            finish(s, r, SCHED_FINISH_ERROR, "sampling failed");
+            finish(s, r, SCHED_FINISH_ERROR,
+                   !r->gm                            ? "sampling failed"
+                   : s->res_rc[row] == KRS_ERR_STATE ? "grammar: no token can continue the output"
+                   : s->res_rc[row] == KRS_ERR_INTERNAL ? "grammar too complex for the matcher"
+                                                        : "sampling failed");
             continue;
         }
         const char *reason = NULL;
@@ -970,6 +1015,8 @@ static void free_resources(struct sched *s)
     alloc_free(s->b_want);
     alloc_free(s->b_rows);
     alloc_free(s->text_buf);
+    grammar_vocab_free(s->gvocab);
+    pthread_mutex_destroy(&s->gvocab_lock);
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->reg_lock);
@@ -997,6 +1044,7 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->reg_lock, NULL);
     pthread_mutex_init(&s->state_lock, NULL);
+    pthread_mutex_init(&s->gvocab_lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);

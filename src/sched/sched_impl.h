@@ -5,6 +5,7 @@
 #include "sched/sched.h"
 
 #include "controller/controller.h"
+#include "grammar/grammar.h"
 #include "model/model.h"
 #include "sampler/sampler.h"
 #include "sampler/stop.h"
@@ -57,6 +58,7 @@ struct req {
     int preempted;
     _Atomic int cancel; /* set by sched_cancel from any thread */
     struct sched_stream *stream;
+    struct grammar_matcher *gm; /* owned; NULL = unconstrained */
 };
 
 struct backend_sample_row;
@@ -89,6 +91,9 @@ struct sched {
     int dev_n_edits;
     struct controller ctrl;
     pthread_t thread;
+    /* Token texts for grammar matchers, built on the first constrained request. */
+    pthread_mutex_t gvocab_lock;
+    struct grammar_vocab *gvocab;
 
     /* Inbox: guarded by lock; the engine sleeps on wake. */
     pthread_mutex_t lock;

@@ -25,6 +25,7 @@
 
 struct engine_registry;
 struct server;
+struct grammar;
 
 /* ---- the server ---------------------------------------------------------------------------- */
 
@@ -84,8 +85,9 @@ struct server_gen_request {
     int n_stop;
     int ignore_eos;
     enum sched_priority priority;
-    uint64_t timeout_ms; /* 0 = none given */
-    void *root;          /* cJSON tree, owned */
+    uint64_t timeout_ms;     /* 0 = none given */
+    struct grammar *grammar; /* response_format / grammar, owned; NULL = unconstrained */
+    void *root;              /* cJSON tree, owned */
 };
 
 /* Parses and validates a /v1/completions or /v1/chat/completions body. KRS_OK with *out filled

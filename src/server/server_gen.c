@@ -556,6 +556,7 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     sr.n_stop = g->req.n_stop;
     sr.ignore_eos = g->req.ignore_eos;
     sr.priority = g->req.priority;
+    sr.grammar = g->req.grammar;
     sr.timeout_ms = g->req.timeout_ms ? g->req.timeout_ms : (uint64_t)rt.request_timeout_ms;
 
     uint32_t sgen;

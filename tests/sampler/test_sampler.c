@@ -920,6 +920,62 @@ static void test_next_uniform_is_the_draw(void **state)
     sampler_scratch_free(sc);
 }
 
+/* The allowed-token mask: only allowed tokens are drawn, for every path (greedy, top-k with
+ * fewer allowed tokens than k, top-p, dense); the logprob is over the allowed tokens alone. */
+static void test_mask(void **state)
+{
+    (void)state;
+    enum { V = 70000 };
+    static float logits[V];
+    static uint32_t allow[(V + 31) / 32];
+    for (int i = 0; i < V; i++) logits[i] = nrand() * 3.0f;
+    logits[123] = 50.0f; /* the unmasked argmax: never allowed */
+    memset(allow, 0, sizeof allow);
+    int ids[] = {7, 31, 32, 4000, 69999};
+    for (size_t i = 0; i < 5; i++) allow[ids[i] >> 5] |= 1u << (ids[i] & 31);
+    struct sampler_scratch *sc;
+    assert_int_equal(sampler_scratch_create(V, &sc), KRS_OK);
+    const struct {
+        float temp, top_p;
+        int top_k;
+    } cfg[] = {{0, 1, 0}, {1, 1, 40}, {0.7f, 0.9f, 0}, {1.3f, 1, 0}, {1, 1, 3}};
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+        struct sampler_params p;
+        sampler_params_default(&p);
+        p.temperature = cfg[c].temp;
+        p.top_p = cfg[c].top_p;
+        p.top_k = cfg[c].top_k;
+        p.seed = 42 + c;
+        struct sampler s;
+        assert_int_equal(sampler_init(&s, &p, V), KRS_OK);
+        int best = 7;
+        double z = 0;
+        for (size_t i = 0; i < 5; i++) {
+            if (logits[ids[i]] > logits[best]) best = ids[i];
+        }
+        for (size_t i = 0; i < 5; i++) z += exp((double)logits[ids[i]] - logits[best]);
+        for (int draw = 0; draw < 200; draw++) {
+            struct sampler_result r;
+            assert_int_equal(sampler_sample_masked(&s, sc, logits, V, allow, NULL, 0, NULL, 0, &r),
+                             KRS_OK);
+            assert_true(allow[r.token >> 5] >> (r.token & 31) & 1);
+            if (cfg[c].temp == 0) assert_int_equal(r.token, best);
+            double want = (double)logits[r.token] - logits[best] - log(z);
+            assert_true(fabs(r.logprob - want) < 1e-4);
+        }
+    }
+    /* nothing allowed: an error, not a token */
+    memset(allow, 0, sizeof allow);
+    struct sampler_params p;
+    sampler_params_default(&p);
+    struct sampler s;
+    struct sampler_result r;
+    assert_int_equal(sampler_init(&s, &p, V), KRS_OK);
+    assert_int_equal(sampler_sample_masked(&s, sc, logits, V, allow, NULL, 0, NULL, 0, &r),
+                     KRS_ERR_INVALID);
+    sampler_scratch_free(sc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -939,6 +995,7 @@ int main(void)
         cmocka_unit_test(test_skip_logprob),
         cmocka_unit_test(test_kernels),
         cmocka_unit_test(test_invalid),
+        cmocka_unit_test(test_mask),
         cmocka_unit_test(test_stop_basic),
         cmocka_unit_test(test_stop_random),
     };
