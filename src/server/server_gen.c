@@ -47,6 +47,9 @@ struct server_gen {
     char *out;
     size_t out_len, out_cap, out_off;
     int finished, done_written;
+    /* tools: 1 = the reply is a tool call, held back until the end; 0 = plain content;
+     * -1 = not known yet (tool_choice auto: a reply starting with '{' is a call) */
+    int tool_buf;
     struct sched_event fin;
     struct sched_event ev; /* scratch */
 };
@@ -221,6 +224,39 @@ static cJSON *chunk(struct server_gen *g, const char *text, size_t n, cJSON *lp,
     return o;
 }
 
+/* The reply as OpenAI tool_calls (one call), or NULL when it is not a complete call (cut by
+ * max_tokens: the caller sends it as content). */
+static cJSON *tool_calls_json(const struct server_gen *g, int with_index)
+{
+    if (g->tool_buf != 1 || g->fin.finish != SCHED_FINISH_STOP) return NULL;
+    cJSON *reply = cJSON_ParseWithLength(g->text ? g->text : "", g->text_len);
+    const cJSON *args = reply;
+    const char *name = g->req.tool_name;
+    if (reply && g->req.tool_mode != SERVER_TOOLS_NAMED) {
+        const cJSON *n = cJSON_GetObjectItemCaseSensitive(reply, "name");
+        args = cJSON_GetObjectItemCaseSensitive(reply, "arguments");
+        name = cJSON_IsString(n) ? n->valuestring : NULL;
+    }
+    char *atext = args && name ? cJSON_PrintUnformatted(args) : NULL;
+    cJSON *calls = NULL;
+    if (atext) {
+        calls = cJSON_CreateArray();
+        cJSON *c = cJSON_CreateObject();
+        cJSON_AddItemToArray(calls, c);
+        if (with_index) cJSON_AddNumberToObject(c, "index", 0);
+        char id[80];
+        snprintf(id, sizeof id, "call_%s", strchr(g->id, '-') ? strchr(g->id, '-') + 1 : g->id);
+        cJSON_AddStringToObject(c, "id", id);
+        cJSON_AddStringToObject(c, "type", "function");
+        cJSON *f = cJSON_AddObjectToObject(c, "function");
+        cJSON_AddStringToObject(f, "name", name);
+        cJSON_AddStringToObject(f, "arguments", atext);
+        cJSON_free(atext);
+    }
+    cJSON_Delete(reply);
+    return calls;
+}
+
 static void error_of_finish(const struct sched_event *fin, struct server_error *e)
 {
     memset(e, 0, sizeof *e);
@@ -251,6 +287,16 @@ static void gen_pump(struct server_gen *g)
             int lp = want_logprobs(g) && ev->token >= 0;
             size_t off = g->text_off;
             g->text_off += ev->text_len;
+            if (stream && g->tool_buf) {
+                /* a tool call is sent whole at the end; until the first byte decides (auto) the
+                 * text is held back too */
+                buf_append(&g->text, &g->text_len, &g->text_cap, ev->text, ev->text_len);
+                if (g->tool_buf < 0 && g->text_len > 0) {
+                    g->tool_buf = g->text[0] == '{';
+                    if (!g->tool_buf) sse_emit(g, chunk(g, g->text, g->text_len, NULL, NULL, 0));
+                }
+                continue;
+            }
             if (stream) {
                 if (!ev->text_len && !lp) continue;
                 cJSON *l = NULL;
@@ -269,7 +315,20 @@ static void gen_pump(struct server_gen *g)
         g->finished = 1;
         if (!stream) break;
         if (ev->finish == SCHED_FINISH_STOP || ev->finish == SCHED_FINISH_LENGTH) {
-            sse_emit(g, chunk(g, "", 0, NULL, finish_str(ev->finish), 0));
+            cJSON *calls = tool_calls_json(g, 1);
+            const char *fin = finish_str(ev->finish);
+            if (calls) {
+                cJSON *o = chunk(g, "", 0, NULL, NULL, 0);
+                cJSON *d = cJSON_GetObjectItem(
+                    cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "delta");
+                cJSON_DeleteItemFromObject(d, "content");
+                cJSON_AddItemToObject(d, "tool_calls", calls);
+                sse_emit(g, o);
+                fin = "tool_calls";
+            } else if (g->tool_buf && g->text_len) { /* held back, and not a call after all */
+                sse_emit(g, chunk(g, g->text, g->text_len, NULL, NULL, 0));
+            }
+            sse_emit(g, chunk(g, "", 0, NULL, fin, 0));
             if (g->req.include_usage) {
                 cJSON *o = envelope(g, g->req.api == SERVER_API_CHAT ? "chat.completion.chunk"
                                                                      : "text_completion");
@@ -328,10 +387,19 @@ static enum MHD_Result send_final(struct server_conn *c)
     cJSON_AddItemToArray(choices, ch);
     cJSON_AddNumberToObject(ch, "index", 0);
     const char *text = g->text ? g->text : "";
+    const char *fin = finish_str(g->fin.finish);
+    if (g->tool_buf < 0) g->tool_buf = g->text_len > 0 && text[0] == '{';
+    cJSON *calls = chat ? tool_calls_json(g, 0) : NULL;
     if (chat) {
         cJSON *m = cJSON_AddObjectToObject(ch, "message");
         cJSON_AddStringToObject(m, "role", "assistant");
-        add_sanitized(m, "content", text, g->text_len);
+        if (calls) {
+            cJSON_AddNullToObject(m, "content");
+            cJSON_AddItemToObject(m, "tool_calls", calls);
+            fin = "tool_calls";
+        } else {
+            add_sanitized(m, "content", text, g->text_len);
+        }
         if (g->lp) {
             cJSON *l = cJSON_AddObjectToObject(ch, "logprobs");
             cJSON_AddItemToObject(l, "content", g->lp);
@@ -348,7 +416,7 @@ static enum MHD_Result send_final(struct server_conn *c)
             cJSON_AddNullToObject(ch, "logprobs");
         }
     }
-    cJSON_AddStringToObject(ch, "finish_reason", finish_str(g->fin.finish));
+    cJSON_AddStringToObject(ch, "finish_reason", fin);
     cJSON_AddItemToObject(o, "usage", usage_json(g));
     return server_send_json(c->mc, 200, o);
 }
@@ -606,6 +674,10 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
              api == SERVER_API_CHAT ? "chatcmpl" : "cmpl", g->created,
              (uint64_t)atomic_fetch_add(&s->next_id, 1));
     if (want_logprobs(g) && !g->req.stream) g->lp = lp_new(g);
+    g->tool_buf =
+        g->req.tool_mode == SERVER_TOOLS_NAMED || g->req.tool_mode == SERVER_TOOLS_REQUIRED ? 1
+        : g->req.tool_mode == SERVER_TOOLS_AUTO                                             ? -1
+                                                                                            : 0;
     c->gen = g;
     sched_stream_set_notify(g->st, gen_notify, &s->slots[g->slot]);
 

@@ -129,3 +129,100 @@ def test_rpc_generate_json_schema(server):
         "prompt": "x", "response_format": person_format({"not": {}})}})
     err = json.loads(b)["error"]
     assert "'not'" in err["message"]
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30},
+                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "maxLength": 20}},
+    "required": ["zone"]}}}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def check_call(call, tools=(WEATHER, TIME)):
+    assert call.type == "function" and call.id.startswith("call_")
+    fn = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert call.function.name in fn
+    jsonschema.validate(json.loads(call.function.arguments), fn[call.function.name])
+
+
+@pytest.mark.parametrize("choice", ["required",
+                                    {"type": "function", "function": {"name": "get_weather"}}])
+def test_tools_call(client, choice):
+    r = client.chat.completions.create(model="default", messages=ASK, max_tokens=80, seed=7,
+                                       tools=[WEATHER, TIME], tool_choice=choice)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c
+    assert c.message.content is None and len(c.message.tool_calls) == 1
+    check_call(c.message.tool_calls[0])
+    if isinstance(choice, dict):
+        assert c.message.tool_calls[0].function.name == "get_weather"
+
+
+def test_tools_call_stream(client):
+    s = client.chat.completions.create(model="default", messages=ASK, max_tokens=80, seed=8,
+                                       tools=[WEATHER, TIME], tool_choice="required", stream=True)
+    calls, fin, content = {}, None, ""
+    for ch in s:
+        if not ch.choices:
+            continue
+        d = ch.choices[0].delta
+        content += d.content or ""
+        for tc in d.tool_calls or []:
+            e = calls.setdefault(tc.index, {"id": tc.id, "name": "", "args": ""})
+            e["name"] += tc.function.name or ""
+            e["args"] += tc.function.arguments or ""
+        fin = ch.choices[0].finish_reason or fin
+    assert fin == "tool_calls" and content == "" and len(calls) == 1
+    c = calls[0]
+    assert c["id"].startswith("call_")
+    jsonschema.validate(json.loads(c["args"]),
+                        {"get_weather": WEATHER, "get_time": TIME}[c["name"]]["function"][
+                            "parameters"])
+
+
+def test_tools_auto_and_round_trip(client):
+    r = client.chat.completions.create(model="default", messages=ASK, max_tokens=80, seed=9,
+                                       tools=[WEATHER, TIME])
+    c = r.choices[0]
+    if c.finish_reason == "tool_calls":
+        check_call(c.message.tool_calls[0])
+    else:  # plain text: never a half JSON call
+        assert c.message.content and not c.message.content.startswith("{")
+    # the conversation goes on with the call and its result (OpenAI's shapes)
+    msgs = ASK + [{"role": "assistant", "content": None, "tool_calls": [{
+        "id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees, sunny"}]
+    r = client.chat.completions.create(model="default", messages=msgs, max_tokens=20, seed=9,
+                                       tools=[WEATHER, TIME], tool_choice="none")
+    assert r.choices[0].message.content and r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tools_errors(server):
+    def post(body):
+        st, _, b = server.post("/v1/chat/completions", dict({"messages": ASK}, **body))
+        return st, json.loads(b).get("error", {})
+    st, e = post({"tools": [WEATHER], "tool_choice": {"type": "function",
+                                                      "function": {"name": "nope"}}})
+    assert st == 400 and e["param"] == "tool_choice" and "nope" in e["message"]
+    st, e = post({"tool_choice": "required"})
+    assert st == 400 and e["param"] == "tool_choice"
+    st, e = post({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}}}}]})
+    assert st == 400 and e["param"] == "tools" and "pattern" in e["message"]
+    st, e = post({"tools": [WEATHER], "response_format": {"type": "json_object"}})
+    assert st == 400 and e["param"] == "tools"
+    st, _, b = server.post("/v1/completions", {"prompt": "x", "tools": [WEATHER]})
+    assert st == 400 and json.loads(b)["error"]["param"] == "tools"
