@@ -778,17 +778,24 @@ _Static_assert(
 
 /* Fills the device-sampling inputs of this step's n_rows rows and returns 1, or returns 0 when
  * the step samples on the host: no device sampling, a row asks for top logprobs (they need the
- * whole row), or the edits do not fit (then nothing was drawn from any RNG, so the host path
- * draws exactly as it would have). */
+ * whole row), the edits or the rows with a grammar mask do not fit, or a grammar allows no
+ * token (then nothing was drawn from any RNG, so the host path draws exactly as it would
+ * have). A row with a grammar hands its token mask (cached by the matcher) to the device. */
 static int prepare_device_sampling(struct sched *s, int n_rows)
 {
     if (!s->dev_rows) return 0;
-    int n_edits = 0;
+    int n_edits = 0, n_masked = 0;
     for (int row = 0; row < n_rows; row++) {
         struct req *r = s->b_rows[row];
         const struct sampler_params *sp = &r->sampler.params;
         if (sp->n_top_logprobs > 0) return 0;
-        if (r->gm) return 0; /* the token mask is applied by the host sampler */
+        s->dev_masks[row] = NULL;
+        if (r->gm) { /* the mask goes to the device with the row */
+            int32_t n_allowed = 0;
+            if (++n_masked > s->dev_max_masks ||
+                grammar_matcher_mask(r->gm, &s->dev_masks[row], &n_allowed) || n_allowed == 0)
+                return 0; /* the host path samples (and reports a dead end) */
+        }
         int32_t n;
         if (sampler_edits(&r->sampler, s->scratch[0], r->tokens, r->n_prompt,
                           r->tokens + r->n_prompt, r->n_gen, s->dev_edits + n_edits,
@@ -810,6 +817,7 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
         s->dev_rows[row].u = u < 1.0f ? u : nextafterf(1.0f, 0.0f);
     }
     s->dev_n_edits = n_edits;
+    s->dev_any_mask = n_masked > 0;
     return 1;
 }
 
@@ -854,7 +862,7 @@ static void step(struct sched *s, uint64_t t0)
     if (prepare_device_sampling(s, n_rows))
         rc = model_forward_sampled(s->ctx, &b, s->dev_rows,
                                    (const struct backend_logit_edit *)s->dev_edits, s->dev_n_edits,
-                                   &ids, &logprobs, &n_out);
+                                   s->dev_any_mask ? s->dev_masks : NULL, &ids, &logprobs, &n_out);
     else
         rc = model_forward(s->ctx, &b, &logits, &n_out);
     uint64_t now = clock_now_ns();
@@ -1007,6 +1015,7 @@ static void free_resources(struct sched *s)
     alloc_free(s->res_rc);
     alloc_free(s->dev_rows);
     alloc_free(s->dev_edits);
+    alloc_free(s->dev_masks);
     alloc_free(s->live);
     alloc_free(s->running);
     alloc_free(s->b_tokens);
@@ -1070,7 +1079,9 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         s->dev_edits_cap = model_ctx_max_sample_edits(s->ctx);
         s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
         s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
-        if (!s->dev_rows || !s->dev_edits) {
+        s->dev_masks = alloc_calloc((size_t)p->max_running, sizeof *s->dev_masks);
+        s->dev_max_masks = model_ctx_max_mask_rows(s->ctx);
+        if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
             rc = KRS_ERR_NOMEM;
             snprintf(err, errlen, "out of memory");
             goto fail;

@@ -87,6 +87,9 @@ struct sched {
     uint64_t mem_at_ns;
     struct backend_sample_row *dev_rows; /* [max_running] */
     struct sampler_edit *dev_edits;      /* [dev_edits_cap] */
+    const uint32_t **dev_masks;          /* [max_running] grammar masks (matcher-owned) or NULL */
+    int dev_max_masks;                   /* masked rows one device call may carry */
+    int dev_any_mask;                    /* this step's rows include a masked one */
     int dev_edits_cap;
     int dev_n_edits;
     struct controller ctrl;
