@@ -356,6 +356,17 @@ int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJS
         }
         req->priority = pr;
     }
+    static const char *const not_here[] = {"tools", "tool_choice"};
+    for (size_t i = 0; i < sizeof not_here / sizeof *not_here; i++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(p, not_here[i]);
+        if (x && !cJSON_IsNull(x) && !(cJSON_IsArray(x) && !cJSON_GetArraySize(x))) {
+            snprintf(msg, ml,
+                     "invalid params: '%s' is not supported by generate (tool calling is on "
+                     "/v1/chat/completions)",
+                     not_here[i]);
+            return RPC_INVALID_PARAMS;
+        }
+    }
     const char *gparam = NULL;
     char gerr[200];
     if (grammar_from_request(cJSON_GetObjectItemCaseSensitive(p, "response_format"),

@@ -129,6 +129,9 @@ def test_rpc_generate_json_schema(server):
         "prompt": "x", "response_format": person_format({"not": {}})}})
     err = json.loads(b)["error"]
     assert "'not'" in err["message"]
+    st, _, b = server.post("/rpc", {"jsonrpc": "2.0", "id": 11, "method": "generate", "params": {
+        "prompt": "x", "tools": [WEATHER]}})
+    assert "'tools'" in json.loads(b)["error"]["message"]
 
 
 WEATHER = {
