@@ -592,15 +592,15 @@ int grammar_compile_gbnf(const char *text, size_t len, struct grammar **out, cha
     if (!g->el || !g->rule_start || !g->classes || !g->ranges || !g->text) goto out;
     for (uint32_t i = 0; i < b.n_rules; i++) {
         g->rule_start[i] = g->n_el;
-        memcpy(g->el + g->n_el, b.rules[i].el, (size_t)b.rules[i].n * sizeof *g->el);
+        if (b.rules[i].n) memcpy(g->el + g->n_el, b.rules[i].el, b.rules[i].n * sizeof *g->el);
         g->n_el += b.rules[i].n;
     }
     g->el[g->n_el] = (struct gel){G_END, 0}; /* sentinel: a position past the last rule */
     g->n_rules = b.n_rules;
     g->root = root;
-    memcpy(g->classes, b.classes, (size_t)b.n_classes * sizeof *g->classes);
+    if (b.n_classes) memcpy(g->classes, b.classes, b.n_classes * sizeof *g->classes);
     g->n_classes = b.n_classes;
-    memcpy(g->ranges, b.ranges, (size_t)b.n_ranges * sizeof *g->ranges);
+    if (b.n_ranges) memcpy(g->ranges, b.ranges, b.n_ranges * sizeof *g->ranges);
     g->n_ranges = b.n_ranges;
     rc = check(g, &b);
 out:
