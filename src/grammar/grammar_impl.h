@@ -103,6 +103,11 @@ struct grammar_vocab {
     uint16_t max_len;
 };
 
+/* A JSON Schema "pattern" as a GBNF expression for the JSON-encoded content of a matching
+ * string (grammar_regex.c). *out: alloc'd, the caller frees it. KRS_ERR_UNSUPPORTED with the
+ * feature named in err. */
+int grammar_regex_to_gbnf(const char *pattern, char **out, char *err, size_t errlen);
+
 /* A vocabulary from explicit token texts (tests, benches): text[t][0..len[t]), eog[t] (may be
  * NULL). Everything is copied. */
 int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,

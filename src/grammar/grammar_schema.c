@@ -7,9 +7,9 @@
  * prefixItems, minItems/maxItems, enum, const, anyOf, local $ref (#/$defs/..., #/definitions/...,
  * "#"; recursion allowed), minLength/maxLength, format date / time / date-time / uuid,
  * minimum/maximum/exclusiveMinimum/exclusiveMaximum on integers, and integer-valued
- * minimum/maximum on numbers. Annotations (title, description, default, examples, ...) are
- * ignored. Anything else is KRS_ERR_UNSUPPORTED naming the keyword: a schema is never half
- * applied.
+ * minimum/maximum on numbers, pattern (the regex subset in grammar_regex.c). Annotations (title,
+ * description, default, examples, ...) are ignored. Anything else is KRS_ERR_UNSUPPORTED naming the
+ * keyword: a schema is never half applied.
  *
  * The output is JSON with bounded whitespace (at most a newline and 20 spaces or tabs between
  * tokens) and bounded numbers (at most 16 integer digits, 15 fraction digits, 2 exponent
@@ -318,9 +318,22 @@ static int gen_numeric(struct ctx *c, struct sbuf *b, const cJSON *s, int is_num
 static int gen_string(struct ctx *c, struct sbuf *b, const cJSON *s)
 {
     const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(s, "format");
-    if (cJSON_GetObjectItemCaseSensitive(s, "pattern"))
-        return cfail(c, KRS_ERR_UNSUPPORTED,
-                     "JSON Schema keyword 'pattern' is not supported (use format or enum)");
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(s, "pattern");
+    if (pat) {
+        if (!cJSON_IsString(pat)) return cfail(c, KRS_ERR_INVALID, "'pattern' must be a string");
+        if (fmt || cJSON_GetObjectItemCaseSensitive(s, "minLength") ||
+            cJSON_GetObjectItemCaseSensitive(s, "maxLength"))
+            return cfail(c, KRS_ERR_UNSUPPORTED,
+                         "'pattern' together with format, minLength or maxLength is not supported");
+        char *body = NULL, why[160] = "";
+        int rc = grammar_regex_to_gbnf(pat->valuestring, &body, why, sizeof why);
+        if (rc) return cfail(c, rc, "%s", why[0] ? why : "pattern: out of memory");
+        sb_puts(b, " \"\\\"\" (");
+        sb_puts(b, body);
+        sb_puts(b, " ) \"\\\"\"");
+        alloc_free(body);
+        return KRS_OK;
+    }
     if (fmt) {
         if (!cJSON_IsString(fmt)) return cfail(c, KRS_ERR_INVALID, "'format' must be a string");
         const char *f = fmt->valuestring;

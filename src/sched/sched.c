@@ -362,6 +362,15 @@ static void finish(struct sched *s, struct req *r, enum sched_finish why, const 
     KRS_LOG_DEBUGF("request %llu finished: %s (%s), %d prompt + %d generated tokens",
                    (unsigned long long)r->id, sched_finish_name(why), ev.reason, r->n_prompt,
                    r->n_gen);
+    if (r->gm) {
+        struct grammar_matcher_stats gs;
+        grammar_matcher_get_stats(r->gm, &gs);
+        KRS_LOG_DEBUGF("request %llu grammar: %llu masks (%llu cached), %.2f ms computing them, "
+                       "%llu states, %llu flushes",
+                       (unsigned long long)r->id, (unsigned long long)gs.masks,
+                       (unsigned long long)gs.mask_hits, (double)gs.mask_ns / 1e6,
+                       (unsigned long long)gs.states, (unsigned long long)gs.flushes);
+    }
     stream_unref(r->stream);
     req_free(r);
 }

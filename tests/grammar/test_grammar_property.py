@@ -17,6 +17,8 @@ BUDGET_S = 15
 MIN_CASES = 12
 PARALLEL = 12
 WORDS = ["red", "blue", "x", "ok", "no", "42", "a b"]
+PATTERNS = ["^[a-z]{1,6}$", "^\\d{3}-\\d{4}$", "^(red|green|blue)$",
+            "^[A-Z][a-z]{0,5}( [A-Z][a-z]{0,5})?$", "^#[0-9a-f]{6}$", "^[^0-9]{1,4}!$"]
 
 
 def rand_schema(rng, depth=0):
@@ -30,6 +32,8 @@ def rand_schema(rng, depth=0):
             s["minLength"] = rng.randint(0, s["maxLength"])
         if rng.random() < 0.2:
             s = {"type": "string", "format": rng.choice(["date", "uuid", "date-time", "time"])}
+        elif rng.random() < 0.2:
+            s = {"type": "string", "pattern": rng.choice(PATTERNS)}
         return s
     if k == "integer":
         s = {"type": "integer"}
