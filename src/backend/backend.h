@@ -94,7 +94,11 @@ struct backend_rope_args {
  * then top-p over the top-k survivors (the smallest set of largest p whose mass, normalised
  * over those survivors, reaches top_p), then min-p (p >= min_p * p_max); the token is the
  * inverse CDF of u over the final survivors in id order. logprob = log-softmax of the edited
- * logits at T = 1. */
+ * logits at T = 1.
+ *
+ * Constrained decoding (grammar/): a row may carry an allowed-token mask of ceil(n_vocab / 32)
+ * words, bit t of word t / 32 clear = token t's edited logit becomes -inf, after the edits and
+ * before everything else (logprob is then over the allowed tokens). */
 struct backend_logit_edit {
     int32_t token;
     float pre_add;  /* logit bias */
@@ -177,11 +181,14 @@ struct backend_ops {
                     struct backend_tensor *dst);
 
     /* --- optional (NULL where the backend samples nothing; the CPU: logits are host memory) --- */
-    /* Samples rows of logits[rows, n_vocab] per `r` and `edits` (copied at the call). The ids
-     * and logprobs come back from step_end_sampled, which replaces step_end for such a step. */
+    /* Samples rows of logits[rows, n_vocab] per `r`, `edits` and `masks` (all copied at the
+     * call). masks NULL: no row is masked; else masks[i] is row i's allowed-token mask or NULL.
+     * More masked rows than max_mask_rows, or n_vocab above mask_vocab with a mask:
+     * KRS_ERR_FULL (nothing enqueued: the caller samples on the host). The ids and logprobs
+     * come back from step_end_sampled, which replaces step_end for such a step. */
     int (*sample)(struct backend *b, const struct backend_tensor *logits, int rows, int n_vocab,
                   const struct backend_sample_row *r, const struct backend_logit_edit *edits,
-                  int n_edits);
+                  int n_edits, const uint32_t *const *masks);
     /* The step's only synchronisation when it sampled: ids[rows] and logprobs[rows] in host
      * memory owned by the backend, valid until the next step_begin. */
     int (*step_end_sampled)(struct backend *b, int rows, const int32_t **ids,
@@ -200,6 +207,8 @@ struct backend_params {
     uint64_t mem_budget;  /* CPU: bytes mem_info reports; 0 = the machine's available memory */
     int max_sample_edits; /* logit edits one sample call may take (0 = 256 per token of the
                            * largest step); more is KRS_ERR_FULL: the caller samples on the host */
+    int max_mask_rows;    /* rows of one sample call that may carry a token mask (0: none) */
+    int mask_vocab;       /* the largest n_vocab those masks may cover */
 };
 
 /* Devices this build can create: "cpu" always, "cuda" when built with it. */

@@ -119,15 +119,20 @@ int model_ctx_samples_on_device(const struct model_ctx *ctx);
 /* model_forward that samples each flagged row on the device instead of returning its logits:
  * rows[i] (backend.h's struct backend_sample_row; edits indexed by its edit range) for the i-th
  * flagged token. *out_ids and *out_logprobs point at [*out_n] values owned by ctx, valid until
- * the next forward. KRS_ERR_FULL: too many edits for the device, nothing ran (sample on the
- * host instead); KRS_ERR_UNSUPPORTED without device sampling. */
+ * the next forward. masks: NULL, or per flagged row an allowed-token mask or NULL (backend.h).
+ * KRS_ERR_FULL: too many edits or masked rows for the device, nothing ran (sample on the host
+ * instead); KRS_ERR_UNSUPPORTED without device sampling. */
 struct backend_sample_row;
 struct backend_logit_edit;
 int model_forward_sampled(struct model_ctx *ctx, const struct model_batch *batch,
                           const struct backend_sample_row *rows,
                           const struct backend_logit_edit *edits, int n_edits,
-                          const int32_t **out_ids, const float **out_logprobs, int *out_n);
+                          const uint32_t *const *masks, const int32_t **out_ids,
+                          const float **out_logprobs, int *out_n);
 /* Most logit edits one model_forward_sampled may carry (0 without device sampling). */
 int model_ctx_max_sample_edits(const struct model_ctx *ctx);
+/* Most rows with a token mask one model_forward_sampled may carry (0 without device
+ * sampling). */
+int model_ctx_max_mask_rows(const struct model_ctx *ctx);
 
 #endif

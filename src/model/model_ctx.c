@@ -237,8 +237,11 @@ int model_ctx_create(const struct model *m, const struct model_ctx_params *p,
         .max_ctx = requested_ctx,
         .mem_budget = p->mem_budget,
         .max_sample_edits = c->max_tokens * 256,
+        .max_mask_rows = c->max_logits,
+        .mask_vocab = (int)hp->n_vocab,
     };
     c->max_sample_edits = bp.max_sample_edits;
+    c->max_mask_rows = bp.max_mask_rows;
     const char *fault = getenv("KRSERVE_FAULT_FORWARD_AFTER");
     c->fault_after = fault && *fault ? strtoll(fault, NULL, 10) : -1;
     if ((rc = backend_create(p->device, &bp, &c->be, err, errlen))) goto fail;

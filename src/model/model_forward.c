@@ -190,22 +190,31 @@ int model_ctx_max_sample_edits(const struct model_ctx *c)
     return c->be->ops->sample ? c->max_sample_edits : 0;
 }
 
+int model_ctx_max_mask_rows(const struct model_ctx *c)
+{
+    return c->be->ops->sample ? c->max_mask_rows : 0;
+}
+
 int model_forward_sampled(struct model_ctx *c, const struct model_batch *b,
                           const struct backend_sample_row *rows,
                           const struct backend_logit_edit *edits, int n_edits,
-                          const int32_t **out_ids, const float **out_logprobs, int *out_n)
+                          const uint32_t *const *masks, const int32_t **out_ids,
+                          const float **out_logprobs, int *out_n)
 {
     const struct backend_ops *ops = c->be->ops;
     struct backend_step s;
-    int rc;
+    int rc, n_masked = 0;
     if (!ops->sample) return KRS_ERR_UNSUPPORTED;
     if (n_edits > c->max_sample_edits) return KRS_ERR_FULL;
+    for (int i = 0, row = 0; masks && i < b->n_tokens; i++)
+        if (b->logits[i]) n_masked += masks[row++] != NULL;
+    if (n_masked > c->max_mask_rows) return KRS_ERR_FULL;
     if ((rc = forward(c, b, &s))) return rc;
     *out_ids = NULL;
     *out_logprobs = NULL;
-    if (s.n_logits &&
-        ((rc = ops->sample(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, rows, edits, n_edits)) ||
-         (rc = ops->step_end_sampled(c->be, s.n_logits, out_ids, out_logprobs))))
+    if (s.n_logits && ((rc = ops->sample(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, rows,
+                                         edits, n_edits, masks)) ||
+                       (rc = ops->step_end_sampled(c->be, s.n_logits, out_ids, out_logprobs))))
         return rc;
     *out_n = s.n_logits;
     return KRS_OK;

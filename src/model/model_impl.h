@@ -47,6 +47,7 @@ struct model_ctx {
     int max_seqs;
     int cur_tokens;       /* T of the step in progress */
     int max_sample_edits; /* what the backend reserved for device sampling */
+    int max_mask_rows;    /* rows with a token mask one sample call may carry */
     /* Fault injection for tests ($KRSERVE_FAULT_FORWARD_AFTER=N): forwards after the N-th
      * fail with KRS_ERR_IO, as a device error would. -1 = off. */
     int64_t fault_after;

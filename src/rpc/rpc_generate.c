@@ -4,6 +4,7 @@
 #include "rpc/rpc_impl.h"
 
 #include "engine/engine.h"
+#include "grammar/grammar.h"
 #include "krserve.h"
 #include "tokenizer/tokenizer.h"
 #include "util/alloc.h"
@@ -355,6 +356,25 @@ int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJS
         }
         req->priority = pr;
     }
+    static const char *const not_here[] = {"tools", "tool_choice"};
+    for (size_t i = 0; i < sizeof not_here / sizeof *not_here; i++) {
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(p, not_here[i]);
+        if (x && !cJSON_IsNull(x) && !(cJSON_IsArray(x) && !cJSON_GetArraySize(x))) {
+            snprintf(msg, ml,
+                     "invalid params: '%s' is not supported by generate (tool calling is on "
+                     "/v1/chat/completions)",
+                     not_here[i]);
+            return RPC_INVALID_PARAMS;
+        }
+    }
+    const char *gparam = NULL;
+    char gerr[200];
+    if (grammar_from_request(cJSON_GetObjectItemCaseSensitive(p, "response_format"),
+                             cJSON_GetObjectItemCaseSensitive(p, "grammar"), &req->grammar, &gparam,
+                             gerr, sizeof gerr)) {
+        snprintf(msg, ml, "invalid params: %s", gerr);
+        return RPC_INVALID_PARAMS;
+    }
     req->timeout_ms = (uint64_t)cfg->server.request_timeout_ms;
     if ((r = opt_int(p, "timeout_ms", 1, (double)cfg->server.request_timeout_ms, &v, msg, ml)) < 0)
         return RPC_INVALID_PARAMS;
@@ -397,6 +417,7 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
     struct sched_stream *st = NULL;
     uint64_t id = 0;
     int code = 0, rc;
+    memset(&req, 0, sizeof req);
 
     const cJSON *model = params ? cJSON_GetObjectItemCaseSensitive(params, "model") : NULL;
     if (model && !cJSON_IsNull(model) && !cJSON_IsString(model)) {
@@ -478,6 +499,7 @@ out:
     alloc_free(prompt);
     alloc_free(bias);
     alloc_free(stop_ids);
+    grammar_release(req.grammar); /* the scheduler holds its own reference */
     engine_release(e);
 }
 

@@ -130,5 +130,7 @@ int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJS
                        struct sched_request *req, int32_t **prompt_out,
                        struct sampler_logit_bias **bias_out, int32_t **stop_ids_out,
                        struct rpc_gen_opts *opts, char *msg, size_t msglen);
+/* (req->grammar, from "response_format" / "grammar", is the caller's: grammar_release it, also
+ * when parsing fails.) */
 
 #endif

@@ -409,6 +409,91 @@ int sampler_sample(struct sampler *s, struct sampler_scratch *sc, const float *l
                    int32_t n_vocab, const int32_t *prompt, int32_t n_prompt,
                    const int32_t *generated, int32_t n_generated, struct sampler_result *out)
 {
+    return sampler_sample_masked(s, sc, logits, n_vocab, NULL, prompt, n_prompt, generated,
+                                 n_generated, out);
+}
+
+/* a[t] = -inf for every token t whose bit in allow is clear (whole words at a time); returns
+ * the number of allowed tokens. */
+static int32_t apply_mask(float *a, int32_t V, const uint32_t *allow)
+{
+    int32_t n_allowed = 0;
+    for (int32_t w = 0; w * 32 < V; w++) {
+        uint32_t bits = allow[w];
+        if (V - w * 32 < 32) bits &= (1u << (V - w * 32)) - 1;
+        n_allowed += __builtin_popcount(bits);
+        if (bits == 0xFFFFFFFFu) continue;
+        int32_t t0 = w * 32, n = V - t0 < 32 ? V - t0 : 32;
+        float *x = a + t0;
+        if (!bits) {
+            for (int32_t j = 0; j < n; j++) x[j] = -INFINITY;
+            continue;
+        }
+        uint32_t *xu = (uint32_t *)x; /* branchless: keep or replace by -inf's bits */
+        for (int32_t j = 0; j < n; j++) {
+            uint32_t keep = 0u - (bits >> j & 1u);
+            xu[j] = (xu[j] & keep) | (0xFF800000u & ~keep);
+        }
+    }
+    return n_allowed;
+}
+
+/* A mask that allows few tokens (a grammar between JSON tokens): the same pipeline on the
+ * allowed tokens alone (sc->work holds the masked logits, m their max) instead of passes over
+ * the whole vocabulary. Draws once, like sampler_sample_masked. */
+static int sample_sparse(struct sampler *s, struct sampler_scratch *sc, const uint32_t *allow,
+                         int32_t V, float m, struct sampler_result *out)
+{
+    const struct sampler_params *p = &s->params;
+    const float *a = sc->work;
+    struct cand *c = sc->cand;
+    int32_t n = 0;
+    for (int32_t w = 0; w * 32 < V; w++)
+        for (uint32_t bits = allow[w]; bits; bits &= bits - 1) {
+            int32_t t = w * 32 + __builtin_ctz(bits);
+            if (t < V && a[t] > -INFINITY) c[n++] = (struct cand){a[t], 0.0f, t};
+        }
+    double z1 = 0.0; /* T = 1 mass of the allowed tokens, for the logprob */
+    for (int32_t j = 0; j < n; j++) z1 += exp((double)c[j].v - (double)m);
+    double u = (double)(rng_next(s->rng) >> 11) * 0x1.0p-53;
+    float scale = p->temperature > 0.0f ? 1.0f / p->temperature : 0.0f;
+    int32_t tok = c[0].id;
+    if (!(scale > 0.0f) || !isfinite(scale)) {
+        for (int32_t j = 0; j < n; j++) /* the first maximum: ids ascend */
+            if (c[j].v == m) {
+                tok = c[j].id;
+                break;
+            }
+    } else {
+        qsort(c, (size_t)n, sizeof *c, cand_cmp);
+        if (p->top_k > 0 && p->top_k < n) n = p->top_k;
+        double z = 0.0;
+        for (int32_t j = 0; j < n; j++) z += c[j].w = expf((c[j].v - m) * scale);
+        if (p->top_p < 1.0f) {
+            double target = (double)p->top_p * z, cum = 0.0;
+            int32_t j = 0;
+            while (j < n && (cum < target || j == 0)) cum += c[j++].w;
+            n = j;
+        }
+        if (p->min_p > 0.0f) {
+            int32_t kept = 0;
+            for (int32_t j = 0; j < n; j++)
+                if (c[j].w >= p->min_p) c[kept++] = c[j];
+            n = kept; /* the maximum (w = 1) always stays */
+        }
+        tok = draw_cand(c, n, u);
+    }
+    out->token = tok;
+    out->logprob = p->skip_logprob ? NAN : (float)((double)a[tok] - ((double)m + log(z1)));
+    out->n_top = 0;
+    return KRS_OK;
+}
+
+int sampler_sample_masked(struct sampler *s, struct sampler_scratch *sc, const float *logits,
+                          int32_t n_vocab, const uint32_t *allow, const int32_t *prompt,
+                          int32_t n_prompt, const int32_t *generated, int32_t n_generated,
+                          struct sampler_result *out)
+{
     if (!s || !sc || !logits || !out || n_vocab <= 0 || n_vocab != s->n_vocab ||
         n_vocab > sc->n_vocab || n_prompt < 0 || n_generated < 0 || (n_prompt > 0 && !prompt) ||
         (n_generated > 0 && !generated))
@@ -436,13 +521,22 @@ int sampler_sample(struct sampler *s, struct sampler_scratch *sc, const float *l
         apply_adjustments(p, sc, prompt, n_prompt, generated, n_generated, win_start);
         m = k->max(a, V);
     }
+    int32_t n_allowed = V;
+    if (allow) {
+        if (isnan(m)) return KRS_ERR_INVALID;
+        n_allowed = apply_mask(a, V, allow);
+        m = k->max(a, V);
+    }
     if (!isfinite(m)) return KRS_ERR_INVALID; /* NaN, +inf, or all -inf */
+    if (allow && n_allowed <= PF_CAP && p->n_top_logprobs == 0)
+        return sample_sparse(s, sc, allow, V, m, out);
 
     /* Which path: greedy, top-k (then top-p/min-p on the k), top-p (then min-p), min-p alone,
      * dense. */
     float scale = p->temperature > 0.0f ? 1.0f / p->temperature : 0.0f;
     int greedy = !(scale > 0.0f) || !isfinite(scale);
-    int use_top_k = !greedy && p->top_k > 0 && p->top_k < V;
+    /* top-k over a mask that allows at most k tokens keeps them all (the rest weigh 0) */
+    int use_top_k = !greedy && p->top_k > 0 && p->top_k < V && p->top_k < n_allowed;
     int use_top_p = !greedy && !use_top_k && p->top_p < 1.0f;
     int use_min_p = !greedy && !use_top_k && !use_top_p && p->min_p > 0.0f;
     int32_t n_min_p = -1;

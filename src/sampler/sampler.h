@@ -117,6 +117,17 @@ int sampler_sample(struct sampler *s, struct sampler_scratch *scratch, const flo
                    int32_t n_vocab, const int32_t *prompt, int32_t n_prompt,
                    const int32_t *generated, int32_t n_generated, struct sampler_result *out);
 
+/* sampler_sample with an allowed-token mask (constrained decoding, grammar/): bit t of
+ * allow[t / 32] clear = token t is removed (its adjusted logit becomes -inf) after step 3 and
+ * before temperature and truncation, so logprobs are those of the masked distribution. allow
+ * NULL = sampler_sample. At least one allowed token must have a finite logit
+ * (KRS_ERR_INVALID otherwise). A mask of at most 4096 tokens (without top logprobs) is sampled
+ * on those tokens alone: the same distribution, without passes over the vocabulary. */
+int sampler_sample_masked(struct sampler *s, struct sampler_scratch *scratch, const float *logits,
+                          int32_t n_vocab, const uint32_t *allow, const int32_t *prompt,
+                          int32_t n_prompt, const int32_t *generated, int32_t n_generated,
+                          struct sampler_result *out);
+
 /* Inputs for sampling on a compute device (backend.h's sample op), which runs steps 1-8 above
  * on the device so that only token ids come back. The host keeps the RNG and the history:
  *

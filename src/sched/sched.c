@@ -106,6 +106,7 @@ static void req_free(struct req *r)
     alloc_free(r->tokens);
     alloc_free(r->bias);
     alloc_free(r->stop_ids);
+    grammar_matcher_free(r->gm);
     alloc_free(r);
 }
 
@@ -114,6 +115,17 @@ static uint64_t random_seed(uint64_t id)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return ((uint64_t)ts.tv_nsec << 20) ^ (uint64_t)ts.tv_sec ^ (id * 0x9E3779B97F4A7C15ull);
+}
+
+/* The model's token texts for grammar matchers, built once on first use (any thread). */
+static int grammar_vocab(struct sched *s, const struct grammar_vocab **out)
+{
+    int rc = KRS_OK;
+    pthread_mutex_lock(&s->gvocab_lock);
+    if (!s->gvocab) rc = grammar_vocab_create(s->tok, &s->gvocab);
+    *out = s->gvocab;
+    pthread_mutex_unlock(&s->gvocab_lock);
+    return rc;
 }
 
 static int req_create(struct sched *s, const struct sched_request *in, uint64_t id,
@@ -162,6 +174,11 @@ static int req_create(struct sched *s, const struct sched_request *in, uint64_t 
         r->n_stop_ids = in->n_stop_ids;
     }
     if ((rc = stop_matcher_init(&r->stop, in->stop, in->n_stop))) goto fail;
+    if (in->grammar) {
+        const struct grammar_vocab *gv = NULL;
+        if ((rc = grammar_vocab(s, &gv)) || (rc = grammar_matcher_create(in->grammar, gv, &r->gm)))
+            goto fail;
+    }
     tokenizer_detok_init(&r->detok, 0);
     r->ignore_eos = in->ignore_eos;
     r->t_submit = clock_now_ns();
@@ -347,6 +364,15 @@ static void finish(struct sched *s, struct req *r, enum sched_finish why, const 
     KRS_LOG_DEBUGF("request %llu finished: %s (%s), %d prompt + %d generated tokens",
                    (unsigned long long)r->id, sched_finish_name(why), ev.reason, r->n_prompt,
                    r->n_gen);
+    if (r->gm) {
+        struct grammar_matcher_stats gs;
+        grammar_matcher_get_stats(r->gm, &gs);
+        KRS_LOG_DEBUGF("request %llu grammar: %llu masks (%llu cached), %.2f ms computing them, "
+                       "%llu states, %llu flushes",
+                       (unsigned long long)r->id, (unsigned long long)gs.masks,
+                       (unsigned long long)gs.mask_hits, (double)gs.mask_ns / 1e6,
+                       (unsigned long long)gs.states, (unsigned long long)gs.flushes);
+    }
     stream_unref(r->stream);
     req_free(r);
 }
@@ -582,6 +608,16 @@ static enum sched_finish accept_token(struct sched *s, struct req *r,
         metrics_record_inter_token(s->metrics, now - r->t_last);
     }
     r->t_last = now;
+    if (r->gm) {
+        if (grammar_matcher_accept(r->gm, res->token)) {
+            *reason = "grammar: sampled token outside the grammar";
+            return SCHED_FINISH_ERROR;
+        }
+        if (tokenizer_is_eog(s->tok, res->token)) { /* allowed: the output is complete */
+            *reason = "stop token";
+            return SCHED_FINISH_STOP;
+        }
+    }
     if (is_stop_token(s, r, res->token)) {
         *reason = "stop token";
         return SCHED_FINISH_STOP;
@@ -623,6 +659,10 @@ static enum sched_finish accept_token(struct sched *s, struct req *r,
     }
     if (stopped) {
         *reason = "stop string";
+        return SCHED_FINISH_STOP;
+    }
+    if (r->gm && grammar_matcher_done(r->gm)) {
+        *reason = "grammar complete";
         return SCHED_FINISH_STOP;
     }
     if (r->n_gen >= r->max_tokens) {
@@ -744,9 +784,18 @@ static void sample_rows(void *arg, int ith, int nth)
     for (int row; (row = atomic_fetch_add_explicit(&s->next_sample_row, 1, memory_order_relaxed)) <
                   s->n_sample_rows;) {
         struct req *r = s->b_rows[row];
-        s->res_rc[row] = sampler_sample(
-            &r->sampler, s->scratch[ith], s->cur_logits + (size_t)row * n_vocab, n_vocab, r->tokens,
-            r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
+        const uint32_t *allow = NULL;
+        if (r->gm) {
+            int32_t n_allowed = 0;
+            int rc = grammar_matcher_mask(r->gm, &allow, &n_allowed);
+            if (rc || n_allowed == 0) {
+                s->res_rc[row] = rc ? rc : KRS_ERR_STATE;
+                continue;
+            }
+        }
+        s->res_rc[row] = sampler_sample_masked(
+            &r->sampler, s->scratch[ith], s->cur_logits + (size_t)row * n_vocab, n_vocab, allow,
+            r->tokens, r->n_prompt, r->tokens + r->n_prompt, r->n_gen, &s->res[row]);
     }
 }
 
@@ -761,16 +810,24 @@ _Static_assert(
 
 /* Fills the device-sampling inputs of this step's n_rows rows and returns 1, or returns 0 when
  * the step samples on the host: no device sampling, a row asks for top logprobs (they need the
- * whole row), or the edits do not fit (then nothing was drawn from any RNG, so the host path
- * draws exactly as it would have). */
+ * whole row), the edits or the rows with a grammar mask do not fit, or a grammar allows no
+ * token (then nothing was drawn from any RNG, so the host path draws exactly as it would
+ * have). A row with a grammar hands its token mask (cached by the matcher) to the device. */
 static int prepare_device_sampling(struct sched *s, int n_rows)
 {
     if (!s->dev_rows) return 0;
-    int n_edits = 0;
+    int n_edits = 0, n_masked = 0;
     for (int row = 0; row < n_rows; row++) {
         struct req *r = s->b_rows[row];
         const struct sampler_params *sp = &r->sampler.params;
         if (sp->n_top_logprobs > 0) return 0;
+        s->dev_masks[row] = NULL;
+        if (r->gm) { /* the mask goes to the device with the row */
+            int32_t n_allowed = 0;
+            if (++n_masked > s->dev_max_masks ||
+                grammar_matcher_mask(r->gm, &s->dev_masks[row], &n_allowed) || n_allowed == 0)
+                return 0; /* the host path samples (and reports a dead end) */
+        }
         int32_t n;
         if (sampler_edits(&r->sampler, s->scratch[0], r->tokens, r->n_prompt,
                           r->tokens + r->n_prompt, r->n_gen, s->dev_edits + n_edits,
@@ -792,6 +849,7 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
         s->dev_rows[row].u = u < 1.0f ? u : nextafterf(1.0f, 0.0f);
     }
     s->dev_n_edits = n_edits;
+    s->dev_any_mask = n_masked > 0;
     return 1;
 }
 
@@ -870,7 +928,7 @@ static void step(struct sched *s, uint64_t t0)
     if (prepare_device_sampling(s, n_rows))
         rc = model_forward_sampled(s->ctx, &b, s->dev_rows,
                                    (const struct backend_logit_edit *)s->dev_edits, s->dev_n_edits,
-                                   &ids, &logprobs, &n_out);
+                                   s->dev_any_mask ? s->dev_masks : NULL, &ids, &logprobs, &n_out);
     else
         rc = model_forward(s->ctx, &b, &logits, &n_out);
     uint64_t now = clock_now_ns();
@@ -923,7 +981,11 @@ static void step(struct sched *s, uint64_t t0)
     for (int row = 0; row < n_out; row++) {
         struct req *r = s->b_rows[row];
         if (s->res_rc[row]) {
-            finish(s, r, SCHED_FINISH_ERROR, "sampling failed");
+            finish(s, r, SCHED_FINISH_ERROR,
+                   !r->gm                            ? "sampling failed"
+                   : s->res_rc[row] == KRS_ERR_STATE ? "grammar: no token can continue the output"
+                   : s->res_rc[row] == KRS_ERR_INTERNAL ? "grammar too complex for the matcher"
+                                                        : "sampling failed");
             continue;
         }
         const char *reason = NULL;
@@ -1010,6 +1072,7 @@ static void free_resources(struct sched *s)
     alloc_free(s->res_rc);
     alloc_free(s->dev_rows);
     alloc_free(s->dev_edits);
+    alloc_free(s->dev_masks);
     alloc_free(s->live);
     alloc_free(s->running);
     alloc_free(s->b_tokens);
@@ -1018,6 +1081,8 @@ static void free_resources(struct sched *s)
     alloc_free(s->b_want);
     alloc_free(s->b_rows);
     alloc_free(s->text_buf);
+    grammar_vocab_free(s->gvocab);
+    pthread_mutex_destroy(&s->gvocab_lock);
     pthread_cond_destroy(&s->wake);
     pthread_mutex_destroy(&s->lock);
     pthread_mutex_destroy(&s->reg_lock);
@@ -1045,6 +1110,7 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_init(&s->reg_lock, NULL);
     pthread_mutex_init(&s->state_lock, NULL);
+    pthread_mutex_init(&s->gvocab_lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -1072,7 +1138,9 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         s->dev_edits_cap = model_ctx_max_sample_edits(s->ctx);
         s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
         s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
-        if (!s->dev_rows || !s->dev_edits) {
+        s->dev_masks = alloc_calloc((size_t)p->max_running, sizeof *s->dev_masks);
+        s->dev_max_masks = model_ctx_max_mask_rows(s->ctx);
+        if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
             rc = KRS_ERR_NOMEM;
             snprintf(err, errlen, "out of memory");
             goto fail;

@@ -28,6 +28,7 @@
 
 struct model;
 struct tokenizer;
+struct grammar;
 struct metrics;
 struct sched;
 struct sched_stream;
@@ -88,6 +89,11 @@ struct sched_request {
     int ignore_eos;
     enum sched_priority priority;
     uint64_t timeout_ms; /* 0 = none */
+    /* Constrained decoding (grammar/): NULL = unconstrained. Borrowed for the call; the request
+     * takes its own reference. Only tokens that keep the output in the grammar are sampled, and
+     * the request stops ("grammar complete") as soon as the output is a complete sentence that
+     * nothing can extend. */
+    struct grammar *grammar;
 };
 
 /* One event read from a stream. */

@@ -5,6 +5,7 @@
 #include "sched/sched.h"
 
 #include "controller/controller.h"
+#include "grammar/grammar.h"
 #include "model/model.h"
 #include "sampler/sampler.h"
 #include "sampler/stop.h"
@@ -58,6 +59,7 @@ struct req {
     int preempted;
     _Atomic int cancel; /* set by sched_cancel from any thread */
     struct sched_stream *stream;
+    struct grammar_matcher *gm; /* owned; NULL = unconstrained */
 };
 
 struct backend_sample_row;
@@ -91,10 +93,16 @@ struct sched {
     uint64_t mem_at_ns;
     struct backend_sample_row *dev_rows; /* [max_running] */
     struct sampler_edit *dev_edits;      /* [dev_edits_cap] */
+    const uint32_t **dev_masks;          /* [max_running] grammar masks (matcher-owned) or NULL */
+    int dev_max_masks;                   /* masked rows one device call may carry */
+    int dev_any_mask;                    /* this step's rows include a masked one */
     int dev_edits_cap;
     int dev_n_edits;
     struct controller ctrl;
     pthread_t thread;
+    /* Token texts for grammar matchers, built on the first constrained request. */
+    pthread_mutex_t gvocab_lock;
+    struct grammar_vocab *gvocab;
 
     /* Inbox: guarded by lock; the engine sleeps on wake. */
     pthread_mutex_t lock;

@@ -4,6 +4,7 @@
  * must be valid UTF-8. */
 #include "server/server.h"
 
+#include "grammar/grammar.h"
 #include "krserve.h"
 #include "util/alloc.h"
 
@@ -47,9 +48,7 @@ int server_utf8_valid(const char *str, size_t n)
     return 1;
 }
 
-static int fail(struct server_error *err, const char *param, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int fail(struct server_error *err, const char *param, const char *fmt, ...)
+int server_parse_fail(struct server_error *err, const char *param, const char *fmt, ...)
 {
     err->status = 400;
     err->type = "invalid_request_error";
@@ -61,6 +60,8 @@ static int fail(struct server_error *err, const char *param, const char *fmt, ..
     va_end(ap);
     return KRS_ERR_INVALID;
 }
+
+#define fail server_parse_fail
 
 static int is_null(const cJSON *v)
 {
@@ -131,6 +132,8 @@ void server_gen_request_free(struct server_gen_request *r)
     alloc_free(r->msgs);
     alloc_free(r->bias);
     alloc_free(r->prompt_ids);
+    grammar_release(r->grammar);
+    alloc_free(r->tool_prompt);
     if (r->root) cJSON_Delete((cJSON *)r->root);
     memset(r, 0, sizeof *r);
 }
@@ -235,9 +238,17 @@ static int parse_messages(const cJSON *root, struct server_gen_request *out,
         if (!server_utf8_valid(r, strlen(r)))
             return fail(err, "messages", "messages[%d].role is not valid UTF-8", i);
         if (!strcmp(r, "developer")) r = "system";
+        char *turn = NULL;
+        int rc = server_tool_turn(v, i, &r, &turn, err);
+        if (rc) return rc;
         out->msgs[i].role = r;
-        int rc = parse_content(cJSON_GetObjectItemCaseSensitive(v, "content"), i, &out->msg_text[i],
-                               &out->msgs[i].content, err);
+        if (turn) {
+            out->msg_text[i] = turn;
+            out->msgs[i].content = turn;
+            continue;
+        }
+        rc = parse_content(cJSON_GetObjectItemCaseSensitive(v, "content"), i, &out->msg_text[i],
+                           &out->msgs[i].content, err);
         if (rc) return rc;
     }
     return KRS_OK;
@@ -299,6 +310,41 @@ static int parse_logit_bias(const cJSON *root, struct server_gen_request *out,
     return KRS_OK;
 }
 
+/* Puts the tools' description in the system message (a new first message when there is none). */
+static int add_tool_prompt(struct server_gen_request *out, struct server_error *err)
+{
+    int n = out->n_msgs;
+    if (n > 0 && !strcmp(out->msgs[0].role, "system")) {
+        size_t a = strlen(out->msgs[0].content), b = strlen(out->tool_prompt);
+        char *t = alloc_malloc(a + b + 3);
+        if (!t) return fail(err, "tools", "out of memory");
+        memcpy(t, out->msgs[0].content, a);
+        memcpy(t + a, "\n\n", 2);
+        memcpy(t + a + 2, out->tool_prompt, b + 1);
+        alloc_free(out->msg_text[0]);
+        out->msg_text[0] = t;
+        out->msgs[0].content = t;
+        return KRS_OK;
+    }
+    struct chat_message *m = alloc_calloc((size_t)n + 1, sizeof *m);
+    char **mt = alloc_calloc((size_t)n + 1, sizeof *mt);
+    if (!m || !mt) {
+        alloc_free(m);
+        alloc_free(mt);
+        return fail(err, "tools", "out of memory");
+    }
+    memcpy(m + 1, out->msgs, (size_t)n * sizeof *m);
+    memcpy(mt + 1, out->msg_text, (size_t)n * sizeof *mt);
+    m[0].role = "system";
+    m[0].content = out->tool_prompt; /* owned by tool_prompt */
+    alloc_free(out->msgs);
+    alloc_free(out->msg_text);
+    out->msgs = m;
+    out->msg_text = mt;
+    out->n_msgs = n + 1;
+    return KRS_OK;
+}
+
 static int parse_body(const cJSON *root, enum server_api api, const struct server_limits *lim,
                       struct server_gen_request *out, struct server_error *err)
 {
@@ -314,22 +360,15 @@ static int parse_body(const cJSON *root, enum server_api api, const struct serve
     out->n = (int)iv;
     if ((rc = get_int(root, "best_of", 1, 1e9, &iv, &given, err))) return rc;
     if (given && iv != 1) return fail(err, "best_of", "only best_of=1 is supported");
-    /* Not implemented yet: refused by name, never silently ignored (a reply that ignores a
-     * requested JSON schema or tool list looks valid and is not). */
-    const cJSON *rf = cJSON_GetObjectItemCaseSensitive(root, "response_format");
-    if (rf && !cJSON_IsNull(rf)) {
-        const cJSON *ty = cJSON_IsObject(rf) ? cJSON_GetObjectItemCaseSensitive(rf, "type") : NULL;
-        if (!cJSON_IsString(ty) || strcmp(ty->valuestring, "text"))
-            return fail(err, "response_format",
-                        "response_format %s is not supported yet; only {\"type\": \"text\"}",
-                        cJSON_IsString(ty) ? ty->valuestring : "without a string type");
-    }
-    const cJSON *tools = cJSON_GetObjectItemCaseSensitive(root, "tools");
-    if (tools && !cJSON_IsNull(tools) && !(cJSON_IsArray(tools) && !cJSON_GetArraySize(tools)))
-        return fail(err, "tools", "tools (function calling) are not supported yet");
-    const cJSON *tc = cJSON_GetObjectItemCaseSensitive(root, "tool_choice");
-    if (tc && !cJSON_IsNull(tc) && !(cJSON_IsString(tc) && !strcmp(tc->valuestring, "none")))
-        return fail(err, "tool_choice", "tool_choice other than \"none\" is not supported yet");
+    /* Structured output: compiled here, once; anything not applied is refused by name. */
+    const char *gparam = NULL;
+    char gerr[200];
+    if (grammar_from_request(cJSON_GetObjectItemCaseSensitive(root, "response_format"),
+                             cJSON_GetObjectItemCaseSensitive(root, "grammar"), &out->grammar,
+                             &gparam, gerr, sizeof gerr))
+        return fail(err, gparam, "%s", gerr);
+    if ((rc = server_parse_tools(root, out, err))) return rc;
+    if (out->tool_prompt && (rc = add_tool_prompt(out, err))) return rc;
 
     int64_t mt = -1, mct = -1;
     int g1 = 0, g2 = 0;

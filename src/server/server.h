@@ -25,6 +25,7 @@
 
 struct engine_registry;
 struct server;
+struct grammar;
 
 /* ---- the server ---------------------------------------------------------------------------- */
 
@@ -62,6 +63,13 @@ struct server_limits {
 };
 
 #define SERVER_MAX_N 16 /* most choices (OpenAI `n`) one request may ask for */
+enum {
+    SERVER_TOOLS_NONE = 0,     /* no tools, or tool_choice "none" */
+    SERVER_TOOLS_AUTO = 1,     /* a call or plain text */
+    SERVER_TOOLS_REQUIRED = 2, /* one call of any tool */
+    SERVER_TOOLS_NAMED = 3,    /* one call of tool_name: the reply is its arguments */
+};
+#define SERVER_TOOL_NAME_MAX 64
 
 /* A parsed generation request. Strings point into `root` (owned, freed with
  * server_gen_request_free); msgs and bias are owned arrays. */
@@ -87,8 +95,12 @@ struct server_gen_request {
     int n_stop;
     int ignore_eos;
     enum sched_priority priority;
-    uint64_t timeout_ms; /* 0 = none given */
-    void *root;          /* cJSON tree, owned */
+    uint64_t timeout_ms;     /* 0 = none given */
+    struct grammar *grammar; /* response_format / grammar / tools, owned; NULL = none */
+    int tool_mode;           /* SERVER_TOOLS_*: how the reply may call the tools */
+    char tool_name[SERVER_TOOL_NAME_MAX + 1]; /* SERVER_TOOLS_NAMED: the function */
+    char *tool_prompt; /* owned: the system text describing the tools (in msgs), or NULL */
+    void *root;        /* cJSON tree, owned */
 };
 
 /* Parses and validates a /v1/completions or /v1/chat/completions body. KRS_OK with *out filled
@@ -99,6 +111,19 @@ int server_parse_gen(const char *body, size_t len, enum server_api api,
                      const struct server_limits *lim, struct server_gen_request *out,
                      struct server_error *err);
 void server_gen_request_free(struct server_gen_request *r);
+
+/* Internal to the parser files (openai_parse.c, openai_tools.c). server_parse_fail fills err
+ * (400, invalid_request_error, param) and returns KRS_ERR_INVALID. server_parse_tools reads
+ * tools / tool_choice into out (after response_format: they exclude each other).
+ * server_tool_turn rewrites a tool-call assistant turn or a "tool" turn into plain text (*text
+ * owned, NULL when msg is an ordinary message; *role may change). */
+struct cJSON;
+int server_parse_fail(struct server_error *err, const char *param, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+int server_parse_tools(const struct cJSON *root, struct server_gen_request *out,
+                       struct server_error *err);
+int server_tool_turn(const struct cJSON *msg, int idx, const char **role, char **text,
+                     struct server_error *err);
 
 /* 1 when s[0..n) is valid UTF-8 (no overlongs, no surrogates, <= U+10FFFF). */
 int server_utf8_valid(const char *s, size_t n);

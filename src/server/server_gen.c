@@ -46,6 +46,9 @@ struct gen_choice {
     cJSON *lp; /* chat: array "content"; completions: {tokens, token_logprobs, ...} */
     int finished;
     struct sched_event fin;
+    /* tools: 1 = the reply is a tool call, held back until the end; 0 = plain content;
+     * -1 = not known yet (tool_choice auto: a reply starting with '{' is a call) */
+    int tool_buf;
 };
 
 struct server_gen {
@@ -263,6 +266,44 @@ static void error_of_finish(const struct sched_event *fin, struct server_error *
              fin->reason);
 }
 
+/* The reply as OpenAI tool_calls (one call), or NULL when it is not a complete call (cut by
+ * max_tokens: the caller sends it as content). */
+static cJSON *tool_calls_json(const struct server_gen *g, int i, int with_index)
+{
+    const struct gen_choice *ch = &g->ch[i];
+    if (ch->tool_buf != 1 || ch->fin.finish != SCHED_FINISH_STOP) return NULL;
+    cJSON *reply = cJSON_ParseWithLength(ch->text ? ch->text : "", ch->text_len);
+    const cJSON *args = reply;
+    const char *name = g->req.tool_name;
+    if (reply && g->req.tool_mode != SERVER_TOOLS_NAMED) {
+        const cJSON *n = cJSON_GetObjectItemCaseSensitive(reply, "name");
+        args = cJSON_GetObjectItemCaseSensitive(reply, "arguments");
+        name = cJSON_IsString(n) ? n->valuestring : NULL;
+    }
+    char *atext = args && name ? cJSON_PrintUnformatted(args) : NULL;
+    cJSON *calls = NULL;
+    if (atext) {
+        calls = cJSON_CreateArray();
+        cJSON *c = cJSON_CreateObject();
+        cJSON_AddItemToArray(calls, c);
+        if (with_index) cJSON_AddNumberToObject(c, "index", 0);
+        char id[80];
+        const char *base = strchr(g->id, '-') ? strchr(g->id, '-') + 1 : g->id;
+        if (i)
+            snprintf(id, sizeof id, "call_%s_%d", base, i);
+        else
+            snprintf(id, sizeof id, "call_%s", base);
+        cJSON_AddStringToObject(c, "id", id);
+        cJSON_AddStringToObject(c, "type", "function");
+        cJSON *f = cJSON_AddObjectToObject(c, "function");
+        cJSON_AddStringToObject(f, "name", name);
+        cJSON_AddStringToObject(f, "arguments", atext);
+        cJSON_free(atext);
+    }
+    cJSON_Delete(reply);
+    return calls;
+}
+
 /* Drains one choice's buffered events into its accumulators / the SSE output. */
 static void pump_choice(struct server_gen *g, int i)
 {
@@ -274,6 +315,16 @@ static void pump_choice(struct server_gen *g, int i)
             int lp = want_logprobs(g) && ev->token >= 0;
             size_t off = c->text_off;
             c->text_off += ev->text_len;
+            if (stream && c->tool_buf) {
+                /* a tool call is sent whole at the end; until the first byte decides (auto) the
+                 * text is held back too */
+                buf_append(&c->text, &c->text_len, &c->text_cap, ev->text, ev->text_len);
+                if (c->tool_buf < 0 && c->text_len > 0) {
+                    c->tool_buf = c->text[0] == '{';
+                    if (!c->tool_buf) sse_emit(g, chunk(g, i, c->text, c->text_len, NULL, NULL, 0));
+                }
+                continue;
+            }
             if (stream) {
                 if (!ev->text_len && !lp) continue;
                 cJSON *l = NULL;
@@ -291,10 +342,24 @@ static void pump_choice(struct server_gen *g, int i)
         c->fin = *ev;
         c->finished = 1;
         g->n_finished++;
-        if (ev->finish != SCHED_FINISH_STOP && ev->finish != SCHED_FINISH_LENGTH)
+        if (ev->finish != SCHED_FINISH_STOP && ev->finish != SCHED_FINISH_LENGTH) {
             g->failed = &c->fin;
-        else if (stream)
-            sse_emit(g, chunk(g, i, "", 0, NULL, finish_str(ev->finish), 0));
+        } else if (stream) {
+            cJSON *calls = tool_calls_json(g, i, 1);
+            const char *fin = finish_str(ev->finish);
+            if (calls) {
+                cJSON *o = chunk(g, i, "", 0, NULL, NULL, 0);
+                cJSON *d = cJSON_GetObjectItem(
+                    cJSON_GetArrayItem(cJSON_GetObjectItem(o, "choices"), 0), "delta");
+                cJSON_DeleteItemFromObject(d, "content");
+                cJSON_AddItemToObject(d, "tool_calls", calls);
+                sse_emit(g, o);
+                fin = "tool_calls";
+            } else if (c->tool_buf && c->text_len) { /* held back, and not a call after all */
+                sse_emit(g, chunk(g, i, c->text, c->text_len, NULL, NULL, 0));
+            }
+            sse_emit(g, chunk(g, i, "", 0, NULL, fin, 0));
+        }
     }
 }
 
@@ -364,11 +429,20 @@ static enum MHD_Result send_final(struct server_conn *c)
         cJSON_AddItemToArray(choices, ch);
         cJSON_AddNumberToObject(ch, "index", i);
         const char *text = gc->text ? gc->text : "";
+        const char *fin = finish_str(gc->fin.finish);
+        if (gc->tool_buf < 0) gc->tool_buf = gc->text_len > 0 && text[0] == '{';
+        cJSON *calls = chat ? tool_calls_json(g, i, 0) : NULL;
         cJSON *holder = ch;
         if (chat) {
             cJSON *m = cJSON_AddObjectToObject(ch, "message");
             cJSON_AddStringToObject(m, "role", "assistant");
-            add_sanitized(m, "content", text, gc->text_len);
+            if (calls) {
+                cJSON_AddNullToObject(m, "content");
+                cJSON_AddItemToObject(m, "tool_calls", calls);
+                fin = "tool_calls";
+            } else {
+                add_sanitized(m, "content", text, gc->text_len);
+            }
             if (gc->lp) holder = cJSON_AddObjectToObject(ch, "logprobs");
         } else {
             add_sanitized(ch, "text", text, gc->text_len);
@@ -379,7 +453,7 @@ static enum MHD_Result send_final(struct server_conn *c)
         } else {
             cJSON_AddNullToObject(ch, "logprobs");
         }
-        cJSON_AddStringToObject(ch, "finish_reason", finish_str(gc->fin.finish));
+        cJSON_AddStringToObject(ch, "finish_reason", fin);
     }
     cJSON_AddItemToObject(o, "usage", usage_json(g));
     return server_send_json(c->mc, 200, o);
@@ -588,6 +662,7 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     sr.n_stop = g->req.n_stop;
     sr.ignore_eos = g->req.ignore_eos;
     sr.priority = g->req.priority;
+    sr.grammar = g->req.grammar;
     sr.timeout_ms = g->req.timeout_ms ? g->req.timeout_ms : (uint64_t)rt.request_timeout_ms;
 
     uint32_t sgen;
@@ -647,6 +722,10 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     c->gen = g;
     for (int i = 0; i < g->n_choices; i++) {
         if (want_logprobs(g) && !g->req.stream) g->ch[i].lp = lp_new(g);
+        g->ch[i].tool_buf =
+            g->req.tool_mode == SERVER_TOOLS_NAMED || g->req.tool_mode == SERVER_TOOLS_REQUIRED ? 1
+            : g->req.tool_mode == SERVER_TOOLS_AUTO                                             ? -1
+                                                                                                : 0;
         sched_stream_set_notify(g->ch[i].st, gen_notify, &s->slots[g->slot]);
     }
 

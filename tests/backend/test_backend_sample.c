@@ -7,7 +7,9 @@
  * and logprobs. Every row gets its own settings (temperature 0 / 0.7 / 1 / 1.5, top-k 1 / 40 /
  * near-vocab / off, top-p 0.5 / 0.9 / off, min-p 0.05 / off), its own draw u and its own edits
  * (biases of +-100 and small ones, repetition 1.3, presence/frequency), over rows built to be
- * awkward: ties at the max and at the cuts, -inf entries, all equal, only five finite.
+ * awkward: ties at the max and at the cuts, -inf entries, all equal, only five finite. Every
+ * other call gives every third row an allowed-token mask (grammar/), which the reference
+ * applies as -inf after the edits.
  * Truncation as backend.h says: top-k (ties at the cut kept), then top-p over the top-k
  * survivors (mass normalised over them, ties in id order), then min-p (p >= min_p * p_max).
  *
@@ -183,7 +185,9 @@ static int ctx_open(struct ctx *c, const char *dev, int mode)
                                .max_n_in = BIG_V,
                                .max_ctx = MAX_ROWS,
                                .mem_budget = 0,
-                               .max_sample_edits = 0};
+                               .max_sample_edits = 0,
+                               .max_mask_rows = MAX_ROWS,
+                               .mask_vocab = BIG_V};
     char err[256] = "";
     int rc = backend_create(dev, &p, &c->b, err, sizeof err);
     unsetenv("KRS_CUDA_SAMPLE_RADIX");
@@ -260,12 +264,12 @@ static void ctx_fill(struct ctx *c, int V, const int32_t *tok, int rows)
 /* One sampled step; ids/lp copied out. */
 static void ctx_sample(struct ctx *c, int V, const int32_t *tok, int rows,
                        const struct backend_sample_row *r, const struct backend_logit_edit *e,
-                       int n_e, int32_t *ids, float *lp)
+                       int n_e, const uint32_t *const *masks, int32_t *ids, float *lp)
 {
     const int32_t *pi = NULL;
     const float *pl = NULL;
     ctx_fill(c, V, tok, rows);
-    CHECK(c->ops->sample(c->b, c->x, rows, V, r, e, n_e));
+    CHECK(c->ops->sample(c->b, c->x, rows, V, r, e, n_e, masks));
     CHECK(c->ops->step_end_sampled(c->b, rows, &pi, &pl));
     assert_non_null(pi);
     assert_non_null(pl);
@@ -541,11 +545,37 @@ static void check_call(struct ctx *c, struct ref_scratch *sc, struct rng *g, int
         n_e += r[i].n_edits;
     }
     free(used);
-    ctx_sample(c, V, tok, rows, r, e, n_e, ids, lp);
+    /* odd calls: every third row carries a token mask (dense on small vocabularies, about 64
+     * tokens on the large one), always with at least one finite logit allowed */
+    const int nw = (V + 31) / 32;
+    uint32_t *mbuf = xmalloc((size_t)rows * nw * sizeof *mbuf);
+    const uint32_t *masks[MAX_ROWS];
     float *a = xmalloc((size_t)V * sizeof *a);
+    for (int i = 0; i < rows; i++) {
+        masks[i] = NULL;
+        if (!(call & 1) || i % 3) continue;
+        uint32_t *m = mbuf + (size_t)i * nw;
+        for (int w = 0; w < nw; w++)
+            m[w] = V >= BIG_V ? 0 : (uint32_t)rng_next(g) | (uint32_t)rng_next(g);
+        for (int k = 0; V >= BIG_V && k < 64; k++) {
+            int t = rng_int(g, V);
+            m[t >> 5] |= 1u << (t & 31);
+        }
+        memcpy(a, host + (size_t)tok[i] * V, (size_t)V * sizeof *a);
+        apply_edits(a, e + r[i].edit_begin, r[i].n_edits);
+        for (int t = rng_int(g, V), n = 0; n < V; n++, t = (t + 1) % V)
+            if (a[t] > -INFINITY) {
+                m[t >> 5] |= 1u << (t & 31);
+                break;
+            }
+        masks[i] = m;
+    }
+    ctx_sample(c, V, tok, rows, r, e, n_e, (call & 1) ? masks : NULL, ids, lp);
     for (int i = 0; i < rows; i++) {
         memcpy(a, host + (size_t)tok[i] * V, (size_t)V * sizeof *a);
         apply_edits(a, e + r[i].edit_begin, r[i].n_edits);
+        for (int t = 0; masks[i] && t < V; t++)
+            if (!(masks[i][t >> 5] >> (t & 31) & 1)) a[t] = -INFINITY;
         struct verdict v = judge(sc, a, V, &r[i], ids[i]);
         double dlp = fabs((double)lp[i] - v.lp);
         if (!v.ok || !(dlp <= LP_TOL)) {
@@ -564,6 +594,7 @@ static void check_call(struct ctx *c, struct ref_scratch *sc, struct rng *g, int
         if (dlp > ty->worst_lp) ty->worst_lp = dlp;
     }
     free(a);
+    free(mbuf);
 }
 
 static void test_sample_matches_reference(void **state)
@@ -646,7 +677,7 @@ static void test_sample_statistics(void **state)
                         r[i] = p;
                         r[i].u = (float)(((double)(k * MAX_ROWS + i) + 0.5) / N);
                     }
-                    ctx_sample(c, V, tok, MAX_ROWS, r, NULL, 0, ids, lp);
+                    ctx_sample(c, V, tok, MAX_ROWS, r, NULL, 0, NULL, ids, lp);
                     for (int i = 0; i < MAX_ROWS; i++) {
                         assert_true(ids[i] >= 0 && ids[i] < V);
                         count[ids[i]]++;
@@ -700,7 +731,7 @@ static void test_sample_errors(void **state)
         for (int i = 0; i < n_big; i++) big[i] = (struct backend_logit_edit){i % V, 0.0f, 1.0f, 0};
         r[0].n_edits = n_big;
         ctx_fill(c, V, tok, 2);
-        assert_int_equal(c->ops->sample(c->b, c->x, 2, V, r, big, n_big), KRS_ERR_FULL);
+        assert_int_equal(c->ops->sample(c->b, c->x, 2, V, r, big, n_big, NULL), KRS_ERR_FULL);
         r[0].n_edits = 0;
         free(big);
         /* bad settings and arguments */
@@ -720,19 +751,20 @@ static void test_sample_errors(void **state)
         };
         for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
             ctx_fill(c, V, tok, 2);
-            int rc = c->ops->sample(c->b, c->x, 1, V, &bad[i].p, NULL, 0);
+            int rc = c->ops->sample(c->b, c->x, 1, V, &bad[i].p, NULL, 0, NULL);
             if (rc != KRS_ERR_INVALID)
                 fail_msg("%s: %s -> %s", c->dev, bad[i].what, krs_status_str(rc));
         }
         struct backend_logit_edit e_bad = {V, 1.0f, 1.0f, 0.0f}; /* token out of range */
         struct backend_sample_row r1 = {.temperature = 1.0f, .top_p = 1.0f, .n_edits = 1};
         ctx_fill(c, V, tok, 2);
-        assert_int_equal(c->ops->sample(c->b, c->x, 1, V, &r1, &e_bad, 1), KRS_ERR_INVALID);
+        assert_int_equal(c->ops->sample(c->b, c->x, 1, V, &r1, &e_bad, 1, NULL), KRS_ERR_INVALID);
         e_bad = (struct backend_logit_edit){0, 1.0f, 0.0f, 0.0f}; /* repetition 0 */
         ctx_fill(c, V, tok, 2);
-        assert_int_equal(c->ops->sample(c->b, c->x, 1, V, &r1, &e_bad, 1), KRS_ERR_INVALID);
+        assert_int_equal(c->ops->sample(c->b, c->x, 1, V, &r1, &e_bad, 1, NULL), KRS_ERR_INVALID);
         ctx_fill(c, V, tok, 2);
-        assert_int_equal(c->ops->sample(c->b, c->x, MAX_ROWS + 1, V, r, NULL, 0), KRS_ERR_INVALID);
+        assert_int_equal(c->ops->sample(c->b, c->x, MAX_ROWS + 1, V, r, NULL, 0, NULL),
+                         KRS_ERR_INVALID);
         /* edits are finite: a -inf bias (banning data row 5's finite entries) is invalid */
         const float *h5 = c->host[vocab_index(V)] + 5 * V;
         struct backend_logit_edit ban[V];
@@ -744,15 +776,15 @@ static void test_sample_errors(void **state)
             {.temperature = 0.0f, .top_p = 1.0f, .u = 0.5f}};
         int32_t tok5[2] = {5, 0};
         ctx_fill(c, V, tok5, 2);
-        assert_int_equal(c->ops->sample(c->b, c->x, 2, V, r5, ban, n_ban), KRS_ERR_INVALID);
+        assert_int_equal(c->ops->sample(c->b, c->x, 2, V, r5, ban, n_ban, NULL), KRS_ERR_INVALID);
         /* the backend still works after the failures */
         int32_t got[2];
         float glp[2];
-        ctx_sample(c, V, tok, 2, r, NULL, 0, got, glp);
+        ctx_sample(c, V, tok, 2, r, NULL, 0, NULL, got, glp);
         assert_true(got[0] >= 0 && got[0] < V && got[1] >= 0 && got[1] < V);
         /* u = 1 (a double draw just below 1 rounds to 1.0f): the last survivor, not an error */
         struct backend_sample_row one = {.temperature = 1.0f, .top_p = 1.0f, .u = 1.0f};
-        ctx_sample(c, V, tok, 1, &one, NULL, 0, got, glp); /* data row 0: all finite */
+        ctx_sample(c, V, tok, 1, &one, NULL, 0, NULL, got, glp); /* data row 0: all finite */
         assert_int_equal(got[0], V - 1);
         ctx_close(c);
     }
@@ -793,7 +825,7 @@ static void test_sample_bad_rows(void **state)
                                      .logit_rows = c->pos};
             CHECK(c->ops->step_begin(c->b, &s));
             CHECK(c->ops->embed(c->b, w, 1.0f, c->x));
-            CHECK(c->ops->sample(c->b, c->x, 2, V, r, NULL, 0));
+            CHECK(c->ops->sample(c->b, c->x, 2, V, r, NULL, 0, NULL));
             const int32_t *ids = NULL;
             const float *lp = NULL;
             int rc = c->ops->step_end_sampled(c->b, 2, &ids, &lp);
@@ -877,7 +909,7 @@ static void test_sample_timing(void **state)
                     for (int rep = 0; rep < 3; rep++) {
                         double t0 = now_s();
                         for (int it = 0; it < iters; it++)
-                            ctx_sample(c, BIG_V, tok, rows, r, NULL, 0, ids, lp);
+                            ctx_sample(c, BIG_V, tok, rows, r, NULL, 0, NULL, ids, lp);
                         double t = (now_s() - t0) / iters;
                         if (t < best) best = t;
                     }

@@ -304,7 +304,7 @@ static void run_step(struct model *m, struct seqs *q, const int *sq, const int *
         }
         const int32_t *ids;
         const float *lp;
-        CHECK(m->ops->sample(m->b, m->logits, n_rows, V, sr, NULL, 0));
+        CHECK(m->ops->sample(m->b, m->logits, n_rows, V, sr, NULL, 0, NULL));
         CHECK(m->ops->step_end_sampled(m->b, n_rows, &ids, &lp));
         memcpy(o->ids + o->n_ids, ids, (size_t)n_rows * sizeof *ids);
         o->n_ids += n_rows;

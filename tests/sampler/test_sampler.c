@@ -920,6 +920,81 @@ static void test_next_uniform_is_the_draw(void **state)
     sampler_scratch_free(sc);
 }
 
+/* Draws from a masked row: only allowed tokens, greedy = the first best allowed one, logprob =
+ * log-softmax over the allowed tokens; and the draws follow the allowed distribution (T = 1,
+ * no truncation: chi-square-like bound on the count of the best token). */
+static void check_masked(struct sampler_scratch *sc, const float *logits, int V,
+                         const uint32_t *allow)
+{
+    const struct {
+        float temp, top_p;
+        int top_k;
+    } cfg[] = {{0, 1, 0}, {1, 1, 40}, {0.7f, 0.9f, 0}, {1.3f, 1, 0}, {1, 1, 3}, {1, 1, 0}};
+    int best = -1;
+    double z = 0;
+    for (int t = 0; t < V; t++)
+        if (allow[t >> 5] >> (t & 31) & 1 && (best < 0 || logits[t] > logits[best])) best = t;
+    for (int t = 0; t < V; t++)
+        if (allow[t >> 5] >> (t & 31) & 1) z += exp((double)logits[t] - logits[best]);
+    for (size_t c = 0; c < sizeof cfg / sizeof cfg[0]; c++) {
+        struct sampler_params p;
+        sampler_params_default(&p);
+        p.temperature = cfg[c].temp;
+        p.top_p = cfg[c].top_p;
+        p.top_k = cfg[c].top_k;
+        p.seed = 42 + c;
+        struct sampler s;
+        assert_int_equal(sampler_init(&s, &p, V), KRS_OK);
+        int n_best = 0, draws = 400;
+        for (int draw = 0; draw < draws; draw++) {
+            struct sampler_result r;
+            assert_int_equal(sampler_sample_masked(&s, sc, logits, V, allow, NULL, 0, NULL, 0, &r),
+                             KRS_OK);
+            assert_true(allow[r.token >> 5] >> (r.token & 31) & 1);
+            if (cfg[c].temp == 0) assert_int_equal(r.token, best);
+            double want = (double)logits[r.token] - logits[best] - log(z);
+            assert_true(fabs(r.logprob - want) < 1e-4);
+            n_best += r.token == best;
+        }
+        if (c == 5) { /* T = 1 untruncated: P(best) = 1 / z */
+            double pb = 1.0 / z, sd = sqrt(draws * pb * (1 - pb));
+            assert_true(fabs(n_best - draws * pb) <= 5 * sd + 1);
+        }
+    }
+}
+
+/* The allowed-token mask, sparse (5 tokens: the candidate path) and dense (every other token:
+ * the vocabulary-wide path), for every sampling path. */
+static void test_mask(void **state)
+{
+    (void)state;
+    enum { V = 70000 };
+    static float logits[V];
+    static uint32_t allow[(V + 31) / 32];
+    for (int i = 0; i < V; i++) logits[i] = nrand() * 3.0f;
+    logits[123] = 50.0f; /* the unmasked argmax: never allowed */
+    memset(allow, 0, sizeof allow);
+    int ids[] = {7, 31, 32, 4000, 69999};
+    for (size_t i = 0; i < 5; i++) allow[ids[i] >> 5] |= 1u << (ids[i] & 31);
+    struct sampler_scratch *sc;
+    assert_int_equal(sampler_scratch_create(V, &sc), KRS_OK);
+    for (int i = 0; i < V; i++) logits[i] = nrand() * 1.5f; /* a flatter row: draws spread */
+    logits[123] = 50.0f;
+    check_masked(sc, logits, V, allow);
+    for (int w = 0; w < (V + 31) / 32; w++) allow[w] = 0x55555555u; /* even ids; 123 is odd */
+    check_masked(sc, logits, V, allow);
+    /* nothing allowed: an error, not a token */
+    memset(allow, 0, sizeof allow);
+    struct sampler_params p;
+    sampler_params_default(&p);
+    struct sampler s;
+    struct sampler_result r;
+    assert_int_equal(sampler_init(&s, &p, V), KRS_OK);
+    assert_int_equal(sampler_sample_masked(&s, sc, logits, V, allow, NULL, 0, NULL, 0, &r),
+                     KRS_ERR_INVALID);
+    sampler_scratch_free(sc);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -939,6 +1014,7 @@ int main(void)
         cmocka_unit_test(test_skip_logprob),
         cmocka_unit_test(test_kernels),
         cmocka_unit_test(test_invalid),
+        cmocka_unit_test(test_mask),
         cmocka_unit_test(test_stop_basic),
         cmocka_unit_test(test_stop_random),
     };

@@ -32,10 +32,12 @@ def envelope(body):
     (json.dumps({"prompt": "hi", "max_tokens": 100000}).encode(), "max_tokens"),
     (json.dumps({"prompt": "hi", "max_tokens": 4096}).encode(), "max_tokens"),  # > context
     (b'{"prompt": "\xff\xfe bad utf8", "max_tokens": 2}', "prompt"),
-    (json.dumps({"prompt": "hi", "response_format": {"type": "json_object"}}).encode(),
+    (json.dumps({"prompt": "hi", "response_format": {"type": "yaml"}}).encode(),
      "response_format"),
     (json.dumps({"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": {
-        "name": "x", "schema": {"type": "object"}}}}).encode(), "response_format"),
+        "name": "x", "schema": {"type": "object", "patternProperties": {}}}}}).encode(),
+     "response_format"),
+    (json.dumps({"prompt": "hi", "grammar": "root ::= (\"a\""}).encode(), "grammar"),
     (json.dumps({"prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]})
      .encode(), "tools"),
     (json.dumps({"prompt": "hi", "tool_choice": "required"}).encode(), "tool_choice"),

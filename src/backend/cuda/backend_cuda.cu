@@ -465,14 +465,14 @@ static int cuda_step_end(struct backend *b, const struct backend_tensor *t, int 
 /* The sampler enqueues on the stream itself: what the step holds back goes first. */
 static int op_sample(struct backend *b, const struct backend_tensor *logits, int rows, int n_vocab,
                      const struct backend_sample_row *r, const struct backend_logit_edit *edits,
-                     int n_edits)
+                     int n_edits, const uint32_t *const *masks)
 {
     struct backend_cuda *c = cu(b);
     if (c->step.active) {
         int rc = cuda_flush(c);
         if (rc) return rc;
     }
-    return cuda_op_sample(b, logits, rows, n_vocab, r, edits, n_edits);
+    return cuda_op_sample(b, logits, rows, n_vocab, r, edits, n_edits, masks);
 }
 
 static int op_step_end_sampled(struct backend *b, int rows, const int32_t **ids,
@@ -801,7 +801,9 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
                                  "cublasSetWorkspace", __FILE__, __LINE__)))
         goto fail;
     if ((rc = stage_reserve(c, 0))) goto fail;
-    if ((rc = cuda_sampler_create(p->max_tokens, p->max_sample_edits, &c->sampler))) goto fail;
+    if ((rc = cuda_sampler_create(p->max_tokens, p->max_sample_edits, p->max_mask_rows,
+                                  p->mask_vocab, &c->sampler)))
+        goto fail;
     if ((rc = cuda_graphs_create(c))) goto fail;
     if ((rc = CUDA_CHECK(cudaEventRecord(c->staged, c->stream), "event"))) goto fail;
     KRS_LOG_DEBUGF("cuda: %s, %d SMs, %.1f GiB; matvec up to %d rows, GEMM %s, fusion %s, PDL %s",

@@ -2,7 +2,8 @@
  *
  * Per row, in the logits tensor itself (it is dead after sampling):
  *   1. edits: l = rep(l + pre_add) + post_add, each operation rounded (no FMA contraction), so
- *      a host reference in float arithmetic gets the same edited logits bit for bit;
+ *      a host reference in float arithmetic gets the same edited logits bit for bit; then a
+ *      masked row's disallowed tokens become -inf (one thread per mask word);
  *   2. one pass: max, first argmax, Z1 = sum exp(l - max) (double accumulation), a NaN/+inf
  *      check, each thread's own maximum, and for top-p rows sum exp((l - max) / T). Greedy rows
  *      stop here (edits + one pass);
@@ -29,7 +30,8 @@
  *   7. logprob = l[token] - max - log Z1.
  * KRS_CUDA_SAMPLE_RADIX=1 (read at creation) turns the candidate path off (tests, timing).
  *
- * Host side: one upload of rows + edits from pinned staging, one kernel, and in
+ * Host side: one upload of rows + edits from pinned staging (and a second of the masks when a
+ * row has one: the row -> mask index table, then the masks), one kernel, and in
  * step_end_sampled one download of [kv flags, ids, logprobs] into pinned memory. Nothing is
  * allocated per call. */
 #include "backend/cuda/cuda_impl.h"
@@ -65,8 +67,12 @@ struct cuda_sampler {
     int32_t *h_res; /* pinned: [kv flags, ids[rows], logprobs[rows]] */
     int32_t *d_res;
     cudaEvent_t staged; /* the upload is done: h_stage may be rewritten */
-    int rows;           /* rows of the pending sample call; -1 = none */
-    int radix_only;     /* KRS_CUDA_SAMPLE_RADIX=1: no candidate path (tests, timing) */
+    int max_mask_rows, mask_words, mask_vocab;
+    int32_t *h_mask; /* pinned: mask index per row [max_rows], then masks at mask_off */
+    int32_t *d_mask;
+    size_t mask_off; /* in int32 units */
+    int rows;        /* rows of the pending sample call; -1 = none */
+    int radix_only;  /* KRS_CUDA_SAMPLE_RADIX=1: no candidate path (tests, timing) */
 };
 
 /* ---- device helpers ---- */
@@ -455,7 +461,8 @@ __device__ __forceinline__ bool warp_cross(H h, int nb, u64 rem, int *bin, u64 *
 
 __global__ void __launch_bounds__(SMP_THREADS, 1)
     k_sample(float *logits, int V, int n_rows, const struct backend_sample_row *rows,
-             const struct backend_logit_edit *edits, int32_t *res, const int *kv_err, int cand_path)
+             const struct backend_logit_edit *edits, const int32_t *mask_idx, const uint32_t *masks,
+             int32_t *res, const int *kv_err, int cand_path)
 {
     cuda_pdl_enter();
     __shared__ struct smp_shared sh;
@@ -476,6 +483,18 @@ __global__ void __launch_bounds__(SMP_THREADS, 1)
         row[E.token] = __fadd_rn(x, E.post_add);
     }
     __syncthreads();
+    /* 1b. the token mask (the condition is the same for the whole block) */
+    if (mask_idx && mask_idx[r] >= 0) {
+        const int nw = (V + 31) >> 5;
+        const uint32_t *mk = masks + (int64_t)mask_idx[r] * nw;
+        for (int wd = t; wd < nw; wd += SMP_THREADS) {
+            const uint32_t bits = mk[wd];
+            if (bits == FULL_MASK) continue;
+            for (int j = 0; j < 32 && 32 * wd + j < V; j++)
+                if (!(bits >> j & 1u)) row[32 * wd + j] = -INFINITY;
+        }
+        __syncthreads();
+    }
 
     /* 2. max, first argmax, sum exp(l - max) at T = 1; for top-p rows without top-k also
      * sum exp((l - max) / T), which sizes the candidate threshold below */
@@ -761,10 +780,12 @@ static size_t align_up(size_t n, size_t a)
     return (n + a - 1) / a * a;
 }
 
-int cuda_sampler_create(int max_rows, int max_edits, struct cuda_sampler **out)
+int cuda_sampler_create(int max_rows, int max_edits, int max_mask_rows, int mask_vocab,
+                        struct cuda_sampler **out)
 {
     *out = NULL;
-    if (max_rows <= 0 || max_edits < 0) return KRS_ERR_INVALID;
+    if (max_rows <= 0 || max_edits < 0 || max_mask_rows < 0 || mask_vocab < 0)
+        return KRS_ERR_INVALID;
     if (max_edits == 0) {
         int64_t e = (int64_t)SMP_EDITS_DEF * max_rows;
         max_edits = e > INT_MAX / 32 ? INT_MAX / 32 : (int)e;
@@ -779,7 +800,19 @@ int cuda_sampler_create(int max_rows, int max_edits, struct cuda_sampler **out)
     s->edits_off = align_up((size_t)max_rows * sizeof(struct backend_sample_row), CUDA_ALIGN);
     size_t stage = s->edits_off + (size_t)max_edits * sizeof(struct backend_logit_edit);
     size_t res = (1 + 2 * (size_t)max_rows) * sizeof(int32_t);
+    if (max_mask_rows > max_rows) max_mask_rows = max_rows;
+    s->max_mask_rows = mask_vocab > 0 ? max_mask_rows : 0;
+    s->mask_vocab = mask_vocab;
+    s->mask_words = (mask_vocab + 31) / 32;
+    s->mask_off = align_up((size_t)max_rows * sizeof(int32_t), CUDA_ALIGN) / sizeof(int32_t);
+    size_t mbytes = (s->mask_off + (size_t)s->max_mask_rows * (size_t)s->mask_words) * 4;
     int rc;
+    if (s->max_mask_rows > 0 &&
+        ((rc = CUDA_CHECK(cudaMallocHost((void **)&s->h_mask, mbytes), "sampler masks")) ||
+         (rc = CUDA_CHECK(cudaMalloc((void **)&s->d_mask, mbytes), "sampler masks")))) {
+        cuda_sampler_destroy(s);
+        return rc;
+    }
     if ((rc = CUDA_CHECK(cudaMallocHost((void **)&s->h_stage, stage), "sampler staging")) ||
         (rc = CUDA_CHECK(cudaMalloc((void **)&s->d_stage, stage), "sampler staging")) ||
         (rc = CUDA_CHECK(cudaMallocHost((void **)&s->h_res, res), "sampler results")) ||
@@ -804,6 +837,8 @@ void cuda_sampler_destroy(struct cuda_sampler *s)
     cudaFree(s->d_stage);
     cudaFreeHost(s->h_res);
     cudaFree(s->d_res);
+    cudaFreeHost(s->h_mask);
+    cudaFree(s->d_mask);
     alloc_free(s);
 }
 
@@ -823,7 +858,7 @@ static int edit_ok(const struct backend_logit_edit *e, int n_vocab)
 
 int cuda_op_sample(struct backend *b, const struct backend_tensor *logits, int rows, int n_vocab,
                    const struct backend_sample_row *r, const struct backend_logit_edit *edits,
-                   int n_edits)
+                   int n_edits, const uint32_t *const *masks)
 {
     struct backend_cuda *c = (struct backend_cuda *)b;
     struct cuda_sampler *s = c->sampler;
@@ -835,6 +870,9 @@ int cuda_op_sample(struct backend *b, const struct backend_tensor *logits, int r
         logits->n < (int64_t)rows * n_vocab)
         return KRS_ERR_INVALID;
     if (n_edits > s->max_edits) return KRS_ERR_FULL;
+    int n_masked = 0;
+    for (int i = 0; masks && i < rows; i++) n_masked += masks[i] != NULL;
+    if (n_masked > s->max_mask_rows || (n_masked && n_vocab > s->mask_vocab)) return KRS_ERR_FULL;
     for (int i = 0; i < rows; i++)
         if (!row_ok(&r[i], n_edits)) return KRS_ERR_INVALID;
     for (int i = 0; i < n_edits; i++)
@@ -852,11 +890,27 @@ int cuda_op_sample(struct backend *b, const struct backend_tensor *logits, int r
                                    "sampler upload")) ||
                   (rc = CUDA_CHECK(cudaEventRecord(s->staged, c->stream), "sampler upload"))))
         return rc;
+    if (n_masked) {
+        /* the same event guards the mask staging: it was recorded after the last upload */
+        const size_t cw = ((size_t)n_vocab + 31) / 32; /* this call's words per mask */
+        for (int i = 0, k = 0; i < rows; i++) {
+            s->h_mask[i] = masks[i] ? k : -1;
+            if (masks[i]) memcpy(s->h_mask + s->mask_off + (size_t)k++ * cw, masks[i], cw * 4);
+        }
+        size_t mb = (s->mask_off + (size_t)n_masked * cw) * 4;
+        if ((rc = CUDA_CHECK(
+                 cudaMemcpyAsync(s->d_mask, s->h_mask, mb, cudaMemcpyHostToDevice, c->stream),
+                 "sampler mask upload")) ||
+            (rc = CUDA_CHECK(cudaEventRecord(s->staged, c->stream), "sampler mask upload")))
+            return rc;
+    }
     const unsigned grid = rows > 0 ? (unsigned)rows : 1u; /* block 0 also reads the flags */
     cuda_launch(c, k_sample, grid, SMP_THREADS, (float *)logits->dev, n_vocab, rows,
                 (const struct backend_sample_row *)s->d_stage,
-                (const struct backend_logit_edit *)(s->d_stage + s->edits_off), s->d_res, c->d_err,
-                !s->radix_only);
+                (const struct backend_logit_edit *)(s->d_stage + s->edits_off),
+                n_masked ? s->d_mask : NULL,
+                n_masked ? reinterpret_cast<const uint32_t *>(s->d_mask + s->mask_off) : NULL,
+                s->d_res, c->d_err, !s->radix_only);
     if ((rc = CUDA_LAUNCHED("sample"))) return rc;
     s->rows = rows;
     return KRS_OK;

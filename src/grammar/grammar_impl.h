@@ -1,0 +1,116 @@
+/* Private to grammar/: the compiled grammar and the sorted vocabulary.
+ *
+ * A grammar is a flat array of elements. Rule r starts at el[rule_start[r]]; its alternatives
+ * follow one another, each ended by G_ALT, the last by G_END. Terminals match one Unicode code
+ * point: G_LIT (val = the code point) or G_CLASS (val = index into classes). A position in the
+ * grammar is an index into el; a parse stack is a list of positions, the top being the next
+ * element to match (the matcher, grammar_match.c, keeps a set of such stacks). */
+#ifndef KRS_GRAMMAR_IMPL_H
+#define KRS_GRAMMAR_IMPL_H
+
+#include "grammar/grammar.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+enum { G_END = 0, G_ALT = 1, G_REF = 2, G_LIT = 3, G_CLASS = 4 };
+
+struct gel {
+    uint32_t type;
+    uint32_t val;
+};
+
+struct gclass {
+    uint32_t off, n; /* ranges[off .. off + n) */
+    uint32_t neg;    /* 1: matches every code point outside the ranges */
+};
+
+struct grange {
+    uint32_t lo, hi; /* inclusive */
+};
+
+struct grammar {
+    _Atomic int refs;
+    struct gel *el;
+    uint32_t n_el;
+    uint32_t *rule_start; /* [n_rules] */
+    uint32_t n_rules;
+    uint32_t root;
+    struct gclass *classes;
+    uint32_t n_classes;
+    struct grange *ranges;
+    uint32_t n_ranges;
+    char *text; /* the GBNF source (NUL-terminated) */
+};
+
+/* 1 when terminal element e matches code point cp. */
+static inline int grammar_el_match(const struct grammar *g, const struct gel *e, uint32_t cp)
+{
+    if (e->type == G_LIT) return e->val == cp;
+    const struct gclass *c = &g->classes[e->val];
+    int in = 0;
+    for (uint32_t i = 0; i < c->n && !in; i++)
+        in = cp >= g->ranges[c->off + i].lo && cp <= g->ranges[c->off + i].hi;
+    return in != (int)c->neg;
+}
+
+/* 1 when terminal e matches some code point in [lo, hi]. Exact for literals and positive
+ * classes; for negated classes, 0 only when one excluded range covers [lo, hi]. */
+static inline int grammar_el_match_range(const struct grammar *g, const struct gel *e, uint32_t lo,
+                                         uint32_t hi)
+{
+    if (e->type == G_LIT) return e->val >= lo && e->val <= hi;
+    const struct gclass *c = &g->classes[e->val];
+    for (uint32_t i = 0; i < c->n; i++) {
+        const struct grange *r = &g->ranges[c->off + i];
+        if (c->neg && r->lo <= lo && r->hi >= hi) return 0;
+        if (!c->neg && r->lo <= hi && r->hi >= lo) return 1;
+    }
+    return (int)c->neg;
+}
+
+/* Tokens sorted by their bytes, so that tokens sharing a prefix are neighbours: the mask walk
+ * reuses the automaton states of the common prefix (lcp) and skips every token below a dead
+ * prefix. */
+struct grammar_toklist {
+    int32_t n;
+    int32_t *order; /* [n] token ids, by bytes */
+    uint32_t *off;  /* [n] offsets into the vocabulary's bytes */
+    uint16_t *len;  /* [n] */
+    uint16_t *lcp;  /* [n] common prefix with the previous entry */
+};
+
+/* "Plain" tokens: complete UTF-8 made only of printable ASCII other than '"' and '\', and
+ * non-ASCII code points (most of a vocabulary). Where the grammar takes any such character
+ * the same way (inside a JSON string), they need no walk: plain_le[l - 1] holds the plain
+ * tokens of at most l code points. */
+#define GRAMMAR_PLAIN_LEVELS 16
+
+struct grammar_vocab {
+    int32_t n_vocab;
+    int32_t n_words;             /* mask words: ceil(n_vocab / 32) */
+    struct grammar_toklist all;  /* every token with text */
+    struct grammar_toklist rest; /* the tokens with text that are not plain */
+    uint8_t *bytes;              /* concatenated texts */
+    uint32_t *tok_off;           /* [n_vocab] by token id: offset into bytes */
+    uint16_t *tok_len;           /* [n_vocab] 0 = empty text */
+    uint8_t *eog;                /* [n_vocab] 1 = end of generation */
+    uint8_t *plain_cps;          /* [n_vocab] code points of a plain token (max 255), else 0 */
+    uint32_t *plain_le;          /* [GRAMMAR_PLAIN_LEVELS][n_words] */
+    int32_t *plain_long;         /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
+    int32_t n_plain_long;
+    int32_t max_plain; /* most code points of a plain token */
+    uint16_t max_len;
+};
+
+/* A JSON Schema "pattern" as a GBNF expression for the JSON-encoded content of a matching
+ * string (grammar_regex.c). *out: alloc'd, the caller frees it. KRS_ERR_UNSUPPORTED with the
+ * feature named in err. */
+int grammar_regex_to_gbnf(const char *pattern, char **out, char *err, size_t errlen);
+
+/* A vocabulary from explicit token texts (tests, benches): text[t][0..len[t]), eog[t] (may be
+ * NULL). Everything is copied. */
+int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
+                             const uint8_t *eog, struct grammar_vocab **out);
+
+#endif

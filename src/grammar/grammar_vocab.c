@@ -1,0 +1,216 @@
+/* The vocabulary as the matcher sees it: every token's bytes (tokenizer_token_piece without
+ * specials), and the tokens sorted by those bytes with the common prefix of neighbours, which
+ * turns the mask computation into a walk of an implicit token trie (grammar_match.c). Built once
+ * per model; immutable afterwards. */
+#include "grammar/grammar_impl.h"
+
+#include "krserve.h"
+#include "tokenizer/tokenizer.h"
+#include "util/alloc.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const struct grammar_vocab *sort_vocab; /* qsort has no context argument */
+
+static int cmp_tok(const void *pa, const void *pb)
+{
+    const struct grammar_vocab *v = sort_vocab;
+    int32_t a = *(const int32_t *)pa, b = *(const int32_t *)pb;
+    size_t la = v->tok_len[a], lb = v->tok_len[b];
+    int c = memcmp(v->bytes + v->tok_off[a], v->bytes + v->tok_off[b], la < lb ? la : lb);
+    if (c) return c;
+    return la < lb ? -1 : la > lb;
+}
+
+static void list_free(struct grammar_toklist *l)
+{
+    alloc_free(l->order);
+    alloc_free(l->off);
+    alloc_free(l->len);
+    alloc_free(l->lcp);
+}
+
+void grammar_vocab_free(struct grammar_vocab *v)
+{
+    if (!v) return;
+    list_free(&v->all);
+    list_free(&v->rest);
+    alloc_free(v->bytes);
+    alloc_free(v->tok_off);
+    alloc_free(v->tok_len);
+    alloc_free(v->eog);
+    alloc_free(v->plain_cps);
+    alloc_free(v->plain_le);
+    alloc_free(v->plain_long);
+    alloc_free(v);
+}
+
+int32_t grammar_vocab_size(const struct grammar_vocab *v)
+{
+    return v->n_vocab;
+}
+
+/* Code points of a plain token (see grammar_impl.h), 0 when it is not plain. */
+static int plain_count(const uint8_t *s, size_t n)
+{
+    int cps = 0;
+    for (size_t i = 0; i < n;) {
+        unsigned c = s[i];
+        size_t len = c < 0x80                 ? 1
+                     : c >= 0xC2 && c <= 0xDF ? 2
+                     : c >= 0xE0 && c <= 0xEF ? 3
+                     : c >= 0xF0 && c <= 0xF4 ? 4
+                                              : 0;
+        if (!len || i + len > n) return 0;
+        if (len == 1 && (c < 0x20 || c > 0x7E || c == '"' || c == '\\')) return 0;
+        uint32_t cp = len == 1 ? c : c & (0x7Fu >> len);
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = cp << 6 | (s[i + k] & 0x3Fu);
+        }
+        static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
+        if (cp < min_cp[len] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+        i += len;
+        cps++;
+    }
+    return cps > 255 ? 255 : cps;
+}
+
+/* Fills l with the tokens t (with text) for which want(t) holds, sorted, with common prefixes. */
+static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, int plain_only_not)
+{
+    size_t n = (size_t)v->n_vocab;
+    l->order = alloc_malloc(n * sizeof *l->order + 1);
+    l->off = alloc_malloc(n * sizeof *l->off + 1);
+    l->len = alloc_malloc(n * sizeof *l->len + 1);
+    l->lcp = alloc_malloc(n * sizeof *l->lcp + 1);
+    if (!l->order || !l->off || !l->len || !l->lcp) return KRS_ERR_NOMEM;
+    for (int32_t t = 0; t < v->n_vocab; t++)
+        if (v->tok_len[t] && (!plain_only_not || !v->plain_cps[t])) l->order[l->n++] = t;
+    static pthread_mutex_t sort_lock = PTHREAD_MUTEX_INITIALIZER;
+    pthread_mutex_lock(&sort_lock);
+    sort_vocab = v;
+    qsort(l->order, (size_t)l->n, sizeof *l->order, cmp_tok);
+    pthread_mutex_unlock(&sort_lock);
+    for (int32_t i = 0; i < l->n; i++) {
+        int32_t t = l->order[i];
+        l->off[i] = v->tok_off[t];
+        l->len[i] = v->tok_len[t];
+        uint16_t c = 0;
+        if (i > 0) {
+            const uint8_t *a = v->bytes + l->off[i - 1], *b = v->bytes + l->off[i];
+            uint16_t m = l->len[i - 1] < l->len[i] ? l->len[i - 1] : l->len[i];
+            while (c < m && a[c] == b[c]) c++;
+        }
+        l->lcp[i] = c;
+    }
+    return KRS_OK;
+}
+
+/* Everything derived from the token texts: plain tokens, their masks, both sorted lists. */
+static int vocab_finish(struct grammar_vocab *v)
+{
+    v->n_words = (v->n_vocab + 31) / 32;
+    size_t nw = (size_t)v->n_words;
+    v->plain_cps = alloc_calloc((size_t)v->n_vocab, 1);
+    v->plain_le = alloc_calloc(GRAMMAR_PLAIN_LEVELS * nw, sizeof *v->plain_le);
+    v->plain_long = alloc_malloc((size_t)v->n_vocab * sizeof *v->plain_long);
+    if (!v->plain_cps || !v->plain_le || !v->plain_long) return KRS_ERR_NOMEM;
+    for (int32_t t = 0; t < v->n_vocab; t++) {
+        int c = v->eog[t] ? 0 : plain_count(v->bytes + v->tok_off[t], v->tok_len[t]);
+        v->plain_cps[t] = (uint8_t)c;
+        if (c > v->max_plain) v->max_plain = c;
+        if (c > GRAMMAR_PLAIN_LEVELS) v->plain_long[v->n_plain_long++] = t;
+        for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++)
+            v->plain_le[(size_t)(l - 1) * nw + (size_t)(t >> 5)] |= 1u << (t & 31);
+    }
+    int rc = list_build(v, &v->all, 0);
+    if (!rc) rc = list_build(v, &v->rest, 1);
+    return rc;
+}
+
+/* Empty vocabulary of n tokens with room for `cap` bytes of text. */
+static struct grammar_vocab *vocab_new(int32_t n, size_t cap)
+{
+    struct grammar_vocab *v = alloc_calloc(1, sizeof *v);
+    if (!v) return NULL;
+    v->n_vocab = n;
+    v->bytes = alloc_malloc(cap ? cap : 1);
+    v->tok_off = alloc_calloc((size_t)n, sizeof *v->tok_off);
+    v->tok_len = alloc_calloc((size_t)n, sizeof *v->tok_len);
+    v->eog = alloc_calloc((size_t)n, 1);
+    if (!v->bytes || !v->tok_off || !v->tok_len || !v->eog) {
+        grammar_vocab_free(v);
+        return NULL;
+    }
+    return v;
+}
+
+/* Appends token t's text (tokens in id order). */
+static void vocab_add(struct grammar_vocab *v, size_t *used, int32_t t, const char *s, size_t len)
+{
+    memcpy(v->bytes + *used, s, len);
+    v->tok_off[t] = (uint32_t)*used;
+    v->tok_len[t] = (uint16_t)len;
+    if (len > v->max_len) v->max_len = (uint16_t)len;
+    *used += len;
+}
+
+int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
+                             const uint8_t *eog, struct grammar_vocab **out)
+{
+    *out = NULL;
+    if (n <= 0) return KRS_ERR_INVALID;
+    size_t total = 0;
+    for (int32_t t = 0; t < n; t++) {
+        if (len[t] > UINT16_MAX) return KRS_ERR_INVALID;
+        total += len[t];
+    }
+    struct grammar_vocab *v = vocab_new(n, total);
+    if (!v) return KRS_ERR_NOMEM;
+    size_t used = 0;
+    for (int32_t t = 0; t < n; t++) {
+        vocab_add(v, &used, t, text[t], len[t]);
+        v->eog[t] = eog ? eog[t] : 0;
+    }
+    if (vocab_finish(v)) {
+        grammar_vocab_free(v);
+        return KRS_ERR_NOMEM;
+    }
+    *out = v;
+    return KRS_OK;
+}
+
+int grammar_vocab_create(const struct tokenizer *tok, struct grammar_vocab **out)
+{
+    *out = NULL;
+    int32_t n = (int32_t)tokenizer_n_vocab(tok);
+    if (n <= 0) return KRS_ERR_INVALID;
+    size_t max_piece = tokenizer_max_piece(tok), total = 0, len = 0;
+    char *buf = alloc_malloc(max_piece + 16);
+    if (!buf) return KRS_ERR_NOMEM;
+    for (int32_t t = 0; t < n; t++)
+        if (!tokenizer_token_piece(tok, t, 0, buf, max_piece + 16, &len) && len <= UINT16_MAX)
+            total += len;
+    struct grammar_vocab *v = vocab_new(n, total);
+    int rc = KRS_ERR_NOMEM;
+    if (!v) goto out;
+    size_t used = 0;
+    for (int32_t t = 0; t < n; t++) {
+        if (tokenizer_token_piece(tok, t, 0, buf, max_piece + 16, &len) || len > UINT16_MAX)
+            len = 0;
+        vocab_add(v, &used, t, buf, len);
+        v->eog[t] = (uint8_t)tokenizer_is_eog(tok, t);
+    }
+    rc = vocab_finish(v);
+out:
+    alloc_free(buf);
+    if (rc) {
+        grammar_vocab_free(v);
+        return rc;
+    }
+    *out = v;
+    return KRS_OK;
+}
