@@ -81,7 +81,7 @@ build() {
     local wheels=${WHEELS:-/tmp/krs-wheels}
     if [ ! -d "$wheels" ]; then
         for v in 311 312 313; do
-            "$py" -m pip download -q --disable-pip-version-check openai==3.57.0 pytest==9.2.0 \
+            "$py" -m pip download -q --disable-pip-version-check openai==3.57.0 pytest==9.2.0 jsonschema==4.26.0 \
                 --only-binary=:all: --python-version $v --implementation cp \
                 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
                 --platform manylinux_2_28_x86_64 -d "$wheels" || true
@@ -253,7 +253,7 @@ generate() { # krserve generate --temperature 0 on cpu and cuda: the same text
 server_tests() { # the OpenAI-client / HTTP suite against serve --device cuda (stand-in model)
     local pyl=/tmp/krs-pylib
     python3 -m pip install -q --no-index --find-links "$CARRY/wheels" --target $pyl \
-        openai pytest >/dev/null 2>&1 || { echo "cannot install the test wheels"; return 1; }
+        openai pytest jsonschema >/dev/null 2>&1 || { echo "cannot install the test wheels"; return 1; }
     mkdir -p models
     ln -sfn /tmp/standin.gguf models/default.gguf
     PYTHONPATH=$pyl KRSERVE_DEVICE=cuda KRS_BUILD_DIR="$ROOT/$CARRY/bin" \

@@ -21,6 +21,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -1139,7 +1140,12 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
         s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
         s->dev_masks = alloc_calloc((size_t)p->max_running, sizeof *s->dev_masks);
-        s->dev_max_masks = model_ctx_max_mask_rows(s->ctx);
+        /* Grammar masks on the device are off until they pass on a GPU: the first run there
+         * (tests/server/test_structured.py, --device cuda) produced unconstrained text.
+         * Constrained rows sample on the host meanwhile (KRS_DEVICE_GRAMMAR_MASK=1 turns the
+         * device path on to debug it). */
+        const char *dm = getenv("KRS_DEVICE_GRAMMAR_MASK");
+        s->dev_max_masks = dm && !strcmp(dm, "1") ? model_ctx_max_mask_rows(s->ctx) : 0;
         if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
             rc = KRS_ERR_NOMEM;
             snprintf(err, errlen, "out of memory");
