@@ -11,10 +11,10 @@
 
 #include <stdint.h>
 
-#define QK    32  /* elements of a small block and of an activation block */
-#define QK_K  256 /* elements of a K-quant super-block */
-#define QROWS 16  /* output rows per work chunk (threads split n_out in these) */
-#define QG    4   /* activation rows processed together per weight row */
+#define QK     32  /* elements of a small block and of an activation block */
+#define QK_K   256 /* elements of a K-quant super-block */
+#define QROWS  16  /* output rows per work chunk (threads split n_out in these) */
+#define QK_PAD 16  /* floats of padding after the activation scale arrays */
 
 struct quant_act {
     int8_t *qs;     /* [T][stride] */

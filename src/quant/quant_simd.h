@@ -5,7 +5,8 @@
  *
  * Shape of the work (see quant_impl.h for the quantized activation layout):
  *   for each chunk of QROWS output rows      (weights of the chunk stay in L1/L2)
- *     for each group of up to QS_G (4 AVX2, 8 AVX-512) activation rows
+ *     for each group of up to 8 activation rows (4 for Q4_K/Q5_K, and for Q6_K and floats on
+ *     AVX2: see QS_G32 / QS_GK / QS_GW below)
  *       for each row r of the chunk: one pass over row r's blocks; every weight block is
  *         unpacked once into registers and dotted with the G activation blocks.
  * Integer dot products per 32-element block are scaled by d_w*d_x in float; offsets and mins
@@ -69,13 +70,42 @@ QS_INLINE __m256i qs_iota8(void)
     return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 }
 
+/* Lanes of m (all ones / zero) loaded from p, the others 0. A plain load and an AND: vmaskmovps
+ * is slow on some cores (AMD Zen 2/3). The activation arrays are padded (quant.c) so the
+ * masked-off lanes past the last row stay inside the allocation. */
+QS_INLINE __m256 qs_load_mask(const float *p, __m256i m)
+{
+    return _mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(m));
+}
+
 /* d_x * (sum of each 32-block) for blocks b0..b0+7 of row t (lanes masked by mlo/mhi: the
  * masks of the 16 half-block sums). */
 QS_INLINE __m256 qs_act_ds8(const struct quant_act *a, int t, int64_t b0, __m256i mlo, __m256i mhi)
 {
     const float *s = ACT_S(a, t, b0);
-    __m256 pairs = _mm256_hadd_ps(_mm256_maskload_ps(s, mlo), _mm256_maskload_ps(s + 8, mhi));
+    __m256 pairs = _mm256_hadd_ps(qs_load_mask(s, mlo), qs_load_mask(s + 8, mhi));
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+}
+
+/* The fp16 at p + j * stride for j < k (0 for j >= k) as 8 floats. Built in a register: eight
+ * scalar stores read back as one vector would stall on store forwarding. */
+QS_INLINE __m256 qs_fp16x8(const uint8_t *p, const int stride, const int k)
+{
+    uint16_t h[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+        h[j] = 0;
+        if (j < k) memcpy(&h[j], p + j * stride, 2);
+    }
+    __m128i v = _mm_cvtsi32_si128(h[0]);
+    v = _mm_insert_epi16(v, h[1], 1);
+    v = _mm_insert_epi16(v, h[2], 2);
+    v = _mm_insert_epi16(v, h[3], 3);
+    v = _mm_insert_epi16(v, h[4], 4);
+    v = _mm_insert_epi16(v, h[5], 5);
+    v = _mm_insert_epi16(v, h[6], 6);
+    v = _mm_insert_epi16(v, h[7], 7);
+    return _mm256_cvtph_ps(v);
 }
 
 /* Unpacked (unsigned) quants of one Q4_0/Q4_1/Q5_0/Q5_1 block (kind 0..3). */
@@ -91,7 +121,9 @@ QS_INLINE __m256i qs_unpack_q45(const uint8_t *blk, const int kind)
     return u;
 }
 
-/* kind 0..3 = Q4_0, Q4_1, Q5_0, Q5_1; kind 4 = Q8_0 (u = |w|, the sign moves to x). */
+/* kind 0..3 = Q4_0, Q4_1, Q5_0, Q5_1; kind 4 = Q8_0 (u = |w|, the sign moves to x). One
+ * accumulator per activation row: G independent FMA chains hide the FMA latency, and the
+ * registers go to more rows (the weight block is unpacked once per G rows). */
 QS_INLINE void qs_blk32(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
                         const int G, const int kind, const float (*S)[8], int j, __m256 *acc)
 {
@@ -119,51 +151,44 @@ QS_INLINE void qs_row32(const uint8_t *row, int64_t nb, const struct quant_act *
 {
     const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
     const int bytes = kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : kind == 3 ? 24 : 34;
-    __m256 acc0[QS_G], acc1[QS_G], corr[QS_G];
+    __m256 acc[QS_G];
+    /* offset / min terms: updated once per 8 blocks, kept in memory (registers go to acc) */
+    float corr[QS_G][8];
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = corr[g] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+    if (has_corr) memset(corr, 0, sizeof corr);
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
         const __m256i iota = qs_iota8();
         const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
         const uint8_t *gr = row + b0 * bytes;
-        float dwf[8], mwf[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            dwf[j] = j < k ? qs_fp16(gr + j * bytes) : 0.0f;
-            if (has_m) mwf[j] = j < k ? qs_fp16(gr + j * bytes + 2) : 0.0f;
-        }
-        const __m256 dwv = _mm256_loadu_ps(dwf), cwv = has_m ? _mm256_loadu_ps(mwf) : dwv;
+        const __m256 dwv = qs_fp16x8(gr, bytes, k);
         float S[QS_G][8];
         if (has_corr) {
+            const __m256 cwv = has_m ? qs_fp16x8(gr + 2, bytes, k) : dwv;
             const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
             const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++) {
-                __m256 da = _mm256_maskload_ps(&ACT_D(a, t0 + g, b0), mk);
+                __m256 da = qs_load_mask(&ACT_D(a, t0 + g, b0), mk);
                 _mm256_storeu_ps(S[g], _mm256_mul_ps(dwv, da));
-                corr[g] = _mm256_fmadd_ps(cwv, qs_act_ds8(a, t0 + g, b0, mlo, mhi), corr[g]);
+                _mm256_storeu_ps(corr[g], _mm256_fmadd_ps(cwv, qs_act_ds8(a, t0 + g, b0, mlo, mhi),
+                                                          _mm256_loadu_ps(corr[g])));
             }
         } else {
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++)
-                _mm256_storeu_ps(S[g],
-                                 _mm256_mul_ps(dwv, _mm256_maskload_ps(&ACT_D(a, t0 + g, b0), mk)));
+                _mm256_storeu_ps(S[g], _mm256_mul_ps(dwv, qs_load_mask(&ACT_D(a, t0 + g, b0), mk)));
         }
-        int j = 0;
-        for (; j + 1 < k; j += 2) {
-            qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc0);
-            qs_blk32(gr + (j + 1) * bytes, b0 + j + 1, a, t0, G, kind, (const float(*)[8])S, j + 1,
-                     acc1);
-        }
-        if (j < k) qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc0);
+        for (int j = 0; j < k; j++)
+            qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc);
     }
     /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0) */
     const float off = kind == 0 ? -8.0f : kind == 2 ? -16.0f : 1.0f;
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        float v = qs_hsum(_mm256_add_ps(acc0[g], acc1[g]));
-        out[g] = has_corr ? v + off * qs_hsum(corr[g]) : v;
+        float v = qs_hsum(acc[g]);
+        out[g] = has_corr ? v + off * qs_hsum(_mm256_loadu_ps(corr[g])) : v;
     }
 }
 
@@ -359,7 +384,9 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
         EXPR_G(n);                                                                                 \
         break;
 
-#if QS_G == 8
+#if QS_G != 8
+#error "QS_G must be 8"
+#endif
 #define QS_CALL_G(G, EXPR_G)                                                                       \
     switch (G) {                                                                                   \
         QS_CASE_G(1, EXPR_G)                                                                       \
@@ -373,23 +400,13 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
         EXPR_G(8);                                                                                 \
         break;                                                                                     \
     }
-#elif QS_G == 4
-#define QS_CALL_G(G, EXPR_G)                                                                       \
-    switch (G) {                                                                                   \
-        QS_CASE_G(1, EXPR_G)                                                                       \
-        QS_CASE_G(2, EXPR_G)                                                                       \
-        QS_CASE_G(3, EXPR_G)                                                                       \
-    default:                                                                                       \
-        EXPR_G(4);                                                                                 \
-        break;                                                                                     \
-    }
-#else
-#error "QS_G must be 4 or 8"
-#endif
 
-/* Q4_K/Q5_K keep 4 activation rows per group on every path (their per-row state is larger:
- * 8 rows spill registers). */
-#define QS_GK 4
+/* Activation rows per group. QS_G (8) bounds the arrays; the 32-element block formats take 8
+ * rows on every path (one accumulator per row); Q4_K/Q5_K keep 4 (their per-row state is
+ * larger: 8 rows spill registers); Q6_K and the float formats take QS_GW (4 on AVX2 with its
+ * 16 registers, 8 on AVX-512 with 32). */
+#define QS_G32 8
+#define QS_GK  4
 
 /* Loops chunks of QROWS rows x groups of GS (<= QS_G) activation rows; ROW_G(g) computes out[] for
  * weight row pointer `row` and activation rows t0..t0+g-1. */
@@ -427,34 +444,34 @@ void QS_FN(quant_rows)(const struct quant_matrix *w, int64_t r0, int64_t r1, con
     int64_t nb = n / (int64_t)quant_block_elems(w->type);
     switch (w->type) {
     case QUANT_Q4_0:
-        QS_LOOP(G_Q4_0, QS_G) break;
+        QS_LOOP(G_Q4_0, QS_G32) break;
     case QUANT_Q4_1:
-        QS_LOOP(G_Q4_1, QS_G) break;
+        QS_LOOP(G_Q4_1, QS_G32) break;
     case QUANT_Q5_0:
-        QS_LOOP(G_Q5_0, QS_G) break;
+        QS_LOOP(G_Q5_0, QS_G32) break;
     case QUANT_Q5_1:
-        QS_LOOP(G_Q5_1, QS_G) break;
+        QS_LOOP(G_Q5_1, QS_G32) break;
     case QUANT_Q8_0:
-        QS_LOOP(G_Q8_0, QS_G) break;
+        QS_LOOP(G_Q8_0, QS_G32) break;
     case QUANT_Q4_K:
         QS_LOOP(G_Q4_K, QS_GK) break;
     case QUANT_Q5_K:
         QS_LOOP(G_Q5_K, QS_GK) break;
     case QUANT_Q6_K:
-        QS_LOOP(G_Q6_K, QS_G) break;
+        QS_LOOP(G_Q6_K, QS_GW) break;
     case QUANT_F32:
-        QS_LOOP(G_F32, QS_G) break;
+        QS_LOOP(G_F32, QS_GW) break;
     case QUANT_F16:
-        QS_LOOP(G_F16, QS_G) break;
+        QS_LOOP(G_F16, QS_GW) break;
     case QUANT_BF16:
-        QS_LOOP(G_BF16, QS_G) break;
+        QS_LOOP(G_BF16, QS_GW) break;
     default:
         /* Q2_K, Q3_K: dequantize each row once, then float FMA for all T rows */
         for (int64_t r = r0; r < r1; r++) {
             quant_dequantize(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes,
                              scratch, n);
-            for (int t0 = 0; t0 < T; t0 += QS_G) {
-                int G = T - t0 < QS_G ? T - t0 : QS_G;
+            for (int t0 = 0; t0 < T; t0 += QS_GW) {
+                int G = T - t0 < QS_GW ? T - t0 : QS_GW;
                 float out[QS_G];
                 QS_CALL_G(G, G_DEQ)
                 for (int g = 0; g < G; g++) y[(int64_t)(t0 + g) * ldy + r] = out[g];
