@@ -10,12 +10,15 @@
  *   and far above (b), the DRAM figure, which is reported beside it.
  *
  * usage: bench_model [MODEL] [--json OUT] [--md OUT] [--device cpu|cuda]
- *                    [--batches 1,2,4,8,16,32] [--steps N] [--bandwidth-gbs B]
+ *                    [--batches 1,2,4,8,16,32] [--steps N] [--bandwidth-gbs B] [--threads N]
+ *                    [--prefill-chunk N]
  *        (default models/default.gguf on the cpu; --steps: timed decode steps per batch size,
  *        default 16 below batch 16 and 8 from there; --bandwidth-gbs: the device's memory
  *        bandwidth for the roofline instead of the CPU's measured one, e.g. 4290 for the H200's
  *        measured copy bandwidth; with --device other than cpu and no --bandwidth-gbs the
- *        CPU figure is meaningless and the roofline lines say so) */
+ *        CPU figure is meaningless and the roofline lines say so; --threads: the CPU
+ *        backend's threads, default all online CPUs; --prefill-chunk: tokens per forward of the
+ *        512-token prefill, default 128, at most 512) */
 #include "krserve.h"
 #include "kv/kv.h"
 #include "model/model.h"
@@ -136,6 +139,7 @@ int main(int argc, char **argv)
 {
     const char *path = "models/default.gguf", *json = NULL, *md = NULL, *device = "cpu";
     int batches[16] = {1, 2, 4, 8, 16, 32}, n_batches = 6, steps = 0, max_batch = 0;
+    int threads_arg = 0, chunk = 128;
     double dev_bw = 0; /* GB/s for the roofline when the device is not the CPU */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc)
@@ -148,12 +152,20 @@ int main(int argc, char **argv)
             dev_bw = atof(argv[++i]);
         else if (!strcmp(argv[i], "--steps") && i + 1 < argc)
             steps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            threads_arg = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--prefill-chunk") && i + 1 < argc)
+            chunk = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--batches") && i + 1 < argc) {
             n_batches = 0;
             for (char *t = strtok(argv[++i], ","); t && n_batches < 16; t = strtok(NULL, ","))
                 batches[n_batches++] = atoi(t);
         } else
             path = argv[i];
+    }
+    if (chunk < 1 || chunk > 512 || 512 % chunk) {
+        fprintf(stderr, "--prefill-chunk: a divisor of 512\n");
+        return 2;
     }
     struct model *m;
     char err[256];
@@ -174,13 +186,14 @@ int main(int argc, char **argv)
                                  .max_seqs = n_slots,
                                  .kv_tokens = (int64_t)n_slots * 256,
                                  .max_ctx = 1024,
+                                 .n_threads = threads_arg,
                                  .device = device};
     if (model_ctx_create(m, &p, &ctx, err, sizeof err)) {
         fprintf(stderr, "%s\n", err);
         return 1;
     }
     struct pool *pool;
-    pool_create(0, &pool);
+    pool_create(threads_arg, &pool);
     double wbytes = (double)model_weight_bytes(m);
     /* The CPU streams the weights from its caches / DRAM; a device reads them from its own
      * memory, whose bandwidth this program cannot measure: --bandwidth-gbs gives it. */
@@ -192,7 +205,7 @@ int main(int argc, char **argv)
     double tps[16];
     for (int i = 0; i < n_batches; i++)
         tps[i] = decode_tps(ctx, batches[i], 64, steps > 0 ? steps : batches[i] >= 16 ? 8 : 16);
-    double pf = prefill_tps(ctx, 512, 128);
+    double pf = prefill_tps(ctx, 512, chunk);
 
     printf(
         "device %s; model %s: %.1f MB of weights read per token; %d threads; bandwidth streaming a "
@@ -204,8 +217,8 @@ int main(int argc, char **argv)
                tps[i] / tps[0], i == 0 ? "" : "");
     if (strcmp(device, "cpu") && dev_bw <= 0)
         printf("(roofline above is the CPU's; pass --bandwidth-gbs for the device's)\n");
-    printf("batch-1 decode = %.0f%% of roofline; prefill 512 tokens (chunks of 128): %.1f tok/s\n",
-           100.0 * tps[0] / roofline, pf);
+    printf("batch-1 decode = %.0f%% of roofline; prefill 512 tokens (chunks of %d): %.1f tok/s\n",
+           100.0 * tps[0] / roofline, chunk, pf);
     if (json) {
         FILE *f = fopen(json, "w");
         if (f) {
@@ -213,8 +226,8 @@ int main(int argc, char **argv)
                 f,
                 "{\"device\": \"%s\", \"model\": \"%s\", \"threads\": %d, \"bandwidth_gbs\": %.2f, "
                 "\"bandwidth_1gib_gbs\": %.2f, \"weight_bytes_per_token\": %.0f, "
-                "\"roofline_tps\": %.2f, \"decode\": {",
-                device, path, threads, bw, bw_dram, wbytes, roofline);
+                "\"roofline_tps\": %.2f, \"prefill_chunk\": %d, \"decode\": {",
+                device, path, threads, bw, bw_dram, wbytes, roofline, chunk);
             for (int i = 0; i < n_batches; i++)
                 fprintf(f, "%s\"%d\": %.2f", i ? ", " : "", batches[i], tps[i]);
             fprintf(f, "}, \"prefill_tps\": %.2f, \"batch1_roofline_fraction\": %.3f}\n", pf,
@@ -238,8 +251,8 @@ int main(int argc, char **argv)
                 fprintf(f, "| %d | %.1f | %.2fx |\n", batches[i], tps[i], tps[i] / tps[0]);
             fprintf(f,
                     "\nBatch-1 decode: %.0f%% of the bandwidth roofline. Prefill (512-token "
-                    "prompt, chunks of 128): %.1f tok/s.\n",
-                    100.0 * tps[0] / roofline, pf);
+                    "prompt, chunks of %d): %.1f tok/s.\n",
+                    100.0 * tps[0] / roofline, chunk, pf);
             fclose(f);
         }
     }

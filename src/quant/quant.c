@@ -453,7 +453,7 @@ int quant_ctx_create(struct pool *pool, int max_rows, int64_t max_n_in, enum qua
     c->act_fn = isa == QUANT_ISA_AVX512 ? quant_act_avx512
                 : isa == QUANT_ISA_AVX2 ? quant_act_avx2
                                         : NULL;
-    c->scratch_stride = (max_n_in + 15) & ~(int64_t)15;
+    c->scratch_stride = quant_scratch_floats(max_n_in);
     c->scratch = alloc_aligned(64, (size_t)c->nth * (size_t)c->scratch_stride * sizeof(float));
     if (!c->scratch) {
         rc = KRS_ERR_NOMEM;

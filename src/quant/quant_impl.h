@@ -24,9 +24,21 @@ struct quant_act {
     int64_t nb;     /* 32-blocks per row */
 };
 
+/* Floats of per-thread scratch for inputs of up to n_in elements: a dequantized row (Q2_K/Q3_K)
+ * or QROWS unpacked rows of a 32-element block format (quant_simd.h, qs_rows32: 32 bytes of
+ * quants and two float scales per block, d_w * d_x for 8 activation rows per block, scale
+ * arrays padded to 8 blocks). */
+static inline int64_t quant_scratch_floats(int64_t n_in)
+{
+    int64_t nb = (n_in + QK - 1) / QK, nbp = (nb + 7) & ~(int64_t)7;
+    int64_t unpacked = QROWS * nb * 8 + 2 * QROWS * nbp + QROWS * 8 * nbp;
+    int64_t n = n_in > unpacked ? n_in : unpacked;
+    return (n + 15) & ~(int64_t)15;
+}
+
 /* Computes rows [r0, r1) of Y for all T rows: y[t * ldy + r]. x is the float input [T][n_in],
- * act its quantized copy (valid when quant_simd_needs_act(type)). scratch holds n_in floats
- * (per thread). */
+ * act its quantized copy (valid when quant_simd_needs_act(type)). scratch holds
+ * quant_scratch_floats(n_in) floats, 64-byte aligned (per thread). */
 typedef void (*quant_rows_fn)(const struct quant_matrix *w, int64_t r0, int64_t r1, const float *x,
                               const struct quant_act *act, int T, float *y, int64_t ldy,
                               float *scratch);

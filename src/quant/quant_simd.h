@@ -123,72 +123,105 @@ QS_INLINE __m256i qs_unpack_q45(const uint8_t *blk, const int kind)
 
 /* kind 0..3 = Q4_0, Q4_1, Q5_0, Q5_1; kind 4 = Q8_0 (u = |w|, the sign moves to x). One
  * accumulator per activation row: G independent FMA chains hide the FMA latency, and the
- * registers go to more rows (the weight block is unpacked once per G rows). */
-QS_INLINE void qs_blk32(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
-                        const int G, const int kind, const float (*S)[8], int j, __m256 *acc)
+ * registers go to more rows (the weight block is unpacked once per G rows). u is the block's
+ * unpacked quants (Q4/Q5: unsigned values; Q8_0: the signed bytes); S + g * ss is the block's
+ * d_w * d_x for activation row t0 + g. */
+QS_INLINE void qs_blk32(__m256i u, int64_t b, const struct quant_act *a, int t0, const int G,
+                        const int kind, const float *S, int64_t ss, __m256 *acc)
 {
     if (kind == 4) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        __m256i u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
+        const __m256i w = u;
+        u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
             __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_Q(a, t0 + g, b)), w);
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qs_dot(u, s)),
-                                     _mm256_broadcast_ss(&S[g][j]), acc[g]);
+                                     _mm256_broadcast_ss(S + g * ss), acc[g]);
         }
     } else {
-        __m256i u = qs_unpack_q45(blk, kind);
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
             __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, b)));
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&S[g][j]), acc[g]);
+            acc[g] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(S + g * ss), acc[g]);
         }
     }
 }
 
+QS_INLINE int qs_bytes32(const int kind)
+{
+    return kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : kind == 3 ? 24 : 34;
+}
+
+QS_INLINE __m256i qs_unpack32(const uint8_t *blk, const int kind)
+{
+    return kind == 4 ? _mm256_loadu_si256((const __m256i *)(blk + 2)) : qs_unpack_q45(blk, kind);
+}
+
+/* Unpacks one weight row for qs_rows32: the quants of each block (qs_unpack32), its scale d and
+ * min m as floats (the scale arrays zero-padded to a multiple of 8 blocks): exactly the values
+ * the row path computes on the fly. */
+QS_INLINE void qs_unpack_row32(const uint8_t *row, int64_t nb, const int kind, __m256i *u, float *d,
+                               float *m)
+{
+    const int bytes = qs_bytes32(kind), has_m = kind == 1 || kind == 3;
+    for (int64_t b = 0; b < nb; b++) _mm256_store_si256(u + b, qs_unpack32(row + b * bytes, kind));
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
+        _mm256_storeu_ps(d + b0, qs_fp16x8(row + b0 * bytes, bytes, k));
+        if (has_m) _mm256_storeu_ps(m + b0, qs_fp16x8(row + b0 * bytes + 2, bytes, k));
+    }
+}
+
+/* Per 8-block group of one (weight row, activation row) pair: S = d_w * d_x of the 8 blocks
+ * (lanes >= k zero) and the offset / min term's update corr += c_w * (d_x * block sums). */
+QS_INLINE __m256 qs_scales32(__m256 dwv, __m256 cwv, const struct quant_act *a, int t, int64_t b0,
+                             int k, const int has_corr, float *S, __m256 corr)
+{
+    const __m256i iota = qs_iota8();
+    const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
+    _mm256_storeu_ps(S, _mm256_mul_ps(dwv, qs_load_mask(&ACT_D(a, t, b0), mk)));
+    if (!has_corr) return corr;
+    const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
+    const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
+    return _mm256_fmadd_ps(cwv, qs_act_ds8(a, t, b0, mlo, mhi), corr);
+}
+
+/* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0): the factor of the
+ * correction sum. */
+QS_INLINE float qs_off32(const int kind)
+{
+    return kind == 0 ? -8.0f : kind == 2 ? -16.0f : 1.0f;
+}
+
+/* One weight row (raw GGUF bytes) times G activation rows; scales and corrections per 8-block
+ * group on the fly. The path of calls with at most 8 activation rows. */
 QS_INLINE void qs_row32(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
                         const int G, const int kind, float *out)
 {
     const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
-    const int bytes = kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : kind == 3 ? 24 : 34;
+    const int bytes = qs_bytes32(kind);
     __m256 acc[QS_G];
     /* offset / min terms: updated once per 8 blocks, kept in memory (registers go to acc) */
-    float corr[QS_G][8];
+    __m256 corr[QS_G];
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
-    if (has_corr) memset(corr, 0, sizeof corr);
+    for (int g = 0; g < G; g++) acc[g] = corr[g] = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
-        const __m256i iota = qs_iota8();
-        const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
         const uint8_t *gr = row + b0 * bytes;
         const __m256 dwv = qs_fp16x8(gr, bytes, k);
+        const __m256 cwv = has_m ? qs_fp16x8(gr + 2, bytes, k) : dwv;
         float S[QS_G][8];
-        if (has_corr) {
-            const __m256 cwv = has_m ? qs_fp16x8(gr + 2, bytes, k) : dwv;
-            const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
-            const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) {
-                __m256 da = qs_load_mask(&ACT_D(a, t0 + g, b0), mk);
-                _mm256_storeu_ps(S[g], _mm256_mul_ps(dwv, da));
-                _mm256_storeu_ps(corr[g], _mm256_fmadd_ps(cwv, qs_act_ds8(a, t0 + g, b0, mlo, mhi),
-                                                          _mm256_loadu_ps(corr[g])));
-            }
-        } else {
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++)
-                _mm256_storeu_ps(S[g], _mm256_mul_ps(dwv, qs_load_mask(&ACT_D(a, t0 + g, b0), mk)));
-        }
+        for (int g = 0; g < G; g++)
+            corr[g] = qs_scales32(dwv, cwv, a, t0 + g, b0, k, has_corr, S[g], corr[g]);
         for (int j = 0; j < k; j++)
-            qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc);
+            qs_blk32(qs_unpack32(gr + j * bytes, kind), b0 + j, a, t0, G, kind, &S[0][j], 8, acc);
     }
-    /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0) */
-    const float off = kind == 0 ? -8.0f : kind == 2 ? -16.0f : 1.0f;
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
         float v = qs_hsum(acc[g]);
-        out[g] = has_corr ? v + off * qs_hsum(_mm256_loadu_ps(corr[g])) : v;
+        out[g] = has_corr ? v + qs_off32(kind) * qs_hsum(corr[g]) : v;
     }
 }
 
@@ -408,6 +441,91 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
 #define QS_G32 8
 #define QS_GK  4
 
+/* Rows [r0, r1) of a 32-element block format for all T activation rows. With more than one
+ * group of activation rows (T > 8) each chunk of QROWS weight rows is unpacked once into
+ * `cache` (quant_scratch_floats(n_in) floats, 64-byte aligned): quants and float scales; then
+ * per activation group one pass computes every d_w * d_x and correction of the chunk and a
+ * second runs the integer dots alone. The arithmetic per (weight row, activation row) is the
+ * row path's, operation for operation, so the bits do not depend on T (batch invariance). */
+#define QS_NBP(nb) (((nb) + 7) & ~(int64_t)7)
+
+/* One chunk of nr unpacked weight rows times activation rows t0..t0+G-1 (qs_rows32). */
+QS_INLINE void qs_group32(const __m256i *cu, const float *cd, const float *cm, float *cs, int nr,
+                          int64_t nb, const struct quant_act *act, int t0, const int G,
+                          const int kind, float *y, int64_t ldy, int64_t r_first)
+{
+    const int64_t nbp = QS_NBP(nb);
+    const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
+    float cc[QROWS][QS_G];
+    /* pass 1: d_w * d_x of every block and the corrections, G independent chains per row */
+    for (int i = 0; i < nr; i++) {
+        __m256 corr[QS_G];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) corr[g] = _mm256_setzero_ps();
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+            const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
+            const __m256 dwv = _mm256_load_ps(cd + i * nbp + b0);
+            const __m256 cwv = has_m ? _mm256_load_ps(cm + i * nbp + b0) : dwv;
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++)
+                corr[g] = qs_scales32(dwv, cwv, act, t0 + g, b0, k, has_corr,
+                                      cs + ((int64_t)i * QS_G + g) * nbp + b0, corr[g]);
+        }
+        if (has_corr)
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) cc[i][g] = qs_hsum(corr[g]);
+    }
+    /* pass 2: the integer dots */
+    for (int i = 0; i < nr; i++) {
+        const __m256i *u = cu + i * nb;
+        const float *S = cs + (int64_t)i * QS_G * nbp;
+        __m256 acc[QS_G];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
+        for (int64_t b = 0; b < nb; b++)
+            qs_blk32(_mm256_load_si256(u + b), b, act, t0, G, kind, S + b, nbp, acc);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            float v = qs_hsum(acc[g]);
+            y[(int64_t)(t0 + g) * ldy + r_first + i] = has_corr ? v + qs_off32(kind) * cc[i][g] : v;
+        }
+    }
+}
+
+QS_INLINE void qs_rows32(const struct quant_matrix *w, int64_t r0, int64_t r1,
+                         const struct quant_act *act, int T, float *y, int64_t ldy, void *cache,
+                         const int kind)
+{
+    const int64_t nb = w->n_in / QK, nbp = QS_NBP(nb);
+    if (T <= QS_G32) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row = (const uint8_t *)w->data + (uint64_t)r * w->row_bytes;
+            float out[QS_G];
+#define G_ROW32(g) qs_row32(row, nb, act, 0, g, kind, out)
+            QS_CALL_G(T, G_ROW32)
+#undef G_ROW32
+            for (int g = 0; g < T; g++) y[(int64_t)g * ldy + r] = out[g];
+        }
+        return;
+    }
+    __m256i *cu = cache;                    /* [QROWS][nb] quants */
+    float *cd = (float *)(cu + QROWS * nb); /* [QROWS][nbp] d */
+    float *cm = cd + QROWS * nbp;           /* [QROWS][nbp] m */
+    float *cs = cm + QROWS * nbp;           /* [QROWS][QS_G][nbp] d_w * d_x */
+    for (int64_t rc = r0; rc < r1; rc += QROWS) {
+        const int nr = (int)(rc + QROWS < r1 ? QROWS : r1 - rc);
+        for (int i = 0; i < nr; i++)
+            qs_unpack_row32((const uint8_t *)w->data + (uint64_t)(rc + i) * w->row_bytes, nb, kind,
+                            cu + i * nb, cd + i * nbp, cm + i * nbp);
+        for (int t0 = 0; t0 < T; t0 += QS_G32) {
+            const int G = T - t0 < QS_G32 ? T - t0 : QS_G32;
+#define G_GROUP32(g) qs_group32(cu, cd, cm, cs, nr, nb, act, t0, g, kind, y, ldy, rc)
+            QS_CALL_G(G, G_GROUP32)
+#undef G_GROUP32
+        }
+    }
+}
+
 /* Loops chunks of QROWS rows x groups of GS (<= QS_G) activation rows; ROW_G(g) computes out[] for
  * weight row pointer `row` and activation rows t0..t0+g-1. */
 #define QS_LOOP(ROW_G, GS)                                                                         \
@@ -424,11 +542,6 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
         }                                                                                          \
     }
 
-#define G_Q4_0(g) qs_row32(row, nb, act, t0, g, 0, out)
-#define G_Q4_1(g) qs_row32(row, nb, act, t0, g, 1, out)
-#define G_Q5_0(g) qs_row32(row, nb, act, t0, g, 2, out)
-#define G_Q5_1(g) qs_row32(row, nb, act, t0, g, 3, out)
-#define G_Q8_0(g) qs_row32(row, nb, act, t0, g, 4, out)
 #define G_Q4_K(g) qs_row_q45k(row, nb, act, t0, g, 0, out)
 #define G_Q5_K(g) qs_row_q45k(row, nb, act, t0, g, 1, out)
 #define G_Q6_K(g) qs_row_q6k(row, nb, act, t0, g, out)
@@ -444,15 +557,20 @@ void QS_FN(quant_rows)(const struct quant_matrix *w, int64_t r0, int64_t r1, con
     int64_t nb = n / (int64_t)quant_block_elems(w->type);
     switch (w->type) {
     case QUANT_Q4_0:
-        QS_LOOP(G_Q4_0, QS_G32) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 0);
+        break;
     case QUANT_Q4_1:
-        QS_LOOP(G_Q4_1, QS_G32) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 1);
+        break;
     case QUANT_Q5_0:
-        QS_LOOP(G_Q5_0, QS_G32) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 2);
+        break;
     case QUANT_Q5_1:
-        QS_LOOP(G_Q5_1, QS_G32) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 3);
+        break;
     case QUANT_Q8_0:
-        QS_LOOP(G_Q8_0, QS_G32) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 4);
+        break;
     case QUANT_Q4_K:
         QS_LOOP(G_Q4_K, QS_GK) break;
     case QUANT_Q5_K:
