@@ -26,12 +26,12 @@ struct quant_act {
 
 /* Floats of per-thread scratch for inputs of up to n_in elements: a dequantized row (Q2_K/Q3_K)
  * or QROWS unpacked rows of a 32-element block format (quant_simd.h, qs_rows32: 32 bytes of
- * quants and two float scales per block, d_w * d_x for 8 activation rows per block, scale
+ * quants and two float scales per block, d_w * d_x of one row for 8 activation rows, scale
  * arrays padded to 8 blocks). */
 static inline int64_t quant_scratch_floats(int64_t n_in)
 {
     int64_t nb = (n_in + QK - 1) / QK, nbp = (nb + 7) & ~(int64_t)7;
-    int64_t unpacked = QROWS * nb * 8 + 2 * QROWS * nbp + QROWS * 8 * nbp;
+    int64_t unpacked = QROWS * nb * 8 + 2 * QROWS * nbp + 8 * nbp;
     int64_t n = n_in > unpacked ? n_in : unpacked;
     return (n + 15) & ~(int64_t)15;
 }

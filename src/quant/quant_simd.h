@@ -449,45 +449,39 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
  * row path's, operation for operation, so the bits do not depend on T (batch invariance). */
 #define QS_NBP(nb) (((nb) + 7) & ~(int64_t)7)
 
-/* One chunk of nr unpacked weight rows times activation rows t0..t0+G-1 (qs_rows32). */
+/* One chunk of nr unpacked weight rows times activation rows t0..t0+G-1 (qs_rows32). Per
+ * weight row: first every d_w * d_x product and the corrections (G independent chains), into
+ * cs (one row's worth: stays in L1), then the integer dots alone. */
 QS_INLINE void qs_group32(const __m256i *cu, const float *cd, const float *cm, float *cs, int nr,
                           int64_t nb, const struct quant_act *act, int t0, const int G,
                           const int kind, float *y, int64_t ldy, int64_t r_first)
 {
     const int64_t nbp = QS_NBP(nb);
     const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
-    float cc[QROWS][QS_G];
-    /* pass 1: d_w * d_x of every block and the corrections, G independent chains per row */
     for (int i = 0; i < nr; i++) {
-        __m256 corr[QS_G];
+        __m256 corr[QS_G], acc[QS_G];
 #pragma GCC unroll 8
-        for (int g = 0; g < G; g++) corr[g] = _mm256_setzero_ps();
+        for (int g = 0; g < G; g++) corr[g] = acc[g] = _mm256_setzero_ps();
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {
             const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
             const __m256 dwv = _mm256_load_ps(cd + i * nbp + b0);
             const __m256 cwv = has_m ? _mm256_load_ps(cm + i * nbp + b0) : dwv;
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++)
-                corr[g] = qs_scales32(dwv, cwv, act, t0 + g, b0, k, has_corr,
-                                      cs + ((int64_t)i * QS_G + g) * nbp + b0, corr[g]);
+                corr[g] =
+                    qs_scales32(dwv, cwv, act, t0 + g, b0, k, has_corr, cs + g * nbp + b0, corr[g]);
         }
+        float cc[QS_G];
         if (has_corr)
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) cc[i][g] = qs_hsum(corr[g]);
-    }
-    /* pass 2: the integer dots */
-    for (int i = 0; i < nr; i++) {
+            for (int g = 0; g < G; g++) cc[g] = qs_hsum(corr[g]);
         const __m256i *u = cu + i * nb;
-        const float *S = cs + (int64_t)i * QS_G * nbp;
-        __m256 acc[QS_G];
-#pragma GCC unroll 8
-        for (int g = 0; g < G; g++) acc[g] = _mm256_setzero_ps();
         for (int64_t b = 0; b < nb; b++)
-            qs_blk32(_mm256_load_si256(u + b), b, act, t0, G, kind, S + b, nbp, acc);
+            qs_blk32(_mm256_load_si256(u + b), b, act, t0, G, kind, cs + b, nbp, acc);
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
             float v = qs_hsum(acc[g]);
-            y[(int64_t)(t0 + g) * ldy + r_first + i] = has_corr ? v + qs_off32(kind) * cc[i][g] : v;
+            y[(int64_t)(t0 + g) * ldy + r_first + i] = has_corr ? v + qs_off32(kind) * cc[g] : v;
         }
     }
 }
@@ -511,7 +505,7 @@ QS_INLINE void qs_rows32(const struct quant_matrix *w, int64_t r0, int64_t r1,
     __m256i *cu = cache;                    /* [QROWS][nb] quants */
     float *cd = (float *)(cu + QROWS * nb); /* [QROWS][nbp] d */
     float *cm = cd + QROWS * nbp;           /* [QROWS][nbp] m */
-    float *cs = cm + QROWS * nbp;           /* [QROWS][QS_G][nbp] d_w * d_x */
+    float *cs = cm + QROWS * nbp;           /* [QS_G][nbp] d_w * d_x of one weight row */
     for (int64_t rc = r0; rc < r1; rc += QROWS) {
         const int nr = (int)(rc + QROWS < r1 ? QROWS : r1 - rc);
         for (int i = 0; i < nr; i++)
