@@ -462,7 +462,7 @@ int quant_ctx_create(struct pool *pool, int max_rows, int64_t max_n_in, enum qua
     if (isa != QUANT_ISA_SCALAR) {
         int64_t stride = (max_n_in + QK - 1) / QK * QK, nb = stride / QK;
         c->act.stride = stride;
-        c->act_qs = alloc_aligned(64, (size_t)max_rows * (size_t)stride);
+        c->act_qs = alloc_aligned(64, (size_t)((max_rows + 7) & ~7) * (size_t)stride);
         /* + QK_PAD floats: the kernels read 8-block groups with plain loads and mask the
          * lanes past a row's end (quant_simd.h, qs_load_mask) */
         c->act_d = alloc_aligned(64, ((size_t)max_rows * (size_t)nb + QK_PAD) * sizeof(float));

@@ -3,7 +3,9 @@
  *
  * Quantized activations (SIMD paths): each row t of X is cut into 32-element blocks; block b
  * holds int8 values qs in [-127, 127] with scale d = amax/127 (x ~= d * q), and d times the sums
- * of its two 16-element halves (for the offset/min terms of Q4_0/Q4_1/Q5_x/K-quants). */
+ * of its two 16-element halves (for the offset/min terms of Q4_0/Q4_1/Q5_x/K-quants). The int8
+ * blocks of rows 8k..8k+7 are interleaved block by block ([T/8][nb][8][32]: the rows a kernel
+ * group reads together are adjacent); d and the half sums are [T][nb]. */
 #ifndef KRS_QUANT_IMPL_H
 #define KRS_QUANT_IMPL_H
 
@@ -17,10 +19,10 @@
 #define QK_PAD 16  /* floats of padding after the activation scale arrays */
 
 struct quant_act {
-    int8_t *qs;     /* [T][stride] */
+    int8_t *qs;     /* [T rounded up to 8 / 8][nb][8][32] (see above) */
     float *d;       /* [T][nb] */
     float *ds16;    /* [T][2 * nb] d * (sum of the int8 values) of each 16-element half */
-    int64_t stride; /* elements per row of qs (>= n_in, multiple of 32) */
+    int64_t stride; /* elements per row (>= n_in, multiple of 32): nb = stride / 32 */
     int64_t nb;     /* 32-blocks per row */
 };
 

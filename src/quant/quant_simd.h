@@ -50,10 +50,15 @@ QS_INLINE __m256i qs_nibbles16(const uint8_t *p)
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-#define ACT_Q(a, t, blk)   ((const __m256i *)((a)->qs + (int64_t)(t) * (a)->stride + (blk)*QK))
-#define ACT_D(a, t, blk)   ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
-#define ACT_S(a, t, blk)   ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
-#define ACT_S32(a, t, blk) (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
+/* Block blk of activation row t: rows are interleaved in groups of 8 (quant_impl.h), so the 8
+ * rows of a group sit side by side per block. ACT_QG: row t0 + g where the group of G rows
+ * starting at t0 stays inside one group of 8 (t0 a multiple of G, G dividing 8): constant
+ * offsets g * 32 from one pointer per block. */
+#define ACT_IDX(a, t, blk)    (((((int64_t)(t) >> 3) * (a)->nb + (blk)) * 8 + ((t)&7)) * QK)
+#define ACT_QG(a, t0, g, blk) ((const __m256i *)((a)->qs + ACT_IDX(a, t0, blk) + (g)*QK))
+#define ACT_D(a, t, blk)      ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
+#define ACT_S(a, t, blk)      ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
+#define ACT_S32(a, t, blk)    (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
 
 /* ---- 32-element block types: one weight row (nb blocks) x G activation rows ----
  *
@@ -125,7 +130,7 @@ QS_INLINE __m256i qs_unpack_q45(const uint8_t *blk, const int kind)
  * accumulator per activation row: G independent FMA chains hide the FMA latency, and the
  * registers go to more rows (the weight block is unpacked once per G rows). u is the block's
  * unpacked quants (Q4/Q5: unsigned values; Q8_0: the signed bytes); S + g * ss is the block's
- * d_w * d_x for activation row t0 + g. */
+ * d_w * d_x for activation row t0 + g. t0 is a multiple of 8 (groups of QS_G32 rows). */
 QS_INLINE void qs_blk32(__m256i u, int64_t b, const struct quant_act *a, int t0, const int G,
                         const int kind, const float *S, int64_t ss, __m256 *acc)
 {
@@ -134,14 +139,14 @@ QS_INLINE void qs_blk32(__m256i u, int64_t b, const struct quant_act *a, int t0,
         u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_Q(a, t0 + g, b)), w);
+            __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_QG(a, t0, g, b)), w);
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qs_dot(u, s)),
                                      _mm256_broadcast_ss(S + g * ss), acc[g]);
         }
     } else {
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, b)));
+            __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_QG(a, t0, g, b)));
             acc[g] =
                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(S + g * ss), acc[g]);
         }
@@ -289,7 +294,7 @@ QS_INLINE void qs_row_q45k(const uint8_t *row, int64_t nsb, const struct quant_a
                 const int64_t ab = sb * 8 + j;
 #pragma GCC unroll 4
                 for (int g = 0; g < G; g++) {
-                    __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
+                    __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_QG(a, t0, g, ab)));
                     acc[h][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
                                                 _mm256_broadcast_ss(&scale[g][j]), acc[h][g]);
                 }
@@ -353,7 +358,7 @@ QS_INLINE void qs_row_q6k(const uint8_t *row, int64_t nsb, const struct quant_ac
                     const __m256 scv =
                         _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(&S[g][2 * m])),
                                              _mm_broadcast_ss(&S[g][2 * m + 1]), 1);
-                    __m256i p = qs_dot(u[k], _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
+                    __m256i p = qs_dot(u[k], _mm256_loadu_si256(ACT_QG(a, t0, g, ab)));
                     acc[k & 1][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scv, acc[k & 1][g]);
                 }
             }
@@ -622,7 +627,7 @@ void QS_FN(quant_act)(const float *x, int64_t n_in, int t0, int t1, struct quant
             int s1 = qs_hsum_i32(_mm256_add_epi32(q2, q3));
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
             p = _mm256_permutevar8x32_epi32(p, perm);
-            _mm256_storeu_si256((__m256i *)(act->qs + (int64_t)t * act->stride + b * QK), p);
+            _mm256_storeu_si256((__m256i *)(act->qs + ACT_IDX(act, t, b)), p);
             act->d[(int64_t)t * act->nb + b] = d;
             act->ds16[((int64_t)t * act->nb + b) * 2] = d * (float)s0;
             act->ds16[((int64_t)t * act->nb + b) * 2 + 1] = d * (float)s1;

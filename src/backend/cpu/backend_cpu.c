@@ -532,7 +532,7 @@ int backend_cpu_create(const struct backend_params *p, struct backend **out)
     if (!c) return KRS_ERR_NOMEM;
     c->base.ops = &cpu_ops;
     c->p = *p;
-    cpu_vec_init(&c->vec);
+    cpu_vec_init(&c->vec, 1);
     int rc = KRS_ERR_NOMEM;
     if (pool_create(p->n_threads, &c->pool)) goto fail;
     rc = quant_ctx_create(c->pool, p->max_tokens, p->max_n_in, QUANT_ISA_AUTO, &c->qctx);

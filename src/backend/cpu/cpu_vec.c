@@ -46,10 +46,10 @@ static float exp_sum_c(float *x, int64_t n, float mx)
     return sum;
 }
 
-void cpu_vec_init(struct cpu_vec *v)
+void cpu_vec_init(struct cpu_vec *v, int simd)
 {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         *v = (struct cpu_vec){"avx2", cpu_vec_dot_avx2, cpu_vec_axpy_avx2, cpu_vec_glu_avx2,
                               cpu_vec_exp_sum_avx2};
     } else {

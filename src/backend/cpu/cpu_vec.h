@@ -23,8 +23,8 @@ struct cpu_vec {
     float (*exp_sum)(float *x, int64_t n, float mx);
 };
 
-/* Fills *v for this CPU. */
-void cpu_vec_init(struct cpu_vec *v);
+/* Fills *v: the AVX2 kernels when simd != 0 and the CPU has AVX2 and FMA, else the C ones. */
+void cpu_vec_init(struct cpu_vec *v, int simd);
 
 float cpu_vec_dot_avx2(const float *a, const float *b, int n);
 void cpu_vec_axpy_avx2(float *out, float w, const float *v, int n);
