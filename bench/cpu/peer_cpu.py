@@ -15,7 +15,7 @@ medians. Needs only python3's standard library, the kr-serve build and the llama
 
 usage: bench/cpu/peer_cpu.py --llama-bin DIR --model GGUF [--threads N] [--rounds R]
            [--batches 1,2,4,8,16,32] [--bench-model build/bench_model] [--md OUT] [--json OUT]
-           [--prefill-chunk 512] [--timeout S]
+           [--prefill-chunk 512] [--timeout S] [--llama-reps N] [--llama-build LABEL]
 """
 import argparse
 import json
@@ -118,6 +118,8 @@ def main():
     ap.add_argument("--prefill-chunk", type=int, default=512)
     ap.add_argument("--llama-reps", type=int, default=2, help="llama-bench -r per round")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per program run")
+    ap.add_argument("--llama-build", default="", help="label of the llama.cpp build (a tarball "
+                    "build reports 'unknown'), e.g. d32676d")
     ap.add_argument("--md")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -135,6 +137,8 @@ def main():
             r.pop("_bandwidth_gbs", None)
             runs[name].append(r)
             log(f"round {i + 1} {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
+    if a.llama_build and build in ("", "unknown"):
+        build = a.llama_build
     try:
         info["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     except OSError:
