@@ -453,7 +453,7 @@ int quant_ctx_create(struct pool *pool, int max_rows, int64_t max_n_in, enum qua
     c->act_fn = isa == QUANT_ISA_AVX512 ? quant_act_avx512
                 : isa == QUANT_ISA_AVX2 ? quant_act_avx2
                                         : NULL;
-    c->scratch_stride = (max_n_in + 15) & ~(int64_t)15;
+    c->scratch_stride = quant_scratch_floats(max_n_in);
     c->scratch = alloc_aligned(64, (size_t)c->nth * (size_t)c->scratch_stride * sizeof(float));
     if (!c->scratch) {
         rc = KRS_ERR_NOMEM;
@@ -462,9 +462,12 @@ int quant_ctx_create(struct pool *pool, int max_rows, int64_t max_n_in, enum qua
     if (isa != QUANT_ISA_SCALAR) {
         int64_t stride = (max_n_in + QK - 1) / QK * QK, nb = stride / QK;
         c->act.stride = stride;
-        c->act_qs = alloc_aligned(64, (size_t)max_rows * (size_t)stride);
-        c->act_d = alloc_aligned(64, (size_t)max_rows * (size_t)nb * sizeof(float));
-        c->act_ds16 = alloc_aligned(64, (size_t)max_rows * (size_t)nb * 2 * sizeof(float));
+        c->act_qs = alloc_aligned(64, (size_t)((max_rows + 7) & ~7) * (size_t)stride);
+        /* + QK_PAD floats: the kernels read 8-block groups with plain loads and mask the
+         * lanes past a row's end (quant_simd.h, qs_load_mask) */
+        c->act_d = alloc_aligned(64, ((size_t)max_rows * (size_t)nb + QK_PAD) * sizeof(float));
+        c->act_ds16 =
+            alloc_aligned(64, ((size_t)max_rows * (size_t)nb * 2 + QK_PAD) * sizeof(float));
         if (!c->act_qs || !c->act_d || !c->act_ds16) {
             rc = KRS_ERR_NOMEM;
             goto out;

@@ -1,12 +1,14 @@
 /* AVX2/FMA/F16C kernels: the template in quant_simd.h with the maddubs+madd integer dot
  * product (operands stay within int16 range: u <= 128, |s| <= 127). Built with -mavx2 -mfma
- * -mf16c; only called after quant.c checked cpuid. Activation rows are taken 4 at a time
- * (16 ymm registers). */
+ * -mf16c; only called after quant.c checked cpuid. With 16 ymm registers the 32-element
+ * block formats still take 8 activation rows per weight row (one accumulator each); Q6_K and
+ * the float formats take 4 (QS_GW). */
 #include <immintrin.h>
 #include <stdint.h>
 
 #define QS_FN(name) name##_avx2
-#define QS_G        4
+#define QS_G        8
+#define QS_GW       4
 
 static inline __attribute__((always_inline)) __m256i qs_dot(__m256i u, __m256i s)
 {

@@ -8,6 +8,7 @@
 
 #define QS_FN(name) name##_avx512
 #define QS_G        8
+#define QS_GW       8
 
 static inline __attribute__((always_inline)) __m256i qs_dot(__m256i u, __m256i s)
 {

@@ -3,7 +3,9 @@
  *
  * Quantized activations (SIMD paths): each row t of X is cut into 32-element blocks; block b
  * holds int8 values qs in [-127, 127] with scale d = amax/127 (x ~= d * q), and d times the sums
- * of its two 16-element halves (for the offset/min terms of Q4_0/Q4_1/Q5_x/K-quants). */
+ * of its two 16-element halves (for the offset/min terms of Q4_0/Q4_1/Q5_x/K-quants). The int8
+ * blocks of rows 8k..8k+7 are interleaved block by block ([T/8][nb][8][32]: the rows a kernel
+ * group reads together are adjacent); d and the half sums are [T][nb]. */
 #ifndef KRS_QUANT_IMPL_H
 #define KRS_QUANT_IMPL_H
 
@@ -11,22 +13,34 @@
 
 #include <stdint.h>
 
-#define QK    32  /* elements of a small block and of an activation block */
-#define QK_K  256 /* elements of a K-quant super-block */
-#define QROWS 16  /* output rows per work chunk (threads split n_out in these) */
-#define QG    4   /* activation rows processed together per weight row */
+#define QK     32  /* elements of a small block and of an activation block */
+#define QK_K   256 /* elements of a K-quant super-block */
+#define QROWS  16  /* output rows per work chunk (threads split n_out in these) */
+#define QK_PAD 16  /* floats of padding after the activation scale arrays */
 
 struct quant_act {
-    int8_t *qs;     /* [T][stride] */
+    int8_t *qs;     /* [T rounded up to 8 / 8][nb][8][32] (see above) */
     float *d;       /* [T][nb] */
     float *ds16;    /* [T][2 * nb] d * (sum of the int8 values) of each 16-element half */
-    int64_t stride; /* elements per row of qs (>= n_in, multiple of 32) */
+    int64_t stride; /* elements per row (>= n_in, multiple of 32): nb = stride / 32 */
     int64_t nb;     /* 32-blocks per row */
 };
 
+/* Floats of per-thread scratch for inputs of up to n_in elements: a dequantized row (Q2_K/Q3_K)
+ * or QROWS unpacked rows of a 32-element block format (quant_simd.h, qs_rows32: 32 bytes of
+ * quants and two float scales per block, d_w * d_x of one row for 8 activation rows, scale
+ * arrays padded to 8 blocks). */
+static inline int64_t quant_scratch_floats(int64_t n_in)
+{
+    int64_t nb = (n_in + QK - 1) / QK, nbp = (nb + 7) & ~(int64_t)7;
+    int64_t unpacked = QROWS * nb * 8 + 2 * QROWS * nbp + 8 * nbp;
+    int64_t n = n_in > unpacked ? n_in : unpacked;
+    return (n + 15) & ~(int64_t)15;
+}
+
 /* Computes rows [r0, r1) of Y for all T rows: y[t * ldy + r]. x is the float input [T][n_in],
- * act its quantized copy (valid when quant_simd_needs_act(type)). scratch holds n_in floats
- * (per thread). */
+ * act its quantized copy (valid when quant_simd_needs_act(type)). scratch holds
+ * quant_scratch_floats(n_in) floats, 64-byte aligned (per thread). */
 typedef void (*quant_rows_fn)(const struct quant_matrix *w, int64_t r0, int64_t r1, const float *x,
                               const struct quant_act *act, int T, float *y, int64_t ldy,
                               float *scratch);

@@ -5,7 +5,8 @@
  *
  * Shape of the work (see quant_impl.h for the quantized activation layout):
  *   for each chunk of QROWS output rows      (weights of the chunk stay in L1/L2)
- *     for each group of up to QS_G (4 AVX2, 8 AVX-512) activation rows
+ *     for each group of up to 8 activation rows (4 for Q4_K/Q5_K, and for Q6_K and floats on
+ *     AVX2: see QS_G32 / QS_GK / QS_GW below)
  *       for each row r of the chunk: one pass over row r's blocks; every weight block is
  *         unpacked once into registers and dotted with the G activation blocks.
  * Integer dot products per 32-element block are scaled by d_w*d_x in float; offsets and mins
@@ -49,10 +50,15 @@ QS_INLINE __m256i qs_nibbles16(const uint8_t *p)
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
 }
 
-#define ACT_Q(a, t, blk)   ((const __m256i *)((a)->qs + (int64_t)(t) * (a)->stride + (blk)*QK))
-#define ACT_D(a, t, blk)   ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
-#define ACT_S(a, t, blk)   ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
-#define ACT_S32(a, t, blk) (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
+/* Block blk of activation row t: rows are interleaved in groups of 8 (quant_impl.h), so the 8
+ * rows of a group sit side by side per block. ACT_QG: row t0 + g where the group of G rows
+ * starting at t0 stays inside one group of 8 (t0 a multiple of G, G dividing 8): constant
+ * offsets g * 32 from one pointer per block. */
+#define ACT_IDX(a, t, blk)    (((((int64_t)(t) >> 3) * (a)->nb + (blk)) * 8 + ((t)&7)) * QK)
+#define ACT_QG(a, t0, g, blk) ((const __m256i *)((a)->qs + ACT_IDX(a, t0, blk) + (g)*QK))
+#define ACT_D(a, t, blk)      ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
+#define ACT_S(a, t, blk)      ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
+#define ACT_S32(a, t, blk)    (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
 
 /* ---- 32-element block types: one weight row (nb blocks) x G activation rows ----
  *
@@ -69,13 +75,42 @@ QS_INLINE __m256i qs_iota8(void)
     return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
 }
 
+/* Lanes of m (all ones / zero) loaded from p, the others 0. A plain load and an AND: vmaskmovps
+ * is slow on some cores (AMD Zen 2/3). The activation arrays are padded (quant.c) so the
+ * masked-off lanes past the last row stay inside the allocation. */
+QS_INLINE __m256 qs_load_mask(const float *p, __m256i m)
+{
+    return _mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(m));
+}
+
 /* d_x * (sum of each 32-block) for blocks b0..b0+7 of row t (lanes masked by mlo/mhi: the
  * masks of the 16 half-block sums). */
 QS_INLINE __m256 qs_act_ds8(const struct quant_act *a, int t, int64_t b0, __m256i mlo, __m256i mhi)
 {
     const float *s = ACT_S(a, t, b0);
-    __m256 pairs = _mm256_hadd_ps(_mm256_maskload_ps(s, mlo), _mm256_maskload_ps(s + 8, mhi));
+    __m256 pairs = _mm256_hadd_ps(qs_load_mask(s, mlo), qs_load_mask(s + 8, mhi));
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
+}
+
+/* The fp16 at p + j * stride for j < k (0 for j >= k) as 8 floats. Built in a register: eight
+ * scalar stores read back as one vector would stall on store forwarding. */
+QS_INLINE __m256 qs_fp16x8(const uint8_t *p, const int stride, const int k)
+{
+    uint16_t h[8];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; j++) {
+        h[j] = 0;
+        if (j < k) memcpy(&h[j], p + j * stride, 2);
+    }
+    __m128i v = _mm_cvtsi32_si128(h[0]);
+    v = _mm_insert_epi16(v, h[1], 1);
+    v = _mm_insert_epi16(v, h[2], 2);
+    v = _mm_insert_epi16(v, h[3], 3);
+    v = _mm_insert_epi16(v, h[4], 4);
+    v = _mm_insert_epi16(v, h[5], 5);
+    v = _mm_insert_epi16(v, h[6], 6);
+    v = _mm_insert_epi16(v, h[7], 7);
+    return _mm256_cvtph_ps(v);
 }
 
 /* Unpacked (unsigned) quants of one Q4_0/Q4_1/Q5_0/Q5_1 block (kind 0..3). */
@@ -91,79 +126,107 @@ QS_INLINE __m256i qs_unpack_q45(const uint8_t *blk, const int kind)
     return u;
 }
 
-/* kind 0..3 = Q4_0, Q4_1, Q5_0, Q5_1; kind 4 = Q8_0 (u = |w|, the sign moves to x). */
-QS_INLINE void qs_blk32(const uint8_t *blk, int64_t b, const struct quant_act *a, int t0,
-                        const int G, const int kind, const float (*S)[8], int j, __m256 *acc)
+/* kind 0..3 = Q4_0, Q4_1, Q5_0, Q5_1; kind 4 = Q8_0 (u = |w|, the sign moves to x). One
+ * accumulator per activation row: G independent FMA chains hide the FMA latency, and the
+ * registers go to more rows (the weight block is unpacked once per G rows). u is the block's
+ * unpacked quants (Q4/Q5: unsigned values; Q8_0: the signed bytes); S + g * ss is the block's
+ * d_w * d_x for activation row t0 + g. t0 is a multiple of 8 (groups of QS_G32 rows). */
+QS_INLINE void qs_blk32(__m256i u, int64_t b, const struct quant_act *a, int t0, const int G,
+                        const int kind, const float *S, int64_t ss, __m256 *acc)
 {
     if (kind == 4) {
-        __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        __m256i u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
+        const __m256i w = u;
+        u = _mm256_sign_epi8(w, w); /* |w| as unsigned (|-128| = 128 fits) */
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_Q(a, t0 + g, b)), w);
+            __m256i s = _mm256_sign_epi8(_mm256_loadu_si256(ACT_QG(a, t0, g, b)), w);
             acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(qs_dot(u, s)),
-                                     _mm256_broadcast_ss(&S[g][j]), acc[g]);
+                                     _mm256_broadcast_ss(S + g * ss), acc[g]);
         }
     } else {
-        __m256i u = qs_unpack_q45(blk, kind);
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) {
-            __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, b)));
-            acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(&S[g][j]), acc[g]);
+            __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_QG(a, t0, g, b)));
+            acc[g] =
+                _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(S + g * ss), acc[g]);
         }
     }
 }
 
+QS_INLINE int qs_bytes32(const int kind)
+{
+    return kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : kind == 3 ? 24 : 34;
+}
+
+QS_INLINE __m256i qs_unpack32(const uint8_t *blk, const int kind)
+{
+    return kind == 4 ? _mm256_loadu_si256((const __m256i *)(blk + 2)) : qs_unpack_q45(blk, kind);
+}
+
+/* Unpacks one weight row for qs_rows32: the quants of each block (qs_unpack32), its scale d and
+ * min m as floats (the scale arrays zero-padded to a multiple of 8 blocks): exactly the values
+ * the row path computes on the fly. */
+QS_INLINE void qs_unpack_row32(const uint8_t *row, int64_t nb, const int kind, __m256i *u, float *d,
+                               float *m)
+{
+    const int bytes = qs_bytes32(kind), has_m = kind == 1 || kind == 3;
+    for (int64_t b = 0; b < nb; b++) _mm256_store_si256(u + b, qs_unpack32(row + b * bytes, kind));
+    for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+        const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
+        _mm256_storeu_ps(d + b0, qs_fp16x8(row + b0 * bytes, bytes, k));
+        if (has_m) _mm256_storeu_ps(m + b0, qs_fp16x8(row + b0 * bytes + 2, bytes, k));
+    }
+}
+
+/* Per 8-block group of one (weight row, activation row) pair: S = d_w * d_x of the 8 blocks
+ * (lanes >= k zero) and the offset / min term's update corr += c_w * (d_x * block sums). */
+QS_INLINE __m256 qs_scales32(__m256 dwv, __m256 cwv, const struct quant_act *a, int t, int64_t b0,
+                             int k, const int has_corr, float *S, __m256 corr)
+{
+    const __m256i iota = qs_iota8();
+    const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
+    _mm256_storeu_ps(S, _mm256_mul_ps(dwv, qs_load_mask(&ACT_D(a, t, b0), mk)));
+    if (!has_corr) return corr;
+    const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
+    const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
+    return _mm256_fmadd_ps(cwv, qs_act_ds8(a, t, b0, mlo, mhi), corr);
+}
+
+/* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0): the factor of the
+ * correction sum. */
+QS_INLINE float qs_off32(const int kind)
+{
+    return kind == 0 ? -8.0f : kind == 2 ? -16.0f : 1.0f;
+}
+
+/* One weight row (raw GGUF bytes) times G activation rows; scales and corrections per 8-block
+ * group on the fly. The path of calls with at most 8 activation rows. */
 QS_INLINE void qs_row32(const uint8_t *row, int64_t nb, const struct quant_act *a, int t0,
                         const int G, const int kind, float *out)
 {
     const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
-    const int bytes = kind == 0 ? 18 : kind == 1 ? 20 : kind == 2 ? 22 : kind == 3 ? 24 : 34;
-    __m256 acc0[QS_G], acc1[QS_G], corr[QS_G];
+    const int bytes = qs_bytes32(kind);
+    __m256 acc[QS_G];
+    /* offset / min terms: updated once per 8 blocks, kept in memory (registers go to acc) */
+    __m256 corr[QS_G];
 #pragma GCC unroll 8
-    for (int g = 0; g < G; g++) acc0[g] = acc1[g] = corr[g] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) acc[g] = corr[g] = _mm256_setzero_ps();
     for (int64_t b0 = 0; b0 < nb; b0 += 8) {
         const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
-        const __m256i iota = qs_iota8();
-        const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
         const uint8_t *gr = row + b0 * bytes;
-        float dwf[8], mwf[8];
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; j++) {
-            dwf[j] = j < k ? qs_fp16(gr + j * bytes) : 0.0f;
-            if (has_m) mwf[j] = j < k ? qs_fp16(gr + j * bytes + 2) : 0.0f;
-        }
-        const __m256 dwv = _mm256_loadu_ps(dwf), cwv = has_m ? _mm256_loadu_ps(mwf) : dwv;
+        const __m256 dwv = qs_fp16x8(gr, bytes, k);
+        const __m256 cwv = has_m ? qs_fp16x8(gr + 2, bytes, k) : dwv;
         float S[QS_G][8];
-        if (has_corr) {
-            const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
-            const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
 #pragma GCC unroll 8
-            for (int g = 0; g < G; g++) {
-                __m256 da = _mm256_maskload_ps(&ACT_D(a, t0 + g, b0), mk);
-                _mm256_storeu_ps(S[g], _mm256_mul_ps(dwv, da));
-                corr[g] = _mm256_fmadd_ps(cwv, qs_act_ds8(a, t0 + g, b0, mlo, mhi), corr[g]);
-            }
-        } else {
-#pragma GCC unroll 8
-            for (int g = 0; g < G; g++)
-                _mm256_storeu_ps(S[g],
-                                 _mm256_mul_ps(dwv, _mm256_maskload_ps(&ACT_D(a, t0 + g, b0), mk)));
-        }
-        int j = 0;
-        for (; j + 1 < k; j += 2) {
-            qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc0);
-            qs_blk32(gr + (j + 1) * bytes, b0 + j + 1, a, t0, G, kind, (const float(*)[8])S, j + 1,
-                     acc1);
-        }
-        if (j < k) qs_blk32(gr + j * bytes, b0 + j, a, t0, G, kind, (const float(*)[8])S, j, acc0);
+        for (int g = 0; g < G; g++)
+            corr[g] = qs_scales32(dwv, cwv, a, t0 + g, b0, k, has_corr, S[g], corr[g]);
+        for (int j = 0; j < k; j++)
+            qs_blk32(qs_unpack32(gr + j * bytes, kind), b0 + j, a, t0, G, kind, &S[0][j], 8, acc);
     }
-    /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0) */
-    const float off = kind == 0 ? -8.0f : kind == 2 ? -16.0f : 1.0f;
 #pragma GCC unroll 8
     for (int g = 0; g < G; g++) {
-        float v = qs_hsum(_mm256_add_ps(acc0[g], acc1[g]));
-        out[g] = has_corr ? v + off * qs_hsum(corr[g]) : v;
+        float v = qs_hsum(acc[g]);
+        out[g] = has_corr ? v + qs_off32(kind) * qs_hsum(corr[g]) : v;
     }
 }
 
@@ -231,7 +294,7 @@ QS_INLINE void qs_row_q45k(const uint8_t *row, int64_t nsb, const struct quant_a
                 const int64_t ab = sb * 8 + j;
 #pragma GCC unroll 4
                 for (int g = 0; g < G; g++) {
-                    __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
+                    __m256i p = qs_dot(u, _mm256_loadu_si256(ACT_QG(a, t0, g, ab)));
                     acc[h][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
                                                 _mm256_broadcast_ss(&scale[g][j]), acc[h][g]);
                 }
@@ -295,7 +358,7 @@ QS_INLINE void qs_row_q6k(const uint8_t *row, int64_t nsb, const struct quant_ac
                     const __m256 scv =
                         _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_broadcast_ss(&S[g][2 * m])),
                                              _mm_broadcast_ss(&S[g][2 * m + 1]), 1);
-                    __m256i p = qs_dot(u[k], _mm256_loadu_si256(ACT_Q(a, t0 + g, ab)));
+                    __m256i p = qs_dot(u[k], _mm256_loadu_si256(ACT_QG(a, t0, g, ab)));
                     acc[k & 1][g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scv, acc[k & 1][g]);
                 }
             }
@@ -359,7 +422,9 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
         EXPR_G(n);                                                                                 \
         break;
 
-#if QS_G == 8
+#if QS_G != 8
+#error "QS_G must be 8"
+#endif
 #define QS_CALL_G(G, EXPR_G)                                                                       \
     switch (G) {                                                                                   \
         QS_CASE_G(1, EXPR_G)                                                                       \
@@ -373,23 +438,92 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
         EXPR_G(8);                                                                                 \
         break;                                                                                     \
     }
-#elif QS_G == 4
-#define QS_CALL_G(G, EXPR_G)                                                                       \
-    switch (G) {                                                                                   \
-        QS_CASE_G(1, EXPR_G)                                                                       \
-        QS_CASE_G(2, EXPR_G)                                                                       \
-        QS_CASE_G(3, EXPR_G)                                                                       \
-    default:                                                                                       \
-        EXPR_G(4);                                                                                 \
-        break;                                                                                     \
-    }
-#else
-#error "QS_G must be 4 or 8"
-#endif
 
-/* Q4_K/Q5_K keep 4 activation rows per group on every path (their per-row state is larger:
- * 8 rows spill registers). */
-#define QS_GK 4
+/* Activation rows per group. QS_G (8) bounds the arrays; the 32-element block formats take 8
+ * rows on every path (one accumulator per row); Q4_K/Q5_K keep 4 (their per-row state is
+ * larger: 8 rows spill registers); Q6_K and the float formats take QS_GW (4 on AVX2 with its
+ * 16 registers, 8 on AVX-512 with 32). */
+#define QS_G32 8
+#define QS_GK  4
+
+/* Rows [r0, r1) of a 32-element block format for all T activation rows. With more than one
+ * group of activation rows (T > 8) each chunk of QROWS weight rows is unpacked once into
+ * `cache` (quant_scratch_floats(n_in) floats, 64-byte aligned): quants and float scales; then
+ * per activation group one pass computes every d_w * d_x and correction of the chunk and a
+ * second runs the integer dots alone. The arithmetic per (weight row, activation row) is the
+ * row path's, operation for operation, so the bits do not depend on T (batch invariance). */
+#define QS_NBP(nb) (((nb) + 7) & ~(int64_t)7)
+
+/* One chunk of nr unpacked weight rows times activation rows t0..t0+G-1 (qs_rows32). Per
+ * weight row: first every d_w * d_x product and the corrections (G independent chains), into
+ * cs (one row's worth: stays in L1), then the integer dots alone. */
+QS_INLINE void qs_group32(const __m256i *cu, const float *cd, const float *cm, float *cs, int nr,
+                          int64_t nb, const struct quant_act *act, int t0, const int G,
+                          const int kind, float *y, int64_t ldy, int64_t r_first)
+{
+    const int64_t nbp = QS_NBP(nb);
+    const int has_m = kind == 1 || kind == 3, has_corr = kind != 4;
+    for (int i = 0; i < nr; i++) {
+        __m256 corr[QS_G], acc[QS_G];
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) corr[g] = acc[g] = _mm256_setzero_ps();
+        for (int64_t b0 = 0; b0 < nb; b0 += 8) {
+            const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
+            const __m256 dwv = _mm256_load_ps(cd + i * nbp + b0);
+            const __m256 cwv = has_m ? _mm256_load_ps(cm + i * nbp + b0) : dwv;
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++)
+                corr[g] =
+                    qs_scales32(dwv, cwv, act, t0 + g, b0, k, has_corr, cs + g * nbp + b0, corr[g]);
+        }
+        float cc[QS_G];
+        if (has_corr)
+#pragma GCC unroll 8
+            for (int g = 0; g < G; g++) cc[g] = qs_hsum(corr[g]);
+        const __m256i *u = cu + i * nb;
+        for (int64_t b = 0; b < nb; b++)
+            qs_blk32(_mm256_load_si256(u + b), b, act, t0, G, kind, cs + b, nbp, acc);
+#pragma GCC unroll 8
+        for (int g = 0; g < G; g++) {
+            float v = qs_hsum(acc[g]);
+            y[(int64_t)(t0 + g) * ldy + r_first + i] = has_corr ? v + qs_off32(kind) * cc[g] : v;
+        }
+    }
+}
+
+QS_INLINE void qs_rows32(const struct quant_matrix *w, int64_t r0, int64_t r1,
+                         const struct quant_act *act, int T, float *y, int64_t ldy, void *cache,
+                         const int kind)
+{
+    const int64_t nb = w->n_in / QK, nbp = QS_NBP(nb);
+    if (T <= QS_G32) {
+        for (int64_t r = r0; r < r1; r++) {
+            const uint8_t *row = (const uint8_t *)w->data + (uint64_t)r * w->row_bytes;
+            float out[QS_G];
+#define G_ROW32(g) qs_row32(row, nb, act, 0, g, kind, out)
+            QS_CALL_G(T, G_ROW32)
+#undef G_ROW32
+            for (int g = 0; g < T; g++) y[(int64_t)g * ldy + r] = out[g];
+        }
+        return;
+    }
+    __m256i *cu = cache;                    /* [QROWS][nb] quants */
+    float *cd = (float *)(cu + QROWS * nb); /* [QROWS][nbp] d */
+    float *cm = cd + QROWS * nbp;           /* [QROWS][nbp] m */
+    float *cs = cm + QROWS * nbp;           /* [QS_G][nbp] d_w * d_x of one weight row */
+    for (int64_t rc = r0; rc < r1; rc += QROWS) {
+        const int nr = (int)(rc + QROWS < r1 ? QROWS : r1 - rc);
+        for (int i = 0; i < nr; i++)
+            qs_unpack_row32((const uint8_t *)w->data + (uint64_t)(rc + i) * w->row_bytes, nb, kind,
+                            cu + i * nb, cd + i * nbp, cm + i * nbp);
+        for (int t0 = 0; t0 < T; t0 += QS_G32) {
+            const int G = T - t0 < QS_G32 ? T - t0 : QS_G32;
+#define G_GROUP32(g) qs_group32(cu, cd, cm, cs, nr, nb, act, t0, g, kind, y, ldy, rc)
+            QS_CALL_G(G, G_GROUP32)
+#undef G_GROUP32
+        }
+    }
+}
 
 /* Loops chunks of QROWS rows x groups of GS (<= QS_G) activation rows; ROW_G(g) computes out[] for
  * weight row pointer `row` and activation rows t0..t0+g-1. */
@@ -407,11 +541,6 @@ QS_INLINE void qs_row_float(const uint8_t *row, int64_t n, const float *x, int t
         }                                                                                          \
     }
 
-#define G_Q4_0(g) qs_row32(row, nb, act, t0, g, 0, out)
-#define G_Q4_1(g) qs_row32(row, nb, act, t0, g, 1, out)
-#define G_Q5_0(g) qs_row32(row, nb, act, t0, g, 2, out)
-#define G_Q5_1(g) qs_row32(row, nb, act, t0, g, 3, out)
-#define G_Q8_0(g) qs_row32(row, nb, act, t0, g, 4, out)
 #define G_Q4_K(g) qs_row_q45k(row, nb, act, t0, g, 0, out)
 #define G_Q5_K(g) qs_row_q45k(row, nb, act, t0, g, 1, out)
 #define G_Q6_K(g) qs_row_q6k(row, nb, act, t0, g, out)
@@ -427,34 +556,39 @@ void QS_FN(quant_rows)(const struct quant_matrix *w, int64_t r0, int64_t r1, con
     int64_t nb = n / (int64_t)quant_block_elems(w->type);
     switch (w->type) {
     case QUANT_Q4_0:
-        QS_LOOP(G_Q4_0, QS_G) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 0);
+        break;
     case QUANT_Q4_1:
-        QS_LOOP(G_Q4_1, QS_G) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 1);
+        break;
     case QUANT_Q5_0:
-        QS_LOOP(G_Q5_0, QS_G) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 2);
+        break;
     case QUANT_Q5_1:
-        QS_LOOP(G_Q5_1, QS_G) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 3);
+        break;
     case QUANT_Q8_0:
-        QS_LOOP(G_Q8_0, QS_G) break;
+        qs_rows32(w, r0, r1, act, T, y, ldy, scratch, 4);
+        break;
     case QUANT_Q4_K:
         QS_LOOP(G_Q4_K, QS_GK) break;
     case QUANT_Q5_K:
         QS_LOOP(G_Q5_K, QS_GK) break;
     case QUANT_Q6_K:
-        QS_LOOP(G_Q6_K, QS_G) break;
+        QS_LOOP(G_Q6_K, QS_GW) break;
     case QUANT_F32:
-        QS_LOOP(G_F32, QS_G) break;
+        QS_LOOP(G_F32, QS_GW) break;
     case QUANT_F16:
-        QS_LOOP(G_F16, QS_G) break;
+        QS_LOOP(G_F16, QS_GW) break;
     case QUANT_BF16:
-        QS_LOOP(G_BF16, QS_G) break;
+        QS_LOOP(G_BF16, QS_GW) break;
     default:
         /* Q2_K, Q3_K: dequantize each row once, then float FMA for all T rows */
         for (int64_t r = r0; r < r1; r++) {
             quant_dequantize(w->type, (const uint8_t *)w->data + (uint64_t)r * w->row_bytes,
                              scratch, n);
-            for (int t0 = 0; t0 < T; t0 += QS_G) {
-                int G = T - t0 < QS_G ? T - t0 : QS_G;
+            for (int t0 = 0; t0 < T; t0 += QS_GW) {
+                int G = T - t0 < QS_GW ? T - t0 : QS_GW;
                 float out[QS_G];
                 QS_CALL_G(G, G_DEQ)
                 for (int g = 0; g < G; g++) y[(int64_t)(t0 + g) * ldy + r] = out[g];
@@ -493,7 +627,7 @@ void QS_FN(quant_act)(const float *x, int64_t n_in, int t0, int t1, struct quant
             int s1 = qs_hsum_i32(_mm256_add_epi32(q2, q3));
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
             p = _mm256_permutevar8x32_epi32(p, perm);
-            _mm256_storeu_si256((__m256i *)(act->qs + (int64_t)t * act->stride + b * QK), p);
+            _mm256_storeu_si256((__m256i *)(act->qs + ACT_IDX(act, t, b)), p);
             act->d[(int64_t)t * act->nb + b] = d;
             act->ds16[((int64_t)t * act->nb + b) * 2] = d * (float)s0;
             act->ds16[((int64_t)t * act->nb + b) * 2 + 1] = d * (float)s1;

@@ -5,12 +5,14 @@
  * over (token, head) pairs), so step_end has nothing to wait for. */
 #include "backend/backend.h"
 
+#include "backend/cpu/cpu_vec.h"
 #include "krserve.h"
 #include "quant/quant.h"
 #include "util/alloc.h"
 #include "util/threadpool.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -42,8 +44,15 @@ struct backend_cpu {
     int max_table; /* entries reserved per group */
     int32_t *tokens, *pos, *seq, *logit_rows, *tables[BACKEND_KV_GROUPS];
     struct backend_step step;
-    /* the attention call in progress */
+    /* the attention call in progress: (token, head) items claimed n_head at a time */
     const struct backend_attn_args *attn;
+    _Atomic long attn_next;
+    /* the glu call in progress */
+    float *glu_g;
+    const float *glu_u;
+    int64_t glu_n;
+    int glu_gelu;
+    struct cpu_vec vec;
 };
 
 static void cpu_destroy(struct backend *b)
@@ -298,24 +307,36 @@ static int cpu_softcap(struct backend *b, struct backend_tensor *x, int64_t n, f
     return KRS_OK;
 }
 
-static inline float gelu_tanh(float x)
+/* Elements worth waking a second thread for (the AVX2 GELU takes ~1 ns per element). */
+#define GLU_PARALLEL_MIN 32768
+
+static void glu_task(void *p, int ith, int nth)
 {
-    return 0.5f * x * (1.0f + tanhf(0.7978845608f * (x + 0.044715f * x * x * x)));
+    struct backend_cpu *c = p;
+    long b, e;
+    /* split in 8-element units so every thread but the last runs whole vectors */
+    pool_split((long)((c->glu_n + 7) / 8), ith, nth, &b, &e);
+    int64_t i0 = (int64_t)b * 8, i1 = (int64_t)e * 8 < c->glu_n ? (int64_t)e * 8 : c->glu_n;
+    if (i1 > i0) c->vec.glu(c->glu_g + i0, c->glu_u + i0, i1 - i0, c->glu_gelu);
 }
 
 static int cpu_glu(struct backend *b, struct backend_tensor *gate, const struct backend_tensor *up,
                    int64_t n, int gelu)
 {
+    struct backend_cpu *c = (struct backend_cpu *)b;
     if (n > gate->n || n > up->n) return KRS_ERR_INVALID;
-    float *g = gate->data;
-    const float *u = up->data;
-    if (gelu) {
-        for (int64_t i = 0; i < n; i++) g[i] = gelu_tanh(g[i]) * u[i];
-    } else {
-        for (int64_t i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
+    c->glu_g = gate->data;
+    c->glu_u = up->data;
+    c->glu_n = n;
+    c->glu_gelu = gelu;
+    if (n >= GLU_PARALLEL_MIN)
+        pool_run(c->pool, glu_task, c);
+    else
+        glu_task(c, 0, 1);
     return KRS_OK;
 }
+
+#define ROPE_TAB 256 /* rotary pairs tabulated per call (head_dim <= 512) */
 
 static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
 {
@@ -325,10 +346,14 @@ static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
         (a->freq_factors && a->freq_factors->n < half))
         return KRS_ERR_INVALID;
     const float *ff = a->freq_factors ? a->freq_factors->data : NULL;
+    /* base^(-2i/n_rot) once per call, not per token (the same values: pure function of i) */
+    double inv_tab[ROPE_TAB];
+    for (int i = 0; i < half && i < ROPE_TAB; i++)
+        inv_tab[i] = pow((double)a->base, -2.0 * i / a->n_rot);
     for (int t = 0; t < T; t++) {
         for (int i = 0; i < half; i++) {
             /* theta = p * base^(-2i/n_rot) * freq_scale / ff[i], as ggml computes it */
-            double inv = pow((double)a->base, -2.0 * i / a->n_rot);
+            double inv = i < ROPE_TAB ? inv_tab[i] : pow((double)a->base, -2.0 * i / a->n_rot);
             double theta = (double)c->step.pos[t] * inv * a->freq_scale;
             if (ff) theta /= ff[i];
             float cs = (float)cos(theta), sn = (float)sin(theta);
@@ -380,77 +405,60 @@ static int cpu_kv_store(struct backend *b, int layer, const struct backend_tenso
     return KRS_OK;
 }
 
-static inline float dot_f32(const float *a, const float *b, int n)
+/* One (token, head) item: scores over the token's window, softmax, weighted sum of V. */
+static void attn_item(struct backend_cpu *c, const struct backend_attn_args *a, long task,
+                      float *scores)
 {
-    float acc[8] = {0};
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
-    float s = 0;
-    for (; i < n; i++) s += a[i] * b[i];
-    for (int j = 0; j < 8; j++) s += acc[j];
-    return s;
+    const int hd = a->head_dim, group = a->n_head / a->n_head_kv, bs = c->kv.block_size;
+    const int g = c->layer_group[a->layer];
+    const float *kbase = c->k[g], *vbase = c->v[g];
+    const size_t dim = (size_t)c->kv.kv_dim;
+    int t = (int)(task / a->n_head), h = (int)(task % a->n_head), kh = h / group;
+    const float *q = a->q->data + ((size_t)t * a->n_head + h) * hd;
+    float *out = a->out->data + ((size_t)t * a->n_head + h) * hd;
+    int64_t p_end = c->step.pos[t], lo = 0;
+    if (a->n_swa > 0 && p_end - a->n_swa + 1 > 0) lo = p_end - a->n_swa + 1;
+    int seq = c->step.seq[t];
+    float mx = -INFINITY;
+    for (int64_t p0 = lo; p0 <= p_end;) {
+        int off = (int)(p0 % bs), run = bs - off;
+        if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
+        const float *k = kbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
+        for (int j = 0; j < run; j++) {
+            float s = c->vec.dot(q, k + (size_t)j * dim + (size_t)kh * hd, hd) * a->scale;
+            scores[p0 - lo + j] = s;
+            if (s > mx) mx = s;
+        }
+        p0 += run;
+    }
+    int64_t n = p_end - lo + 1;
+    float inv = 1.0f / c->vec.exp_sum(scores, n, mx);
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int64_t p0 = lo; p0 <= p_end;) {
+        int off = (int)(p0 % bs), run = bs - off;
+        if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
+        const float *v = vbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
+        for (int j = 0; j < run; j++)
+            c->vec.axpy(out, scores[p0 - lo + j] * inv, v + (size_t)j * dim + (size_t)kh * hd, hd);
+        p0 += run;
+    }
 }
 
-/* out[i] += w * v[i]. restrict and fixed 8-wide groups let -O2 vectorize it (GCC's cheap
- * cost model skips loops that need alias checks or epilogues); scalar, this loop was the
- * largest cost of prefill attention. */
-static inline void axpy_f32(float *restrict out, float w, const float *restrict v, int n)
-{
-    int i = 0;
-    for (; i + 8 <= n; i += 8)
-        for (int j = 0; j < 8; j++) out[i + j] += w * v[i + j];
-    for (; i < n; i++) out[i] += w * v[i];
-}
-
+/* Items are claimed a token (n_head items) at a time from a shared counter: in a prefill chunk
+ * the later tokens see longer windows, so a static split would leave one thread the long ones
+ * and the others idle at the end. */
 static void attn_task(void *p, int ith, int nth)
 {
     struct backend_cpu *c = p;
     const struct backend_attn_args *a = c->attn;
     float *scores = c->scores + (size_t)ith * (size_t)c->p.max_ctx;
-    const int hd = a->head_dim, group = a->n_head / a->n_head_kv, bs = c->kv.block_size;
-    const int g = c->layer_group[a->layer];
-    const float *kbase = c->k[g], *vbase = c->v[g];
-    const size_t dim = (size_t)c->kv.kv_dim;
-    long begin, end;
-    pool_split((long)c->step.n_tokens * a->n_head, ith, nth, &begin, &end);
-    for (long task = begin; task < end; task++) {
-        int t = (int)(task / a->n_head), h = (int)(task % a->n_head), kh = h / group;
-        const float *q = a->q->data + ((size_t)t * a->n_head + h) * hd;
-        float *out = a->out->data + ((size_t)t * a->n_head + h) * hd;
-        int64_t p_end = c->step.pos[t], lo = 0;
-        if (a->n_swa > 0 && p_end - a->n_swa + 1 > 0) lo = p_end - a->n_swa + 1;
-        int seq = c->step.seq[t];
-        float mx = -INFINITY;
-        for (int64_t p0 = lo; p0 <= p_end;) {
-            int off = (int)(p0 % bs), run = bs - off;
-            if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
-            const float *k = kbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
-            for (int j = 0; j < run; j++) {
-                float s = dot_f32(q, k + (size_t)j * dim + (size_t)kh * hd, hd) * a->scale;
-                scores[p0 - lo + j] = s;
-                if (s > mx) mx = s;
-            }
-            p0 += run;
-        }
-        int64_t n = p_end - lo + 1;
-        float sum = 0;
-        for (int64_t j = 0; j < n; j++) {
-            scores[j] = expf(scores[j] - mx);
-            sum += scores[j];
-        }
-        float inv = 1.0f / sum;
-        memset(out, 0, (size_t)hd * sizeof(float));
-        for (int64_t p0 = lo; p0 <= p_end;) {
-            int off = (int)(p0 % bs), run = bs - off;
-            if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
-            const float *v = vbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
-            for (int j = 0; j < run; j++) {
-                float w = scores[p0 - lo + j] * inv;
-                axpy_f32(out, w, v + (size_t)j * dim + (size_t)kh * hd, hd);
-            }
-            p0 += run;
-        }
+    const long n_items = (long)c->step.n_tokens * a->n_head;
+    (void)nth;
+    for (;;) {
+        long i0 = atomic_fetch_add_explicit(&c->attn_next, a->n_head, memory_order_relaxed);
+        if (i0 >= n_items) break;
+        long i1 = i0 + a->n_head < n_items ? i0 + a->n_head : n_items;
+        for (long task = i0; task < i1; task++) attn_item(c, a, task, scores);
     }
 }
 
@@ -474,8 +482,9 @@ static int cpu_attention(struct backend *b, const struct backend_attn_args *a)
         }
     }
     c->attn = a;
-    /* (token, head) pairs are the work items: no more threads than items. */
-    pool_run_n(c->pool, T * a->n_head, attn_task, c);
+    atomic_store_explicit(&c->attn_next, 0, memory_order_relaxed);
+    /* tokens are the units of work: no more threads than tokens. */
+    pool_run_n(c->pool, T, attn_task, c);
     c->attn = NULL;
     return KRS_OK;
 }
@@ -523,6 +532,7 @@ int backend_cpu_create(const struct backend_params *p, struct backend **out)
     if (!c) return KRS_ERR_NOMEM;
     c->base.ops = &cpu_ops;
     c->p = *p;
+    cpu_vec_init(&c->vec, 1);
     int rc = KRS_ERR_NOMEM;
     if (pool_create(p->n_threads, &c->pool)) goto fail;
     rc = quant_ctx_create(c->pool, p->max_tokens, p->max_n_in, QUANT_ISA_AUTO, &c->qctx);
