@@ -230,7 +230,7 @@ int main(int argc, char **argv)
     int threads = pool_size(pool);
     pool_destroy(pool);
     double roofline = bw * 1e9 / wbytes;
-    double tps[16], cpu_ms[16], pf_cpu_ms;
+    double tps[16], cpu_ms[16], pf_cpu_ms = 0;
     for (int i = 0; i < n_batches; i++)
         tps[i] = decode_tps(ctx, batches[i], 64,
                             steps > 0          ? steps
