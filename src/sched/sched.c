@@ -1140,10 +1140,9 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
         s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
         s->dev_masks = alloc_calloc((size_t)p->max_running, sizeof *s->dev_masks);
-        /* Grammar masks on the device are off until they pass on a GPU: the first run there
-         * (tests/server/test_structured.py, --device cuda) produced unconstrained text.
-         * Constrained rows sample on the host meanwhile (KRS_DEVICE_GRAMMAR_MASK=1 turns the
-         * device path on to debug it). */
+        /* Grammar masks on the device are off until a GPU run has checked them: constrained
+         * rows sample on the host meanwhile (the tests/server structured-output suite passed
+         * that way with --device cuda); KRS_DEVICE_GRAMMAR_MASK=1 turns the device path on. */
         const char *dm = getenv("KRS_DEVICE_GRAMMAR_MASK");
         s->dev_max_masks = dm && !strcmp(dm, "1") ? model_ctx_max_mask_rows(s->ctx) : 0;
         if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
