@@ -19,7 +19,8 @@ ctest --test-dir build-cov --output-on-failure -j "$JOBS"
 KRS_BUILD_DIR="$PWD/build-cov" python -m pytest -q tests
 mkdir -p build-cov/coverage
 gcovr -r . --object-directory build-cov --filter 'src/' --exclude 'src/backend/cuda/' \
-  --gcov-ignore-parse-errors=negative_hits.warn_once_per_file,suspicious_hits.warn_once_per_file \
+  --gcov-ignore-parse-errors=negative_hits.warn_once_per_file \
+  --gcov-ignore-parse-errors=suspicious_hits.warn_once_per_file \
   --html-details build-cov/coverage/index.html --txt build-cov/coverage.txt \
   --print-summary >build-cov/coverage.summary
 pct=$(awk '/^lines:/ {sub("%", "", $2); print $2}' build-cov/coverage.summary)
