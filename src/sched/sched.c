@@ -1140,11 +1140,10 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
         s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
         s->dev_masks = alloc_calloc((size_t)p->max_running, sizeof *s->dev_masks);
-        /* Grammar masks on the device are off until a GPU run has checked them: constrained
-         * rows sample on the host meanwhile (the tests/server structured-output suite passed
-         * that way with --device cuda); KRS_DEVICE_GRAMMAR_MASK=1 turns the device path on. */
+        /* Grammar masks go to the device with the step (the row samples there like any
+         * other); KRS_DEVICE_GRAMMAR_MASK=0 samples constrained rows on the host instead. */
         const char *dm = getenv("KRS_DEVICE_GRAMMAR_MASK");
-        s->dev_max_masks = dm && !strcmp(dm, "1") ? model_ctx_max_mask_rows(s->ctx) : 0;
+        s->dev_max_masks = dm && !strcmp(dm, "0") ? 0 : model_ctx_max_mask_rows(s->ctx);
         if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
             rc = KRS_ERR_NOMEM;
             snprintf(err, errlen, "out of memory");
