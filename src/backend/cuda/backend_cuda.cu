@@ -778,7 +778,7 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
     c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
     c->pdl = env_int("KRS_CUDA_PDL", 1) != 0;
-    c->attn_tile = env_int("KRS_CUDA_ATTN_TILE", 1) != 0;
+    c->attn_tile = env_int("KRS_CUDA_ATTN_TILE", 1);
     int rc;
     if ((rc = CUDA_CHECK(cudaSetDevice(0), "cudaSetDevice")) ||
         (rc = CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream")) ||
