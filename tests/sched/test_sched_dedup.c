@@ -7,8 +7,9 @@
  * same-seed requests share (and differing or unseeded sampled ones do not), each keeps its own
  * id and usage; a cancelled or disconnected follower ends alone; a leader cancelled while
  * queued, while generating, or whose reader is too slow hands the generation over and the
- * others still get every token; with dedup off nothing is shared; counters balance and every
- * KV block comes back. Skipped when the model is absent. */
+ * others still get every token; a leader preempted mid-generation (tiny KV pool) keeps its
+ * followers and they get the output of the request alone; with dedup off nothing is shared;
+ * counters balance and every KV block comes back. Skipped when the model is absent. */
 #include "sched/sched_test_util.h"
 
 #include "metrics/metrics.h"
@@ -255,6 +256,47 @@ static void test_cancelled_leader_hands_over(void **state)
     finish_sched(s, 1);
 }
 
+/* A KV pool too small for everything (8 blocks of 16 positions): three distinct requests and a
+ * leader with two followers run together, and the leader, admitted last, is preempted in the
+ * middle of its generation and recomputed; every stream still gets the output of its request
+ * alone. */
+static void test_preempted_leader_keeps_its_followers(void **state)
+{
+    if (!model) skip();
+    static const char *const others[3] = {"The capital of France is",
+                                          "def fibonacci(n):", "Water boils at a temperature of"};
+    static int32_t ids[4][256];
+    struct sched_request r[4];
+    static struct result ref[4], got[6];
+    for (int i = 0; i < 4; i++) {
+        int n;
+        make_request(&r[i], ids[i], &n, i < 3 ? others[i] : PROMPT, 30);
+        r[i].ignore_eos = 1;
+        reference(&r[i], &ref[i]);
+    }
+    struct sched_params p;
+    test_params(&p, 128, SCHED_MODE_OFF);
+    p.dedup = 1;
+    struct sched *s = create_sched(&p, NULL);
+    struct sched_stream *blocker = start_blocker(s, 1);
+    struct sched_stream *st[6];
+    uint64_t id;
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(sched_submit(s, &r[i < 3 ? i : 3], &st[i], &id), KRS_OK);
+    wait_shared(s, 2);
+    assert_int_equal(sched_set_mode(s, SCHED_MODE_FIXED, 6), KRS_OK);
+    stop_blocker(s, blocker);
+    for (int i = 0; i < 6; i++) {
+        collect(st[i], &got[i]);
+        assert_same(&got[i], &ref[i < 3 ? i : 3]);
+    }
+    struct sched_state ss;
+    sched_get_state(s, &ss);
+    printf("%llu preemptions\n", (unsigned long long)ss.preemptions);
+    assert_true(ss.preemptions > 0);
+    finish_sched(s, 2);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -262,6 +304,7 @@ int main(void)
         cmocka_unit_test(test_dedup_off_shares_nothing),
         cmocka_unit_test(test_cancelled_follower_ends_alone),
         cmocka_unit_test(test_cancelled_leader_hands_over),
+        cmocka_unit_test(test_preempted_leader_keeps_its_followers),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
