@@ -25,6 +25,7 @@
 #include "krserve.h"
 #include "metrics/metrics.h"
 #include "util/clock.h"
+#include "util/log.h"
 
 #include <string.h>
 
@@ -135,6 +136,8 @@ struct req *sched_dedup_find_leader(struct sched *s, struct req *r)
     if (!l) return NULL;
     link_follower(l, r);
     __atomic_store_n(&r->state, REQ_SHARED, __ATOMIC_RELAXED);
+    KRS_LOG_DEBUGF("request %llu shares the generation of request %llu", (unsigned long long)r->id,
+                   (unsigned long long)l->id);
     uint64_t now = clock_now_ns();
     if (l->t_admit) { /* joined a running generation: admitted now */
         r->t_admit = now;
