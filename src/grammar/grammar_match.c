@@ -351,11 +351,14 @@ static int na_uniform(struct grammar_matcher *m, int32_t id)
 static int partial_viable(struct grammar_matcher *m, int32_t id, uint32_t cp, int rem, int total)
 {
     static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (na_uniform(m, id)) return m->st[id].na_next >= 0;
     uint32_t lo = cp << (6 * rem), hi = lo | ((1u << (6 * rem)) - 1);
     if (lo < min_cp[total]) lo = min_cp[total];
     if (hi > 0x10FFFF) hi = 0x10FFFF;
-    return lo <= hi && viable(m, id, lo, hi);
+    /* no valid code point starts this way (overlong, past U+10FFFF, a surrogate): checked
+     * before the uniform shortcut, which would otherwise admit a prefix no byte completes */
+    if (lo > hi || (lo >= 0xD800 && hi <= 0xDFFF)) return 0;
+    if (na_uniform(m, id)) return m->st[id].na_next >= 0;
+    return viable(m, id, lo, hi);
 }
 
 /* The position after byte c from position v (DEAD when no sentence continues that way). */
