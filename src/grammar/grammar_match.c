@@ -504,10 +504,27 @@ static void walk_list(struct grammar_matcher *m, const struct grammar_toklist *l
         if (d == len) {
             int32_t t = l->order[i];
             mask[t >> 5] |= 1u << (t & 31);
+        } else if (d >= l->lcp[i]) { /* always: the walk resumes at the shared prefix */
+            i = l->node_end[l->node_off[i] + d - l->lcp[i]] - 1;
         } else {
             while (i + 1 < l->n && l->lcp[i + 1] > d) i++;
         }
     }
+}
+
+/* Set bits of mask[0..nw). Bit arithmetic rather than __builtin_popcount, which without
+ * -mpopcnt is a libgcc call per word (8,192 words per mask); this loop vectorises. */
+static int32_t count_bits(const uint32_t *mask, size_t nw)
+{
+    uint32_t total = 0;
+    for (size_t w = 0; w < nw; w++) {
+        uint32_t x = mask[w];
+        x = x - (x >> 1 & 0x55555555u);
+        x = (x & 0x33333333u) + (x >> 2 & 0x33333333u);
+        x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+        total += x * 0x01010101u >> 24;
+    }
+    return (int32_t)total;
 }
 
 static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, int32_t *n_allowed)
@@ -533,11 +550,11 @@ static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, i
         }
     }
     if (!(from & VPART) && m->st[from].accepting)
-        for (int32_t t = 0; t < v->n_vocab; t++)
-            if (v->eog[t]) mask[t >> 5] |= 1u << (t & 31);
-    int32_t allowed = 0;
-    for (size_t w = 0; w < nw; w++) allowed += __builtin_popcount(mask[w]);
-    *n_allowed = allowed;
+        for (int32_t i = 0; i < v->n_eog; i++) {
+            int32_t t = v->eog_ids[i];
+            mask[t >> 5] |= 1u << (t & 31);
+        }
+    *n_allowed = count_bits(mask, nw);
 }
 
 int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32_t *n_allowed)
