@@ -272,20 +272,30 @@ static int32_t advance_cp(struct grammar_matcher *m, int32_t id, uint32_t cp)
     return intern_full(m);
 }
 
-/* Same, cached by which stacks' tops match cp (for cp >= 0x80). */
-static int32_t advance_sig(struct grammar_matcher *m, int32_t id, uint32_t cp)
+/* *sig: bit i set when the top of the i-th non-empty stack of state id matches cp. 0 when the
+ * state has more than 64 such stacks (no signature). */
+static int stack_sig(const struct grammar_matcher *m, int32_t id, uint32_t cp, uint64_t *sig)
 {
     const struct grammar *g = m->g;
     const struct mstate *s = &m->st[id];
-    if (s->n_term > 64) return advance_cp(m, id, cp);
-    uint64_t sig = 0;
+    if (s->n_term > 64) return 0;
+    uint64_t x = 0;
     int bit = 0;
     const uint32_t *k = m->keys + s->key_off, *end = k + s->key_len;
     for (; k < end; k += 1 + k[0]) {
         if (!k[0]) continue;
-        if (grammar_el_match(g, &g->el[k[k[0]]], cp)) sig |= 1ull << bit;
+        if (grammar_el_match(g, &g->el[k[k[0]]], cp)) x |= 1ull << bit;
         bit++;
     }
+    *sig = x;
+    return 1;
+}
+
+/* Same as advance_cp, cached by which stacks' tops match cp (for cp >= 0x80). */
+static int32_t advance_sig(struct grammar_matcher *m, int32_t id, uint32_t cp)
+{
+    uint64_t sig;
+    if (!stack_sig(m, id, cp, &sig)) return advance_cp(m, id, cp);
     if (!sig) return DEAD;
     uint32_t h = hash_words((const uint32_t *)&sig, 2, (uint32_t)id) & (SIG_SIZE - 1);
     for (uint32_t i = h;; i = (i + 1) & (SIG_SIZE - 1)) {
@@ -453,7 +463,17 @@ static int plain_step(struct grammar_matcher *m, int32_t id, int32_t *next)
         if (na_uniform(m, id)) {
             x = m->st[id].na_next;
             kind = NA_UNIFORM;
-            for (int c = 0x20; c < 0x7F && kind == NA_UNIFORM; c++) {
+            /* The state after a code point depends only on which stacks' tops match it: when
+             * every plain ASCII character matches the same stacks as the code points >= 0x80,
+             * all lead to na_next, without interning the same state 94 times. */
+            uint64_t sig80;
+            int same = stack_sig(m, id, 0x80, &sig80);
+            for (int c = 0x20; c < 0x7F && same; c++) {
+                uint64_t sig;
+                if (c != '"' && c != '\\')
+                    same = stack_sig(m, id, (uint32_t)c, &sig) && sig == sig80;
+            }
+            for (int c = 0x20; c < 0x7F && kind == NA_UNIFORM && !same; c++) {
                 if (c == '"' || c == '\\') continue;
                 int64_t y = step_byte(m, id, (uint8_t)c);
                 if (y != x) kind = NA_MIXED;
