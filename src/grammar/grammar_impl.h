@@ -103,9 +103,9 @@ struct grammar_vocab {
     uint8_t *eog;                /* [n_vocab] 1 = end of generation */
     int32_t *eog_ids;            /* [n_eog] the end-of-generation tokens */
     int32_t n_eog;
-    uint8_t *plain_cps;          /* [n_vocab] code points of a plain token (max 255), else 0 */
-    uint32_t *plain_le;          /* [GRAMMAR_PLAIN_LEVELS][n_words] */
-    int32_t *plain_long;         /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
+    uint8_t *plain_cps;  /* [n_vocab] code points of a plain token (max 255), else 0 */
+    uint32_t *plain_le;  /* [GRAMMAR_PLAIN_LEVELS][n_words] */
+    int32_t *plain_long; /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
     int32_t n_plain_long;
     int32_t max_plain; /* most code points of a plain token */
     uint16_t max_len;
