@@ -873,6 +873,27 @@ static void sample_rows(void *arg, int ith, int nth)
     }
 }
 
+/* The grammar masks of this step's rows for device sampling, threads claiming rows as in
+ * sample_rows: dev_masks[row] (NULL without a grammar) and res_rc[row] (KRS_ERR_STATE when the
+ * grammar allows no token). A mask costs tens to hundreds of microseconds on one core and the
+ * next step's masks need this step's tokens, so on a GPU they are on the critical path. */
+static void mask_rows(void *arg, int ith, int nth)
+{
+    struct sched *s = arg;
+    (void)ith;
+    (void)nth;
+    for (int row; (row = atomic_fetch_add_explicit(&s->next_sample_row, 1, memory_order_relaxed)) <
+                  s->n_sample_rows;) {
+        struct req *r = s->b_rows[row];
+        s->dev_masks[row] = NULL;
+        s->res_rc[row] = KRS_OK;
+        if (!r->gm) continue;
+        int32_t n_allowed = 0;
+        int rc = grammar_matcher_mask(r->gm, &s->dev_masks[row], &n_allowed);
+        s->res_rc[row] = rc ? rc : n_allowed == 0 ? KRS_ERR_STATE : KRS_OK;
+    }
+}
+
 /* The layouts sampler/ writes and backend/ reads are the same four fields. */
 _Static_assert(
     sizeof(struct sampler_edit) == sizeof(struct backend_logit_edit) &&
@@ -892,16 +913,23 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
     if (!s->dev_rows) return 0;
     int n_edits = 0, n_masked = 0;
     for (int row = 0; row < n_rows; row++) {
+        const struct req *r = s->b_rows[row];
+        if (r->sampler.params.n_top_logprobs > 0) return 0;
+        n_masked += r->gm != NULL;
+    }
+    if (n_masked > s->dev_max_masks) return 0;
+    /* the masks go to the device with their rows; computed in parallel on the sampling pool,
+     * idle while the device samples */
+    s->n_sample_rows = n_rows;
+    atomic_store_explicit(&s->next_sample_row, 0, memory_order_relaxed);
+    if (n_masked > 1)
+        pool_run_n(s->sample_pool, n_masked, mask_rows, s);
+    else
+        mask_rows(s, 0, 1);
+    for (int row = 0; row < n_rows; row++) {
         struct req *r = s->b_rows[row];
         const struct sampler_params *sp = &r->sampler.params;
-        if (sp->n_top_logprobs > 0) return 0;
-        s->dev_masks[row] = NULL;
-        if (r->gm) { /* the mask goes to the device with the row */
-            int32_t n_allowed = 0;
-            if (++n_masked > s->dev_max_masks ||
-                grammar_matcher_mask(r->gm, &s->dev_masks[row], &n_allowed) || n_allowed == 0)
-                return 0; /* the host path samples (and reports a dead end) */
-        }
+        if (s->res_rc[row]) return 0; /* the host path samples (and reports a dead end) */
         int32_t n;
         if (sampler_edits(&r->sampler, s->scratch[0], r->tokens, r->n_prompt,
                           r->tokens + r->n_prompt, r->n_gen, s->dev_edits + n_edits,
