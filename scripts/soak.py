@@ -5,8 +5,9 @@ Load (--workers threads until --duration ends): chat and plain completions, stre
 random max_tokens (1..--max-tokens), random priorities (urgent/default/background), about
 --cancel-rate of the streaming requests cancelled by closing the connection mid-stream, about
 --invalid-rate invalid requests (bad JSON, bad types, out-of-range values: each must get a 4xx
-JSON error), monitoring reads, and (with --mode-switch S) a scheduler mode switch every S seconds
-(auto -> fixed -> off -> ...) through POST /admin/scheduler.
+JSON error), monitoring reads, (with --mode-switch S) a scheduler mode switch every S seconds
+(auto -> fixed -> off -> ...) through POST /admin/scheduler, and (with --sighup S) a SIGHUP
+(configuration reload) to the server every S seconds, each followed by a /health read.
 
 Afterwards, once the server is idle, the checks (any failure makes the exit status 1):
   alive       the process still runs and /health answers 200
@@ -28,6 +29,7 @@ Usage: scripts/soak.py --duration 2h [--url URL | --exe build/krserve] [--report
 import argparse
 import json
 import os
+import signal
 import pathlib
 import random
 import sys
@@ -89,7 +91,7 @@ class Tally:
     def __init__(self):
         self.lock = threading.Lock()
         self.c = {"valid_sent": 0, "ok": 0, "cancel_closed": 0, "invalid_sent": 0,
-                  "invalid_4xx": 0, "monitor_ok": 0, "mode_switches": 0, "tokens": 0,
+                  "invalid_4xx": 0, "monitor_ok": 0, "mode_switches": 0, "reloads": 0, "tokens": 0,
                   "overload": 0}
         self.errors = {}
         self.samples = []  # per finished valid request: (t, e2e, tokens)
@@ -175,6 +177,7 @@ def run_soak(url, pid, duration, args, log=print):
     def monitor():
         modes = ["fixed", "off", "auto"]
         next_switch = t0 + args.mode_switch if args.mode_switch else None
+        next_hup = t0 + args.sighup if args.sighup else None
         k = 0
         while not stop.wait(args.sample_interval):
             try:
@@ -192,6 +195,17 @@ def run_soak(url, pid, duration, args, log=print):
                     tally.error(f"mode switch: {e}")
                 k += 1
                 next_switch += args.mode_switch
+            if next_hup and time.time() >= next_hup and time.time() < deadline:
+                try:
+                    os.kill(pid, signal.SIGHUP)
+                    time.sleep(0.2)
+                    status, _ = loadgen.http_get(url + "/health", timeout=30)
+                    if status != 200:
+                        tally.error(f"/health {status} after SIGHUP")
+                    tally.add("reloads")
+                except OSError as e:
+                    tally.error(f"SIGHUP: {e}")
+                next_hup += args.sighup
 
     for body in INVALID:  # every invalid shape once, then at random during the load
         tally.add("invalid_sent")
@@ -291,6 +305,7 @@ def write_report(path, rep):
               f"valid requests {c['valid_sent']} (completed {c['ok']}, closed mid-stream "
               f"{c['cancel_closed']}), invalid {c['invalid_sent']} ({c['invalid_4xx']} got 4xx), "
               f"monitoring reads {c['monitor_ok']}, mode switches {c['mode_switches']}, "
+              f"SIGHUP reloads {c.get('reloads', 0)}, "
               f"generated tokens seen {c['tokens']}. Server finish reasons: "
               f"{json.dumps(rep['server_finished_delta'])}.", "",
               "Errors: " + (json.dumps(rep["errors"]) if rep["errors"] else "none"), ""]
@@ -345,6 +360,8 @@ def make_parser():
     ap.add_argument("--invalid-rate", type=float, default=0.05)
     ap.add_argument("--mode-switch", type=float, default=0.0,
                     help="switch scheduler mode every S seconds (0 = never)")
+    ap.add_argument("--sighup", type=float, default=0.0,
+                    help="send the server SIGHUP (configuration reload) every S seconds")
     ap.add_argument("--warmup", type=float, default=None, help="seconds (default 20 %% of run)")
     ap.add_argument("--sample-interval", type=float, default=1.0)
     ap.add_argument("--log-every", type=float, default=60.0)
