@@ -271,19 +271,68 @@ static int cpu_matmul(struct backend *b, const struct backend_tensor *w,
     return quant_matmul(((struct backend_cpu *)b)->qctx, &w->w, x->data, rows, y->data);
 }
 
+/* Row-parallel host ops (RMSNorm, RoPE): rows [r0, r1) per thread, split over the pool once a
+ * call has ROWS_PARALLEL_MIN elements (a prefill chunk; a decode step's few rows stay on the
+ * calling thread, where waking the workers would cost more than the op). Each row's arithmetic
+ * is the same whichever thread runs it and however the rows are split. */
+#define ROWS_PARALLEL_MIN 16384
+
+struct rows_job {
+    void (*fn)(const struct rows_job *j, int r0, int r1);
+    struct backend_cpu *c;
+    const void *args;
+    int rows;
+    /* rmsnorm */
+    const float *x, *w;
+    float *y;
+    int n;
+    float eps;
+    /* rope: base^(-2i/n_rot) per pair */
+    const double *inv_tab;
+};
+
+static void rows_task(void *p, int ith, int nth)
+{
+    const struct rows_job *j = p;
+    long r0, r1;
+    pool_split(j->rows, ith, nth, &r0, &r1);
+    if (r1 > r0) j->fn(j, (int)r0, (int)r1);
+}
+
+static void rows_run(struct backend_cpu *c, struct rows_job *j, int64_t elems)
+{
+    if (elems >= ROWS_PARALLEL_MIN && j->rows > 1)
+        pool_run_n(c->pool, j->rows, rows_task, j);
+    else
+        j->fn(j, 0, j->rows);
+}
+
+static void rmsnorm_rows(const struct rows_job *j, int r0, int r1)
+{
+    const int n = j->n;
+    for (int r = r0; r < r1; r++) {
+        const float *xr = j->x + (size_t)r * n;
+        float *yr = j->y + (size_t)r * n;
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float scale = 1.0f / sqrtf((float)(ss / n) + j->eps);
+        for (int i = 0; i < n; i++) yr[i] = xr[i] * scale * j->w[i];
+    }
+}
+
 static int cpu_rmsnorm(struct backend *b, const struct backend_tensor *x,
                        const struct backend_tensor *w, int rows, int n, float eps,
                        struct backend_tensor *y)
 {
     if ((int64_t)rows * n > x->n || (int64_t)rows * n > y->n || w->n < n) return KRS_ERR_INVALID;
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x->data + (size_t)r * n;
-        float *yr = y->data + (size_t)r * n;
-        double ss = 0.0;
-        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
-        float scale = 1.0f / sqrtf((float)(ss / n) + eps);
-        for (int i = 0; i < n; i++) yr[i] = xr[i] * scale * w->data[i];
-    }
+    struct rows_job j = {.fn = rmsnorm_rows,
+                         .rows = rows,
+                         .x = x->data,
+                         .w = w->data,
+                         .y = y->data,
+                         .n = n,
+                         .eps = eps};
+    rows_run((struct backend_cpu *)b, &j, (int64_t)rows * n);
     return KRS_OK;
 }
 
@@ -342,22 +391,16 @@ static int cpu_glu(struct backend *b, struct backend_tensor *gate, const struct 
 
 #define ROPE_TAB 256 /* rotary pairs tabulated per call (head_dim <= 512) */
 
-static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
+static void rope_rows(const struct rows_job *j, int t0, int t1)
 {
-    struct backend_cpu *c = (struct backend_cpu *)b;
-    const int T = c->step.n_tokens, half = a->n_rot / 2;
-    if ((int64_t)T * a->n_heads * a->head_dim > a->x->n || a->n_rot > a->head_dim || a->n_rot % 2 ||
-        (a->freq_factors && a->freq_factors->n < half))
-        return KRS_ERR_INVALID;
+    const struct backend_cpu *c = j->c;
+    const struct backend_rope_args *a = j->args;
+    const int half = a->n_rot / 2;
     const float *ff = a->freq_factors ? a->freq_factors->data : NULL;
-    /* base^(-2i/n_rot) once per call, not per token (the same values: pure function of i) */
-    double inv_tab[ROPE_TAB];
-    for (int i = 0; i < half && i < ROPE_TAB; i++)
-        inv_tab[i] = pow((double)a->base, -2.0 * i / a->n_rot);
-    for (int t = 0; t < T; t++) {
+    for (int t = t0; t < t1; t++) {
         for (int i = 0; i < half; i++) {
             /* theta = p * base^(-2i/n_rot) * freq_scale / ff[i], as ggml computes it */
-            double inv = i < ROPE_TAB ? inv_tab[i] : pow((double)a->base, -2.0 * i / a->n_rot);
+            double inv = i < ROPE_TAB ? j->inv_tab[i] : pow((double)a->base, -2.0 * i / a->n_rot);
             double theta = (double)c->step.pos[t] * inv * a->freq_scale;
             if (ff) theta /= ff[i];
             float cs = (float)cos(theta), sn = (float)sin(theta);
@@ -370,6 +413,22 @@ static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
             }
         }
     }
+}
+
+static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    const int T = c->step.n_tokens, half = a->n_rot / 2;
+    if ((int64_t)T * a->n_heads * a->head_dim > a->x->n || a->n_rot > a->head_dim || a->n_rot % 2 ||
+        (a->freq_factors && a->freq_factors->n < half))
+        return KRS_ERR_INVALID;
+    /* base^(-2i/n_rot) once per call, not per token (the same values: pure function of i) */
+    double inv_tab[ROPE_TAB];
+    for (int i = 0; i < half && i < ROPE_TAB; i++)
+        inv_tab[i] = pow((double)a->base, -2.0 * i / a->n_rot);
+    struct rows_job j = {.fn = rope_rows, .c = c, .args = a, .rows = T, .inv_tab = inv_tab};
+    /* sin and cos per (token, pair) dominate: weigh the call by them, not by its floats */
+    rows_run(c, &j, (int64_t)T * half * 16);
     return KRS_OK;
 }
 
