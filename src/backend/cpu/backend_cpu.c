@@ -477,10 +477,16 @@ static int cpu_kv_store(struct backend *b, int layer, const struct backend_tenso
  * key in ascending position): a token's output does not depend on the tile it landed in. */
 #define ATTN_QMAX 16
 
-/* Row of the K / V pool holding position p of step sequence seq (checked by cpu_attention). */
-static inline size_t key_row(const struct backend_cpu *c, int layer, int g, int seq, int64_t p)
+/* Keys p .. p + *run - 1 (*run stops at p_hi and at the end of p's KV block) of step sequence
+ * seq: the pool row of key p; the others follow it, kv_dim floats apart. One division per run,
+ * not per key (checked by cpu_attention). */
+static inline size_t key_run(const struct backend_cpu *c, int layer, int g, int seq, int64_t p,
+                             int64_t p_hi, int *run)
 {
-    return kv_row(c, layer, block_of(c, g, seq, p), (int)(p % c->kv.block_size));
+    int off = (int)(p % c->kv.block_size), n = c->kv.block_size - off;
+    if (p + n > p_hi + 1) n = (int)(p_hi + 1 - p);
+    *run = n;
+    return kv_row(c, layer, block_of(c, g, seq, p), off);
 }
 
 static void attn_unit(struct backend_cpu *c, const struct backend_attn_args *a, long unit,
@@ -508,25 +514,29 @@ static void attn_unit(struct backend_cpu *c, const struct backend_attn_args *a, 
     }
     /* positions ascend within a tile, so do the window starts: keys lo[0] .. hi[nq - 1] */
     const int64_t p_lo = lo[0], p_hi = hi[nq - 1];
-    for (int64_t p = p_lo; p <= p_hi; p++) {
-        const float *k = c->k[g] + key_row(c, a->layer, g, seq, p) + (size_t)kh * hd;
-        for (int i = 0; i < nq; i++) {
-            if (p < lo[i] || p > hi[i]) continue;
-            float s = c->vec.dot(qv[i], k, hd) * a->scale;
-            scores[(size_t)i * max_ctx + (size_t)(p - lo[i])] = s;
-            if (s > mx[i]) mx[i] = s;
-        }
+    const size_t dim = (size_t)c->kv.kv_dim;
+    int run;
+    for (int64_t p0 = p_lo; p0 <= p_hi; p0 += run) {
+        const float *k = c->k[g] + key_run(c, a->layer, g, seq, p0, p_hi, &run) + (size_t)kh * hd;
+        for (int64_t p = p0; p < p0 + run; p++, k += dim)
+            for (int i = 0; i < nq; i++) {
+                if (p < lo[i] || p > hi[i]) continue;
+                float s = c->vec.dot(qv[i], k, hd) * a->scale;
+                scores[(size_t)i * max_ctx + (size_t)(p - lo[i])] = s;
+                if (s > mx[i]) mx[i] = s;
+            }
     }
     for (int i = 0; i < nq; i++) {
         inv[i] = 1.0f / c->vec.exp_sum(scores + (size_t)i * max_ctx, hi[i] - lo[i] + 1, mx[i]);
         memset(ov[i], 0, (size_t)hd * sizeof(float));
     }
-    for (int64_t p = p_lo; p <= p_hi; p++) {
-        const float *v = c->v[g] + key_row(c, a->layer, g, seq, p) + (size_t)kh * hd;
-        for (int i = 0; i < nq; i++)
-            if (p >= lo[i] && p <= hi[i])
-                c->vec.axpy(ov[i], scores[(size_t)i * max_ctx + (size_t)(p - lo[i])] * inv[i], v,
-                            hd);
+    for (int64_t p0 = p_lo; p0 <= p_hi; p0 += run) {
+        const float *v = c->v[g] + key_run(c, a->layer, g, seq, p0, p_hi, &run) + (size_t)kh * hd;
+        for (int64_t p = p0; p < p0 + run; p++, v += dim)
+            for (int i = 0; i < nq; i++)
+                if (p >= lo[i] && p <= hi[i])
+                    c->vec.axpy(ov[i], scores[(size_t)i * max_ctx + (size_t)(p - lo[i])] * inv[i],
+                                v, hd);
     }
 }
 
