@@ -370,6 +370,7 @@ struct quant_ctx {
     int8_t *act_qs;
     float *act_d;
     float *act_ds16;
+    float *act_ds32;
     /* the job being run */
     const struct quant_matrix *w;
     const float *x;
@@ -463,12 +464,15 @@ int quant_ctx_create(struct pool *pool, int max_rows, int64_t max_n_in, enum qua
         int64_t stride = (max_n_in + QK - 1) / QK * QK, nb = stride / QK;
         c->act.stride = stride;
         c->act_qs = alloc_aligned(64, (size_t)((max_rows + 7) & ~7) * (size_t)stride);
-        /* + QK_PAD floats: the kernels read 8-block groups with plain loads and mask the
-         * lanes past a row's end (quant_simd.h, qs_load_mask) */
-        c->act_d = alloc_aligned(64, ((size_t)max_rows * (size_t)nb + QK_PAD) * sizeof(float));
+        /* d and ds32 rows are padded to whole 8-block groups (zeros, written by the activation
+         * quantizer); + QK_PAD floats of slack after each array */
+        int64_t nbp = (nb + 7) & ~(int64_t)7;
+        c->act.nbp = nbp;
+        c->act_d = alloc_aligned(64, ((size_t)max_rows * (size_t)nbp + QK_PAD) * sizeof(float));
+        c->act_ds32 = alloc_aligned(64, ((size_t)max_rows * (size_t)nbp + QK_PAD) * sizeof(float));
         c->act_ds16 =
             alloc_aligned(64, ((size_t)max_rows * (size_t)nb * 2 + QK_PAD) * sizeof(float));
-        if (!c->act_qs || !c->act_d || !c->act_ds16) {
+        if (!c->act_qs || !c->act_d || !c->act_ds16 || !c->act_ds32) {
             rc = KRS_ERR_NOMEM;
             goto out;
         }
@@ -488,6 +492,7 @@ void quant_ctx_free(struct quant_ctx *ctx)
     alloc_aligned_free(ctx->act_qs);
     alloc_aligned_free(ctx->act_d);
     alloc_aligned_free(ctx->act_ds16);
+    alloc_aligned_free(ctx->act_ds32);
     alloc_free(ctx);
 }
 
@@ -543,6 +548,7 @@ int quant_matmul(struct quant_ctx *ctx, const struct quant_matrix *w, const floa
         ctx->act.qs = ctx->act_qs;
         ctx->act.d = ctx->act_d;
         ctx->act.ds16 = ctx->act_ds16;
+        ctx->act.ds32 = ctx->act_ds32;
         ctx->act.nb = ctx->act.stride / QK;
         if (ctx->pool && (int64_t)T * w->n_in >= 65536)
             pool_run(ctx->pool, task_act, ctx);

@@ -5,7 +5,10 @@
  * holds int8 values qs in [-127, 127] with scale d = amax/127 (x ~= d * q), and d times the sums
  * of its two 16-element halves (for the offset/min terms of Q4_0/Q4_1/Q5_x/K-quants). The int8
  * blocks of rows 8k..8k+7 are interleaved block by block ([T/8][nb][8][32]: the rows a kernel
- * group reads together are adjacent); d and the half sums are [T][nb]. */
+ * group reads together are adjacent); the half sums are [T][2 * nb]; d and d times the sum of
+ * each whole block (computed once per matmul, not once per weight row) are [T][nbp], each row
+ * zero-padded to a multiple of 8 blocks so that the kernels read 8-block groups with plain
+ * loads. */
 #ifndef KRS_QUANT_IMPL_H
 #define KRS_QUANT_IMPL_H
 
@@ -20,10 +23,12 @@
 
 struct quant_act {
     int8_t *qs;     /* [T rounded up to 8 / 8][nb][8][32] (see above) */
-    float *d;       /* [T][nb] */
+    float *d;       /* [T][nbp] (zero past nb) */
     float *ds16;    /* [T][2 * nb] d * (sum of the int8 values) of each 16-element half */
+    float *ds32;    /* [T][nbp] the two half sums of each block added (zero past nb) */
     int64_t stride; /* elements per row (>= n_in, multiple of 32): nb = stride / 32 */
     int64_t nb;     /* 32-blocks per row */
+    int64_t nbp;    /* nb rounded up to a multiple of 8 */
 };
 
 /* Floats of per-thread scratch for inputs of up to n_in elements: a dequantized row (Q2_K/Q3_K)

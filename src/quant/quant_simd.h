@@ -56,9 +56,9 @@ QS_INLINE __m256i qs_nibbles16(const uint8_t *p)
  * offsets g * 32 from one pointer per block. */
 #define ACT_IDX(a, t, blk)    (((((int64_t)(t) >> 3) * (a)->nb + (blk)) * 8 + ((t)&7)) * QK)
 #define ACT_QG(a, t0, g, blk) ((const __m256i *)((a)->qs + ACT_IDX(a, t0, blk) + (g)*QK))
-#define ACT_D(a, t, blk)      ((a)->d[(int64_t)(t) * (a)->nb + (blk)])
+#define ACT_D(a, t, blk)      ((a)->d[(int64_t)(t) * (a)->nbp + (blk)])
+#define ACT_D32(a, t, blk)    ((a)->ds32 + (int64_t)(t) * (a)->nbp + (blk))
 #define ACT_S(a, t, blk)      ((a)->ds16 + ((int64_t)(t) * (a)->nb + (blk)) * 2)
-#define ACT_S32(a, t, blk)    (ACT_S(a, t, blk)[0] + ACT_S(a, t, blk)[1]) /* d * sum of block */
 
 /* ---- 32-element block types: one weight row (nb blocks) x G activation rows ----
  *
@@ -73,23 +73,6 @@ QS_INLINE __m256i qs_nibbles16(const uint8_t *p)
 QS_INLINE __m256i qs_iota8(void)
 {
     return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-}
-
-/* Lanes of m (all ones / zero) loaded from p, the others 0. A plain load and an AND: vmaskmovps
- * is slow on some cores (AMD Zen 2/3). The activation arrays are padded (quant.c) so the
- * masked-off lanes past the last row stay inside the allocation. */
-QS_INLINE __m256 qs_load_mask(const float *p, __m256i m)
-{
-    return _mm256_and_ps(_mm256_loadu_ps(p), _mm256_castsi256_ps(m));
-}
-
-/* d_x * (sum of each 32-block) for blocks b0..b0+7 of row t (lanes masked by mlo/mhi: the
- * masks of the 16 half-block sums). */
-QS_INLINE __m256 qs_act_ds8(const struct quant_act *a, int t, int64_t b0, __m256i mlo, __m256i mhi)
-{
-    const float *s = ACT_S(a, t, b0);
-    __m256 pairs = _mm256_hadd_ps(qs_load_mask(s, mlo), qs_load_mask(s + 8, mhi));
-    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
 }
 
 /* The fp16 at p + j * stride for j < k (0 for j >= k) as 8 floats. Built in a register: eight
@@ -179,17 +162,14 @@ QS_INLINE void qs_unpack_row32(const uint8_t *row, int64_t nb, const int kind, _
 }
 
 /* Per 8-block group of one (weight row, activation row) pair: S = d_w * d_x of the 8 blocks
- * (lanes >= k zero) and the offset / min term's update corr += c_w * (d_x * block sums). */
+ * and the offset / min term's update corr += c_w * (d_x * block sums). Lanes past the row's
+ * last block are zero in dwv / cwv and in the padded activation arrays. */
 QS_INLINE __m256 qs_scales32(__m256 dwv, __m256 cwv, const struct quant_act *a, int t, int64_t b0,
-                             int k, const int has_corr, float *S, __m256 corr)
+                             const int has_corr, float *S, __m256 corr)
 {
-    const __m256i iota = qs_iota8();
-    const __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32(k), iota);
-    _mm256_storeu_ps(S, _mm256_mul_ps(dwv, qs_load_mask(&ACT_D(a, t, b0), mk)));
+    _mm256_storeu_ps(S, _mm256_mul_ps(dwv, _mm256_loadu_ps(&ACT_D(a, t, b0))));
     if (!has_corr) return corr;
-    const __m256i mlo = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k), iota);
-    const __m256i mhi = _mm256_cmpgt_epi32(_mm256_set1_epi32(2 * k - 8), iota);
-    return _mm256_fmadd_ps(cwv, qs_act_ds8(a, t, b0, mlo, mhi), corr);
+    return _mm256_fmadd_ps(cwv, _mm256_loadu_ps(ACT_D32(a, t, b0)), corr);
 }
 
 /* value = d*q + m (Q4_1/Q5_1) or d*(q - 8|16) (Q4_0/Q5_0) or d*q (Q8_0): the factor of the
@@ -219,7 +199,7 @@ QS_INLINE void qs_row32(const uint8_t *row, int64_t nb, const struct quant_act *
         float S[QS_G][8];
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++)
-            corr[g] = qs_scales32(dwv, cwv, a, t0 + g, b0, k, has_corr, S[g], corr[g]);
+            corr[g] = qs_scales32(dwv, cwv, a, t0 + g, b0, has_corr, S[g], corr[g]);
         for (int j = 0; j < k; j++)
             qs_blk32(qs_unpack32(gr + j * bytes, kind), b0 + j, a, t0, G, kind, &S[0][j], 8, acc);
     }
@@ -266,12 +246,8 @@ QS_INLINE void qs_row_q45k(const uint8_t *row, int64_t nsb, const struct quant_a
         for (int g = 0; g < G; g++) {
             const float *da = &ACT_D(a, t0 + g, sb * 8);
             _mm256_storeu_ps(scale[g], _mm256_mul_ps(dsc, _mm256_loadu_ps(da)));
-            /* d_x * sum of each 32-block = pairwise sums of the 16 half-block values */
-            const float *s = ACT_S(a, t0 + g, sb * 8);
-            __m256 h0 = _mm256_loadu_ps(s), h1 = _mm256_loadu_ps(s + 8);
-            __m256 pairs = _mm256_hadd_ps(h0, h1); /* [0 1 4 5 | 2 3 6 7] */
-            pairs = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), 0xD8));
-            corr[g] = _mm256_fmadd_ps(dmn, pairs, corr[g]);
+            /* d_x * sum of each 32-block */
+            corr[g] = _mm256_fmadd_ps(dmn, _mm256_loadu_ps(ACT_D32(a, t0 + g, sb * 8)), corr[g]);
         }
         const uint8_t *qs = blk + (five ? 48 : 16);
         __m256i qh =
@@ -468,13 +444,12 @@ QS_INLINE void qs_group32(const __m256i *cu, const float *cd, const float *cm, f
 #pragma GCC unroll 8
         for (int g = 0; g < G; g++) corr[g] = acc[g] = _mm256_setzero_ps();
         for (int64_t b0 = 0; b0 < nb; b0 += 8) {
-            const int k = nb - b0 < 8 ? (int)(nb - b0) : 8;
             const __m256 dwv = _mm256_load_ps(cd + i * nbp + b0);
             const __m256 cwv = has_m ? _mm256_load_ps(cm + i * nbp + b0) : dwv;
 #pragma GCC unroll 8
             for (int g = 0; g < G; g++)
                 corr[g] =
-                    qs_scales32(dwv, cwv, act, t0 + g, b0, k, has_corr, cs + g * nbp + b0, corr[g]);
+                    qs_scales32(dwv, cwv, act, t0 + g, b0, has_corr, cs + g * nbp + b0, corr[g]);
         }
         float cc[QS_G];
         if (has_corr)
@@ -628,9 +603,13 @@ void QS_FN(quant_act)(const float *x, int64_t n_in, int t0, int t1, struct quant
             __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
             p = _mm256_permutevar8x32_epi32(p, perm);
             _mm256_storeu_si256((__m256i *)(act->qs + ACT_IDX(act, t, b)), p);
-            act->d[(int64_t)t * act->nb + b] = d;
-            act->ds16[((int64_t)t * act->nb + b) * 2] = d * (float)s0;
-            act->ds16[((int64_t)t * act->nb + b) * 2 + 1] = d * (float)s1;
+            const float h0 = d * (float)s0, h1 = d * (float)s1;
+            act->d[(int64_t)t * act->nbp + b] = d;
+            act->ds16[((int64_t)t * act->nb + b) * 2] = h0;
+            act->ds16[((int64_t)t * act->nb + b) * 2 + 1] = h1;
+            act->ds32[(int64_t)t * act->nbp + b] = h0 + h1;
         }
+        for (int64_t b = nb; b < ((nb + 7) & ~(int64_t)7); b++)
+            act->d[(int64_t)t * act->nbp + b] = act->ds32[(int64_t)t * act->nbp + b] = 0.0f;
     }
 }

@@ -29,7 +29,7 @@ struct backend_cpu {
     struct pool *pool;
     struct quant_ctx *qctx;
     struct backend_tensor *tensors;   /* every handle handed out, freed at destroy */
-    float *scores;                    /* [n_threads][max_ctx] attention scratch */
+    float *scores;                    /* [n_threads][ATTN_QMAX][max_ctx] attention scratch */
     uint64_t reserved;                /* bytes taken from the budget */
     uint64_t weights_bytes, kv_bytes; /* by use, for mem_info */
     /* arena */
@@ -44,9 +44,12 @@ struct backend_cpu {
     int max_table; /* entries reserved per group */
     int32_t *tokens, *pos, *seq, *logit_rows, *tables[BACKEND_KV_GROUPS];
     struct backend_step step;
-    /* the attention call in progress: (token, head) items claimed n_head at a time */
+    /* the attention call in progress: units (tile, KV head, head chunk) claimed one at a time */
     const struct backend_attn_args *attn;
     _Atomic long attn_next;
+    long attn_units;
+    int attn_hq, attn_hchunks; /* query heads per unit, units per KV head and tile */
+    int32_t *attn_tile;        /* [max_tokens + 1] first token of each tile, then T */
     /* the glu call in progress */
     float *glu_g;
     const float *glu_u;
@@ -66,6 +69,7 @@ static void cpu_destroy(struct backend *b)
     quant_ctx_free(c->qctx);
     pool_destroy(c->pool);
     alloc_aligned_free(c->scores);
+    alloc_free(c->attn_tile);
     alloc_aligned_free(c->arena);
     for (int g = 0; g < BACKEND_KV_GROUPS; g++) {
         alloc_aligned_free(c->k[g]);
@@ -267,19 +271,68 @@ static int cpu_matmul(struct backend *b, const struct backend_tensor *w,
     return quant_matmul(((struct backend_cpu *)b)->qctx, &w->w, x->data, rows, y->data);
 }
 
+/* Row-parallel host ops (RMSNorm, RoPE): rows [r0, r1) per thread, split over the pool once a
+ * call has ROWS_PARALLEL_MIN elements (a prefill chunk; a decode step's few rows stay on the
+ * calling thread, where waking the workers would cost more than the op). Each row's arithmetic
+ * is the same whichever thread runs it and however the rows are split. */
+#define ROWS_PARALLEL_MIN 16384
+
+struct rows_job {
+    void (*fn)(const struct rows_job *j, int r0, int r1);
+    struct backend_cpu *c;
+    const void *args;
+    int rows;
+    /* rmsnorm */
+    const float *x, *w;
+    float *y;
+    int n;
+    float eps;
+    /* rope: base^(-2i/n_rot) per pair */
+    const double *inv_tab;
+};
+
+static void rows_task(void *p, int ith, int nth)
+{
+    const struct rows_job *j = p;
+    long r0, r1;
+    pool_split(j->rows, ith, nth, &r0, &r1);
+    if (r1 > r0) j->fn(j, (int)r0, (int)r1);
+}
+
+static void rows_run(struct backend_cpu *c, struct rows_job *j, int64_t elems)
+{
+    if (elems >= ROWS_PARALLEL_MIN && j->rows > 1)
+        pool_run_n(c->pool, j->rows, rows_task, j);
+    else
+        j->fn(j, 0, j->rows);
+}
+
+static void rmsnorm_rows(const struct rows_job *j, int r0, int r1)
+{
+    const int n = j->n;
+    for (int r = r0; r < r1; r++) {
+        const float *xr = j->x + (size_t)r * n;
+        float *yr = j->y + (size_t)r * n;
+        double ss = 0.0;
+        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        float scale = 1.0f / sqrtf((float)(ss / n) + j->eps);
+        for (int i = 0; i < n; i++) yr[i] = xr[i] * scale * j->w[i];
+    }
+}
+
 static int cpu_rmsnorm(struct backend *b, const struct backend_tensor *x,
                        const struct backend_tensor *w, int rows, int n, float eps,
                        struct backend_tensor *y)
 {
     if ((int64_t)rows * n > x->n || (int64_t)rows * n > y->n || w->n < n) return KRS_ERR_INVALID;
-    for (int r = 0; r < rows; r++) {
-        const float *xr = x->data + (size_t)r * n;
-        float *yr = y->data + (size_t)r * n;
-        double ss = 0.0;
-        for (int i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
-        float scale = 1.0f / sqrtf((float)(ss / n) + eps);
-        for (int i = 0; i < n; i++) yr[i] = xr[i] * scale * w->data[i];
-    }
+    struct rows_job j = {.fn = rmsnorm_rows,
+                         .rows = rows,
+                         .x = x->data,
+                         .w = w->data,
+                         .y = y->data,
+                         .n = n,
+                         .eps = eps};
+    rows_run((struct backend_cpu *)b, &j, (int64_t)rows * n);
     return KRS_OK;
 }
 
@@ -338,22 +391,16 @@ static int cpu_glu(struct backend *b, struct backend_tensor *gate, const struct 
 
 #define ROPE_TAB 256 /* rotary pairs tabulated per call (head_dim <= 512) */
 
-static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
+static void rope_rows(const struct rows_job *j, int t0, int t1)
 {
-    struct backend_cpu *c = (struct backend_cpu *)b;
-    const int T = c->step.n_tokens, half = a->n_rot / 2;
-    if ((int64_t)T * a->n_heads * a->head_dim > a->x->n || a->n_rot > a->head_dim || a->n_rot % 2 ||
-        (a->freq_factors && a->freq_factors->n < half))
-        return KRS_ERR_INVALID;
+    const struct backend_cpu *c = j->c;
+    const struct backend_rope_args *a = j->args;
+    const int half = a->n_rot / 2;
     const float *ff = a->freq_factors ? a->freq_factors->data : NULL;
-    /* base^(-2i/n_rot) once per call, not per token (the same values: pure function of i) */
-    double inv_tab[ROPE_TAB];
-    for (int i = 0; i < half && i < ROPE_TAB; i++)
-        inv_tab[i] = pow((double)a->base, -2.0 * i / a->n_rot);
-    for (int t = 0; t < T; t++) {
+    for (int t = t0; t < t1; t++) {
         for (int i = 0; i < half; i++) {
             /* theta = p * base^(-2i/n_rot) * freq_scale / ff[i], as ggml computes it */
-            double inv = i < ROPE_TAB ? inv_tab[i] : pow((double)a->base, -2.0 * i / a->n_rot);
+            double inv = i < ROPE_TAB ? j->inv_tab[i] : pow((double)a->base, -2.0 * i / a->n_rot);
             double theta = (double)c->step.pos[t] * inv * a->freq_scale;
             if (ff) theta /= ff[i];
             float cs = (float)cos(theta), sn = (float)sin(theta);
@@ -366,6 +413,22 @@ static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
             }
         }
     }
+}
+
+static int cpu_rope(struct backend *b, const struct backend_rope_args *a)
+{
+    struct backend_cpu *c = (struct backend_cpu *)b;
+    const int T = c->step.n_tokens, half = a->n_rot / 2;
+    if ((int64_t)T * a->n_heads * a->head_dim > a->x->n || a->n_rot > a->head_dim || a->n_rot % 2 ||
+        (a->freq_factors && a->freq_factors->n < half))
+        return KRS_ERR_INVALID;
+    /* base^(-2i/n_rot) once per call, not per token (the same values: pure function of i) */
+    double inv_tab[ROPE_TAB];
+    for (int i = 0; i < half && i < ROPE_TAB; i++)
+        inv_tab[i] = pow((double)a->base, -2.0 * i / a->n_rot);
+    struct rows_job j = {.fn = rope_rows, .c = c, .args = a, .rows = T, .inv_tab = inv_tab};
+    /* sin and cos per (token, pair) dominate: weigh the call by them, not by its floats */
+    rows_run(c, &j, (int64_t)T * half * 16);
     return KRS_OK;
 }
 
@@ -405,60 +468,91 @@ static int cpu_kv_store(struct backend *b, int layer, const struct backend_tenso
     return KRS_OK;
 }
 
-/* One (token, head) item: scores over the token's window, softmax, weighted sum of V. */
-static void attn_item(struct backend_cpu *c, const struct backend_attn_args *a, long task,
+/* Attention runs in units of (tile of consecutive tokens of one sequence, KV head, chunk of the
+ * query heads that share it): up to ATTN_QMAX queries that read the same K and V rows. Each K
+ * row is loaded once per unit and dotted with every query whose window holds it, then each V row
+ * is added into every such query's output, so a 512-token prompt streams K and V through the
+ * cache once per tile instead of once per (token, head). Per query the operations and their
+ * order are the ones of a query alone (dot per key in ascending position, max, exp_sum, axpy per
+ * key in ascending position): a token's output does not depend on the tile it landed in. */
+#define ATTN_QMAX 16
+
+/* Keys p .. p + *run - 1 (*run stops at p_hi and at the end of p's KV block) of step sequence
+ * seq: the pool row of key p; the others follow it, kv_dim floats apart. One division per run,
+ * not per key (checked by cpu_attention). */
+static inline size_t key_run(const struct backend_cpu *c, int layer, int g, int seq, int64_t p,
+                             int64_t p_hi, int *run)
+{
+    int off = (int)(p % c->kv.block_size), n = c->kv.block_size - off;
+    if (p + n > p_hi + 1) n = (int)(p_hi + 1 - p);
+    *run = n;
+    return kv_row(c, layer, block_of(c, g, seq, p), off);
+}
+
+static void attn_unit(struct backend_cpu *c, const struct backend_attn_args *a, long unit,
                       float *scores)
 {
-    const int hd = a->head_dim, group = a->n_head / a->n_head_kv, bs = c->kv.block_size;
-    const int g = c->layer_group[a->layer];
-    const float *kbase = c->k[g], *vbase = c->v[g];
-    const size_t dim = (size_t)c->kv.kv_dim;
-    int t = (int)(task / a->n_head), h = (int)(task % a->n_head), kh = h / group;
-    const float *q = a->q->data + ((size_t)t * a->n_head + h) * hd;
-    float *out = a->out->data + ((size_t)t * a->n_head + h) * hd;
-    int64_t p_end = c->step.pos[t], lo = 0;
-    if (a->n_swa > 0 && p_end - a->n_swa + 1 > 0) lo = p_end - a->n_swa + 1;
-    int seq = c->step.seq[t];
-    float mx = -INFINITY;
-    for (int64_t p0 = lo; p0 <= p_end;) {
-        int off = (int)(p0 % bs), run = bs - off;
-        if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
-        const float *k = kbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
-        for (int j = 0; j < run; j++) {
-            float s = c->vec.dot(q, k + (size_t)j * dim + (size_t)kh * hd, hd) * a->scale;
-            scores[p0 - lo + j] = s;
-            if (s > mx) mx = s;
-        }
-        p0 += run;
+    const int hd = a->head_dim, group = a->n_head / a->n_head_kv;
+    const int g = c->layer_group[a->layer], nhc = c->attn_hchunks, hq = c->attn_hq;
+    const size_t max_ctx = (size_t)c->p.max_ctx;
+    const long per_tile = (long)a->n_head_kv * nhc;
+    const int tile = (int)(unit / per_tile), kh = (int)(unit % per_tile / nhc);
+    const int h0 = kh * group + (int)(unit % nhc) * hq;
+    const int h1 = h0 + hq < (kh + 1) * group ? h0 + hq : (kh + 1) * group, nh = h1 - h0;
+    const int t0 = c->attn_tile[tile], t1 = c->attn_tile[tile + 1], nq = (t1 - t0) * nh;
+    const int seq = c->step.seq[t0];
+    const float *qv[ATTN_QMAX];
+    float *ov[ATTN_QMAX], mx[ATTN_QMAX], inv[ATTN_QMAX];
+    int64_t lo[ATTN_QMAX] = {0}, hi[ATTN_QMAX] = {0};
+    for (int i = 0; i < nq; i++) {
+        int t = t0 + i / nh, h = h0 + i % nh;
+        qv[i] = a->q->data + ((size_t)t * a->n_head + h) * hd;
+        ov[i] = a->out->data + ((size_t)t * a->n_head + h) * hd;
+        hi[i] = c->step.pos[t];
+        lo[i] = a->n_swa > 0 && hi[i] - a->n_swa + 1 > 0 ? hi[i] - a->n_swa + 1 : 0;
+        mx[i] = -INFINITY;
     }
-    int64_t n = p_end - lo + 1;
-    float inv = 1.0f / c->vec.exp_sum(scores, n, mx);
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int64_t p0 = lo; p0 <= p_end;) {
-        int off = (int)(p0 % bs), run = bs - off;
-        if (p0 + run > p_end + 1) run = (int)(p_end + 1 - p0);
-        const float *v = vbase + kv_row(c, a->layer, block_of(c, g, seq, p0), off);
-        for (int j = 0; j < run; j++)
-            c->vec.axpy(out, scores[p0 - lo + j] * inv, v + (size_t)j * dim + (size_t)kh * hd, hd);
-        p0 += run;
+    /* positions ascend within a tile, so do the window starts: keys lo[0] .. hi[nq - 1] */
+    const int64_t p_lo = lo[0], p_hi = hi[nq - 1];
+    const size_t dim = (size_t)c->kv.kv_dim;
+    int run;
+    for (int64_t p0 = p_lo; p0 <= p_hi; p0 += run) {
+        const float *k = c->k[g] + key_run(c, a->layer, g, seq, p0, p_hi, &run) + (size_t)kh * hd;
+        for (int64_t p = p0; p < p0 + run; p++, k += dim)
+            for (int i = 0; i < nq; i++) {
+                if (p < lo[i] || p > hi[i]) continue;
+                float s = c->vec.dot(qv[i], k, hd) * a->scale;
+                scores[(size_t)i * max_ctx + (size_t)(p - lo[i])] = s;
+                if (s > mx[i]) mx[i] = s;
+            }
+    }
+    for (int i = 0; i < nq; i++) {
+        inv[i] = 1.0f / c->vec.exp_sum(scores + (size_t)i * max_ctx, hi[i] - lo[i] + 1, mx[i]);
+        memset(ov[i], 0, (size_t)hd * sizeof(float));
+    }
+    for (int64_t p0 = p_lo; p0 <= p_hi; p0 += run) {
+        const float *v = c->v[g] + key_run(c, a->layer, g, seq, p0, p_hi, &run) + (size_t)kh * hd;
+        for (int64_t p = p0; p < p0 + run; p++, v += dim)
+            for (int i = 0; i < nq; i++)
+                if (p >= lo[i] && p <= hi[i])
+                    c->vec.axpy(ov[i], scores[(size_t)i * max_ctx + (size_t)(p - lo[i])] * inv[i],
+                                v, hd);
     }
 }
 
-/* Items are claimed a token (n_head items) at a time from a shared counter: in a prefill chunk
- * the later tokens see longer windows, so a static split would leave one thread the long ones
- * and the others idle at the end. */
+/* Units are claimed one at a time from a shared counter, last tile first: in a prefill chunk
+ * the later tokens see longer windows, so the long units start early and the short ones fill
+ * the gaps at the end (a static split would leave one thread the long ones). */
 static void attn_task(void *p, int ith, int nth)
 {
     struct backend_cpu *c = p;
     const struct backend_attn_args *a = c->attn;
-    float *scores = c->scores + (size_t)ith * (size_t)c->p.max_ctx;
-    const long n_items = (long)c->step.n_tokens * a->n_head;
+    float *scores = c->scores + (size_t)ith * ATTN_QMAX * (size_t)c->p.max_ctx;
     (void)nth;
     for (;;) {
-        long i0 = atomic_fetch_add_explicit(&c->attn_next, a->n_head, memory_order_relaxed);
-        if (i0 >= n_items) break;
-        long i1 = i0 + a->n_head < n_items ? i0 + a->n_head : n_items;
-        for (long task = i0; task < i1; task++) attn_item(c, a, task, scores);
+        long u = atomic_fetch_add_explicit(&c->attn_next, 1, memory_order_relaxed);
+        if (u >= c->attn_units) break;
+        attn_unit(c, a, c->attn_units - 1 - u, scores);
     }
 }
 
@@ -481,10 +575,21 @@ static int cpu_attention(struct backend *b, const struct backend_attn_args *a)
             if (pb < 0 || pb >= c->kv.n_blocks[g]) return KRS_ERR_INVALID;
         }
     }
+    /* tiles: runs of consecutive positions of one sequence, at most ATTN_QMAX / hq tokens */
+    const int group = a->n_head / a->n_head_kv;
+    c->attn_hq = group < ATTN_QMAX ? group : ATTN_QMAX;
+    c->attn_hchunks = (group + c->attn_hq - 1) / c->attn_hq;
+    const int tq = ATTN_QMAX / c->attn_hq;
+    int n_tiles = 0;
+    for (int t = 0; t < T; t++)
+        if (t == 0 || c->step.seq[t] != c->step.seq[t - 1] ||
+            c->step.pos[t] != c->step.pos[t - 1] + 1 || t - c->attn_tile[n_tiles - 1] == tq)
+            c->attn_tile[n_tiles++] = t;
+    c->attn_tile[n_tiles] = T;
+    c->attn_units = (long)n_tiles * a->n_head_kv * c->attn_hchunks;
     c->attn = a;
     atomic_store_explicit(&c->attn_next, 0, memory_order_relaxed);
-    /* tokens are the units of work: no more threads than tokens. */
-    pool_run_n(c->pool, T, attn_task, c);
+    pool_run_n(c->pool, c->attn_units < INT32_MAX ? (int)c->attn_units : INT32_MAX, attn_task, c);
     c->attn = NULL;
     return KRS_OK;
 }
@@ -538,13 +643,16 @@ int backend_cpu_create(const struct backend_params *p, struct backend **out)
     rc = quant_ctx_create(c->pool, p->max_tokens, p->max_n_in, QUANT_ISA_AUTO, &c->qctx);
     if (rc) goto fail;
     rc = KRS_ERR_NOMEM;
-    c->scores = alloc_aligned(64, (size_t)pool_size(c->pool) * (size_t)p->max_ctx * sizeof(float));
+    c->scores = alloc_aligned(64, (size_t)pool_size(c->pool) * ATTN_QMAX * (size_t)p->max_ctx *
+                                      sizeof(float));
     size_t T = (size_t)p->max_tokens;
+    c->attn_tile = alloc_calloc(T + 1, sizeof(int32_t));
     c->tokens = alloc_calloc(T, sizeof(int32_t));
     c->pos = alloc_calloc(T, sizeof(int32_t));
     c->seq = alloc_calloc(T, sizeof(int32_t));
     c->logit_rows = alloc_calloc(T, sizeof(int32_t));
-    if (!c->scores || !c->tokens || !c->pos || !c->seq || !c->logit_rows) goto fail;
+    if (!c->scores || !c->attn_tile || !c->tokens || !c->pos || !c->seq || !c->logit_rows)
+        goto fail;
     *out = &c->base;
     return KRS_OK;
 fail:
