@@ -38,6 +38,11 @@ int server_start(const struct krs_config *cfg, struct engine_registry *reg, stru
 void server_begin_drain(struct server *s);
 /* Generation requests (HTTP and JSON-RPC) still in progress. */
 int server_inflight(struct server *s);
+/* Ends the drain once server_inflight is 0 (or its deadline passed): stops accepting
+ * connections, then waits up to timeout_ms for every HTTP request already received (a 503 to a
+ * request that raced with the drain, a probe) to be answered in full, so that server_stop never
+ * cuts a request it had accepted. */
+void server_finish_drain(struct server *s, int64_t timeout_ms);
 /* Ends every running request (sched_cancel_all with `reason`). */
 void server_cancel_all(struct server *s, const char *reason);
 /* Applies run-time-safe settings of a re-read configuration (log level, scheduler mode and

@@ -585,15 +585,23 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     struct MHD_Connection *mc = c->mc;
     struct server_limits_rt rt;
     server_rt_get(s, &rt);
-    if (atomic_load(&s->draining))
-        return server_send_errorf(mc, 503, "server_error", "service_unavailable", NULL,
-                                  "the server is shutting down");
     struct server_error err;
     struct server_limits lim = {.max_tokens_limit = rt.max_tokens_limit};
     struct server_gen *g = alloc_calloc(1, sizeof *g);
     if (!g) return MHD_NO;
     g->srv = s;
     g->slot = -1;
+    /* Counted in flight before the drain flag is read (both seq_cst): a drain that starts
+     * concurrently either sees this request and waits for it, or this request sees the drain
+     * and answers 503 — never neither (the flaky test_sigterm_drains_inflight). The count is
+     * given back by gen_free on every path. */
+    atomic_fetch_add(&s->inflight, 1);
+    g->counted = 1;
+    if (atomic_load(&s->draining)) {
+        gen_free(g);
+        return server_send_errorf(mc, 503, "server_error", "service_unavailable", NULL,
+                                  "the server is shutting down");
+    }
     int32_t *ids = NULL;
     int n_ids = 0;
     enum MHD_Result ret;
@@ -674,12 +682,6 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
         snprintf(err.message, sizeof err.message, "too many requests in progress");
         goto fail_err;
     }
-    /* Counted in flight before the scheduler can see it: a drain that starts between the
-     * submit and the count would find nothing in flight and stop the server under a request
-     * the scheduler had accepted (the flaky test_sigterm_drains_inflight: its stream cut with
-     * no response). A request the draining scheduler refuses is uncounted below. */
-    atomic_fetch_add(&s->inflight, 1);
-    g->counted = 1;
     int rc = KRS_OK;
     for (int i = 0; i < g->req.n && !rc; i++) {
         /* Each choice its own sampler: with a seed, seed + i (reproducible and distinct). */
@@ -689,8 +691,6 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     }
     if (rc) {
         /* Choices already submitted are cancelled when gen_free releases their streams. */
-        atomic_fetch_sub(&s->inflight, 1);
-        g->counted = 0;
         if (rc == KRS_ERR_FULL) {
             err.status = 429;
             err.type = "rate_limit_error";

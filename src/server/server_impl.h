@@ -48,7 +48,8 @@ struct server {
     struct engine_registry *reg;
     struct MHD_Daemon *d_main, *d_mon;
     atomic_int draining;
-    atomic_int inflight;
+    atomic_int inflight; /* generations (HTTP and JSON-RPC) counted before they can be refused */
+    atomic_int active;   /* HTTP requests between their first handler call and completion */
     atomic_ullong next_id;
     uint64_t started_unix;
     struct server_slot *slots;

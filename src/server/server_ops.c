@@ -699,11 +699,18 @@ void server_rpc_free(struct server *s)
 enum MHD_Result server_ops_rpc(struct server_conn *c)
 {
     struct server *s = c->srv;
-    if (atomic_load(&s->draining))
+    /* Counted before the drain flag is read, as in server_gen_start. */
+    atomic_fetch_add(&s->inflight, 1);
+    if (atomic_load(&s->draining)) {
+        atomic_fetch_sub(&s->inflight, 1);
         return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
                                   "the server is shutting down");
+    }
     struct server_rpc_job *j = alloc_calloc(1, sizeof *j);
-    if (!j) return MHD_NO;
+    if (!j) {
+        atomic_fetch_sub(&s->inflight, 1);
+        return MHD_NO;
+    }
     j->srv = s;
     j->refs = 2;
     pthread_mutex_init(&j->lock, NULL);
@@ -711,6 +718,7 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     uint32_t gen;
     j->slot = j->body ? server_slot_alloc(s, c, &gen) : -1;
     if (j->slot < 0) {
+        atomic_fetch_sub(&s->inflight, 1);
         j->refs = 1;
         job_unref(j);
         return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
@@ -719,8 +727,7 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     memcpy(j->body, c->body, c->body_len);
     j->body[c->body_len] = '\0';
     j->body_len = c->body_len;
-    c->rpc = j;
-    atomic_fetch_add(&s->inflight, 1);
+    c->rpc = j; /* its count in flight is given back by the worker (rpc_worker) */
     pthread_t th;
     pthread_attr_t attr;
     pthread_attr_init(&attr);
