@@ -153,7 +153,7 @@ char *server_utf8_sanitize(const char *str, size_t n)
                      : (c >= 0xE0 && c <= 0xEF) ? 3
                      : (c >= 0xF0 && c <= 0xF4) ? 4
                                                 : 0;
-        if (c != 0 && len && i + len <= n && server_utf8_valid(str + i, len)) {
+        if (c != 0 && len && i + len <= n && utf8_valid(str + i, len)) {
             memcpy(out + o, str + i, len);
             o += len, i += len;
         } else {
@@ -163,14 +163,6 @@ char *server_utf8_sanitize(const char *str, size_t n)
     }
     out[o] = '\0';
     return out;
-}
-
-int server_engine_ctx(struct server *s, const struct engine *e)
-{
-    int ctx = s->cfg.model.context_length ? s->cfg.model.context_length
-                                          : model_hparams(e->model)->n_ctx_train;
-    if (ctx <= 0 || ctx > s->cfg.model.kv_cache_tokens) ctx = s->cfg.model.kv_cache_tokens;
-    return ctx;
 }
 
 /* ---- routing ------------------------------------------------------------------------------- */

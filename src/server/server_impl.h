@@ -101,8 +101,6 @@ void server_slot_free(struct server *s, int idx);
 int server_peer_closed(struct MHD_Connection *mc);
 /* Replaces invalid UTF-8 and NUL bytes with U+FFFD; returns an alloc'd NUL-terminated copy. */
 char *server_utf8_sanitize(const char *s, size_t n);
-/* The context length requests on e are checked against. */
-int server_engine_ctx(struct server *s, const struct engine *e);
 
 /* ---- server_gen.c ---- */
 /* Handles POST /v1/completions and /v1/chat/completions once the body is complete. */

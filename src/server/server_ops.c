@@ -46,7 +46,7 @@ static int opt_string(struct server_conn *c, cJSON *j, const char *key, const ch
     cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
     *out = NULL;
     if (!v || cJSON_IsNull(v)) return 0;
-    if (!cJSON_IsString(v) || !server_utf8_valid(v->valuestring, strlen(v->valuestring))) {
+    if (!cJSON_IsString(v) || !utf8_valid(v->valuestring, strlen(v->valuestring))) {
         char msg[96];
         snprintf(msg, sizeof msg, "'%s' must be a UTF-8 string", key);
         *ret = bad_request(c->mc, key, msg);
@@ -384,7 +384,7 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
         /* Reuse the chat parser for the messages array. */
         struct server_error err;
         char *body = cJSON_PrintUnformatted(j);
-        int rc = body ? server_parse_gen(body, strlen(body), SERVER_API_CHAT, NULL, &req, &err)
+        int rc = body ? server_parse_gen(body, strlen(body), SERVER_API_CHAT, &req, &err)
                       : KRS_ERR_NOMEM;
         cJSON_free(body);
         if (rc) {
