@@ -270,7 +270,7 @@ def test_sigterm_drains_inflight():
         assert st == 503 and json.loads(b)["reason"] == "draining"
         st, h, b = s.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
         assert st == 503 and json.loads(b)["error"]["code"] == "service_unavailable"
-        t.join(timeout=60)
+        t.join(timeout=600)
         st, _, body = result["r"]
         assert st == 200
         events = [ln[6:] for ln in body.decode().split("\n\n") if ln.startswith("data: ")]
