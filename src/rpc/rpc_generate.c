@@ -98,7 +98,6 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
     }
     if (cJSON_IsArray(prompt)) {
         int cnt = cJSON_GetArraySize(prompt);
-        uint32_t n_vocab = tokenizer_n_vocab(e->tok);
         *ids = alloc_malloc((size_t)(cnt ? cnt : 1) * sizeof **ids);
         if (!*ids) {
             snprintf(msg, ml, "out of memory");
@@ -108,10 +107,10 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
         const cJSON *t;
         cJSON_ArrayForEach(t, prompt)
         {
+            /* The vocabulary is the request builder's check (same words as over HTTP). */
             if (!cJSON_IsNumber(t) || t->valuedouble != floor(t->valuedouble) ||
-                t->valuedouble < 0 || t->valuedouble >= n_vocab) {
-                snprintf(msg, ml, "invalid params: 'prompt' token ids must be integers in [0, %u)",
-                         n_vocab);
+                t->valuedouble < 0 || t->valuedouble > INT32_MAX) {
+                snprintf(msg, ml, "invalid params: 'prompt' token ids must be integers >= 0");
                 return RPC_INVALID_PARAMS;
             }
             (*ids)[i++] = (int32_t)t->valuedouble;

@@ -106,6 +106,11 @@ def test_context_limit_is_one_and_the_same(srv):
     assert st == 200 and b["usage"]["completion_tokens"] == CTX - 40, b
     r = rpc(srv, fit)
     assert r["result"]["usage"]["completion_tokens"] == CTX - 40, r
+    # a token id outside the vocabulary
+    st, b = http(srv, {"prompt": [1, 999999999]})
+    assert st == 400 and b["error"]["param"] == "prompt", b
+    r = rpc(srv, {"prompt": [1, 999999999]})
+    assert r["error"]["message"] == "invalid params: " + b["error"]["message"]
     # a prompt that fills the context
     full = {"prompt": list(range(10, 10 + CTX))}
     st, b = http(srv, full)
