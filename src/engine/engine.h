@@ -26,17 +26,8 @@ struct metrics;
 #define ENGINE_NAME_MAX   256
 #define ENGINE_MAX_MODELS 8
 
-struct engine {
-    char name[ENGINE_NAME_MAX]; /* the model id clients use */
-    char path[4096];
-    struct model *model;
-    struct tokenizer *tok;
-    struct metrics *metrics;
-    struct sched *sched;
-    uint64_t created_unix; /* seconds, for /v1/models */
-    int refs;              /* guarded by the registry lock */
-    struct engine_registry *reg;
-};
+/* One served model (opaque to the front ends; engine_impl.h). */
+struct engine;
 
 struct engine_registry;
 
@@ -71,6 +62,14 @@ int engine_registry_loading(struct engine_registry *r);
  * end that listens before it loads holds it around the load, so that a probe in between never
  * sees "no model loaded". */
 void engine_registry_hold_loading(struct engine_registry *r, int delta);
+/* An engine's parts, valid while the caller holds its reference. */
+const char *engine_name(const struct engine *e);      /* the model id clients use */
+uint64_t engine_created_unix(const struct engine *e); /* load time, seconds */
+struct sched *engine_sched(const struct engine *e);   /* its scheduler */
+const struct tokenizer *engine_tokenizer(const struct engine *e);
+const struct model *engine_model(const struct engine *e);
+struct metrics *engine_metrics(const struct engine *e); /* its collector */
+
 /* The configuration the registry was created with. */
 const struct krs_config *engine_registry_config(const struct engine_registry *r);
 

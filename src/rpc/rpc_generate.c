@@ -89,7 +89,8 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
         return RPC_INVALID_PARAMS;
     }
     if (cJSON_IsString(prompt)) {
-        rc = encode_alloc(e->tok, prompt->valuestring, strlen(prompt->valuestring), 1, 0, ids, n);
+        rc = encode_alloc(engine_tokenizer(e), prompt->valuestring, strlen(prompt->valuestring), 1,
+                          0, ids, n);
         if (rc) {
             snprintf(msg, ml, "tokenizer error: %s", krs_status_str(rc));
             return RPC_TOKENIZER_ERROR;
@@ -157,8 +158,8 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
     }
     char *text = NULL, err[256] = "";
     size_t tlen = 0;
-    rc = chat_apply(e->tok, tmpl ? tmpl->valuestring : NULL, msgs, (size_t)cnt, 1, &text, &tlen,
-                    err, sizeof err);
+    rc = chat_apply(engine_tokenizer(e), tmpl ? tmpl->valuestring : NULL, msgs, (size_t)cnt, 1,
+                    &text, &tlen, err, sizeof err);
     if (rc) {
         snprintf(msg, ml, "%s: %s", rc == KRS_ERR_INVALID ? "invalid params" : "chat template",
                  *err ? err : krs_status_str(rc));
@@ -166,7 +167,7 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
         goto out;
     }
     /* The rendered text carries the template's own BOS: no BOS added, specials parsed. */
-    rc = encode_alloc(e->tok, text, tlen, 0, 1, ids, n);
+    rc = encode_alloc(engine_tokenizer(e), text, tlen, 0, 1, ids, n);
     alloc_free(text);
     if (rc) {
         snprintf(msg, ml, "tokenizer error: %s", krs_status_str(rc));
@@ -246,7 +247,7 @@ int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJS
     if ((code = parse_prompt(e, p, prompt_out, &n, msg, ml))) goto fail;
     /* Documented default: 256 tokens (capped by maxTokensLimit and the room in the context). */
     struct engine_limits lim;
-    engine_limits_of(e->sched, e->tok, cfg, &lim);
+    engine_limits_of(engine_sched(e), engine_tokenizer(e), cfg, &lim);
     lim.default_max_tokens = DEFAULT_MAX_TOKENS;
     if (engine_gen_build(gen, &lim, *prompt_out, (int)n,
                          p && cJSON_GetObjectItemCaseSensitive(p, "messages") ? "messages"
@@ -314,20 +315,21 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
     g->logprobs = o.logprobs;
     g->top_logprobs = o.top_logprobs;
 
-    rc = sched_submit(e->sched, &req, &st, &id);
+    rc = sched_submit(engine_sched(e), &req, &st, &id);
     if (rc) {
         if (rc == KRS_ERR_FULL)
             rpc_part_error(part, RPC_GENERATION_ERROR,
                            "server overloaded: the request queue is full, retry later");
         else if (rc == KRS_ERR_STATE)
             rpc_part_error(part, RPC_GENERATION_ERROR,
-                           "model '%s' is not accepting requests (unloading or draining)", e->name);
+                           "model '%s' is not accepting requests (unloading or draining)",
+                           engine_name(e));
         else if (rc == KRS_ERR_INVALID)
             rpc_part_error(part, RPC_INVALID_PARAMS,
                            "invalid params: the scheduler refused the request (prompt + "
                            "max_tokens beyond its context of %d tokens, or a parameter out of "
                            "range)",
-                           sched_max_ctx(e->sched));
+                           sched_max_ctx(engine_sched(e)));
         else
             rpc_part_error(part, RPC_GENERATION_ERROR, "generation error: %s", krs_status_str(rc));
         goto out;

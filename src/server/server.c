@@ -535,7 +535,7 @@ void server_begin_drain(struct server *s)
     for (int i = 0; i < n; i++) {
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue;
-        sched_drain(e->sched);
+        sched_drain(engine_sched(e));
         engine_release(e);
     }
 }
@@ -571,7 +571,7 @@ void server_cancel_all(struct server *s, const char *reason)
     for (int i = 0; i < n; i++) {
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue;
-        sched_cancel_all(e->sched, reason);
+        sched_cancel_all(engine_sched(e), reason);
         engine_release(e);
     }
 }
@@ -591,7 +591,7 @@ void server_reload(struct server *s, const struct krs_config *cfg)
     for (int i = 0; i < n; i++) {
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue;
-        sched_set_mode(e->sched, sm, cfg->performance.gpu_scheduler.batch_size);
+        sched_set_mode(engine_sched(e), sm, cfg->performance.gpu_scheduler.batch_size);
         engine_release(e);
     }
     KRS_LOG_INFOF("reload: log level %s, scheduler %s (batch %d), limits applied",

@@ -124,7 +124,7 @@ static cJSON *chat_lp_item(const struct tokenizer *tok, int32_t id, float logpro
 /* Adds the logprobs of one sampled token to `lp` (chat: content array; completions: object). */
 static void lp_add(struct server_gen *g, cJSON *lp, const struct sched_event *ev, size_t offset)
 {
-    const struct tokenizer *tok = g->eng->tok;
+    const struct tokenizer *tok = engine_tokenizer(g->eng);
     if (g->req.api == SERVER_API_CHAT) {
         cJSON *item = chat_lp_item(tok, ev->token, ev->logprob);
         cJSON *top = cJSON_AddArrayToObject(item, "top_logprobs");
@@ -194,7 +194,7 @@ static cJSON *envelope(const struct server_gen *g, const char *object)
     cJSON_AddStringToObject(o, "id", g->id);
     cJSON_AddStringToObject(o, "object", object);
     cJSON_AddNumberToObject(o, "created", (double)g->created);
-    cJSON_AddStringToObject(o, "model", g->eng->name);
+    cJSON_AddStringToObject(o, "model", engine_name(g->eng));
     cJSON_AddStringToObject(o, "system_fingerprint", "kr-serve");
     return o;
 }
@@ -536,7 +536,7 @@ static int encode(const struct tokenizer *tok, const char *text, size_t len, int
 static int build_prompt(struct engine *e, const struct server_gen_request *r, int32_t **ids, int *n,
                         struct server_error *err)
 {
-    const struct tokenizer *tok = e->tok;
+    const struct tokenizer *tok = engine_tokenizer(e);
     int rc;
     err->status = 400;
     err->type = "invalid_request_error";
@@ -620,7 +620,7 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     /* The engine's request builder: one context limit, the server's limits, the documented
      * defaults (completions 16 tokens, chat the rest of the context). */
     struct engine_limits lim;
-    engine_limits_of(g->eng->sched, g->eng->tok, NULL, &lim);
+    engine_limits_of(engine_sched(g->eng), engine_tokenizer(g->eng), NULL, &lim);
     lim.max_prompt_tokens = rt.max_prompt_tokens;
     lim.max_tokens_limit = rt.max_tokens_limit;
     lim.timeout_ms = rt.request_timeout_ms;
@@ -647,7 +647,7 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     for (int i = 0; i < g->req.n && !rc; i++) {
         /* Each choice its own sampler: with a seed, seed + i (reproducible and distinct). */
         if (g->req.gen.has_seed) sr.sampling.seed = g->req.gen.sampling.seed + (uint64_t)i;
-        rc = sched_submit(g->eng->sched, &sr, &g->ch[i].st, &g->ch[i].req_id);
+        rc = sched_submit(engine_sched(g->eng), &sr, &g->ch[i].st, &g->ch[i].req_id);
         if (!rc) g->n_choices++;
     }
     if (rc) {
