@@ -110,7 +110,8 @@ def markdown(res):
     if hf:
         L += ["## Hugging Face transformers generate(), Llama-3.2-1B shape, float16", "",
               f"transformers {hf['transformers']}, torch {hf['torch']}, greedy, "
-              f"{hf['prompt_tokens']}-token prompts, {hf['new_tokens']} new tokens.", "",
+              f"{hf['prompt_tokens']}-token prompts, {hf['new_tokens']} new tokens."
+              + (f" {hf['note']}" if hf.get("note") else ""), "",
               "| batch | transformers tok/s | kr-serve decode tok/s | ratio |", "|---|---|---|---|"]
         for b, v in hf["tok_s"].items():
             k = (kr1b.get("decode") or {}).get(b)

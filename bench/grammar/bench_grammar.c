@@ -33,6 +33,7 @@ static int cmp_u64(const void *a, const void *b)
 
 struct result {
     uint64_t n, hits, states, flushes;
+    uint64_t digest; /* FNV-1a over every mask word of every step: equal digests, equal masks */
     uint64_t *mask_ns, *accept_ns;
 };
 
@@ -48,8 +49,16 @@ static void run(const struct grammar_vocab *v, struct grammar *g, int walks, int
             const uint32_t *mask;
             int32_t n = 0, k = 0, eog = -1;
             uint64_t t0 = clock_now_ns();
-            if (grammar_matcher_mask(m, &mask, &n) || n == 0) exit(1);
+            int rc = grammar_matcher_mask(m, &mask, &n);
+            if (rc || n == 0) {
+                fprintf(stderr, "walk %d step %d: mask rc %d, %d allowed\n", w, step, rc, n);
+                exit(1);
+            }
             uint64_t t1 = clock_now_ns();
+            for (int32_t w = 0; w < v->n_words; w++) {
+                res->digest ^= mask[w];
+                res->digest *= 0x100000001B3ull;
+            }
             for (int32_t t = 0; t < n_vocab; t++)
                 if (mask[t >> 5] >> (t & 31) & 1) {
                     allowed[k++] = t;
@@ -124,6 +133,11 @@ int main(int argc, char **argv)
          "\"properties\":{\"id\":{\"type\":\"integer\"},\"title\":{\"type\":\"string\","
          "\"maxLength\":30}},\"required\":[\"id\",\"title\"]}}",
          200},
+        {"json_schema: serve_grammar.py's (24 strings, maxLength 40)",
+         "{\"type\":\"object\",\"properties\":{\"items\":{\"type\":\"array\",\"items\":"
+         "{\"type\":\"string\",\"maxLength\":40},\"minItems\":24,\"maxItems\":24}},"
+         "\"required\":[\"items\"]}",
+         200},
         {"json_object (any JSON object)", NULL, 120},
     };
     printf("# grammar: constrained-decoding cost per token\n\n");
@@ -132,6 +146,7 @@ int main(int argc, char **argv)
            "than model text,\nso a pessimistic cache-miss rate). Vocabulary table built once per "
            "model: %.0f ms.\n\n",
            path, n_vocab, walks, vocab_ms);
+    uint64_t digests[sizeof cases / sizeof cases[0]];
     printf("| case | tokens | mask hit rate | mask mean us | mask p50 us | mask p99 us | "
            "accept mean us | states/walk |\n|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
@@ -142,7 +157,7 @@ int main(int argc, char **argv)
             return 1;
         }
         size_t cap = (size_t)walks * (size_t)cases[c].max_tokens;
-        struct result r = {0};
+        struct result r = {.digest = 0xCBF29CE484222325ull};
         r.mask_ns = malloc(cap * sizeof *r.mask_ns);
         r.accept_ns = malloc(cap * sizeof *r.accept_ns);
         run(v, g, walks, cases[c].max_tokens, &r);
@@ -150,10 +165,16 @@ int main(int argc, char **argv)
         printf("| %s | %llu | %.1f %% | %.0f | %.1f | %.0f | %.1f | %.0f |\n", cases[c].name,
                (unsigned long long)r.n, 100.0 * (double)r.hits / (double)r.n, mm,
                pct(r.mask_ns, r.n, 0.5), pct(r.mask_ns, r.n, 0.99), am, (double)r.states / walks);
+        digests[c] = r.digest;
         free(r.mask_ns);
         free(r.accept_ns);
         grammar_release(g);
     }
+
+    printf("\nmask digests (FNV-1a of every mask, per case):");
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        printf(" %016llx", (unsigned long long)digests[c]);
+    printf("\n");
 
     /* the sampler's extra pass for the mask: real masks of json_object, at the start (few
      * tokens: '{' and whitespace) and inside a string (most of the vocabulary) */

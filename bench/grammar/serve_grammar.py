@@ -85,11 +85,13 @@ def main():
     ap.add_argument("--model", default=str(ROOT / "models" / "default.gguf"))
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grammar_serve.json"))
     a = ap.parse_args()
     port = free_port()
     proc = subprocess.Popen(
-        [a.exe, "serve", "-m", a.model, "--port", str(port), "--kv-tokens", "16384",
+        [a.exe, "serve", "-m", a.model, "--device", a.device, "--port", str(port),
+         "--kv-tokens", "16384",
          "--log-level", "warn", "--set", "performance.gpuScheduler.mode=fixed",
          "--set", "performance.gpuScheduler.batchSize=16"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -117,6 +119,7 @@ def main():
                          "e2e_slowdown_pct": round(100 * (1 - es / ep), 1),
                          "full_length": all(x["all_full_length"] for x in p + s)})
         doc = {"machine": platform.node(), "cpu_count": __import__("os").cpu_count(),
+               "device": a.device,
                "tokens_per_request": a.tokens, "rounds": a.rounds, "schema": SCHEMA,
                "rows": rows, "raw": res}
         pathlib.Path(a.out).write_text(json.dumps(doc, indent=1) + "\n")

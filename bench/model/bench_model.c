@@ -19,6 +19,7 @@
  *        CPU figure is meaningless and the roofline lines say so; --threads: the CPU
  *        backend's threads, default all online CPUs; --prefill-chunk: tokens per forward of the
  *        512-token prefill, default 128, at most 512) */
+#include "backend/backend.h"
 #include "krserve.h"
 #include "kv/kv.h"
 #include "model/model.h"
@@ -82,7 +83,10 @@ static double cpu_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Prefills n_seq sequences with ctx_len tokens, then times `steps` decode steps. */
+/* Prefills n_seq sequences with ctx_len tokens, then times `steps` decode steps. Where the
+ * backend samples on the device, each step samples greedily there and feeds the ids back, as
+ * the scheduler does (token ids cross to the host, not n_vocab logits per row); elsewhere the
+ * step returns logits, as the CPU scheduler reads them. */
 static double decode_tps(struct model_ctx *ctx, int n_seq, int ctx_len, int steps,
                          double *cpu_ms_tok)
 {
@@ -103,6 +107,13 @@ static double decode_tps(struct model_ctx *ctx, int n_seq, int ctx_len, int step
         int n;
         if (model_forward(ctx, &b, &l, &n)) return 0;
     }
+    static struct backend_sample_row rows[MAX_BATCH];
+    static int32_t next[MAX_BATCH];
+    const int sampled = model_ctx_samples_on_device(ctx);
+    for (int s = 0; s < n_seq; s++) {
+        rows[s] = (struct backend_sample_row){.top_p = 1.0f};
+        next[s] = 100 + s;
+    }
     uint64_t t0 = 0;
     for (int st = -1; st < steps; st++) { /* one warm-up step */
         if (st == 0) {
@@ -112,7 +123,7 @@ static double decode_tps(struct model_ctx *ctx, int n_seq, int ctx_len, int step
         for (int s = 0; s < n_seq; s++) {
             int p = ctx_len + st + 1;
             kv_seq_reserve(kv, s, p, p + 1);
-            tok[s] = 100 + (s + p) % 20000;
+            tok[s] = sampled ? next[s] : 100 + (s + p) % 20000;
             pos[s] = p;
             seq[s] = s;
             want[s] = 1;
@@ -120,7 +131,13 @@ static double decode_tps(struct model_ctx *ctx, int n_seq, int ctx_len, int step
         struct model_batch b = {n_seq, tok, pos, seq, want};
         const float *l;
         int n;
-        if (model_forward(ctx, &b, &l, &n)) return 0;
+        if (sampled) {
+            const int32_t *ids;
+            if (model_forward_sampled(ctx, &b, rows, NULL, 0, NULL, &ids, &l, &n)) return 0;
+            memcpy(next, ids, (size_t)n_seq * sizeof *ids);
+        } else if (model_forward(ctx, &b, &l, &n)) {
+            return 0;
+        }
     }
     double secs = (double)(clock_now_ns() - t0) / 1e9;
     *cpu_ms_tok = (cpu_now() - c0) * 1e3 / ((double)n_seq * steps);
@@ -249,6 +266,9 @@ int main(int argc, char **argv)
                batches[i], tps[i], tps[i] / tps[0], cpu_ms[i]);
     if (strcmp(device, "cpu") && dev_bw <= 0)
         printf("(roofline above is the CPU's; pass --bandwidth-gbs for the device's)\n");
+    printf("decode steps %s\n", model_ctx_samples_on_device(ctx)
+                                    ? "sample greedily on the device (token ids back)"
+                                    : "return logits to the host");
     printf("batch-1 decode = %.0f%% of roofline; prefill 512 tokens (chunks of %d): %.1f tok/s, "
            "%.2f CPU ms/token\n",
            100.0 * tps[0] / roofline, chunk, pf, pf_cpu_ms);
@@ -268,8 +288,9 @@ int main(int argc, char **argv)
                 fprintf(f, "%s\"%d\": %.3f", i ? ", " : "", batches[i], cpu_ms[i]);
             fprintf(f,
                     "}, \"prefill_tps\": %.2f, \"prefill_cpu_ms_per_token\": %.3f, "
-                    "\"batch1_roofline_fraction\": %.3f}\n",
-                    pf, pf_cpu_ms, tps[0] / roofline);
+                    "\"batch1_roofline_fraction\": %.3f, \"decode_sampled_on_device\": %s}\n",
+                    pf, pf_cpu_ms, tps[0] / roofline,
+                    model_ctx_samples_on_device(ctx) ? "true" : "false");
             fclose(f);
         }
     }

@@ -107,6 +107,7 @@ struct krs_config {
             bool enabled;       /* reuse the KV of repeated prompt prefixes */
             int64_t max_tokens; /* cached positions kept while unused; 0 = KV pool's room */
         } prefix_cache;
+        bool dedup; /* identical concurrent deterministic requests share one generation */
     } performance;
     struct {
         struct {

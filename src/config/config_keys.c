@@ -150,6 +150,10 @@ static const struct config_key keys[] = {
      0, 1073741824.0, NULL, false, "KRSERVE_PREFIX_CACHE_MAX_TOKENS", NULL, NULL,
      "most cached positions kept while no request uses them; 0 = whatever the KV cache has free",
      NULL},
+    {"performance.dedup", "false", CONFIG_T_BOOL, OFF(performance.dedup), 0, 0, NULL, false,
+     "KRSERVE_DEDUP", NULL, NULL,
+     "identical concurrent greedy (or same-seed) requests share one generation, streamed to each",
+     NULL},
 
     {"monitoring.prometheus.enabled", "true", CONFIG_T_BOOL, OFF(monitoring.prometheus.enabled), 0, 0,
      NULL, false, NULL, NULL, NULL, "serve Prometheus metrics", NULL},

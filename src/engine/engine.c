@@ -50,6 +50,7 @@ void engine_sched_params(const struct krs_config *cfg, struct sched_params *p)
                                         : SCHED_MODE_AUTO;
     p->prefix_cache = cfg->performance.prefix_cache.enabled;
     p->prefix_cache_max_tokens = cfg->performance.prefix_cache.max_tokens;
+    p->dedup = cfg->performance.dedup;
     p->adaptive_window = cfg->performance.adaptive_batching.enabled;
     p->window_min_ms = cfg->performance.adaptive_batching.window_min_ms;
     p->window_max_ms = cfg->performance.adaptive_batching.window_max_ms;

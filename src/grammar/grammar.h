@@ -61,6 +61,9 @@ int grammar_from_request(const struct cJSON *rf, const struct cJSON *gbnf, struc
                          const char **param, char *err, size_t errlen);
 
 struct grammar *grammar_retain(struct grammar *g);
+/* The GBNF text g was compiled from (a JSON Schema's compiled GBNF); owned by g. Two grammars
+ * with the same text constrain the same way (the scheduler's dedup compares them so). */
+const char *grammar_source(const struct grammar *g);
 void grammar_release(struct grammar *g); /* NULL is a no-op; frees at the last reference */
 
 /* Every token's text for the matchers of one model. The caller owns *out. */

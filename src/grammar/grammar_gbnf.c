@@ -517,6 +517,11 @@ struct grammar *grammar_retain(struct grammar *g)
     return g;
 }
 
+const char *grammar_source(const struct grammar *g)
+{
+    return g->text;
+}
+
 void grammar_release(struct grammar *g)
 {
     if (!g || atomic_fetch_sub(&g->refs, 1) != 1) return;

@@ -78,6 +78,12 @@ struct grammar_toklist {
     uint32_t *off;  /* [n] offsets into the vocabulary's bytes */
     uint16_t *len;  /* [n] */
     uint16_t *lcp;  /* [n] common prefix with the previous entry */
+    /* The implicit trie's nodes: entry i opens the nodes of its bytes lcp[i] .. len[i] - 1
+     * (the prefixes b[0..d] for d in that range); node_end[node_off[i] + d - lcp[i]] is the
+     * first entry past that node's subtree, so a walk that dies at byte d of entry i skips
+     * every token below the dead prefix in one step. */
+    uint32_t *node_off; /* [n] */
+    int32_t *node_end;  /* [sum of len - lcp] */
 };
 
 /* "Plain" tokens: complete UTF-8 made only of printable ASCII other than '"' and '\', and
@@ -95,9 +101,11 @@ struct grammar_vocab {
     uint32_t *tok_off;           /* [n_vocab] by token id: offset into bytes */
     uint16_t *tok_len;           /* [n_vocab] 0 = empty text */
     uint8_t *eog;                /* [n_vocab] 1 = end of generation */
-    uint8_t *plain_cps;          /* [n_vocab] code points of a plain token (max 255), else 0 */
-    uint32_t *plain_le;          /* [GRAMMAR_PLAIN_LEVELS][n_words] */
-    int32_t *plain_long;         /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
+    int32_t *eog_ids;            /* [n_eog] the end-of-generation tokens */
+    int32_t n_eog;
+    uint8_t *plain_cps;  /* [n_vocab] code points of a plain token (max 255), else 0 */
+    uint32_t *plain_le;  /* [GRAMMAR_PLAIN_LEVELS][n_words] */
+    int32_t *plain_long; /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
     int32_t n_plain_long;
     int32_t max_plain; /* most code points of a plain token */
     uint16_t max_len;

@@ -272,20 +272,30 @@ static int32_t advance_cp(struct grammar_matcher *m, int32_t id, uint32_t cp)
     return intern_full(m);
 }
 
-/* Same, cached by which stacks' tops match cp (for cp >= 0x80). */
-static int32_t advance_sig(struct grammar_matcher *m, int32_t id, uint32_t cp)
+/* *sig: bit i set when the top of the i-th non-empty stack of state id matches cp. 0 when the
+ * state has more than 64 such stacks (no signature). */
+static int stack_sig(const struct grammar_matcher *m, int32_t id, uint32_t cp, uint64_t *sig)
 {
     const struct grammar *g = m->g;
     const struct mstate *s = &m->st[id];
-    if (s->n_term > 64) return advance_cp(m, id, cp);
-    uint64_t sig = 0;
+    if (s->n_term > 64) return 0;
+    uint64_t x = 0;
     int bit = 0;
     const uint32_t *k = m->keys + s->key_off, *end = k + s->key_len;
     for (; k < end; k += 1 + k[0]) {
         if (!k[0]) continue;
-        if (grammar_el_match(g, &g->el[k[k[0]]], cp)) sig |= 1ull << bit;
+        if (grammar_el_match(g, &g->el[k[k[0]]], cp)) x |= 1ull << bit;
         bit++;
     }
+    *sig = x;
+    return 1;
+}
+
+/* Same as advance_cp, cached by which stacks' tops match cp (for cp >= 0x80). */
+static int32_t advance_sig(struct grammar_matcher *m, int32_t id, uint32_t cp)
+{
+    uint64_t sig;
+    if (!stack_sig(m, id, cp, &sig)) return advance_cp(m, id, cp);
     if (!sig) return DEAD;
     uint32_t h = hash_words((const uint32_t *)&sig, 2, (uint32_t)id) & (SIG_SIZE - 1);
     for (uint32_t i = h;; i = (i + 1) & (SIG_SIZE - 1)) {
@@ -351,11 +361,14 @@ static int na_uniform(struct grammar_matcher *m, int32_t id)
 static int partial_viable(struct grammar_matcher *m, int32_t id, uint32_t cp, int rem, int total)
 {
     static const uint32_t min_cp[5] = {0, 0, 0x80, 0x800, 0x10000};
-    if (na_uniform(m, id)) return m->st[id].na_next >= 0;
     uint32_t lo = cp << (6 * rem), hi = lo | ((1u << (6 * rem)) - 1);
     if (lo < min_cp[total]) lo = min_cp[total];
     if (hi > 0x10FFFF) hi = 0x10FFFF;
-    return lo <= hi && viable(m, id, lo, hi);
+    /* no valid code point starts this way (overlong, past U+10FFFF, a surrogate): checked
+     * before the uniform shortcut, which would otherwise admit a prefix no byte completes */
+    if (lo > hi || (lo >= 0xD800 && hi <= 0xDFFF)) return 0;
+    if (na_uniform(m, id)) return m->st[id].na_next >= 0;
+    return viable(m, id, lo, hi);
 }
 
 /* The position after byte c from position v (DEAD when no sentence continues that way). */
@@ -450,7 +463,17 @@ static int plain_step(struct grammar_matcher *m, int32_t id, int32_t *next)
         if (na_uniform(m, id)) {
             x = m->st[id].na_next;
             kind = NA_UNIFORM;
-            for (int c = 0x20; c < 0x7F && kind == NA_UNIFORM; c++) {
+            /* The state after a code point depends only on which stacks' tops match it: when
+             * every plain ASCII character matches the same stacks as the code points >= 0x80,
+             * all lead to na_next, without interning the same state 94 times. */
+            uint64_t sig80;
+            int same = stack_sig(m, id, 0x80, &sig80);
+            for (int c = 0x20; c < 0x7F && same; c++) {
+                uint64_t sig;
+                if (c != '"' && c != '\\')
+                    same = stack_sig(m, id, (uint32_t)c, &sig) && sig == sig80;
+            }
+            for (int c = 0x20; c < 0x7F && kind == NA_UNIFORM && !same; c++) {
                 if (c == '"' || c == '\\') continue;
                 int64_t y = step_byte(m, id, (uint8_t)c);
                 if (y != x) kind = NA_MIXED;
@@ -501,10 +524,27 @@ static void walk_list(struct grammar_matcher *m, const struct grammar_toklist *l
         if (d == len) {
             int32_t t = l->order[i];
             mask[t >> 5] |= 1u << (t & 31);
+        } else if (d >= l->lcp[i]) { /* always: the walk resumes at the shared prefix */
+            i = l->node_end[l->node_off[i] + d - l->lcp[i]] - 1;
         } else {
             while (i + 1 < l->n && l->lcp[i + 1] > d) i++;
         }
     }
+}
+
+/* Set bits of mask[0..nw). Bit arithmetic rather than __builtin_popcount, which without
+ * -mpopcnt is a libgcc call per word (8,192 words per mask); this loop vectorises. */
+static int32_t count_bits(const uint32_t *mask, size_t nw)
+{
+    uint32_t total = 0;
+    for (size_t w = 0; w < nw; w++) {
+        uint32_t x = mask[w];
+        x = x - (x >> 1 & 0x55555555u);
+        x = (x & 0x33333333u) + (x >> 2 & 0x33333333u);
+        x = (x + (x >> 4)) & 0x0F0F0F0Fu;
+        total += x * 0x01010101u >> 24;
+    }
+    return (int32_t)total;
 }
 
 static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, int32_t *n_allowed)
@@ -530,11 +570,11 @@ static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, i
         }
     }
     if (!(from & VPART) && m->st[from].accepting)
-        for (int32_t t = 0; t < v->n_vocab; t++)
-            if (v->eog[t]) mask[t >> 5] |= 1u << (t & 31);
-    int32_t allowed = 0;
-    for (size_t w = 0; w < nw; w++) allowed += __builtin_popcount(mask[w]);
-    *n_allowed = allowed;
+        for (int32_t i = 0; i < v->n_eog; i++) {
+            int32_t t = v->eog_ids[i];
+            mask[t >> 5] |= 1u << (t & 31);
+        }
+    *n_allowed = count_bits(mask, nw);
 }
 
 int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32_t *n_allowed)

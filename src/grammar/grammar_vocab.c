@@ -30,6 +30,8 @@ static void list_free(struct grammar_toklist *l)
     alloc_free(l->off);
     alloc_free(l->len);
     alloc_free(l->lcp);
+    alloc_free(l->node_off);
+    alloc_free(l->node_end);
 }
 
 void grammar_vocab_free(struct grammar_vocab *v)
@@ -41,6 +43,7 @@ void grammar_vocab_free(struct grammar_vocab *v)
     alloc_free(v->tok_off);
     alloc_free(v->tok_len);
     alloc_free(v->eog);
+    alloc_free(v->eog_ids);
     alloc_free(v->plain_cps);
     alloc_free(v->plain_le);
     alloc_free(v->plain_long);
@@ -78,6 +81,31 @@ static int plain_count(const uint8_t *s, size_t n)
     return cps > 255 ? 255 : cps;
 }
 
+/* The trie nodes of sorted list l and where each one's subtree ends (grammar_impl.h): a node
+ * stays open while the following entries share its prefix (lcp > its depth). */
+static int list_nodes(const struct grammar_vocab *v, struct grammar_toklist *l)
+{
+    size_t n_nodes = 0;
+    for (int32_t i = 0; i < l->n; i++) n_nodes += (size_t)(l->len[i] - l->lcp[i]);
+    l->node_off = alloc_malloc((size_t)l->n * sizeof *l->node_off + 1);
+    l->node_end = alloc_malloc(n_nodes * sizeof *l->node_end + 1);
+    uint32_t *open = alloc_malloc(((size_t)v->max_len + 1) * sizeof *open); /* by depth */
+    int rc = KRS_ERR_NOMEM;
+    if (!l->node_off || !l->node_end || !open || n_nodes > UINT32_MAX) goto out;
+    uint32_t depth = 0, off = 0;
+    for (int32_t i = 0; i < l->n; i++) {
+        for (uint32_t d = l->lcp[i]; d < depth; d++) l->node_end[open[d]] = i;
+        l->node_off[i] = off;
+        for (uint32_t d = l->lcp[i]; d < l->len[i]; d++) open[d] = off++;
+        depth = l->len[i];
+    }
+    for (uint32_t d = 0; d < depth; d++) l->node_end[open[d]] = l->n;
+    rc = KRS_OK;
+out:
+    alloc_free(open);
+    return rc;
+}
+
 /* Fills l with the tokens t (with text) for which want(t) holds, sorted, with common prefixes. */
 static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, int plain_only_not)
 {
@@ -106,7 +134,7 @@ static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, 
         }
         l->lcp[i] = c;
     }
-    return KRS_OK;
+    return list_nodes(v, l);
 }
 
 /* Everything derived from the token texts: plain tokens, their masks, both sorted lists. */
@@ -126,6 +154,10 @@ static int vocab_finish(struct grammar_vocab *v)
         for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++)
             v->plain_le[(size_t)(l - 1) * nw + (size_t)(t >> 5)] |= 1u << (t & 31);
     }
+    v->eog_ids = alloc_malloc((size_t)v->n_vocab * sizeof *v->eog_ids);
+    if (!v->eog_ids) return KRS_ERR_NOMEM;
+    for (int32_t t = 0; t < v->n_vocab; t++)
+        if (v->eog[t]) v->eog_ids[v->n_eog++] = t;
     int rc = list_build(v, &v->all, 0);
     if (!rc) rc = list_build(v, &v->rest, 1);
     return rc;

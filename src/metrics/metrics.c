@@ -141,6 +141,11 @@ void metrics_record_prefix_lookup(struct metrics *m, uint32_t prompt_tokens, uin
     atomic_fetch_add_explicit(&m->prefix_cached_tokens, cached_tokens, RLX);
 }
 
+void metrics_record_dedup(struct metrics *m)
+{
+    if (m) atomic_fetch_add_explicit(&m->dedup_requests, 1, RLX);
+}
+
 void metrics_set_prefix_cache(struct metrics *m, int64_t blocks, int64_t evictable,
                               uint64_t evictions)
 {
@@ -298,6 +303,7 @@ int metrics_snapshot(struct metrics *m, uint64_t now_ns, struct metrics_snapshot
     out->prefix_blocks = atomic_load_explicit(&m->prefix_blocks, RLX);
     out->prefix_blocks_evictable = atomic_load_explicit(&m->prefix_blocks_evictable, RLX);
     out->prefix_evictions = atomic_load_explicit(&m->prefix_evictions, RLX);
+    out->dedup_requests = atomic_load_explicit(&m->dedup_requests, RLX);
 
     for (int h = 0; h < METRICS_HIST_COUNT; h++) {
         struct metrics_hist_snapshot *hs = &out->hist[h];

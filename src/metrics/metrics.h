@@ -132,6 +132,7 @@ struct metrics_snapshot {
     uint64_t prefix_prompt_tokens, prefix_cached_tokens; /* their prompt tokens / those reused */
     int64_t prefix_blocks, prefix_blocks_evictable;      /* gauges */
     uint64_t prefix_evictions;
+    uint64_t dedup_requests; /* requests that shared an identical request's generation */
     /* windows */
     struct metrics_window_snapshot windows[METRICS_N_WINDOWS];
     uint64_t recent_requests; /* requests behind the recent_* percentiles */
@@ -174,6 +175,8 @@ void metrics_record_preemption(struct metrics *m);
  * came from the cache. */
 void metrics_record_prefix_lookup(struct metrics *m, uint32_t prompt_tokens,
                                   uint32_t cached_tokens);
+/* A request joined an identical request's generation instead of computing its own (dedup). */
+void metrics_record_dedup(struct metrics *m);
 void metrics_record_tuning_adjustments(struct metrics *m, uint64_t n);
 /* A degradation event; reason is copied (truncated to METRICS_REASON_LEN - 1). Takes a short
  * mutex (rare event, never on the per-token path). */

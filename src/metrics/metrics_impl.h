@@ -84,7 +84,7 @@ struct metrics {
     _Atomic int64_t dev_weights, dev_kv, dev_activations, dev_free, dev_total;
     _Atomic int mode;
     _Atomic uint64_t prefix_requests, prefix_hit_requests, prefix_prompt_tokens,
-        prefix_cached_tokens, prefix_evictions;
+        prefix_cached_tokens, prefix_evictions, dedup_requests;
     _Atomic int64_t prefix_blocks, prefix_blocks_evictable;
     struct metrics_hist hist[METRICS_HIST_COUNT];
     struct metrics_slot slots[METRICS_SLOTS];

@@ -284,6 +284,10 @@ static void render_prom(const struct prom_set *ps, struct out_buf *o)
     FAMILY_U(o, ps, "krserve_prefix_cache_evictions_total", "counter",
              "Cached KV blocks evicted to make room or to stay under the size cap.",
              S->prefix_evictions);
+    FAMILY_U(o, ps, "krserve_dedup_requests_total", "counter",
+             "Requests that shared the generation of an identical concurrent request "
+             "(performance.dedup).",
+             S->dedup_requests);
     FAMILY_U(o, ps, "krserve_degradation_events_total", "counter",
              "P99 regressions that made the controller fall back to the fixed batch size.",
              S->degradation_events);
@@ -466,6 +470,8 @@ static void build_json(const struct metrics_snapshot *s, cJSON *root, bool *ok)
         add_num(pc, "evictable_blocks", (double)s->prefix_blocks_evictable, ok);
         add_num(pc, "evictions", (double)s->prefix_evictions, ok);
     }
+    cJSON *dd = add_obj(root, "dedup", ok);
+    if (dd) add_num(dd, "requests", (double)s->dedup_requests, ok);
 
     cJSON *dm = add_obj(root, "device_memory_bytes", ok);
     if (dm) {

@@ -354,6 +354,7 @@ static void *gen_thread(void *arg)
         cJSON *p = cJSON_CreateObject();
         cJSON_AddStringToObject(p, "stream_id", g->stream_id);
         cJSON_AddNumberToObject(p, "prompt_tokens", f->n_prompt_tokens);
+        cJSON_AddNumberToObject(p, "cached_tokens", f->n_cached_tokens);
         cJSON_AddNumberToObject(p, "generated_tokens", f->n_gen_tokens);
         cJSON_AddNumberToObject(p, "ttft_ms", f->ttft_ms);
         cJSON_AddNumberToObject(p, "total_ms", f->total_ms);

@@ -378,6 +378,9 @@ void rpc_generate_result(const struct rpc_gen *g, struct rpc_part *part)
     cJSON_AddNumberToObject(u, "prompt_tokens", f->n_prompt_tokens);
     cJSON_AddNumberToObject(u, "completion_tokens", f->n_gen_tokens);
     cJSON_AddNumberToObject(u, "total_tokens", f->n_prompt_tokens + f->n_gen_tokens);
+    /* OpenAI's field: prompt tokens whose KV came from the prefix cache. */
+    cJSON *d = cJSON_AddObjectToObject(u, "prompt_tokens_details");
+    if (d) cJSON_AddNumberToObject(d, "cached_tokens", f->n_cached_tokens);
     cJSON_AddStringToObject(r, "stream_id", g->stream_id);
     cJSON *t = cJSON_AddObjectToObject(r, "timing");
     cJSON_AddNumberToObject(t, "ttft_ms", f->ttft_ms);

@@ -90,6 +90,7 @@ void sched_params_default(struct sched_params *p)
     p->stream_capacity = 256;
     p->background_aging_ms = 2000;
     p->prefix_cache = 1;
+    p->dedup = 0;
 }
 
 static enum metrics_sched_mode metrics_mode(enum sched_mode m)
@@ -108,6 +109,7 @@ static void req_free(struct req *r)
     alloc_free(r->bias);
     alloc_free(r->stop_ids);
     grammar_matcher_free(r->gm);
+    grammar_release(r->grammar);
     alloc_free(r);
 }
 
@@ -178,9 +180,11 @@ static int req_create(struct sched *s, const struct sched_request *in, uint64_t 
         const struct grammar_vocab *gv = NULL;
         if ((rc = grammar_vocab(s, &gv)) || (rc = grammar_matcher_create(in->grammar, gv, &r->gm)))
             goto fail;
+        r->grammar = grammar_retain(in->grammar);
     }
     tokenizer_detok_init(&r->detok, 0);
     r->ignore_eos = in->ignore_eos;
+    r->dedup_hash = sched_dedup_hash(s, r, in->has_seed);
     r->t_submit = clock_now_ns();
     r->deadline = in->timeout_ms ? r->t_submit + in->timeout_ms * 1000000ull : 0;
     if ((rc = stream_create(s->p.stream_capacity, id, &r->stream))) goto fail;
@@ -306,8 +310,9 @@ static void release_slot(struct sched *s, struct req *r)
     r->slot = -1;
 }
 
-/* Ends r exactly once: flushes held-back text (unless cancelled/error), pushes FINISH, records
- * metrics, frees its KV and the request. r must already be out of every queue. */
+/* Ends r's generation exactly once: flushes held-back text (unless cancelled/error), then ends
+ * r's dedup followers and r itself with `why` (sched_end_one). r must already be out of every
+ * queue. */
 static void finish(struct sched *s, struct req *r, enum sched_finish why, const char *reason)
 {
     uint64_t now = clock_now_ns();
@@ -330,9 +335,23 @@ static void finish(struct sched *s, struct req *r, enum sched_finish why, const 
                 ev.text_len = (uint16_t)(m + n2);
                 memcpy(ev.text, out, m + n2);
                 stream_push_many(r->stream, &ev, 1); /* best effort: FINISH slot stays free */
+                for (struct req *f = r->followers; f; f = f->next_follower)
+                    stream_push_many(f->stream, &ev, 1);
             }
         }
     }
+    for (struct req *f; (f = r->followers);) {
+        sched_dedup_detach(f);
+        __atomic_store_n(&f->n_gen, r->n_gen, __ATOMIC_RELAXED);
+        sched_end_one(s, f, why, reason, now);
+    }
+    sched_end_one(s, r, why, reason, now);
+}
+
+void sched_end_one(struct sched *s, struct req *r, enum sched_finish why, const char *reason,
+                   uint64_t now)
+{
+    struct sched_event ev;
     memset(&ev, 0, sizeof ev);
     ev.kind = SCHED_EV_FINISH;
     ev.finish = why;
@@ -386,6 +405,50 @@ static const char *cancel_reason(const struct req *r, uint64_t now)
     return NULL;
 }
 
+/* Cancels r alone. A dedup follower leaves its leader; a leader with followers hands its
+ * generation to the oldest one (sched_dedup_promote), which takes r's place in the running
+ * table or its queue. Returns whoever carries r's generation on (NULL when nobody). */
+static struct req *cancel_one(struct sched *s, struct req *r, const char *why, uint64_t now)
+{
+    struct req *next = NULL;
+    int queued = r->slot < 0 && !r->leader;
+    if (r->leader) {
+        sched_dedup_detach(r);
+    } else if (!r->followers) {
+        if (queued) {
+            queue_remove(s, r);
+            pthread_mutex_lock(&s->lock);
+            s->n_waiting--;
+            pthread_mutex_unlock(&s->lock);
+        }
+        finish(s, r, SCHED_FINISH_CANCELLED, why);
+        return NULL;
+    } else {
+        struct req **pp = &s->q_head[r->priority];
+        while (queued && *pp != r) pp = &(*pp)->next;
+        next = sched_dedup_promote(r);
+        if (next->slot >= 0) s->running[next->slot] = next;
+        if (queued) {
+            *pp = next;
+            if (s->q_tail[next->priority] == r) s->q_tail[next->priority] = next;
+        }
+        KRS_LOG_DEBUGF("request %llu hands its generation to request %llu",
+                       (unsigned long long)r->id, (unsigned long long)next->id);
+    }
+    sched_end_one(s, r, SCHED_FINISH_CANCELLED, why, now);
+    return next;
+}
+
+/* Ends the followers of leader l whose own cancellation reason holds. */
+static void reap_followers(struct sched *s, struct req *l, uint64_t now)
+{
+    for (struct req *f = l->followers, *next; f; f = next) {
+        next = f->next_follower;
+        const char *why = cancel_reason(f, now);
+        if (why) cancel_one(s, f, why, now);
+    }
+}
+
 /* ---- inbox ---------------------------------------------------------------------------- */
 
 static void set_limit_for_mode(struct sched *s, uint64_t now)
@@ -433,6 +496,12 @@ static int drain_inbox(struct sched *s, uint64_t now)
             s->gap_ema_ns = s->gap_ema_ns > 0 ? 0.7 * s->gap_ema_ns + 0.3 * gap : gap;
         }
         s->last_arrival_ns = r->t_submit;
+        if (sched_dedup_find_leader(s, r)) { /* shares a generation: waits on no queue */
+            pthread_mutex_lock(&s->lock);
+            s->n_waiting--;
+            pthread_mutex_unlock(&s->lock);
+            continue;
+        }
         queue_push(s, r, 0);
     }
     if (cancel_all) {
@@ -550,6 +619,7 @@ static void admit(struct sched *s, uint64_t now)
         if (!r->t_admit) {
             r->t_admit = now;
             r->n_cached = (int)cached;
+            sched_dedup_admitted(s, r, now);
             if (s->metrics) {
                 metrics_record_admit(s->metrics, now - r->t_submit);
                 if (s->p.prefix_cache)
@@ -593,12 +663,14 @@ static int is_stop_token(const struct sched *s, const struct req *r, int32_t tok
     return 0;
 }
 
-/* Appends the sampled token to r, streams its text, and decides whether r is done. Returns
- * SCHED_FINISH_NONE to go on. */
-static enum sched_finish accept_token(struct sched *s, struct req *r,
+/* Appends the sampled token to *rp, streams its text (to its dedup followers too), and decides
+ * whether the generation is done. Returns SCHED_FINISH_NONE to go on. A leader whose own stream
+ * is full is cancelled alone and *rp becomes the follower that carries the generation on. */
+static enum sched_finish accept_token(struct sched *s, struct req **rp,
                                       const struct sampler_result *res, uint64_t now,
                                       const char **reason)
 {
+    struct req *r = *rp;
     r->tokens[r->n_prompt + r->n_gen] = res->token;
     __atomic_store_n(&r->n_gen, r->n_gen + 1, __ATOMIC_RELAXED); /* read by listings */
     if (!r->t_first) {
@@ -653,9 +725,11 @@ static enum sched_finish accept_token(struct sched *s, struct req *r,
         off += chunk;
         n_ev++;
     } while (off < n_emit && n_ev < 8);
+    sched_dedup_fanout(s, r, evs, n_ev, now);
     if (stream_push_many(r->stream, evs, n_ev) != KRS_OK) {
         *reason = "stream buffer full: client too slow";
-        return SCHED_FINISH_CANCELLED;
+        if (!r->followers) return SCHED_FINISH_CANCELLED;
+        *rp = r = cancel_one(s, r, *reason, now);
     }
     if (stopped) {
         *reason = "stop string";
@@ -717,25 +791,24 @@ static void publish(struct sched *s, uint64_t now, int idle)
     }
 }
 
-/* Drops cancelled / timed-out / abandoned requests, queued or running. */
+/* Drops cancelled / timed-out / abandoned requests, queued, running or following (a leader
+ * cancelled while followers remain hands its generation over: cancel_one). */
 static void reap_cancelled(struct sched *s, uint64_t now)
 {
     for (int q = 0; q < 3; q++) {
         for (struct req *r = s->q_head[q], *next; r; r = next) {
             next = r->next;
+            reap_followers(s, r, now);
             const char *why = cancel_reason(r, now);
-            if (!why) continue;
-            queue_remove(s, r);
-            pthread_mutex_lock(&s->lock);
-            s->n_waiting--;
-            pthread_mutex_unlock(&s->lock);
-            finish(s, r, SCHED_FINISH_CANCELLED, why);
+            if (why) cancel_one(s, r, why, now);
         }
     }
     for (int i = 0; i < s->p.max_running; i++) {
         struct req *r = s->running[i];
-        const char *why = r ? cancel_reason(r, now) : NULL;
-        if (why) finish(s, r, SCHED_FINISH_CANCELLED, why);
+        if (!r) continue;
+        reap_followers(s, r, now);
+        for (const char *why; r && (why = cancel_reason(r, now));)
+            r = cancel_one(s, r, why, now); /* the new leader may be cancelled as well */
     }
 }
 
@@ -799,6 +872,27 @@ static void sample_rows(void *arg, int ith, int nth)
     }
 }
 
+/* The grammar masks of this step's rows for device sampling, threads claiming rows as in
+ * sample_rows: dev_masks[row] (NULL without a grammar) and res_rc[row] (KRS_ERR_STATE when the
+ * grammar allows no token). A mask costs tens to hundreds of microseconds on one core and the
+ * next step's masks need this step's tokens, so on a GPU they are on the critical path. */
+static void mask_rows(void *arg, int ith, int nth)
+{
+    struct sched *s = arg;
+    (void)ith;
+    (void)nth;
+    for (int row; (row = atomic_fetch_add_explicit(&s->next_sample_row, 1, memory_order_relaxed)) <
+                  s->n_sample_rows;) {
+        struct req *r = s->b_rows[row];
+        s->dev_masks[row] = NULL;
+        s->res_rc[row] = KRS_OK;
+        if (!r->gm) continue;
+        int32_t n_allowed = 0;
+        int rc = grammar_matcher_mask(r->gm, &s->dev_masks[row], &n_allowed);
+        s->res_rc[row] = rc ? rc : n_allowed == 0 ? KRS_ERR_STATE : KRS_OK;
+    }
+}
+
 /* The layouts sampler/ writes and backend/ reads are the same four fields. */
 _Static_assert(
     sizeof(struct sampler_edit) == sizeof(struct backend_logit_edit) &&
@@ -818,16 +912,23 @@ static int prepare_device_sampling(struct sched *s, int n_rows)
     if (!s->dev_rows) return 0;
     int n_edits = 0, n_masked = 0;
     for (int row = 0; row < n_rows; row++) {
+        const struct req *r = s->b_rows[row];
+        if (r->sampler.params.n_top_logprobs > 0) return 0;
+        n_masked += r->gm != NULL;
+    }
+    if (n_masked > s->dev_max_masks) return 0;
+    /* the masks go to the device with their rows; computed in parallel on the sampling pool,
+     * idle while the device samples */
+    s->n_sample_rows = n_rows;
+    atomic_store_explicit(&s->next_sample_row, 0, memory_order_relaxed);
+    if (n_masked > 1)
+        pool_run_n(s->sample_pool, n_masked, mask_rows, s);
+    else
+        mask_rows(s, 0, 1);
+    for (int row = 0; row < n_rows; row++) {
         struct req *r = s->b_rows[row];
         const struct sampler_params *sp = &r->sampler.params;
-        if (sp->n_top_logprobs > 0) return 0;
-        s->dev_masks[row] = NULL;
-        if (r->gm) { /* the mask goes to the device with the row */
-            int32_t n_allowed = 0;
-            if (++n_masked > s->dev_max_masks ||
-                grammar_matcher_mask(r->gm, &s->dev_masks[row], &n_allowed) || n_allowed == 0)
-                return 0; /* the host path samples (and reports a dead end) */
-        }
+        if (s->res_rc[row]) return 0; /* the host path samples (and reports a dead end) */
         int32_t n;
         if (sampler_edits(&r->sampler, s->scratch[0], r->tokens, r->n_prompt,
                           r->tokens + r->n_prompt, r->n_gen, s->dev_edits + n_edits,
@@ -989,7 +1090,7 @@ static void step(struct sched *s, uint64_t t0)
             continue;
         }
         const char *reason = NULL;
-        enum sched_finish f = accept_token(s, r, &s->res[row], now, &reason);
+        enum sched_finish f = accept_token(s, &r, &s->res[row], now, &reason);
         /* Counted before finish() so that a reader who saw FINISH sees every token counted. */
         if (s->metrics) metrics_record_tokens(s->metrics, 1, now);
         if (f != SCHED_FINISH_NONE) finish(s, r, f, reason);
@@ -1139,11 +1240,10 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         s->dev_rows = alloc_calloc((size_t)p->max_running, sizeof *s->dev_rows);
         s->dev_edits = alloc_calloc((size_t)s->dev_edits_cap, sizeof *s->dev_edits);
         s->dev_masks = alloc_calloc((size_t)p->max_running, sizeof *s->dev_masks);
-        /* Grammar masks on the device are off until a GPU run has checked them: constrained
-         * rows sample on the host meanwhile (the tests/server structured-output suite passed
-         * that way with --device cuda); KRS_DEVICE_GRAMMAR_MASK=1 turns the device path on. */
+        /* Grammar masks go to the device with the step (the row samples there like any
+         * other); KRS_DEVICE_GRAMMAR_MASK=0 samples constrained rows on the host instead. */
         const char *dm = getenv("KRS_DEVICE_GRAMMAR_MASK");
-        s->dev_max_masks = dm && !strcmp(dm, "1") ? model_ctx_max_mask_rows(s->ctx) : 0;
+        s->dev_max_masks = dm && !strcmp(dm, "0") ? 0 : model_ctx_max_mask_rows(s->ctx);
         if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
             rc = KRS_ERR_NOMEM;
             snprintf(err, errlen, "out of memory");
@@ -1354,7 +1454,10 @@ int sched_list_requests(struct sched *s, struct sched_request_info *out, int cap
         out[i].n_generated = __atomic_load_n(&r->n_gen, __ATOMIC_RELAXED);
         int st = __atomic_load_n((const int *)&r->state, __ATOMIC_RELAXED);
         int past = __atomic_load_n(&r->n_past, __ATOMIC_RELAXED);
-        out[i].state = st == REQ_QUEUED ? "queued" : past < r->n_prompt ? "prefill" : "decode";
+        out[i].state = st == REQ_QUEUED     ? "queued"
+                       : st == REQ_SHARED   ? "shared"
+                       : past < r->n_prompt ? "prefill"
+                                            : "decode";
         out[i].age_ms = clock_ns_to_ms(now - r->t_submit);
     }
     pthread_mutex_unlock(&s->reg_lock);

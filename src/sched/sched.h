@@ -15,6 +15,11 @@
  * lowest-priority, most recently admitted request is preempted back to the queue and recomputed
  * later (its stream just pauses).
  *
+ * Dedup (sched_params.dedup, off by default): a request identical to a queued or prefilling one
+ * (same prompt, max_tokens, sampling, stop, grammar and priority) whose output is deterministic
+ * (greedy, or an explicit seed) joins it instead of computing again; both streams get the same
+ * events, each request keeps its own id, usage, timeout and cancellation (sched_dedup.c).
+ *
  * Modes (switchable at run time, nothing lost): SCHED_MODE_AUTO (continuous batching with the
  * AdaptiveController choosing the batch limit), SCHED_MODE_FIXED (a fixed limit), SCHED_MODE_OFF
  * (one request at a time: the rollback path of the seed plan). */
@@ -70,6 +75,7 @@ struct sched_params {
     int background_aging_ms; /* a background request waiting this long competes with default */
     int prefix_cache;        /* 1: reuse the KV of prompt prefixes computed before (kv.h) */
     int64_t prefix_cache_max_tokens; /* cached positions kept while unused; 0 = KV pool's room */
+    int dedup; /* 1: identical deterministic requests share one generation (sched_dedup.c) */
 };
 void sched_params_default(struct sched_params *p);
 
@@ -160,7 +166,7 @@ void sched_drain(struct sched *s);
 
 struct sched_request_info {
     uint64_t id;
-    const char *state; /* "queued", "prefill", "decode" */
+    const char *state; /* "queued", "prefill", "decode", "shared" (follows a dedup leader) */
     enum sched_priority priority;
     int n_prompt, n_generated;
     double age_ms;
@@ -174,6 +180,7 @@ struct sched_state {
     uint64_t steps;
     uint64_t submitted, finished[5]; /* indexed by enum sched_finish */
     uint64_t preemptions;
+    uint64_t deduped;      /* requests that joined an identical request's generation (dedup) */
     uint64_t heartbeat_ns; /* clock_now_ns() of the engine's last loop iteration */
     int idle;              /* 1 when the engine has nothing to do */
     int draining;

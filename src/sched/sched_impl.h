@@ -35,7 +35,7 @@ int stream_push_many(struct sched_stream *st, const struct sched_event *ev, int 
 void stream_push_finish(struct sched_stream *st, const struct sched_event *ev);
 void stream_unref(struct sched_stream *st);
 
-enum req_state { REQ_QUEUED = 0, REQ_RUNNING = 1 };
+enum req_state { REQ_QUEUED = 0, REQ_RUNNING = 1, REQ_SHARED = 2 /* dedup follower */ };
 
 struct req {
     uint64_t id;
@@ -60,10 +60,44 @@ struct req {
     _Atomic int cancel; /* set by sched_cancel from any thread */
     struct sched_stream *stream;
     struct grammar_matcher *gm; /* owned; NULL = unconstrained */
+    /* Dedup (sched_dedup.c). A leader computes; its followers get copies of its events and are
+     * in no queue and hold no KV slot, only the registry. */
+    struct grammar *grammar; /* own reference, compared by dedup; NULL = unconstrained */
+    uint64_t dedup_hash;     /* hash of everything that decides the output; 0 = not eligible */
+    struct req *leader;      /* follower: whose generation it shares; NULL otherwise */
+    struct req *followers;   /* leader: first follower (oldest), linked by next_follower */
+    struct req *next_follower;
 };
 
 struct backend_sample_row;
 struct sched;
+
+/* sched_dedup.c (engine thread unless noted). */
+/* The dedup hash of a request being built (any thread): 0 when dedup is off or the output is
+ * not deterministic (sampling without an explicit seed). r's prompt, sampler, stop and grammar
+ * must be set. */
+uint64_t sched_dedup_hash(const struct sched *s, const struct req *r, int has_seed);
+/* Looks for a live leader r can follow (same generation, nothing generated yet); links r to it
+ * and returns it, or NULL. The caller takes r out of the waiting count. */
+struct req *sched_dedup_find_leader(struct sched *s, struct req *r);
+/* Leader l was admitted for the first time: its followers count as admitted now too. */
+void sched_dedup_admitted(struct sched *s, struct req *l, uint64_t now);
+/* Copies a step's events of leader l to its followers (their n_gen follows l's); a follower
+ * whose stream is full ends alone with "client too slow". */
+void sched_dedup_fanout(struct sched *s, struct req *l, const struct sched_event *ev, int n,
+                        uint64_t now);
+/* Leader l stops sharing (it is cancelled alone): its oldest follower takes over the
+ * generation (tokens, KV slot, sampler, detokenizer, stop and grammar state are swapped) and
+ * leads the others. Returns the new leader; the caller puts it where l was (slot or queue) and
+ * then ends l. l must have followers. */
+struct req *sched_dedup_promote(struct req *l);
+/* Unlinks follower f from its leader. */
+void sched_dedup_detach(struct req *f);
+
+/* sched.c: ends r alone (never its followers) with FINISH `why`; r must be out of every queue
+ * and list. Frees r. */
+void sched_end_one(struct sched *s, struct req *r, enum sched_finish why, const char *reason,
+                   uint64_t now);
 
 /* sched_prefix.c: 1 when r (whose cached prefix is `cached` positions) should stay queued
  * because a running request is computing at least one more whole block of r's tokens. */

@@ -252,6 +252,7 @@ static void stats_one(struct engine *e, void *arg)
     for (int r = 1; r < 5; r++)
         cJSON_AddNumberToObject(f, sched_finish_name((enum sched_finish)r), (double)st.finished[r]);
     cJSON_AddNumberToObject(s, "preemptions", (double)st.preemptions);
+    cJSON_AddNumberToObject(s, "deduped", (double)st.deduped);
     cJSON_AddNumberToObject(
         s, "heartbeat_age_ms",
         st.heartbeat_ns && now > st.heartbeat_ns ? (double)(now - st.heartbeat_ns) / 1e6 : 0);

@@ -1465,6 +1465,33 @@ static void test_attention(void **state)
     assert_int_equal(bad, 0);
 }
 
+/* The same program with every prompt step on the CUDA backend's tensor-core kernel, which it
+ * otherwise takes only where a layer fills the GPU (KRS_CUDA_ATTN_TILE=2: wherever the shape
+ * fits; the harness' steps are too small to reach the default threshold). */
+static void test_attention_tiles(void **state)
+{
+    if (strcmp(*state, "cuda")) {
+        summary_line("%-4s attention tiles: a CUDA kernel, nothing to run", (const char *)*state);
+        return;
+    }
+    const char *old = getenv("KRS_CUDA_ATTN_TILE");
+    char *saved = old ? strdup(old) : NULL;
+    setenv("KRS_CUDA_ATTN_TILE", "2", 1);
+    int bad = 0;
+    for (int i = 0; i < ARRAY_LEN(attn_fast); i++)
+        bad += run_attention_cfg(*state, &attn_fast[i], 200 + i);
+    if (g_full)
+        for (int i = 0; i < ARRAY_LEN(attn_full); i++)
+            bad += run_attention_cfg(*state, &attn_full[i], 300 + i);
+    if (saved) {
+        setenv("KRS_CUDA_ATTN_TILE", saved, 1);
+        free(saved);
+    } else {
+        unsetenv("KRS_CUDA_ATTN_TILE");
+    }
+    assert_int_equal(bad, 0);
+}
+
 /* ---- a failed op voids its step; the next step starts clean ---- */
 
 static void test_errors(void **state)
@@ -1518,10 +1545,19 @@ struct op_test {
 };
 
 static const struct op_test g_ops[] = {
-    {"mem_info", test_mem_info}, {"step_end", test_step_end}, {"matmul", test_matmul},
-    {"embed", test_embed},       {"rmsnorm", test_rmsnorm},   {"add_bias", test_add_bias},
-    {"add", test_add},           {"softcap", test_softcap},   {"glu", test_glu},
-    {"rope", test_rope},         {"get_rows", test_get_rows}, {"attention", test_attention},
+    {"mem_info", test_mem_info},
+    {"step_end", test_step_end},
+    {"matmul", test_matmul},
+    {"embed", test_embed},
+    {"rmsnorm", test_rmsnorm},
+    {"add_bias", test_add_bias},
+    {"add", test_add},
+    {"softcap", test_softcap},
+    {"glu", test_glu},
+    {"rope", test_rope},
+    {"get_rows", test_get_rows},
+    {"attention", test_attention},
+    {"attention_tiles", test_attention_tiles},
     {"errors", test_errors},
 };
 #define N_OPS (ARRAY_LEN(g_ops))

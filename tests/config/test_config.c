@@ -102,9 +102,10 @@ static void test_defaults(void **state)
     assert_int_equal(c.monitoring.metrics.windows_sec[2], 60);
     assert_int_equal(c.logging.level, 1); /* info, as util/log.h's KRS_LOG_INFO */
     assert_string_equal(c.file, "");
-    assert_int_equal(config_key_count(), 42);
+    assert_int_equal(config_key_count(), 43);
     assert_true(c.performance.prefix_cache.enabled);
     assert_int_equal(c.performance.prefix_cache.max_tokens, 0);
+    assert_false(c.performance.dedup);
     assert_int_equal(c.model.device, CONFIG_DEVICE_CPU);
     assert_int_equal(c.model.memory_budget_mb, 0);
     assert_int_equal(c.server.idle_timeout_s, 60);

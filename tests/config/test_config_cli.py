@@ -44,10 +44,11 @@ def test_defaults_without_file(krserve, workdir):
     assert r.returncode == 0, r.stderr
     d = parse_dump(r.stdout)
     assert "# config file: none" in r.stdout
-    assert len(d) == 42
+    assert len(d) == 43
     assert d["model.device"] == ("cpu", "default")
     assert d["performance.prefixCache.enabled"] == ("true", "default")
     assert d["performance.prefixCache.maxTokens"] == ("0", "default")
+    assert d["performance.dedup"] == ("false", "default")
     assert d["server.port"] == ("8080", "default")
     assert d["performance.gpuScheduler.mode"] == ("auto", "default")
     assert d["monitoring.metrics.windowsSec"] == ("[5, 30, 60]", "default")
@@ -61,7 +62,8 @@ def test_file_env_flag_precedence(krserve, workdir):
                    "      maxBatch: 16\n")
     r = run(krserve, ["--print", "--config", str(cfg), "--port", "9003",
                       "--set", "performance.gpuScheduler.autoTune.maxBatch=12"], workdir,
-            KRSERVE_PORT="9002", MLX_GPU_SCHEDULER_BATCH_SIZE="6", MLX_GPU_SCHEDULER="off")
+            KRSERVE_PORT="9002", MLX_GPU_SCHEDULER_BATCH_SIZE="6", MLX_GPU_SCHEDULER="off",
+            KRSERVE_DEDUP="1")
     assert r.returncode == 0, r.stderr
     d = parse_dump(r.stdout)
     assert d["server.port"] == ("9003", "flag --port")
@@ -70,6 +72,7 @@ def test_file_env_flag_precedence(krserve, workdir):
     assert d["performance.gpuScheduler.enabled"] == ("false", "env MLX_GPU_SCHEDULER")
     assert d["performance.gpuScheduler.autoTune.maxBatch"] == ("12", "flag --set")
     assert d["server.threads"] == ("8", "default")
+    assert d["performance.dedup"] == ("true", "env KRSERVE_DEDUP")
 
 
 def test_default_file_in_cwd_and_krserve_config(krserve, workdir):

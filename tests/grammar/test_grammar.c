@@ -126,6 +126,43 @@ static void test_gbnf_basics(void **state)
     grammar_vocab_free(v);
 }
 
+/* A UTF-8 prefix that no continuation byte can complete (past U+10FFFF, overlong, a surrogate)
+ * must be refused at the byte that makes it so, also in states that take every non-ASCII code
+ * point alike (inside a string): allowing it left the sequence at a dead end, no token allowed. */
+static void test_utf8_dead_prefixes(void **state)
+{
+    (void)state;
+    struct grammar_vocab *v = byte_vocab();
+    static const char *const grammars[] = {"root ::= \"\\\"\" [^\"]* \"\\\"\"",
+                                           "root ::= \"\\\"\" [^\"\\u00e9]* \"\\\"\""};
+    static const unsigned char bad[][2] = {{0xF4, 0x90}, {0xF4, 0xBF}, {0xF0, 0x80}, {0xF0, 0x8F},
+                                           {0xE0, 0x80}, {0xE0, 0x9F}, {0xED, 0xA0}, {0xED, 0xBF}};
+    static const unsigned char good[][2] = {{0xF4, 0x8F}, {0xF0, 0x90}, {0xE0, 0xA0}, {0xED, 0x9F}};
+    for (size_t gi = 0; gi < sizeof grammars / sizeof grammars[0]; gi++) {
+        struct grammar *g = gbnf(grammars[gi]);
+        for (size_t k = 0; k < sizeof bad / sizeof bad[0] + sizeof good / sizeof good[0]; k++) {
+            int ok = k >= sizeof bad / sizeof bad[0];
+            const unsigned char *b = ok ? good[k - sizeof bad / sizeof bad[0]] : bad[k];
+            struct grammar_matcher *m = NULL;
+            const uint32_t *mask;
+            int32_t n;
+            assert_int_equal(grammar_matcher_create(g, v, &m), KRS_OK);
+            assert_int_equal(grammar_matcher_accept(m, '"'), KRS_OK);
+            assert_int_equal(grammar_matcher_accept(m, b[0]), KRS_OK);
+            assert_int_equal(grammar_matcher_mask(m, &mask, &n), KRS_OK);
+            assert_int_equal(bit(mask, b[1]), ok);
+            assert_int_equal(grammar_matcher_accept(m, b[1]), ok ? KRS_OK : KRS_ERR_INVALID);
+            if (ok) { /* and the sequence can be completed */
+                assert_int_equal(grammar_matcher_mask(m, &mask, &n), KRS_OK);
+                assert_true(n > 0);
+            }
+            grammar_matcher_free(m);
+        }
+        grammar_release(g);
+    }
+    grammar_vocab_free(v);
+}
+
 static void test_gbnf_errors(void **state)
 {
     (void)state;
@@ -408,6 +445,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_gbnf_basics),
+        cmocka_unit_test(test_utf8_dead_prefixes),
         cmocka_unit_test(test_gbnf_errors),
         cmocka_unit_test(test_schema_corpus),
         cmocka_unit_test(test_schema_unsupported),

@@ -175,7 +175,8 @@ def test_generate_nonstream_deterministic(rpc, greedy_oracle):
     b = result(rpc.call("generate", gen_params(stream=False, seed=7)))
     assert a["text"] == b["text"] and a["text"].startswith(" five, six, seven")
     assert a["finish_reason"] == "length"
-    assert a["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+    assert a["usage"] == {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21,
+                          "prompt_tokens_details": {"cached_tokens": 0}}
     assert a["stream_id"] != b["stream_id"]
     # The oracle's ids spell the same text.
     assert result(rpc.call("detokenize", {"tokens": greedy_oracle}))["text"] == a["text"]
@@ -198,6 +199,26 @@ def test_generate_stream_matches_nonstream(rpc, greedy_oracle):
     assert stats["tokens_per_second"] > 0
     ev = notes[-1]["params"]
     assert ev["event"] == "completed" and ev["finish_reason"] == "length"
+
+
+def test_usage_reports_cached_prompt_tokens(rpc):
+    """usage.prompt_tokens_details.cached_tokens (OpenAI's field) and stream.stats
+    cached_tokens: a prompt sent again has its KV from the prefix cache, all of it but the
+    16-position block holding its last token."""
+    long_prompt = "Count with me slowly and carefully: " + ", ".join(str(i) for i in range(1, 30))
+    first = result(rpc.call("generate", gen_params(prompt=long_prompt, max_tokens=2,
+                                                   stream=False)))
+    n = first["usage"]["prompt_tokens"]
+    assert n > 32
+    again = result(rpc.call("generate", gen_params(prompt=long_prompt, max_tokens=2,
+                                                   stream=False)))
+    assert again["text"] == first["text"]
+    assert again["usage"]["prompt_tokens_details"] == {"cached_tokens": (n - 1) // 16 * 16}
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] <= \
+        again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    sid = result(rpc.call("generate", gen_params(prompt=long_prompt, max_tokens=2)))["stream_id"]
+    stats = rpc.stream(sid)[-2]["params"]
+    assert stats["cached_tokens"] == (n - 1) // 16 * 16 and stats["prompt_tokens"] == n
 
 
 def test_generate_chat_and_stop(rpc):

@@ -4,52 +4,12 @@
  * order admission; cancellation at each stage frees the KV; preemption under a tiny KV pool still
  * completes every request correctly; mode switches under load lose nothing; a reader that never
  * reads gets its request cancelled; counters balance. Skipped when the default model is absent. */
-#include <setjmp.h>
-#include <stdarg.h>
-#include <stddef.h>
-#include <stdint.h>
-#include <cmocka.h>
+#include "sched/sched_test_util.h"
 
 #include <pthread.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
 
-#include "krserve.h"
-#include "metrics/metrics.h"
-#include "model/model.h"
 #include "controller/controller.h"
-#include "sched/sched.h"
-#include "tokenizer/tokenizer.h"
-#include "util/clock.h"
-
-static struct model *model;
-static struct tokenizer *tok;
-
-static int setup(void **state)
-{
-    const char *src = getenv("KRS_SOURCE_DIR");
-    char path[4096], err[256];
-    /* KRS_TEST_MODEL swaps in a tiny model (the TSan run uses one to stay fast). */
-    const char *override = getenv("KRS_TEST_MODEL");
-    if (override && *override)
-        snprintf(path, sizeof path, "%s", override);
-    else
-        snprintf(path, sizeof path, "%s/models/default.gguf", src ? src : ".");
-    if (model_load(path, &model, err, sizeof err) != KRS_OK) return 0;
-    if (tokenizer_load(model_gguf(model), &tok, err, sizeof err) != KRS_OK) {
-        model_free(model);
-        model = NULL;
-    }
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    tokenizer_free(tok);
-    model_free(model);
-    return 0;
-}
+#include "metrics/metrics.h"
 
 static const char *const prompts[] = {
     "The capital of France is",
@@ -60,121 +20,6 @@ static const char *const prompts[] = {
     "My favourite book is",
 };
 #define N_PROMPTS 6
-
-struct result {
-    int32_t tokens[64];
-    int n;
-    enum sched_finish finish;
-    char text[2048];
-    size_t text_len;
-    double total_ms; /* submit -> finish, from the FINISH event */
-    int cached;      /* prompt tokens the prefix cache supplied */
-};
-
-static void make_request(struct sched_request *r, int32_t *ids, int *n_ids, const char *prompt,
-                         int max_tokens)
-{
-    size_t n = 0;
-    assert_int_equal(tokenizer_encode(tok, prompt, strlen(prompt), 1, 0, ids, 256, &n), KRS_OK);
-    *n_ids = (int)n;
-    memset(r, 0, sizeof *r);
-    r->prompt = ids;
-    r->n_prompt = (int)n;
-    r->max_tokens = max_tokens;
-    sampler_params_default(&r->sampling);
-    r->sampling.temperature = 0.0f; /* greedy unless a test says otherwise */
-    r->priority = SCHED_PRIO_DEFAULT;
-}
-
-/* Reads a stream to its end. */
-static void collect(struct sched_stream *st, struct result *res)
-{
-    memset(res, 0, sizeof *res);
-    struct sched_event ev;
-    for (;;) {
-        int rc = sched_stream_read(st, &ev, 60000);
-        assert_int_equal(rc, KRS_OK);
-        if (ev.kind == SCHED_EV_FINISH) {
-            res->finish = ev.finish;
-            res->total_ms = ev.total_ms;
-            res->cached = ev.n_cached_tokens;
-            break;
-        }
-        if (ev.token >= 0 && res->n < 64) res->tokens[res->n++] = ev.token;
-        memcpy(res->text + res->text_len, ev.text, ev.text_len);
-        res->text_len += ev.text_len;
-    }
-    sched_stream_release(st);
-}
-
-/* The parameters most tests share; a test changes what it exercises. */
-static void test_params(struct sched_params *p, int kv_tokens, enum sched_mode mode)
-{
-    sched_params_default(p);
-    p->background_aging_ms = 600000; /* tests of ordering must not see aging */
-    p->max_running = 8;
-    p->max_batch_tokens = 64;
-    p->kv_tokens = kv_tokens;
-    p->max_ctx = 256;
-    p->mode = mode;
-}
-
-static struct sched *create_sched(const struct sched_params *p, struct metrics *metrics)
-{
-    struct sched *s;
-    char err[256];
-    assert_int_equal(sched_create(model, tok, p, metrics, &s, err, sizeof err), KRS_OK);
-    return s;
-}
-
-static struct sched *make_sched(int kv_tokens, enum sched_mode mode, int stream_cap,
-                                struct metrics *metrics)
-{
-    struct sched_params p;
-    test_params(&p, kv_tokens, mode);
-    p.stream_capacity = stream_cap;
-    return create_sched(&p, metrics);
-}
-
-static void run_alone(struct sched *s, const struct sched_request *r, struct result *res)
-{
-    struct sched_stream *st;
-    uint64_t id;
-    assert_int_equal(sched_submit(s, r, &st, &id), KRS_OK);
-    collect(st, res);
-}
-
-static void wait_idle(struct sched *s)
-{
-    for (int i = 0; i < 6000; i++) {
-        struct sched_state st;
-        sched_get_state(s, &st);
-        uint64_t done = 0;
-        for (int f = 0; f < 5; f++) done += st.finished[f];
-        if (st.idle && st.running == 0 && st.queued[0] + st.queued[1] + st.queued[2] == 0 &&
-            done == st.submitted)
-            return;
-        clock_sleep_us(5000);
-    }
-    fail_msg("scheduler did not become idle");
-}
-
-static void assert_kv_all_free(struct sched *s)
-{
-    wait_idle(s);
-    struct sched_state st;
-    sched_get_state(s, &st);
-    assert_int_equal(st.kv_blocks_free, st.kv_blocks_total);
-}
-
-static void assert_counters_balance(struct sched *s)
-{
-    struct sched_state st;
-    sched_get_state(s, &st);
-    uint64_t done = 0;
-    for (int i = 0; i < 5; i++) done += st.finished[i];
-    assert_int_equal(st.submitted, done);
-}
 
 /* Submits every prompt at once (seeded sampling when seed != 0) and compares with alone. */
 static void concurrent_equals_alone(int kv_tokens, uint64_t seed, int expect_preemption)

@@ -181,6 +181,7 @@ static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
     }
     uint64_t rb = quant_row_bytes(w->type, w->n_in);
     if (rb == 0 || rb != w->row_bytes) return KRS_ERR_INVALID;
+    if (w->type == QUANT_F32 && w->n_out > 1) c->f32_weights = 1; /* F32 model: exact attention */
     /* The GEMM path dequantizes chunks of rows: at least one row, at most CUDA_DQ_SCRATCH. */
     struct backend_tensor probe;
     memset(&probe, 0, sizeof probe);
@@ -343,6 +344,7 @@ static int cuda_step_begin(struct backend *b, const struct backend_step *s)
     /* What the last step still holds back (one without step_end: no logits, or abandoned). */
     int rc = cuda_flush(c);
     st->active = 0;
+    c->x_half_src = NULL;
     if (rc) return rc;
     if (!s || s->n_tokens <= 0 || s->n_tokens > c->max_tokens || !s->tokens || !s->pos || !s->seq ||
         s->n_seqs <= 0 || s->n_seqs > c->max_tokens || s->n_logits < 0 ||
@@ -772,9 +774,11 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->max_ctx = p->max_ctx;
     c->mv_max_rows = env_int("KRS_CUDA_MV_ROWS", CUDA_MV_MAX_ROWS);
     c->mv_half_rows = env_int("KRS_CUDA_MV_HALF_ROWS", 2);
+    c->mv_nw4_rows = env_int("KRS_CUDA_MV_NW4", 32768);
     c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
     c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
     c->pdl = env_int("KRS_CUDA_PDL", 1) != 0;
+    c->attn_tile = env_int("KRS_CUDA_ATTN_TILE", 1);
     int rc;
     if ((rc = CUDA_CHECK(cudaSetDevice(0), "cudaSetDevice")) ||
         (rc = CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream")) ||

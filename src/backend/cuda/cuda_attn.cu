@@ -365,6 +365,9 @@ int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, co
     const struct cuda_kv *kv = &c->kv;
     const int T = c->step.n_tokens, g = kv->layer_group[a->layer];
     if (T <= 0) return KRS_OK;
+    if (cuda_attn_tile_fits(c, a))
+        return cuda_attention_tiles(c, a, q, out, layer_slab(c, kv->k, a->layer),
+                                    layer_slab(c, kv->v, a->layer), c->step.d_table[g]);
     const int64_t pairs = (int64_t)T * a->n_head;
     /* Splits when (token, head) pairs alone leave the GPU idle (decode), or a block would walk
      * more than ATTN_SPAN positions (long prefill chunks); >= ATTN_MIN_SPLIT positions each, as far

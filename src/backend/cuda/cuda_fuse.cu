@@ -21,11 +21,17 @@ static float *fp(const struct backend_tensor *t)
 int cuda_op_exec(struct backend_cuda *c, const struct cuda_op *o)
 {
     const struct cuda_step *st = &c->step;
+    if (o->kind != CUDA_OP_MATMUL) c->x_half_src = NULL; /* it may write that input */
     switch (o->kind) {
     case CUDA_OP_EMBED:
         return cuda_embed(c, o->t[0], st->d_tokens, st->n_tokens, o->f[0], fp(o->t[1]));
-    case CUDA_OP_MATMUL:
-        return cuda_matmul(c, o->t[0], fp(o->t[1]), o->i[0], fp(o->t[2]));
+    case CUDA_OP_MATMUL: {
+        c->x_half_op = 1;
+        int rc = cuda_matmul(c, o->t[0], fp(o->t[1]), o->i[0], fp(o->t[2]));
+        c->x_half_op = 0;
+        if (rc || c->x_half_src == fp(o->t[2])) c->x_half_src = NULL;
+        return rc;
+    }
     case CUDA_OP_RMSNORM:
         return cuda_rmsnorm(c, fp(o->t[0]), fp(o->t[1]), o->i[0], o->i[1], o->f[0], fp(o->t[2]));
     case CUDA_OP_ADD_BIAS:
@@ -191,6 +197,8 @@ static int fuse_step(struct backend_cuda *c)
     if (k == 0) {
         int rc = cuda_op_exec(c, &q->op[0]);
         k = rc ? -rc : 1;
+    } else {
+        c->x_half_src = NULL; /* a fused kernel wrote what it wrote */
     }
     if (k < 0) {
         q->n = 0; /* the step is void */

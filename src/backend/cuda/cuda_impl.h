@@ -160,14 +160,24 @@ struct backend_cuda {
     struct cuda_kv kv;
     struct cuda_sampler *sampler; /* device sampling (cuda_sample.cu) */
     int mv_max_rows;     /* rows up to which matmul uses the matvec kernels (KRS_CUDA_MV_ROWS) */
+    int64_t mv_nw4_rows; /* outputs from which a batch-1 matvec gives each warp 4 rows
+                          * (KRS_CUDA_MV_NW4, default 32768: the vocabulary) */
     int mv_half_rows;    /* the same for F16/BF16 weights, which GEMM reads as they are
                           * (KRS_CUDA_MV_HALF_ROWS) */
     void *x_half;        /* [max_tokens * max_n_in] activations as F16/BF16 for those GEMMs */
     float *x_inv_scale;  /* [max_tokens] 1 / the power-of-two scale of each such row */
-    int gemm_tf32;       /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
-    int fuse;            /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
-    int pdl;             /* programmatic dependent launches (KRS_CUDA_PDL, default 1) */
-    struct cuda_opq opq; /* ops waiting for fusion (cuda_fuse.cu) */
+    /* The activations x_half holds: a run of matmul ops on one input (q, k, v; gate, up)
+     * converts it once. Set only by matmul ops (x_half_op), cleared by every other op. */
+    const float *x_half_src;
+    int64_t x_half_n_in;
+    int x_half_rows, x_half_op;
+    uint32_t x_half_type;
+    int gemm_tf32;   /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
+    int fuse;        /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
+    int pdl;         /* programmatic dependent launches (KRS_CUDA_PDL, default 1) */
+    int attn_tile;   /* tensor-core attention for prompt steps (KRS_CUDA_ATTN_TILE, default 1) */
+    int f32_weights; /* a matrix is stored in F32: attention stays in F32 too */
+    struct cuda_opq opq;        /* ops waiting for fusion (cuda_fuse.cu) */
     struct cuda_graphs *graphs; /* recorded decode steps (cuda_graph.cu) */
 };
 
@@ -198,10 +208,11 @@ static __device__ __forceinline__ void cuda_pdl_enter()
 }
 
 template <typename... KArgs, typename... Args>
-static inline void cuda_launch(const struct backend_cuda *c, void (*kernel)(KArgs...), dim3 grid,
-                               dim3 block, Args... args)
+static inline void cuda_launch_smem(const struct backend_cuda *c, void (*kernel)(KArgs...),
+                                    dim3 grid, dim3 block, size_t smem, Args... args)
 {
     cudaLaunchConfig_t cfg = {};
+    cfg.dynamicSmemBytes = smem;
     cudaLaunchAttribute attr[1] = {};
     attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[0].val.programmaticStreamSerializationAllowed = 1;
@@ -212,6 +223,13 @@ static inline void cuda_launch(const struct backend_cuda *c, void (*kernel)(KArg
     cfg.numAttrs = c->pdl ? 1 : 0;
     /* errors are the launch's: CUDA_LAUNCHED reads them with cudaGetLastError */
     (void)cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename... KArgs, typename... Args>
+static inline void cuda_launch(const struct backend_cuda *c, void (*kernel)(KArgs...), dim3 grid,
+                               dim3 block, Args... args)
+{
+    cuda_launch_smem(c, kernel, grid, block, 0, args...);
 }
 
 /* ---- cuda_quant.cu ---- */
@@ -238,6 +256,12 @@ int cuda_get_rows(struct backend_cuda *c, const float *x, int n, const int32_t *
 
 /* ---- cuda_attn.cu ---- */
 int cuda_kv_store(struct backend_cuda *c, int layer, const float *k, const float *v);
+/* ---- cuda_attn_tile.cu ---- */
+/* 1 when the step and layer suit the tensor-core attention (several tokens per sequence). */
+int cuda_attn_tile_fits(const struct backend_cuda *c, const struct backend_attn_args *a);
+/* Attention of the step's tokens over the layer's slabs kc / vc and block table. */
+int cuda_attention_tiles(struct backend_cuda *c, const struct backend_attn_args *a, const float *q,
+                         float *out, const float *kc, const float *vc, const int32_t *table);
 int cuda_attention(struct backend_cuda *c, const struct backend_attn_args *a, const float *q,
                    float *out);
 

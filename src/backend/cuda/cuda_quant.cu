@@ -602,7 +602,7 @@ struct mv_launch {
     {
         /* a long output (the vocabulary) at batch 1: 4 rows per warp share each activation
          * load; short ones keep a warp per row for more parallel warps */
-        if (rows <= 1) return w->n_out >= 32768 ? go<FMT, 1, 4>() : go<FMT, 1, 1>();
+        if (rows <= 1) return w->n_out >= c->mv_nw4_rows ? go<FMT, 1, 4>() : go<FMT, 1, 1>();
         if (rows <= 2) return go<FMT, 2, 1>();
         if (rows <= 4) return go<FMT, 4, 2>();
         return go<FMT, 8, 2>();
@@ -678,7 +678,9 @@ int cuda_matvec_multi(struct backend_cuda *c, int nw, const struct backend_tenso
         l.P.s[i].type = w[i]->type;
         l.P.s[i].y = y[i];
     }
-    if (rows <= 1) return l.go<1, 1>();
+    int64_t min_out = w[0]->n_out;
+    for (int i = 1; i < nw; i++) min_out = w[i]->n_out < min_out ? w[i]->n_out : min_out;
+    if (rows <= 1) return min_out >= c->mv_nw4_rows ? l.go<1, 4>() : l.go<1, 1>();
     if (rows <= 2) return l.go<2, 1>();
     if (rows <= 4) return l.go<4, 2>();
     return l.go<8, 2>();
@@ -759,14 +761,23 @@ static int gemm_half(struct backend_cuda *c, const struct backend_tensor *w, con
     const float one = 1.0f, zero = 0.0f;
     const int f16 = w->type == QUANT_F16;
     const cudaDataType_t dt = f16 ? CUDA_R_16F : CUDA_R_16BF;
-    if (f16)
-        cuda_launch(c, k_rows_to_half<__half>, rows, CUDA_NORM_THREADS, x, w->n_in,
-                    (__half *)c->x_half, c->x_inv_scale);
-    else
-        cuda_launch(c, k_rows_to_half<__nv_bfloat16>, rows, CUDA_NORM_THREADS, x, w->n_in,
-                    (__nv_bfloat16 *)c->x_half, c->x_inv_scale);
-    int rc = CUDA_LAUNCHED("rows to half");
-    if (rc) return rc;
+    const int converted = c->x_half_op && c->x_half_src == x && c->x_half_rows == rows &&
+                          c->x_half_n_in == w->n_in && c->x_half_type == w->type;
+    int rc = KRS_OK;
+    if (!converted) {
+        if (f16)
+            cuda_launch(c, k_rows_to_half<__half>, rows, CUDA_NORM_THREADS, x, w->n_in,
+                        (__half *)c->x_half, c->x_inv_scale);
+        else
+            cuda_launch(c, k_rows_to_half<__nv_bfloat16>, rows, CUDA_NORM_THREADS, x, w->n_in,
+                        (__nv_bfloat16 *)c->x_half, c->x_inv_scale);
+        rc = CUDA_LAUNCHED("rows to half");
+        if (rc) return rc;
+    }
+    c->x_half_src = c->x_half_op ? x : NULL;
+    c->x_half_rows = rows;
+    c->x_half_n_in = w->n_in;
+    c->x_half_type = w->type;
     rc = cuda_cublas_status(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->n_out, rows,
                                          (int)w->n_in, &one, w->dev, dt, (int)w->n_in, c->x_half,
                                          dt, (int)w->n_in, &zero, y, CUDA_R_32F, (int)w->n_out,
