@@ -19,11 +19,13 @@
 
 struct gen_opts {
     const char *model, *prompt, *batch_file, *system, *template_name;
-    int n_predict, chat, threads, ignore_eos;
-    const char *device; /* NULL: $KRSERVE_DEVICE, else cpu */
-    struct sampler_params sp;
-    int has_seed;
+    int chat, threads;
+    const char *device;    /* NULL: $KRSERVE_DEVICE, else cpu */
+    struct engine_gen gen; /* the shared fields, checked by the engine's request builder */
+    struct engine_limits lim;
 };
+
+#define DEFAULT_N_PREDICT 128
 
 static void usage(void)
 {
@@ -31,11 +33,13 @@ static void usage(void)
         "usage: krserve generate [-m MODEL] (-p PROMPT | --batch FILE) [-n N] [--temperature T]\n"
         "                        [--top-k K] [--top-p P] [--min-p P] [--repeat-penalty R]\n"
         "                        [--seed S] [--chat] [--system TEXT] [--template NAME]\n"
-        "                        [--ignore-eos] [--threads N] [--device cpu|cuda]\n"
+        "                        [--ignore-eos] [--priority P] [--threads N]\n"
+        "                        [--device cpu|cuda]\n"
         "  -p PROMPT      generate a continuation, streamed as it is produced\n"
         "  --batch FILE   one prompt per line, all run concurrently; one output line each\n"
         "  --chat         wrap the prompt in the model's chat template (user message)\n"
-        "  defaults: -n 128, --temperature 0.8, --top-p 0.95\n");
+        "  defaults: -n 128 (capped by the room left in the context), --temperature 0.8,\n"
+        "  --top-p 0.95; ranges and priority names as in the HTTP and JSON-RPC APIs\n");
 }
 
 /* Tokenizes a prompt (as a chat user message when opts->chat). Caller frees *ids. */
@@ -77,17 +81,16 @@ static int make_prompt(const struct tokenizer *tok, const struct gen_opts *o, co
     return KRS_OK;
 }
 
-static void fill_request(struct sched_request *r, const struct gen_opts *o, const int32_t *ids,
-                         int n)
+/* The scheduler request for one prompt, through the engine's request builder. */
+static int fill_request(struct sched_request *r, const struct gen_opts *o, const int32_t *ids,
+                        int n)
 {
-    memset(r, 0, sizeof *r);
-    r->prompt = ids;
-    r->n_prompt = n;
-    r->max_tokens = o->n_predict;
-    r->sampling = o->sp;
-    r->has_seed = o->has_seed;
-    r->ignore_eos = o->ignore_eos;
-    r->priority = SCHED_PRIO_DEFAULT;
+    struct engine_req_error re;
+    if (engine_gen_build(&o->gen, &o->lim, ids, n, "prompt", r, &re)) {
+        fprintf(stderr, "krserve generate: %s\n", re.reason);
+        return KRS_ERR_INVALID;
+    }
+    return KRS_OK;
 }
 
 static int run_single(struct sched *s, const struct tokenizer *tok, const struct gen_opts *o)
@@ -96,7 +99,10 @@ static int run_single(struct sched *s, const struct tokenizer *tok, const struct
     int n = 0, rc;
     if ((rc = make_prompt(tok, o, o->prompt, &ids, &n))) return 1;
     struct sched_request r;
-    fill_request(&r, o, ids, n);
+    if (fill_request(&r, o, ids, n)) {
+        alloc_free(ids);
+        return 2;
+    }
     struct sched_stream *st;
     uint64_t id;
     if ((rc = sched_submit(s, &r, &st, &id))) {
@@ -171,7 +177,7 @@ static int run_batch(struct sched *s, const struct tokenizer *tok, const struct 
         int n;
         if (make_prompt(tok, o, line, &it->ids, &n)) continue;
         struct sched_request r;
-        fill_request(&r, o, it->ids, n);
+        if (fill_request(&r, o, it->ids, n)) continue; /* reported; its line says <error> */
         uint64_t id;
         int rc = sched_submit(s, &r, &it->st, &id);
         if (rc) fprintf(stderr, "prompt %d: %s\n", n_items, krs_status_str(rc));
@@ -236,13 +242,15 @@ int cli_generate(int argc, char **argv)
         {"threads", required_argument, 0, 'j'},
         {"device", required_argument, 0, 'D'},
         {"ignore-eos", no_argument, 0, 'e'},
+        {"priority", required_argument, 0, 'y'},
         {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0},
     };
-    struct gen_opts o = {.n_predict = 128};
-    sampler_params_default(&o.sp);
-    o.sp.temperature = 0.8f;
-    o.sp.top_p = 0.95f;
+    struct gen_opts o = {0};
+    engine_gen_init(&o.gen);
+    struct sampler_params *smp = &o.gen.sampling;
+    smp->temperature = 0.8f;
+    smp->top_p = 0.95f;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:p:n:t:k:s:b:j:h", opts, NULL)) != -1) {
@@ -253,27 +261,33 @@ int cli_generate(int argc, char **argv)
         case 'p':
             o.prompt = optarg;
             break;
-        case 'n':
-            o.n_predict = atoi(optarg);
-            break;
+        case 'n': {
+            char *end = NULL;
+            long v = strtol(optarg, &end, 10);
+            if (!*optarg || *end || v < 1 || v > 1000000000L) {
+                fprintf(stderr, "krserve generate: -n must be an integer > 0\n");
+                return 2;
+            }
+            o.gen.max_tokens = (int)v;
+        } break;
         case 't':
-            o.sp.temperature = strtof(optarg, NULL);
+            smp->temperature = strtof(optarg, NULL);
             break;
         case 'k':
-            o.sp.top_k = atoi(optarg);
+            smp->top_k = atoi(optarg);
             break;
         case 'P':
-            o.sp.top_p = strtof(optarg, NULL);
+            smp->top_p = strtof(optarg, NULL);
             break;
         case 'M':
-            o.sp.min_p = strtof(optarg, NULL);
+            smp->min_p = strtof(optarg, NULL);
             break;
         case 'r':
-            o.sp.repetition_penalty = strtof(optarg, NULL);
+            smp->repetition_penalty = strtof(optarg, NULL);
             break;
         case 's':
-            o.sp.seed = strtoull(optarg, NULL, 10);
-            o.has_seed = 1;
+            smp->seed = strtoull(optarg, NULL, 10);
+            o.gen.has_seed = 1;
             break;
         case 'c':
             o.chat = 1;
@@ -294,7 +308,14 @@ int cli_generate(int argc, char **argv)
             o.device = optarg;
             break;
         case 'e':
-            o.ignore_eos = 1;
+            o.gen.ignore_eos = 1;
+            break;
+        case 'y':
+            if (engine_parse_priority(optarg, &o.gen.priority)) {
+                fprintf(stderr, "krserve generate: --priority must be urgent, default or "
+                                "background (or high, normal, low)\n");
+                return 2;
+            }
             break;
         case 'h':
             usage();
@@ -304,9 +325,13 @@ int cli_generate(int argc, char **argv)
             return 2;
         }
     }
-    if (!o.prompt == !o.batch_file || o.n_predict <= 0) {
-        fprintf(stderr,
-                "krserve generate: give exactly one of -p PROMPT or --batch FILE, and -n > 0\n");
+    struct engine_req_error re;
+    if (!o.prompt == !o.batch_file) {
+        fprintf(stderr, "krserve generate: give exactly one of -p PROMPT or --batch FILE\n");
+        return 2;
+    }
+    if (engine_gen_check(&o.gen, &re)) {
+        fprintf(stderr, "krserve generate: %s\n", re.reason);
         return 2;
     }
     const char *path = cli_model_path(o.model);
@@ -334,6 +359,8 @@ int cli_generate(int argc, char **argv)
         fprintf(stderr, "krserve: %s\n", err);
         goto out;
     }
+    engine_limits_of(s, tok, NULL, &o.lim);
+    o.lim.default_max_tokens = DEFAULT_N_PREDICT;
     status = o.batch_file ? run_batch(s, tok, &o) : run_single(s, tok, &o);
 out:
     sched_destroy(s);

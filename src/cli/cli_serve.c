@@ -1,6 +1,7 @@
 /* `krserve serve`: loads the startup model into an engine registry, runs the HTTP server, and
  * handles signals through a signalfd (no work in signal handlers): SIGTERM/SIGINT drain (stop
- * taking work, let running requests finish within server.drainTimeoutMs, exit 0), SIGHUP
+ * taking work, let running requests finish within server.drainTimeoutMs, stop listening, answer
+ * the HTTP requests already received, exit 0), SIGHUP
  * re-reads the configuration and applies what is safe at run time. */
 #include "cli/cli.h"
 #include "config/config.h"
@@ -142,6 +143,8 @@ int cli_serve(int argc, char **argv)
         uint64_t hard = clock_now_ns() + 5000000000ull;
         while (server_inflight(srv) > 0 && clock_now_ns() < hard) clock_sleep_us(10000);
     }
+    /* Every generation has ended; answer what was already received before closing. */
+    server_finish_drain(srv, 5000);
     KRS_LOG_INFOF("shutdown: done");
     exit_code = 0;
 out:

@@ -1,5 +1,5 @@
 /* Model registry: load/unload at run time, counted references, model-directory confinement. */
-#include "engine/engine.h"
+#include "engine/engine_impl.h"
 
 #include "krserve.h"
 #include "metrics/metrics.h"
@@ -277,6 +277,36 @@ void engine_registry_hold_loading(struct engine_registry *r, int delta)
     pthread_mutex_lock(&r->lock);
     r->loading += delta;
     pthread_mutex_unlock(&r->lock);
+}
+
+const char *engine_name(const struct engine *e)
+{
+    return e->name;
+}
+
+uint64_t engine_created_unix(const struct engine *e)
+{
+    return e->created_unix;
+}
+
+struct sched *engine_sched(const struct engine *e)
+{
+    return e->sched;
+}
+
+const struct tokenizer *engine_tokenizer(const struct engine *e)
+{
+    return e->tok;
+}
+
+const struct model *engine_model(const struct engine *e)
+{
+    return e->model;
+}
+
+struct metrics *engine_metrics(const struct engine *e)
+{
+    return e->metrics;
 }
 
 const struct krs_config *engine_registry_config(const struct engine_registry *r)

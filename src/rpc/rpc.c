@@ -148,7 +148,7 @@ void rpc_abort(struct rpc_ctx *c, const atomic_int *abort)
     if (!c || !abort) return;
     pthread_mutex_lock(&c->lock);
     for (struct rpc_gen *g = c->active; g; g = g->next_active)
-        if (g->job->abort == abort) sched_cancel(g->eng->sched, g->sched_id);
+        if (g->job->abort == abort) sched_cancel(engine_sched(g->eng), g->sched_id);
     pthread_mutex_unlock(&c->lock);
 }
 
@@ -165,7 +165,7 @@ void rpc_free(struct rpc_ctx *c)
     if (!c) return;
     pthread_mutex_lock(&c->lock);
     for (struct rpc_gen *g = c->active; g; g = g->next_active)
-        sched_cancel(g->eng->sched, g->sched_id);
+        sched_cancel(engine_sched(g->eng), g->sched_id);
     pthread_mutex_unlock(&c->lock);
     rpc_wait_idle(c);
     pthread_mutex_destroy(&c->lock);
@@ -415,7 +415,7 @@ int rpc_gen_launch(struct rpc_job *job, struct rpc_gen *g, char *msg, size_t msg
     c->n_threads++;
     /* Checked under the lock rpc_abort takes: a generation registered after the scan of an
      * abort sees the flag here, one registered before is found by the scan. */
-    if (job->abort && atomic_load(job->abort)) sched_cancel(g->eng->sched, g->sched_id);
+    if (job->abort && atomic_load(job->abort)) sched_cancel(engine_sched(g->eng), g->sched_id);
     pthread_mutex_unlock(&c->lock);
     pthread_mutex_lock(&job->mu);
     job->refs++;
@@ -466,7 +466,7 @@ int rpc_cancel_stream(struct rpc_ctx *c, const char *stream_id, char *msg, size_
     pthread_mutex_lock(&c->lock);
     for (struct rpc_gen *g = c->active; g; g = g->next_active)
         if (!strcmp(g->stream_id, stream_id)) {
-            if (sched_cancel(g->eng->sched, g->sched_id) == KRS_OK) rc = 0;
+            if (sched_cancel(engine_sched(g->eng), g->sched_id) == KRS_OK) rc = 0;
             break;
         }
     pthread_mutex_unlock(&c->lock);

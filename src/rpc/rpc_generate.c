@@ -89,7 +89,8 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
         return RPC_INVALID_PARAMS;
     }
     if (cJSON_IsString(prompt)) {
-        rc = encode_alloc(e->tok, prompt->valuestring, strlen(prompt->valuestring), 1, 0, ids, n);
+        rc = encode_alloc(engine_tokenizer(e), prompt->valuestring, strlen(prompt->valuestring), 1,
+                          0, ids, n);
         if (rc) {
             snprintf(msg, ml, "tokenizer error: %s", krs_status_str(rc));
             return RPC_TOKENIZER_ERROR;
@@ -98,7 +99,6 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
     }
     if (cJSON_IsArray(prompt)) {
         int cnt = cJSON_GetArraySize(prompt);
-        uint32_t n_vocab = tokenizer_n_vocab(e->tok);
         *ids = alloc_malloc((size_t)(cnt ? cnt : 1) * sizeof **ids);
         if (!*ids) {
             snprintf(msg, ml, "out of memory");
@@ -108,10 +108,10 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
         const cJSON *t;
         cJSON_ArrayForEach(t, prompt)
         {
+            /* The vocabulary is the request builder's check (same words as over HTTP). */
             if (!cJSON_IsNumber(t) || t->valuedouble != floor(t->valuedouble) ||
-                t->valuedouble < 0 || t->valuedouble >= n_vocab) {
-                snprintf(msg, ml, "invalid params: 'prompt' token ids must be integers in [0, %u)",
-                         n_vocab);
+                t->valuedouble < 0 || t->valuedouble > INT32_MAX) {
+                snprintf(msg, ml, "invalid params: 'prompt' token ids must be integers >= 0");
                 return RPC_INVALID_PARAMS;
             }
             (*ids)[i++] = (int32_t)t->valuedouble;
@@ -158,8 +158,8 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
     }
     char *text = NULL, err[256] = "";
     size_t tlen = 0;
-    rc = chat_apply(e->tok, tmpl ? tmpl->valuestring : NULL, msgs, (size_t)cnt, 1, &text, &tlen,
-                    err, sizeof err);
+    rc = chat_apply(engine_tokenizer(e), tmpl ? tmpl->valuestring : NULL, msgs, (size_t)cnt, 1,
+                    &text, &tlen, err, sizeof err);
     if (rc) {
         snprintf(msg, ml, "%s: %s", rc == KRS_ERR_INVALID ? "invalid params" : "chat template",
                  *err ? err : krs_status_str(rc));
@@ -167,7 +167,7 @@ static int parse_prompt(struct engine *e, const cJSON *p, int32_t **ids, size_t 
         goto out;
     }
     /* The rendered text carries the template's own BOS: no BOS added, specials parsed. */
-    rc = encode_alloc(e->tok, text, tlen, 0, 1, ids, n);
+    rc = encode_alloc(engine_tokenizer(e), text, tlen, 0, 1, ids, n);
     alloc_free(text);
     if (rc) {
         snprintf(msg, ml, "tokenizer error: %s", krs_status_str(rc));
@@ -178,144 +178,26 @@ out:
     return code;
 }
 
-static int parse_sampling(const cJSON *p, struct sched_request *req, struct rpc_gen_opts *o,
-                          char *msg, size_t ml)
+/* The JSON-RPC form of a request builder error: -32602 "invalid params: <reason>" (-32603 when
+ * out of memory). */
+static int req_error(const struct engine_req_error *re, char *msg, size_t ml)
 {
-    struct sampler_params *sp = &req->sampling;
-    double d;
-    int64_t v;
-    int r;
-#define NUM(key, field)                                                                            \
-    if ((r = opt_number(p, key, &d, msg, ml)) < 0) return RPC_INVALID_PARAMS;                      \
-    if (r) sp->field = (float)d;
-    NUM("temperature", temperature);
-    NUM("top_p", top_p);
-    NUM("min_p", min_p);
-    NUM("repetition_penalty", repetition_penalty);
-    NUM("presence_penalty", presence_penalty);
-    NUM("frequency_penalty", frequency_penalty);
-#undef NUM
-    if ((r = opt_int(p, "top_k", 0, 2147483647.0, &v, msg, ml)) < 0) return RPC_INVALID_PARAMS;
-    if (r) sp->top_k = (int32_t)v;
-    if ((r = opt_int(p, "repetition_context_size", -1, 1 << 30, &v, msg, ml)) < 0)
-        return RPC_INVALID_PARAMS;
-    if (r) sp->penalty_last_n = (int32_t)v;
-    if ((r = opt_int(p, "seed", 0, 9007199254740991.0, &v, msg, ml)) < 0) return RPC_INVALID_PARAMS;
-    if (r) {
-        sp->seed = (uint64_t)v;
-        req->has_seed = 1;
-    }
-    int b = 0;
-    if (opt_bool(p, "logprobs", &b, msg, ml) < 0) return RPC_INVALID_PARAMS;
-    o->logprobs = b;
-    if ((r = opt_int(p, "top_logprobs", 0, SAMPLER_MAX_TOP_LOGPROBS, &v, msg, ml)) < 0)
-        return RPC_INVALID_PARAMS;
-    if (r) o->top_logprobs = (int)v;
-    if (o->top_logprobs > 0) o->logprobs = 1;
-    sp->n_top_logprobs = o->top_logprobs;
-    sp->skip_logprob = !o->logprobs;
-    return 0;
-}
-
-static int parse_stop(const cJSON *p, struct sched_request *req, int32_t **stop_ids, char *msg,
-                      size_t ml)
-{
-    const cJSON *stop = cJSON_GetObjectItemCaseSensitive(p, "stop");
-    if (cJSON_IsString(stop)) {
-        req->stop[0] = stop->valuestring;
-        req->n_stop = 1;
-    } else if (cJSON_IsArray(stop)) {
-        const cJSON *s;
-        cJSON_ArrayForEach(s, stop)
-        {
-            if (!cJSON_IsString(s) || req->n_stop >= SCHED_MAX_STOP) {
-                snprintf(msg, ml, "invalid params: 'stop' takes at most %d strings",
-                         SCHED_MAX_STOP);
-                return RPC_INVALID_PARAMS;
-            }
-            req->stop[req->n_stop++] = s->valuestring;
-        }
-    } else if (stop && !cJSON_IsNull(stop)) {
-        snprintf(msg, ml, "invalid params: 'stop' must be a string or an array of strings");
-        return RPC_INVALID_PARAMS;
-    }
-    for (int i = 0; i < req->n_stop; i++) {
-        size_t n = strlen(req->stop[i]);
-        if (n == 0 || n > SCHED_MAX_STOP_LEN) {
-            snprintf(msg, ml, "invalid params: stop strings must be 1 to %d bytes",
-                     SCHED_MAX_STOP_LEN);
-            return RPC_INVALID_PARAMS;
-        }
-    }
-    const cJSON *ids = cJSON_GetObjectItemCaseSensitive(p, "stop_token_ids");
-    if (ids && !cJSON_IsNull(ids)) {
-        if (!cJSON_IsArray(ids)) {
-            snprintf(msg, ml, "invalid params: 'stop_token_ids' must be an array of token ids");
-            return RPC_INVALID_PARAMS;
-        }
-        int cnt = cJSON_GetArraySize(ids);
-        *stop_ids = alloc_malloc((size_t)(cnt ? cnt : 1) * sizeof **stop_ids);
-        if (!*stop_ids) return RPC_INTERNAL;
-        const cJSON *t;
-        cJSON_ArrayForEach(t, ids)
-        {
-            if (!cJSON_IsNumber(t) || t->valuedouble != floor(t->valuedouble) ||
-                t->valuedouble < 0 || t->valuedouble > 2147483647.0) {
-                snprintf(msg, ml, "invalid params: 'stop_token_ids' must be token ids");
-                return RPC_INVALID_PARAMS;
-            }
-            (*stop_ids)[req->n_stop_ids++] = (int32_t)t->valuedouble;
-        }
-        req->stop_ids = *stop_ids;
-    }
-    return 0;
-}
-
-/* logit_bias: {"token id": bias, ...} (OpenAI). */
-static int parse_bias(const cJSON *p, struct sched_request *req, struct sampler_logit_bias **out,
-                      char *msg, size_t ml)
-{
-    const cJSON *lb = cJSON_GetObjectItemCaseSensitive(p, "logit_bias");
-    if (!lb || cJSON_IsNull(lb)) return 0;
-    if (!cJSON_IsObject(lb)) {
-        snprintf(msg, ml, "invalid params: 'logit_bias' must be an object {token_id: bias}");
-        return RPC_INVALID_PARAMS;
-    }
-    int cnt = cJSON_GetArraySize(lb);
-    *out = alloc_malloc((size_t)(cnt ? cnt : 1) * sizeof **out);
-    if (!*out) return RPC_INTERNAL;
-    int i = 0;
-    const cJSON *b;
-    cJSON_ArrayForEach(b, lb)
-    {
-        char *end = NULL;
-        long id = strtol(b->string, &end, 10);
-        if (!*b->string || *end || id < 0 || id > 2147483647L || !cJSON_IsNumber(b) ||
-            !isfinite(b->valuedouble)) {
-            snprintf(msg, ml, "invalid params: bad logit_bias entry '%s'", b->string);
-            return RPC_INVALID_PARAMS;
-        }
-        (*out)[i].token = (int32_t)id;
-        (*out)[i].bias = (float)b->valuedouble;
-        i++;
-    }
-    req->sampling.logit_bias = *out;
-    req->sampling.n_logit_bias = i;
-    return 0;
+    snprintf(
+        msg, ml, "%s%s",
+        re->fault == ENGINE_REQ_NO_MEMORY ? "internal error: " : "invalid params: ", re->reason);
+    return re->fault == ENGINE_REQ_NO_MEMORY ? RPC_INTERNAL : RPC_INVALID_PARAMS;
 }
 
 int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJSON *p,
-                       struct sched_request *req, int32_t **prompt_out,
-                       struct sampler_logit_bias **bias_out, int32_t **stop_ids_out,
+                       struct engine_gen *gen, struct sched_request *req, int32_t **prompt_out,
                        struct rpc_gen_opts *o, char *msg, size_t ml)
 {
     memset(req, 0, sizeof *req);
     memset(o, 0, sizeof *o);
-    *prompt_out = NULL, *bias_out = NULL, *stop_ids_out = NULL;
-    sampler_params_default(&req->sampling);
-    req->priority = SCHED_PRIO_DEFAULT;
+    *prompt_out = NULL;
     int code, r, b;
     int64_t v;
+    struct engine_req_error re;
 
     o->streaming = 1;
     if (opt_bool(p, "stream", &o->streaming, msg, ml) < 0) return RPC_INVALID_PARAMS;
@@ -329,33 +211,18 @@ int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJS
         }
         snprintf(o->stream_id, sizeof o->stream_id, "%s", sid->valuestring);
     }
-    req->max_tokens = cfg->server.max_tokens_limit < DEFAULT_MAX_TOKENS
-                          ? cfg->server.max_tokens_limit
-                          : DEFAULT_MAX_TOKENS;
-    if ((r = opt_int(p, "max_tokens", 1, cfg->server.max_tokens_limit, &v, msg, ml)) < 0)
-        return RPC_INVALID_PARAMS;
-    if (r) req->max_tokens = (int)v;
-    if ((code = parse_sampling(p, req, o, msg, ml))) return code;
-    if ((code = parse_stop(p, req, stop_ids_out, msg, ml))) return code;
-    if ((code = parse_bias(p, req, bias_out, msg, ml))) return code;
+    /* The shared fields: the engine's request builder (same names, aliases and ranges as the
+     * OpenAI endpoints). */
+    if (engine_gen_from_json(p, gen, &re)) return req_error(&re, msg, ml);
     b = 0;
-    if (opt_bool(p, "ignore_eos", &b, msg, ml) < 0) return RPC_INVALID_PARAMS;
-    req->ignore_eos = b;
-    const cJSON *prio = cJSON_GetObjectItemCaseSensitive(p, "priority");
-    if (prio && !cJSON_IsNull(prio)) {
-        enum sched_priority pr;
-        const char *s = cJSON_IsString(prio) ? prio->valuestring : "";
-        if (!strcmp(s, "high")) s = "urgent";
-        if (!strcmp(s, "normal")) s = "default";
-        if (!strcmp(s, "low")) s = "background";
-        if (sched_parse_priority(s, &pr)) {
-            snprintf(msg, ml,
-                     "invalid params: 'priority' must be \"urgent\", \"default\" or "
-                     "\"background\"");
-            return RPC_INVALID_PARAMS;
-        }
-        req->priority = pr;
-    }
+    if (opt_bool(p, "logprobs", &b, msg, ml) < 0) return RPC_INVALID_PARAMS;
+    o->logprobs = b;
+    if ((r = opt_int(p, "top_logprobs", 0, SAMPLER_MAX_TOP_LOGPROBS, &v, msg, ml)) < 0)
+        return RPC_INVALID_PARAMS;
+    if (r) o->top_logprobs = (int)v;
+    if (o->top_logprobs > 0) o->logprobs = 1;
+    gen->sampling.n_top_logprobs = o->top_logprobs;
+    gen->sampling.skip_logprob = !o->logprobs;
     static const char *const not_here[] = {"tools", "tool_choice"};
     for (size_t i = 0; i < sizeof not_here / sizeof *not_here; i++) {
         const cJSON *x = cJSON_GetObjectItemCaseSensitive(p, not_here[i]);
@@ -369,40 +236,31 @@ int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJS
     }
     const char *gparam = NULL;
     char gerr[200];
+    struct grammar *grammar = NULL;
     if (grammar_from_request(cJSON_GetObjectItemCaseSensitive(p, "response_format"),
-                             cJSON_GetObjectItemCaseSensitive(p, "grammar"), &req->grammar, &gparam,
+                             cJSON_GetObjectItemCaseSensitive(p, "grammar"), &grammar, &gparam,
                              gerr, sizeof gerr)) {
         snprintf(msg, ml, "invalid params: %s", gerr);
         return RPC_INVALID_PARAMS;
     }
-    req->timeout_ms = (uint64_t)cfg->server.request_timeout_ms;
-    if ((r = opt_int(p, "timeout_ms", 1, (double)cfg->server.request_timeout_ms, &v, msg, ml)) < 0)
-        return RPC_INVALID_PARAMS;
-    if (r) req->timeout_ms = (uint64_t)v;
-
-    /* Sampling values checked against the vocabulary before anything is tokenized. */
-    struct sampler probe;
-    if (sampler_init(&probe, &req->sampling, (int32_t)tokenizer_n_vocab(e->tok))) {
-        snprintf(msg, ml,
-                 "invalid params: sampling parameters out of range (temperature >= 0, top_p in "
-                 "(0, 1], min_p in [0, 1], repetition_penalty > 0, logit_bias ids in the "
-                 "vocabulary)");
-        return RPC_INVALID_PARAMS;
-    }
     size_t n = 0;
-    if ((code = parse_prompt(e, p, prompt_out, &n, msg, ml))) return code;
-    if (n == 0) {
-        snprintf(msg, ml, "invalid params: the prompt is empty");
-        return RPC_INVALID_PARAMS;
+    if ((code = parse_prompt(e, p, prompt_out, &n, msg, ml))) goto fail;
+    /* Documented default: 256 tokens (capped by maxTokensLimit and the room in the context). */
+    struct engine_limits lim;
+    engine_limits_of(engine_sched(e), engine_tokenizer(e), cfg, &lim);
+    lim.default_max_tokens = DEFAULT_MAX_TOKENS;
+    if (engine_gen_build(gen, &lim, *prompt_out, (int)n,
+                         p && cJSON_GetObjectItemCaseSensitive(p, "messages") ? "messages"
+                                                                              : "prompt",
+                         req, &re)) {
+        code = req_error(&re, msg, ml);
+        goto fail;
     }
-    if (n > (size_t)cfg->server.max_prompt_tokens) {
-        snprintf(msg, ml, "invalid params: prompt has %zu tokens, the limit is %d", n,
-                 cfg->server.max_prompt_tokens);
-        return RPC_INVALID_PARAMS;
-    }
-    req->prompt = *prompt_out;
-    req->n_prompt = (int)n;
+    req->grammar = grammar;
     return 0;
+fail:
+    grammar_release(grammar);
+    return code;
 }
 
 void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_part *part)
@@ -411,13 +269,14 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
     char msg[512] = "";
     struct sched_request req;
     struct rpc_gen_opts o;
-    int32_t *prompt = NULL, *stop_ids = NULL;
-    struct sampler_logit_bias *bias = NULL;
+    int32_t *prompt = NULL;
+    struct engine_gen gen;
     struct rpc_gen *g = NULL;
     struct sched_stream *st = NULL;
     uint64_t id = 0;
     int code = 0, rc;
     memset(&req, 0, sizeof req);
+    engine_gen_init(&gen);
 
     const cJSON *model = params ? cJSON_GetObjectItemCaseSensitive(params, "model") : NULL;
     if (model && !cJSON_IsNull(model) && !cJSON_IsString(model)) {
@@ -438,8 +297,8 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
                        "invalid params: 'prompt' or 'messages' is required");
         goto out;
     }
-    code = rpc_generate_parse(e, engine_registry_config(c->reg), params, &req, &prompt, &bias,
-                              &stop_ids, &o, msg, sizeof msg);
+    code = rpc_generate_parse(e, engine_registry_config(c->reg), params, &gen, &req, &prompt, &o,
+                              msg, sizeof msg);
     if (code) {
         rpc_part_error(part, code, "%s", *msg ? msg : "out of memory");
         goto out;
@@ -456,19 +315,21 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
     g->logprobs = o.logprobs;
     g->top_logprobs = o.top_logprobs;
 
-    rc = sched_submit(e->sched, &req, &st, &id);
+    rc = sched_submit(engine_sched(e), &req, &st, &id);
     if (rc) {
         if (rc == KRS_ERR_FULL)
             rpc_part_error(part, RPC_GENERATION_ERROR,
                            "server overloaded: the request queue is full, retry later");
         else if (rc == KRS_ERR_STATE)
             rpc_part_error(part, RPC_GENERATION_ERROR,
-                           "model '%s' is not accepting requests (unloading or draining)", e->name);
+                           "model '%s' is not accepting requests (unloading or draining)",
+                           engine_name(e));
         else if (rc == KRS_ERR_INVALID)
             rpc_part_error(part, RPC_INVALID_PARAMS,
-                           "invalid params: prompt (%d tokens) + max_tokens do not fit the "
-                           "context, or a parameter is out of range",
-                           req.n_prompt);
+                           "invalid params: the scheduler refused the request (prompt + "
+                           "max_tokens beyond its context of %d tokens, or a parameter out of "
+                           "range)",
+                           sched_max_ctx(engine_sched(e)));
         else
             rpc_part_error(part, RPC_GENERATION_ERROR, "generation error: %s", krs_status_str(rc));
         goto out;
@@ -497,8 +358,7 @@ out:
         alloc_free(g);
     }
     alloc_free(prompt);
-    alloc_free(bias);
-    alloc_free(stop_ids);
+    engine_gen_free(&gen);
     grammar_release(req.grammar); /* the scheduler holds its own reference */
     engine_release(e);
 }

@@ -119,16 +119,18 @@ void rpc_dispatch(struct rpc_job *job, struct rpc_slot *slot, const char *name,
 
 /* ---- rpc_generate.c ----------------------------------------------------------------------- */
 
-/* Parses generate params into a scheduler request for engine e (prompt tokens, sampling, stop,
- * ...). On error returns the JSON-RPC code with msg filled. The caller frees *prompt_out and
- * *bias_out (alloc_free). */
+/* Parses generate params into a scheduler request for engine e: the shared fields through the
+ * engine's request builder into *gen (engine_gen_init'd by the caller, who engine_gen_frees it
+ * after sched_submit), the prompt (text, token ids or chat messages) into *prompt_out (the
+ * caller alloc_frees it), stream and logprobs options into *opts. On error returns the
+ * JSON-RPC code with msg filled. */
 struct rpc_gen_opts {
     int streaming, logprobs, top_logprobs;
     char stream_id[RPC_STREAM_ID_MAX]; /* "" = generate one */
 };
+struct engine_gen;
 int rpc_generate_parse(struct engine *e, const struct krs_config *cfg, const cJSON *params,
-                       struct sched_request *req, int32_t **prompt_out,
-                       struct sampler_logit_bias **bias_out, int32_t **stop_ids_out,
+                       struct engine_gen *gen, struct sched_request *req, int32_t **prompt_out,
                        struct rpc_gen_opts *opts, char *msg, size_t msglen);
 /* (req->grammar, from "response_format" / "grammar", is the caller's: grammar_release it, also
  * when parsing fails.) */

@@ -85,9 +85,9 @@ static void m_state(struct rpc_job *job, struct rpc_slot *s, const cJSON *params
         struct engine *e = engine_registry_acquire(job->ctx->reg, names[i]);
         if (!e) continue; /* unloaded meanwhile */
         struct sched_state st;
-        sched_get_state(e->sched, &st);
+        sched_get_state(engine_sched(e), &st);
         cJSON *m = cJSON_CreateObject();
-        cJSON_AddStringToObject(m, "model", e->name);
+        cJSON_AddStringToObject(m, "model", engine_name(e));
         cJSON_AddStringToObject(m, "mode", sched_mode_name(st.mode));
         cJSON_AddNumberToObject(m, "batch_limit", st.batch_limit);
         cJSON_AddNumberToObject(m, "running", st.running);
@@ -212,15 +212,15 @@ static void m_tokenize(struct rpc_job *job, struct rpc_slot *s, const cJSON *par
     if (!e) return;
     size_t len = strlen(text->valuestring), cap = len + 8, n = 0;
     int32_t *ids = alloc_malloc(cap * sizeof *ids);
-    int rc = ids ? tokenizer_encode(e->tok, text->valuestring, len, add_special, parse_special, ids,
-                                    cap, &n)
+    int rc = ids ? tokenizer_encode(engine_tokenizer(e), text->valuestring, len, add_special,
+                                    parse_special, ids, cap, &n)
                  : KRS_ERR_NOMEM;
     if (rc == KRS_ERR_FULL) {
         alloc_free(ids);
         cap = n;
         ids = alloc_malloc(cap * sizeof *ids);
-        rc = ids ? tokenizer_encode(e->tok, text->valuestring, len, add_special, parse_special, ids,
-                                    cap, &n)
+        rc = ids ? tokenizer_encode(engine_tokenizer(e), text->valuestring, len, add_special,
+                                    parse_special, ids, cap, &n)
                  : KRS_ERR_NOMEM;
     }
     if (rc) {
@@ -231,7 +231,7 @@ static void m_tokenize(struct rpc_job *job, struct rpc_slot *s, const cJSON *par
         cJSON *arr = cJSON_AddArrayToObject(r, "tokens");
         for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(arr, cJSON_CreateNumber(ids[i]));
         cJSON_AddNumberToObject(r, "count", (double)n);
-        cJSON_AddStringToObject(r, "model", e->name);
+        cJSON_AddStringToObject(r, "model", engine_name(e));
         set_result(s, r);
     }
     alloc_free(ids);
@@ -251,7 +251,7 @@ static void m_detokenize(struct rpc_job *job, struct rpc_slot *s, const cJSON *p
     struct engine *e = acquire(job, s, params);
     if (!e) return;
     int n = cJSON_GetArraySize(toks);
-    uint32_t n_vocab = tokenizer_n_vocab(e->tok);
+    uint32_t n_vocab = tokenizer_n_vocab(engine_tokenizer(e));
     int32_t *ids = alloc_malloc((size_t)(n ? n : 1) * sizeof *ids);
     char *buf = NULL;
     if (!ids) {
@@ -272,13 +272,15 @@ static void m_detokenize(struct rpc_job *job, struct rpc_slot *s, const cJSON *p
     }
     size_t need = 0, cap = (size_t)n * 16 + 16;
     buf = alloc_malloc(cap);
-    int rc = buf ? tokenizer_decode(e->tok, ids, (size_t)n, render_special, buf, cap, &need)
-                 : KRS_ERR_NOMEM;
+    int rc =
+        buf ? tokenizer_decode(engine_tokenizer(e), ids, (size_t)n, render_special, buf, cap, &need)
+            : KRS_ERR_NOMEM;
     if (rc == KRS_ERR_FULL) {
         alloc_free(buf);
         cap = need + 1;
         buf = alloc_malloc(cap);
-        rc = buf ? tokenizer_decode(e->tok, ids, (size_t)n, render_special, buf, cap, &need)
+        rc = buf ? tokenizer_decode(engine_tokenizer(e), ids, (size_t)n, render_special, buf, cap,
+                                    &need)
                  : KRS_ERR_NOMEM;
     }
     if (rc) {
@@ -288,7 +290,7 @@ static void m_detokenize(struct rpc_job *job, struct rpc_slot *s, const cJSON *p
     }
     cJSON *r = cJSON_CreateObject();
     cJSON_AddItemToObject(r, "text", rpc_json_string(buf, need));
-    cJSON_AddStringToObject(r, "model", e->name);
+    cJSON_AddStringToObject(r, "model", engine_name(e));
     set_result(s, r);
 out:
     alloc_free(buf);

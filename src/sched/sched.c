@@ -139,7 +139,8 @@ static int req_create(struct sched *s, const struct sched_request *in, uint64_t 
     if (!in->prompt || in->n_prompt <= 0 || in->max_tokens <= 0 || in->n_stop < 0 ||
         in->n_stop > SCHED_MAX_STOP || in->n_stop_ids < 0 || (unsigned)in->priority > 2)
         return KRS_ERR_INVALID;
-    if (in->n_prompt >= max_ctx) return KRS_ERR_INVALID;
+    /* Rejected, never shortened: the front ends check the same limit (engine_gen_build). */
+    if (in->n_prompt >= max_ctx || in->max_tokens > max_ctx - in->n_prompt) return KRS_ERR_INVALID;
     struct req *r = alloc_calloc(1, sizeof *r);
     if (!r) return KRS_ERR_NOMEM;
     int rc = KRS_ERR_NOMEM;
@@ -147,9 +148,7 @@ static int req_create(struct sched *s, const struct sched_request *in, uint64_t 
     r->priority = in->priority;
     r->slot = -1;
     r->n_prompt = in->n_prompt;
-    /* Generation ends at the context length at the latest ("length"). */
-    r->max_tokens =
-        in->max_tokens < max_ctx - in->n_prompt ? in->max_tokens : max_ctx - in->n_prompt;
+    r->max_tokens = in->max_tokens;
     r->tokens = alloc_malloc(((size_t)r->n_prompt + (size_t)r->max_tokens) * sizeof(int32_t));
     if (!r->tokens) goto fail;
     int32_t n_vocab = (int32_t)model_hparams(s->model)->n_vocab;
@@ -1410,6 +1409,11 @@ int sched_set_mode(struct sched *s, enum sched_mode mode, int fixed_batch)
     pthread_cond_signal(&s->wake);
     pthread_mutex_unlock(&s->lock);
     return KRS_OK;
+}
+
+int sched_max_ctx(const struct sched *s)
+{
+    return model_ctx_max_ctx(s->ctx);
 }
 
 void sched_drain(struct sched *s)

@@ -130,9 +130,14 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
  * is joined and everything freed. Streams still held by readers stay valid until released. */
 void sched_destroy(struct sched *s);
 
+/* The longest sequence a request may have: prompt + max_tokens must not exceed it (the model
+ * context, capped by the KV cache). The one context limit every front end checks against. */
+int sched_max_ctx(const struct sched *s);
+
 /* Submits a request. On success *out_stream (owned by the caller until sched_stream_release)
  * and *out_id are set. KRS_ERR_FULL: queue full (overload); KRS_ERR_STATE: draining;
- * KRS_ERR_INVALID: bad request (empty prompt, prompt + max_tokens beyond the context). */
+ * KRS_ERR_INVALID: bad request (empty prompt, prompt + max_tokens beyond sched_max_ctx, a
+ * token id outside the vocabulary, sampling parameters out of range); nothing is clamped. */
 int sched_submit(struct sched *s, const struct sched_request *r, struct sched_stream **out_stream,
                  uint64_t *out_id);
 /* Cancels by id at any stage; effective at the next step. KRS_ERR_NOT_FOUND if unknown/done. */

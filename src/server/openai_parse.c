@@ -15,39 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-int server_utf8_valid(const char *str, size_t n)
-{
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-    while (i < n) {
-        unsigned c = s[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        int len;
-        unsigned cp;
-        if (c >= 0xC2 && c <= 0xDF)
-            len = 2, cp = c & 0x1F;
-        else if (c >= 0xE0 && c <= 0xEF)
-            len = 3, cp = c & 0x0F;
-        else if (c >= 0xF0 && c <= 0xF4)
-            len = 4, cp = c & 0x07;
-        else
-            return 0;
-        if (i + (size_t)len > n) return 0;
-        for (int k = 1; k < len; k++) {
-            if ((s[i + k] & 0xC0) != 0x80) return 0;
-            cp = (cp << 6) | (s[i + k] & 0x3F);
-        }
-        if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10FFFF)) ||
-            (cp >= 0xD800 && cp <= 0xDFFF))
-            return 0;
-        i += (size_t)len;
-    }
-    return 1;
-}
-
 int server_parse_fail(struct server_error *err, const char *param, const char *fmt, ...)
 {
     err->status = 400;
@@ -63,6 +30,16 @@ int server_parse_fail(struct server_error *err, const char *param, const char *f
 
 #define fail server_parse_fail
 
+void server_error_from_req(const struct engine_req_error *re, struct server_error *err)
+{
+    memset(err, 0, sizeof *err);
+    err->status = re->fault == ENGINE_REQ_NO_MEMORY ? 500 : 400;
+    err->type = re->fault == ENGINE_REQ_NO_MEMORY ? "server_error" : "invalid_request_error";
+    err->code = re->fault == ENGINE_REQ_TOO_LONG ? "context_length_exceeded" : NULL;
+    snprintf(err->param, sizeof err->param, "%s", re->field);
+    snprintf(err->message, sizeof err->message, "%s", re->reason);
+}
+
 static int is_null(const cJSON *v)
 {
     return !v || cJSON_IsNull(v);
@@ -76,7 +53,7 @@ static int get_string(const cJSON *root, const char *key, const char **out,
     *out = NULL;
     if (is_null(v)) return KRS_OK;
     if (!cJSON_IsString(v)) return fail(err, key, "'%s' must be a string", key);
-    if (!server_utf8_valid(v->valuestring, strlen(v->valuestring)))
+    if (!utf8_valid(v->valuestring, strlen(v->valuestring)))
         return fail(err, key, "'%s' is not valid UTF-8", key);
     *out = v->valuestring;
     return KRS_OK;
@@ -88,22 +65,6 @@ static int get_bool(const cJSON *root, const char *key, int *out, struct server_
     if (is_null(v)) return KRS_OK;
     if (!cJSON_IsBool(v)) return fail(err, key, "'%s' must be a boolean", key);
     *out = cJSON_IsTrue(v);
-    return KRS_OK;
-}
-
-/* A number in [lo, hi]; left unchanged when absent or null. */
-static int get_number(const cJSON *root, const char *key, double lo, double hi, double *out,
-                      int *given, struct server_error *err)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
-    if (given) *given = 0;
-    if (is_null(v)) return KRS_OK;
-    if (!cJSON_IsNumber(v)) return fail(err, key, "'%s' must be a number", key);
-    double d = v->valuedouble;
-    if (!isfinite(d) || d < lo || d > hi)
-        return fail(err, key, "'%s' must be between %g and %g, got %g", key, lo, hi, d);
-    *out = d;
-    if (given) *given = 1;
     return KRS_OK;
 }
 
@@ -130,7 +91,7 @@ void server_gen_request_free(struct server_gen_request *r)
         for (int i = 0; i < r->n_msgs; i++) alloc_free(r->msg_text[i]);
     alloc_free(r->msg_text);
     alloc_free(r->msgs);
-    alloc_free(r->bias);
+    engine_gen_free(&r->gen);
     alloc_free(r->prompt_ids);
     grammar_release(r->grammar);
     alloc_free(r->tool_prompt);
@@ -145,7 +106,7 @@ static int parse_prompt(const cJSON *root, struct server_gen_request *out, struc
     if (cJSON_IsArray(p) && cJSON_GetArraySize(p) == 1 && cJSON_IsString(p->child)) p = p->child;
     if (cJSON_IsString(p)) {
         size_t n = strlen(p->valuestring);
-        if (!server_utf8_valid(p->valuestring, n))
+        if (!utf8_valid(p->valuestring, n))
             return fail(err, "prompt", "'prompt' is not valid UTF-8");
         if (n == 0) return fail(err, "prompt", "'prompt' must not be empty");
         out->prompt = p->valuestring;
@@ -180,7 +141,7 @@ static int parse_content(const cJSON *c, int idx, char **joined, const char **ou
         return KRS_OK;
     }
     if (cJSON_IsString(c)) {
-        if (!server_utf8_valid(c->valuestring, strlen(c->valuestring)))
+        if (!utf8_valid(c->valuestring, strlen(c->valuestring)))
             return fail(err, "messages", "messages[%d].content is not valid UTF-8", idx);
         *out = c->valuestring;
         return KRS_OK;
@@ -197,7 +158,7 @@ static int parse_content(const cJSON *c, int idx, char **joined, const char **ou
         if (!cJSON_IsString(text))
             return fail(err, "messages", "messages[%d].content[].text must be a string", idx);
         size_t n = strlen(text->valuestring);
-        if (!server_utf8_valid(text->valuestring, n))
+        if (!utf8_valid(text->valuestring, n))
             return fail(err, "messages", "messages[%d].content is not valid UTF-8", idx);
         total += n;
     }
@@ -235,7 +196,7 @@ static int parse_messages(const cJSON *root, struct server_gen_request *out,
         if (!cJSON_IsString(role))
             return fail(err, "messages", "messages[%d].role must be a string", i);
         const char *r = role->valuestring;
-        if (!server_utf8_valid(r, strlen(r)))
+        if (!utf8_valid(r, strlen(r)))
             return fail(err, "messages", "messages[%d].role is not valid UTF-8", i);
         if (!strcmp(r, "developer")) r = "system";
         char *turn = NULL;
@@ -251,62 +212,6 @@ static int parse_messages(const cJSON *root, struct server_gen_request *out,
                            &out->msgs[i].content, err);
         if (rc) return rc;
     }
-    return KRS_OK;
-}
-
-static int parse_stop(const cJSON *root, struct server_gen_request *out, struct server_error *err)
-{
-    const cJSON *s = cJSON_GetObjectItemCaseSensitive(root, "stop");
-    if (is_null(s)) return KRS_OK;
-    const cJSON *one = s;
-    int n = 1;
-    if (cJSON_IsArray(s)) {
-        n = cJSON_GetArraySize(s);
-        one = s->child;
-    } else if (!cJSON_IsString(s)) {
-        return fail(err, "stop", "'stop' must be a string or an array of strings");
-    }
-    if (n > SCHED_MAX_STOP)
-        return fail(err, "stop", "at most %d stop sequences are allowed", SCHED_MAX_STOP);
-    for (int i = 0; i < n && one; i++, one = one->next) {
-        if (!cJSON_IsString(one)) return fail(err, "stop", "'stop' entries must be strings");
-        size_t len = strlen(one->valuestring);
-        if (len == 0) return fail(err, "stop", "stop sequences must not be empty");
-        if (len > SCHED_MAX_STOP_LEN)
-            return fail(err, "stop", "stop sequences are limited to %d bytes", SCHED_MAX_STOP_LEN);
-        if (!server_utf8_valid(one->valuestring, len))
-            return fail(err, "stop", "'stop' is not valid UTF-8");
-        out->stop[out->n_stop++] = one->valuestring;
-    }
-    return KRS_OK;
-}
-
-static int parse_logit_bias(const cJSON *root, struct server_gen_request *out,
-                            struct server_error *err)
-{
-    const cJSON *b = cJSON_GetObjectItemCaseSensitive(root, "logit_bias");
-    if (is_null(b)) return KRS_OK;
-    if (!cJSON_IsObject(b)) return fail(err, "logit_bias", "'logit_bias' must be an object");
-    int n = cJSON_GetArraySize(b);
-    if (n == 0) return KRS_OK;
-    if (n > 1024) return fail(err, "logit_bias", "at most 1024 logit_bias entries are allowed");
-    out->bias = alloc_calloc((size_t)n, sizeof *out->bias);
-    if (!out->bias) return fail(err, "logit_bias", "out of memory");
-    int i = 0;
-    for (const cJSON *v = b->child; v; v = v->next, i++) {
-        char *end = NULL;
-        const char *k = v->string ? v->string : "";
-        long id = strtol(k, &end, 10);
-        if (!*k || *end || id < 0 || id > INT32_MAX)
-            return fail(err, "logit_bias", "logit_bias keys must be token ids");
-        if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble < -100 ||
-            v->valuedouble > 100)
-            return fail(err, "logit_bias", "logit_bias values must be numbers in [-100, 100]");
-        out->bias[i].token = (int32_t)id;
-        out->bias[i].bias = (float)v->valuedouble;
-    }
-    out->sampling.logit_bias = out->bias;
-    out->sampling.n_logit_bias = n;
     return KRS_OK;
 }
 
@@ -345,8 +250,8 @@ static int add_tool_prompt(struct server_gen_request *out, struct server_error *
     return KRS_OK;
 }
 
-static int parse_body(const cJSON *root, enum server_api api, const struct server_limits *lim,
-                      struct server_gen_request *out, struct server_error *err)
+static int parse_body(const cJSON *root, enum server_api api, struct server_gen_request *out,
+                      struct server_error *err)
 {
     int rc, given;
     if (!cJSON_IsObject(root)) return fail(err, NULL, "the request body must be a JSON object");
@@ -370,20 +275,6 @@ static int parse_body(const cJSON *root, enum server_api api, const struct serve
     if ((rc = server_parse_tools(root, out, err))) return rc;
     if (out->tool_prompt && (rc = add_tool_prompt(out, err))) return rc;
 
-    int64_t mt = -1, mct = -1;
-    int g1 = 0, g2 = 0;
-    double hi = lim && lim->max_tokens_limit > 0 ? lim->max_tokens_limit : 1e9;
-    if ((rc = get_int(root, "max_tokens", 0, 1e12, &mt, &g1, err))) return rc;
-    if ((rc = get_int(root, "max_completion_tokens", 0, 1e12, &mct, &g2, err))) return rc;
-    if (g2) mt = mct, g1 = 1;
-    if (g1 && mt < 1)
-        return fail(err, g2 ? "max_completion_tokens" : "max_tokens",
-                    "max_tokens must be at least 1");
-    if (g1 && mt > hi)
-        return fail(err, g2 ? "max_completion_tokens" : "max_tokens",
-                    "max_tokens %lld exceeds the server limit %.0f", (long long)mt, hi);
-    out->max_tokens = g1 ? (int)mt : -1;
-
     if ((rc = get_bool(root, "stream", &out->stream, err))) return rc;
     const cJSON *so = cJSON_GetObjectItemCaseSensitive(root, "stream_options");
     if (!is_null(so)) {
@@ -392,40 +283,14 @@ static int parse_body(const cJSON *root, enum server_api api, const struct serve
         if ((rc = get_bool(so, "include_usage", &out->include_usage, err))) return rc;
     }
 
-    struct sampler_params *sp = &out->sampling;
-    double d = 1.0;
-    if ((rc = get_number(root, "temperature", 0, 2, &d, NULL, err))) return rc;
-    sp->temperature = (float)d;
-    d = 1.0;
-    if ((rc = get_number(root, "top_p", 0, 1, &d, NULL, err))) return rc;
-    if (d <= 0) return fail(err, "top_p", "'top_p' must be greater than 0");
-    sp->top_p = (float)d;
-    d = 0;
-    if ((rc = get_number(root, "presence_penalty", -2, 2, &d, NULL, err))) return rc;
-    sp->presence_penalty = (float)d;
-    d = 0;
-    if ((rc = get_number(root, "frequency_penalty", -2, 2, &d, NULL, err))) return rc;
-    sp->frequency_penalty = (float)d;
-    iv = 0;
-    if ((rc = get_int(root, "top_k", 0, 1e9, &iv, NULL, err))) return rc;
-    sp->top_k = (int32_t)iv;
-    d = 0;
-    if ((rc = get_number(root, "min_p", 0, 1, &d, NULL, err))) return rc;
-    sp->min_p = (float)d;
-    d = 1;
-    if ((rc = get_number(root, "repetition_penalty", 0, 10, &d, NULL, err))) return rc;
-    if (d <= 0) return fail(err, "repetition_penalty", "'repetition_penalty' must be > 0");
-    sp->repetition_penalty = (float)d;
-    const cJSON *seed = cJSON_GetObjectItemCaseSensitive(root, "seed");
-    if (!is_null(seed)) {
-        if (!cJSON_IsNumber(seed) || seed->valuedouble != floor(seed->valuedouble) ||
-            fabs(seed->valuedouble) > 9.2e18)
-            return fail(err, "seed", "'seed' must be an integer");
-        sp->seed = (uint64_t)(int64_t)seed->valuedouble;
-        out->has_seed = 1;
+    /* The shared fields (sampling, seed, stop, logit_bias, max_tokens, priority, timeout...):
+     * one reader and one set of ranges for every front end. */
+    struct engine_req_error re;
+    if (engine_gen_from_json(root, &out->gen, &re)) {
+        server_error_from_req(&re, err);
+        return KRS_ERR_INVALID;
     }
-    if ((rc = parse_logit_bias(root, out, err))) return rc;
-    if ((rc = parse_stop(root, out, err))) return rc;
+    struct sampler_params *sp = &out->gen.sampling;
 
     /* logprobs */
     const cJSON *lp = cJSON_GetObjectItemCaseSensitive(root, "logprobs");
@@ -447,33 +312,20 @@ static int parse_body(const cJSON *root, enum server_api api, const struct serve
         sp->n_top_logprobs = (int32_t)iv;
     }
 
-    if ((rc = get_bool(root, "ignore_eos", &out->ignore_eos, err))) return rc;
-    const char *prio = NULL;
-    if ((rc = get_string(root, "priority", &prio, err))) return rc;
-    out->priority = SCHED_PRIO_DEFAULT;
-    if (prio && sched_parse_priority(prio, &out->priority))
-        return fail(err, "priority",
-                    "'priority' must be \"urgent\", \"default\" or \"background\"");
-    d = 0;
-    if ((rc = get_number(root, "timeout", 0, 86400, &d, &given, err))) return rc;
-    if (given && d <= 0) return fail(err, "timeout", "'timeout' must be > 0 seconds");
-    out->timeout_ms = given ? (uint64_t)(d * 1000.0 + 0.5) : 0;
-    if (given && out->timeout_ms == 0) out->timeout_ms = 1;
     return KRS_OK;
 }
 
 int server_parse_gen(const char *body, size_t len, enum server_api api,
-                     const struct server_limits *lim, struct server_gen_request *out,
-                     struct server_error *err)
+                     struct server_gen_request *out, struct server_error *err)
 {
     memset(out, 0, sizeof *out);
     memset(err, 0, sizeof *err);
     out->api = api;
-    sampler_params_default(&out->sampling);
+    engine_gen_init(&out->gen);
     cJSON *root = cJSON_ParseWithLength(body, len);
     if (!root) return fail(err, NULL, "the request body is not valid JSON");
     out->root = root;
-    int rc = parse_body(root, api, lim, out, err);
+    int rc = parse_body(root, api, out, err);
     if (rc) server_gen_request_free(out);
     return rc;
 }

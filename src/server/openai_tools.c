@@ -164,8 +164,7 @@ int server_parse_tools(const cJSON *root, struct server_gen_request *out, struct
         char line[256];
         snprintf(line, sizeof line, "- %s", nm->valuestring);
         PUT(line);
-        if (cJSON_IsString(desc) &&
-            server_utf8_valid(desc->valuestring, strlen(desc->valuestring))) {
+        if (cJSON_IsString(desc) && utf8_valid(desc->valuestring, strlen(desc->valuestring))) {
             PUT(": ");
             PUT(desc->valuestring);
         }
@@ -265,7 +264,7 @@ int server_tool_turn(const cJSON *msg, int idx, const char **role, char **text,
     }
     if (!strcmp(*role, "tool")) {
         if (!cJSON_IsString(content) ||
-            !server_utf8_valid(content->valuestring, strlen(content->valuestring)))
+            !utf8_valid(content->valuestring, strlen(content->valuestring)))
             return server_parse_fail(err, "messages", "messages[%d].content must be a UTF-8 string",
                                      idx);
         const char *pre = "Function result: ";

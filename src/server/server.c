@@ -9,6 +9,7 @@
 #include "model/model.h"
 #include "sched/sched.h"
 #include "util/alloc.h"
+#include "util/clock.h"
 #include "util/log.h"
 
 #include <arpa/inet.h>
@@ -21,6 +22,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- helpers ------------------------------------------------------------------------------- */
 
@@ -151,7 +153,7 @@ char *server_utf8_sanitize(const char *str, size_t n)
                      : (c >= 0xE0 && c <= 0xEF) ? 3
                      : (c >= 0xF0 && c <= 0xF4) ? 4
                                                 : 0;
-        if (c != 0 && len && i + len <= n && server_utf8_valid(str + i, len)) {
+        if (c != 0 && len && i + len <= n && utf8_valid(str + i, len)) {
             memcpy(out + o, str + i, len);
             o += len, i += len;
         } else {
@@ -161,14 +163,6 @@ char *server_utf8_sanitize(const char *str, size_t n)
     }
     out[o] = '\0';
     return out;
-}
-
-int server_engine_ctx(struct server *s, const struct engine *e)
-{
-    int ctx = s->cfg.model.context_length ? s->cfg.model.context_length
-                                          : model_hparams(e->model)->n_ctx_train;
-    if (ctx <= 0 || ctx > s->cfg.model.kv_cache_tokens) ctx = s->cfg.model.kv_cache_tokens;
-    return ctx;
 }
 
 /* ---- routing ------------------------------------------------------------------------------- */
@@ -314,6 +308,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         c->srv = dc->srv;
         c->mc = mc;
         c->monitor_only = dc->monitor_only;
+        atomic_fetch_add(&dc->srv->active, 1); /* until on_completed */
         struct server_limits_rt rt;
         server_rt_get(dc->srv, &rt);
         c->max_body = rt.max_body_bytes;
@@ -362,6 +357,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         server_gen_end(c);
     }
     if (c->rpc) server_rpc_end(c);
+    atomic_fetch_sub(&c->srv->active, 1);
     alloc_free(c->body);
     alloc_free(c);
     *con_cls = NULL;
@@ -404,7 +400,7 @@ static struct MHD_Daemon *start_daemon(struct server *s, const char *host, int p
     s->dctx[mon].srv = s;
     s->dctx[mon].monitor_only = mon;
     struct MHD_Daemon *d = MHD_start_daemon(
-        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME |
+        MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ITC |
             MHD_USE_ERROR_LOG,
         (uint16_t)port, NULL, NULL, on_request, &s->dctx[mon], MHD_OPTION_SOCK_ADDR,
         (struct sockaddr *)&sa, MHD_OPTION_THREAD_POOL_SIZE, (unsigned)threads,
@@ -539,7 +535,7 @@ void server_begin_drain(struct server *s)
     for (int i = 0; i < n; i++) {
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue;
-        sched_drain(e->sched);
+        sched_drain(engine_sched(e));
         engine_release(e);
     }
 }
@@ -549,6 +545,25 @@ int server_inflight(struct server *s)
     return atomic_load(&s->inflight);
 }
 
+/* Stops listening (MHD keeps serving the connections it has) and closes the socket. */
+static void stop_listening(struct MHD_Daemon *d)
+{
+    if (!d) return;
+    MHD_socket fd = MHD_quiesce_daemon(d);
+    if (fd != MHD_INVALID_SOCKET) close(fd);
+}
+
+void server_finish_drain(struct server *s, int64_t timeout_ms)
+{
+    stop_listening(s->d_main);
+    stop_listening(s->d_mon);
+    uint64_t deadline = clock_now_ns() + (uint64_t)(timeout_ms > 0 ? timeout_ms : 0) * 1000000ull;
+    while (atomic_load(&s->active) > 0 && clock_now_ns() < deadline) clock_sleep_us(5000);
+    if (atomic_load(&s->active) > 0)
+        KRS_LOG_WARNF("shutdown: %d HTTP requests unanswered after %lld ms; closing them",
+                      atomic_load(&s->active), (long long)timeout_ms);
+}
+
 void server_cancel_all(struct server *s, const char *reason)
 {
     char names[ENGINE_MAX_MODELS][ENGINE_NAME_MAX];
@@ -556,7 +571,7 @@ void server_cancel_all(struct server *s, const char *reason)
     for (int i = 0; i < n; i++) {
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue;
-        sched_cancel_all(e->sched, reason);
+        sched_cancel_all(engine_sched(e), reason);
         engine_release(e);
     }
 }
@@ -576,7 +591,7 @@ void server_reload(struct server *s, const struct krs_config *cfg)
     for (int i = 0; i < n; i++) {
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue;
-        sched_set_mode(e->sched, sm, cfg->performance.gpu_scheduler.batch_size);
+        sched_set_mode(engine_sched(e), sm, cfg->performance.gpu_scheduler.batch_size);
         engine_release(e);
     }
     KRS_LOG_INFOF("reload: log level %s, scheduler %s (batch %d), limits applied",

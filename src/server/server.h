@@ -19,9 +19,11 @@
 #include <stdint.h>
 
 #include "config/config.h"
+#include "engine/engine.h"
 #include "sampler/sampler.h"
 #include "sched/sched.h"
 #include "tokenizer/tokenizer.h"
+#include "util/utf8.h" /* utf8_valid, for the parser files and the fuzzer */
 
 struct engine_registry;
 struct server;
@@ -38,6 +40,11 @@ int server_start(const struct krs_config *cfg, struct engine_registry *reg, stru
 void server_begin_drain(struct server *s);
 /* Generation requests (HTTP and JSON-RPC) still in progress. */
 int server_inflight(struct server *s);
+/* Ends the drain once server_inflight is 0 (or its deadline passed): stops accepting
+ * connections, then waits up to timeout_ms for every HTTP request already received (a 503 to a
+ * request that raced with the drain, a probe) to be answered in full, so that server_stop never
+ * cuts a request it had accepted. */
+void server_finish_drain(struct server *s, int64_t timeout_ms);
 /* Ends every running request (sched_cancel_all with `reason`). */
 void server_cancel_all(struct server *s, const char *reason);
 /* Applies run-time-safe settings of a re-read configuration (log level, scheduler mode and
@@ -56,10 +63,6 @@ struct server_error {
     const char *code; /* NULL or e.g. "model_not_found" */
     char param[64];   /* "" = null */
     char message[256];
-};
-
-struct server_limits {
-    int max_tokens_limit; /* server.maxTokensLimit */
 };
 
 #define SERVER_MAX_N 16 /* most choices (OpenAI `n`) one request may ask for */
@@ -83,19 +86,13 @@ struct server_gen_request {
     struct chat_message *msgs; /* chat, owned */
     char **msg_text;           /* joined content parts per message (owned, may be NULL each) */
     int n_msgs;
-    int n;          /* choices, 1..SERVER_MAX_N: one generation each (own sampler and seed) */
-    int max_tokens; /* -1 = not given */
+    int n; /* choices, 1..SERVER_MAX_N: one generation each (own sampler and seed) */
     int stream, include_usage;
     int logprobs;     /* completions: -1 = off, else top count; chat: 0/1 */
     int top_logprobs; /* chat: 0..20 */
-    struct sampler_params sampling;
-    int has_seed;
-    struct sampler_logit_bias *bias; /* owned */
-    const char *stop[SCHED_MAX_STOP];
-    int n_stop;
-    int ignore_eos;
-    enum sched_priority priority;
-    uint64_t timeout_ms;     /* 0 = none given */
+    /* The shared generation fields, read and checked by the engine's request builder
+     * (engine.h: max_tokens, sampling, seed, stop, logit_bias, priority, timeout...); owned. */
+    struct engine_gen gen;
     struct grammar *grammar; /* response_format / grammar / tools, owned; NULL = none */
     int tool_mode;           /* SERVER_TOOLS_*: how the reply may call the tools */
     char tool_name[SERVER_TOOL_NAME_MAX + 1]; /* SERVER_TOOLS_NAMED: the function */
@@ -106,10 +103,13 @@ struct server_gen_request {
 /* Parses and validates a /v1/completions or /v1/chat/completions body. KRS_OK with *out filled
  * (free with server_gen_request_free), or KRS_ERR_INVALID with *err filled (400) and *out
  * empty. Unknown fields are ignored; wrong types, out-of-range values and invalid UTF-8 in any
- * string used are errors. */
+ * string used are errors. The limits that need the engine (context, vocabulary, the server's
+ * maxTokensLimit / maxPromptTokens / requestTimeoutMs) are checked later by engine_gen_build. */
 int server_parse_gen(const char *body, size_t len, enum server_api api,
-                     const struct server_limits *lim, struct server_gen_request *out,
-                     struct server_error *err);
+                     struct server_gen_request *out, struct server_error *err);
+/* The HTTP form of a request builder error: 400 invalid_request_error with param = the field
+ * (code context_length_exceeded when too long), 500 server_error when out of memory. */
+void server_error_from_req(const struct engine_req_error *re, struct server_error *err);
 void server_gen_request_free(struct server_gen_request *r);
 
 /* Internal to the parser files (openai_parse.c, openai_tools.c). server_parse_fail fills err
@@ -124,8 +124,5 @@ int server_parse_tools(const struct cJSON *root, struct server_gen_request *out,
                        struct server_error *err);
 int server_tool_turn(const struct cJSON *msg, int idx, const char **role, char **text,
                      struct server_error *err);
-
-/* 1 when s[0..n) is valid UTF-8 (no overlongs, no surrogates, <= U+10FFFF). */
-int server_utf8_valid(const char *s, size_t n);
 
 #endif

@@ -124,7 +124,7 @@ static cJSON *chat_lp_item(const struct tokenizer *tok, int32_t id, float logpro
 /* Adds the logprobs of one sampled token to `lp` (chat: content array; completions: object). */
 static void lp_add(struct server_gen *g, cJSON *lp, const struct sched_event *ev, size_t offset)
 {
-    const struct tokenizer *tok = g->eng->tok;
+    const struct tokenizer *tok = engine_tokenizer(g->eng);
     if (g->req.api == SERVER_API_CHAT) {
         cJSON *item = chat_lp_item(tok, ev->token, ev->logprob);
         cJSON *top = cJSON_AddArrayToObject(item, "top_logprobs");
@@ -194,7 +194,7 @@ static cJSON *envelope(const struct server_gen *g, const char *object)
     cJSON_AddStringToObject(o, "id", g->id);
     cJSON_AddStringToObject(o, "object", object);
     cJSON_AddNumberToObject(o, "created", (double)g->created);
-    cJSON_AddStringToObject(o, "model", g->eng->name);
+    cJSON_AddStringToObject(o, "model", engine_name(g->eng));
     cJSON_AddStringToObject(o, "system_fingerprint", "kr-serve");
     return o;
 }
@@ -536,7 +536,7 @@ static int encode(const struct tokenizer *tok, const char *text, size_t len, int
 static int build_prompt(struct engine *e, const struct server_gen_request *r, int32_t **ids, int *n,
                         struct server_error *err)
 {
-    const struct tokenizer *tok = e->tok;
+    const struct tokenizer *tok = engine_tokenizer(e);
     int rc;
     err->status = 400;
     err->type = "invalid_request_error";
@@ -554,15 +554,7 @@ static int build_prompt(struct engine *e, const struct server_gen_request *r, in
         }
         rc = encode(tok, text, len, 0, 1, ids, n);
         alloc_free(text);
-    } else if (r->prompt_ids) {
-        uint32_t nv = tokenizer_n_vocab(tok);
-        for (int i = 0; i < r->n_prompt_ids; i++)
-            if ((uint32_t)r->prompt_ids[i] >= nv) {
-                snprintf(err->param, sizeof err->param, "prompt");
-                snprintf(err->message, sizeof err->message, "token id %d is out of range",
-                         r->prompt_ids[i]);
-                return KRS_ERR_INVALID;
-            }
+    } else if (r->prompt_ids) { /* ids outside the vocabulary: engine_gen_build says so */
         *ids = alloc_malloc((size_t)r->n_prompt_ids * sizeof(int32_t));
         if (!*ids) return KRS_ERR_NOMEM;
         memcpy(*ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof(int32_t));
@@ -585,19 +577,26 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     struct MHD_Connection *mc = c->mc;
     struct server_limits_rt rt;
     server_rt_get(s, &rt);
-    if (atomic_load(&s->draining))
-        return server_send_errorf(mc, 503, "server_error", "service_unavailable", NULL,
-                                  "the server is shutting down");
     struct server_error err;
-    struct server_limits lim = {.max_tokens_limit = rt.max_tokens_limit};
     struct server_gen *g = alloc_calloc(1, sizeof *g);
     if (!g) return MHD_NO;
     g->srv = s;
     g->slot = -1;
+    /* Counted in flight before the drain flag is read (both seq_cst): a drain that starts
+     * concurrently either sees this request and waits for it, or this request sees the drain
+     * and answers 503 — never neither (the flaky test_sigterm_drains_inflight). The count is
+     * given back by gen_free on every path. */
+    atomic_fetch_add(&s->inflight, 1);
+    g->counted = 1;
+    if (atomic_load(&s->draining)) {
+        gen_free(g);
+        return server_send_errorf(mc, 503, "server_error", "service_unavailable", NULL,
+                                  "the server is shutting down");
+    }
     int32_t *ids = NULL;
     int n_ids = 0;
     enum MHD_Result ret;
-    if (server_parse_gen(c->body, c->body_len, api, &lim, &g->req, &err)) goto fail_err;
+    if (server_parse_gen(c->body, c->body_len, api, &g->req, &err)) goto fail_err;
     g->eng = engine_registry_acquire(s->reg, g->req.model);
     if (!g->eng) {
         memset(&err, 0, sizeof err);
@@ -618,52 +617,22 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     }
     memset(&err, 0, sizeof err);
     if (build_prompt(g->eng, &g->req, &ids, &n_ids, &err)) goto fail_err;
-    const char *pparam = api == SERVER_API_CHAT ? "messages" : "prompt";
-    int ctx = server_engine_ctx(s, g->eng);
-    err.status = 400;
-    err.type = "invalid_request_error";
-    err.code = "context_length_exceeded";
-    snprintf(err.param, sizeof err.param, "%s", pparam);
-    if (n_ids > rt.max_prompt_tokens) {
-        snprintf(err.message, sizeof err.message,
-                 "the prompt has %d tokens, more than the limit of %d", n_ids,
-                 rt.max_prompt_tokens);
-        goto fail_err;
-    }
-    if (n_ids >= ctx) {
-        snprintf(err.message, sizeof err.message,
-                 "the prompt has %d tokens; the context length is %d", n_ids, ctx);
-        goto fail_err;
-    }
-    int max_tokens = g->req.max_tokens;
-    if (max_tokens > 0 && n_ids + max_tokens > ctx) {
-        snprintf(err.param, sizeof err.param, "max_tokens");
-        snprintf(err.message, sizeof err.message,
-                 "prompt (%d tokens) + max_tokens (%d) exceeds the context length %d", n_ids,
-                 max_tokens, ctx);
-        goto fail_err;
-    }
-    if (max_tokens <= 0) {
-        max_tokens = api == SERVER_API_COMPLETIONS ? 16 : ctx - n_ids;
-        if (max_tokens > rt.max_tokens_limit) max_tokens = rt.max_tokens_limit;
-        if (max_tokens > ctx - n_ids) max_tokens = ctx - n_ids;
-    }
-    err.code = NULL;
-    err.param[0] = '\0';
-
+    /* The engine's request builder: one context limit, the server's limits, the documented
+     * defaults (completions 16 tokens, chat the rest of the context). */
+    struct engine_limits lim;
+    engine_limits_of(engine_sched(g->eng), engine_tokenizer(g->eng), NULL, &lim);
+    lim.max_prompt_tokens = rt.max_prompt_tokens;
+    lim.max_tokens_limit = rt.max_tokens_limit;
+    lim.timeout_ms = rt.request_timeout_ms;
+    lim.default_max_tokens = api == SERVER_API_COMPLETIONS ? 16 : 0;
     struct sched_request sr;
-    memset(&sr, 0, sizeof sr);
-    sr.prompt = ids;
-    sr.n_prompt = n_ids;
-    sr.max_tokens = max_tokens;
-    sr.sampling = g->req.sampling;
-    sr.has_seed = g->req.has_seed;
-    for (int i = 0; i < g->req.n_stop; i++) sr.stop[i] = g->req.stop[i];
-    sr.n_stop = g->req.n_stop;
-    sr.ignore_eos = g->req.ignore_eos;
-    sr.priority = g->req.priority;
+    struct engine_req_error re;
+    if (engine_gen_build(&g->req.gen, &lim, ids, n_ids,
+                         api == SERVER_API_CHAT ? "messages" : "prompt", &sr, &re)) {
+        server_error_from_req(&re, &err);
+        goto fail_err;
+    }
     sr.grammar = g->req.grammar;
-    sr.timeout_ms = g->req.timeout_ms ? g->req.timeout_ms : (uint64_t)rt.request_timeout_ms;
 
     uint32_t sgen;
     g->slot = server_slot_alloc(s, c, &sgen);
@@ -674,23 +643,15 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
         snprintf(err.message, sizeof err.message, "too many requests in progress");
         goto fail_err;
     }
-    /* Counted in flight before the scheduler can see it: a drain that starts between the
-     * submit and the count would find nothing in flight and stop the server under a request
-     * the scheduler had accepted (the flaky test_sigterm_drains_inflight: its stream cut with
-     * no response). A request the draining scheduler refuses is uncounted below. */
-    atomic_fetch_add(&s->inflight, 1);
-    g->counted = 1;
     int rc = KRS_OK;
     for (int i = 0; i < g->req.n && !rc; i++) {
         /* Each choice its own sampler: with a seed, seed + i (reproducible and distinct). */
-        if (g->req.has_seed) sr.sampling.seed = g->req.sampling.seed + (uint64_t)i;
-        rc = sched_submit(g->eng->sched, &sr, &g->ch[i].st, &g->ch[i].req_id);
+        if (g->req.gen.has_seed) sr.sampling.seed = g->req.gen.sampling.seed + (uint64_t)i;
+        rc = sched_submit(engine_sched(g->eng), &sr, &g->ch[i].st, &g->ch[i].req_id);
         if (!rc) g->n_choices++;
     }
     if (rc) {
         /* Choices already submitted are cancelled when gen_free releases their streams. */
-        atomic_fetch_sub(&s->inflight, 1);
-        g->counted = 0;
         if (rc == KRS_ERR_FULL) {
             err.status = 429;
             err.type = "rate_limit_error";
@@ -701,10 +662,13 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
             err.type = "server_error";
             err.code = "service_unavailable";
             snprintf(err.message, sizeof err.message, "the model is not accepting requests");
-        } else if (rc == KRS_ERR_INVALID) {
+        } else if (rc == KRS_ERR_INVALID) { /* the builder checked what sched checks */
             err.status = 400;
+            err.type = "invalid_request_error";
             snprintf(err.message, sizeof err.message,
-                     "invalid request (token ids, logit_bias or sampling parameters)");
+                     "the scheduler refused the request (prompt + max_tokens beyond its context "
+                     "of %d tokens, or a parameter out of range)",
+                     lim.max_ctx);
         } else {
             err.status = 500;
             err.type = "server_error";

@@ -48,7 +48,8 @@ struct server {
     struct engine_registry *reg;
     struct MHD_Daemon *d_main, *d_mon;
     atomic_int draining;
-    atomic_int inflight;
+    atomic_int inflight; /* generations (HTTP and JSON-RPC) counted before they can be refused */
+    atomic_int active;   /* HTTP requests between their first handler call and completion */
     atomic_ullong next_id;
     uint64_t started_unix;
     struct server_slot *slots;
@@ -100,8 +101,6 @@ void server_slot_free(struct server *s, int idx);
 int server_peer_closed(struct MHD_Connection *mc);
 /* Replaces invalid UTF-8 and NUL bytes with U+FFFD; returns an alloc'd NUL-terminated copy. */
 char *server_utf8_sanitize(const char *s, size_t n);
-/* The context length requests on e are checked against. */
-int server_engine_ctx(struct server *s, const struct engine *e);
 
 /* ---- server_gen.c ---- */
 /* Handles POST /v1/completions and /v1/chat/completions once the body is complete. */

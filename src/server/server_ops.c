@@ -46,7 +46,7 @@ static int opt_string(struct server_conn *c, cJSON *j, const char *key, const ch
     cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
     *out = NULL;
     if (!v || cJSON_IsNull(v)) return 0;
-    if (!cJSON_IsString(v) || !server_utf8_valid(v->valuestring, strlen(v->valuestring))) {
+    if (!cJSON_IsString(v) || !utf8_valid(v->valuestring, strlen(v->valuestring))) {
         char msg[96];
         snprintf(msg, sizeof msg, "'%s' must be a UTF-8 string", key);
         *ret = bad_request(c->mc, key, msg);
@@ -85,8 +85,8 @@ enum MHD_Result server_ops_metrics(struct server_conn *c)
         struct engine *e = engine_registry_acquire(s->reg, names[i]);
         if (!e) continue; /* unloaded meanwhile */
         engs[n] = e;
-        ms[n] = e->metrics;
-        ids[n] = e->name;
+        ms[n] = engine_metrics(e);
+        ids[n] = engine_name(e);
         n++;
     }
     size_t cap = 64 * 1024 * (size_t)(n ? n : 1), len = 0;
@@ -136,7 +136,7 @@ static void health_one(struct engine *e, void *arg)
 {
     struct health_acc *h = arg;
     struct sched_state st;
-    sched_get_state(e->sched, &st);
+    sched_get_state(engine_sched(e), &st);
     double age_ms =
         st.heartbeat_ns && h->now > st.heartbeat_ns ? (double)(h->now - st.heartbeat_ns) / 1e6 : 0;
     int alive =
@@ -145,7 +145,7 @@ static void health_one(struct engine *e, void *arg)
     int queued = st.queued[0] + st.queued[1] + st.queued[2];
     if (queued >= h->max_queue) h->saturated = 1;
     cJSON *m = cJSON_CreateObject();
-    cJSON_AddStringToObject(m, "id", e->name);
+    cJSON_AddStringToObject(m, "id", engine_name(e));
     cJSON_AddBoolToObject(m, "alive", alive);
     cJSON_AddNumberToObject(m, "heartbeat_age_ms", age_ms);
     cJSON_AddNumberToObject(m, "running", st.running);
@@ -232,13 +232,13 @@ static void stats_one(struct engine *e, void *arg)
 {
     cJSON *models = arg;
     cJSON *m = cJSON_CreateObject();
-    cJSON_AddStringToObject(m, "id", e->name);
+    cJSON_AddStringToObject(m, "id", engine_name(e));
     uint64_t now = clock_now_ns();
     cJSON *mj = NULL;
-    if (metrics_render_json(e->metrics, now, &mj) == KRS_OK)
+    if (metrics_render_json(engine_metrics(e), now, &mj) == KRS_OK)
         cJSON_AddItemToObject(m, "metrics", mj);
     struct sched_state st;
-    sched_get_state(e->sched, &st);
+    sched_get_state(engine_sched(e), &st);
     cJSON *s = cJSON_AddObjectToObject(m, "scheduler");
     cJSON_AddStringToObject(s, "mode", sched_mode_name(st.mode));
     cJSON_AddNumberToObject(s, "batch_limit", st.batch_limit);
@@ -272,7 +272,7 @@ static void stats_one(struct engine *e, void *arg)
     }
     struct controller_snapshot *cs = alloc_malloc(sizeof *cs);
     if (cs) {
-        sched_get_controller(e->sched, cs);
+        sched_get_controller(engine_sched(e), cs);
         cJSON_AddItemToObject(m, "controller", controller_json(cs));
         alloc_free(cs);
     }
@@ -280,7 +280,7 @@ static void stats_one(struct engine *e, void *arg)
     struct sched_request_info *ri = alloc_malloc((size_t)cap * sizeof *ri);
     cJSON *reqs = cJSON_AddArrayToObject(m, "requests");
     if (ri) {
-        int n = sched_list_requests(e->sched, ri, cap);
+        int n = sched_list_requests(engine_sched(e), ri, cap);
         for (int i = 0; i < n && i < cap; i++) {
             cJSON *x = cJSON_CreateObject();
             cJSON_AddNumberToObject(x, "id", (double)ri[i].id);
@@ -314,9 +314,9 @@ enum MHD_Result server_ops_stats(struct server_conn *c)
 static cJSON *model_json(const struct engine *e)
 {
     cJSON *m = cJSON_CreateObject();
-    cJSON_AddStringToObject(m, "id", e->name);
+    cJSON_AddStringToObject(m, "id", engine_name(e));
     cJSON_AddStringToObject(m, "object", "model");
-    cJSON_AddNumberToObject(m, "created", (double)e->created_unix);
+    cJSON_AddNumberToObject(m, "created", (double)engine_created_unix(e));
     cJSON_AddStringToObject(m, "owned_by", "kr-serve");
     return m;
 }
@@ -331,7 +331,7 @@ enum MHD_Result server_ops_models(struct server_conn *c, const char *id)
     if (id) {
         enum MHD_Result ret;
         struct engine *e = engine_registry_acquire(c->srv->reg, id);
-        if (!e || strcmp(e->name, id)) {
+        if (!e || strcmp(engine_name(e), id)) {
             engine_release(e);
             return server_send_errorf(c->mc, 404, "invalid_request_error", "model_not_found",
                                       "model", "the model '%s' does not exist", id);
@@ -385,7 +385,7 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
         /* Reuse the chat parser for the messages array. */
         struct server_error err;
         char *body = cJSON_PrintUnformatted(j);
-        int rc = body ? server_parse_gen(body, strlen(body), SERVER_API_CHAT, NULL, &req, &err)
+        int rc = body ? server_parse_gen(body, strlen(body), SERVER_API_CHAT, &req, &err)
                       : KRS_ERR_NOMEM;
         cJSON_free(body);
         if (rc) {
@@ -393,8 +393,8 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
             goto out;
         }
         char msg[200] = "";
-        rc =
-            chat_apply(e->tok, NULL, req.msgs, (size_t)req.n_msgs, 1, &text, &len, msg, sizeof msg);
+        rc = chat_apply(engine_tokenizer(e), NULL, req.msgs, (size_t)req.n_msgs, 1, &text, &len,
+                        msg, sizeof msg);
         if (rc) {
             ret = bad_request(c->mc, "messages", msg[0] ? msg : "cannot apply the chat template");
             goto out;
@@ -405,13 +405,15 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
     }
     size_t cap = len + 16, n = 0;
     ids = alloc_malloc(cap * sizeof *ids);
-    int rc = ids ? tokenizer_encode(e->tok, prompt, len, add_special, parse_special, ids, cap, &n)
+    int rc = ids ? tokenizer_encode(engine_tokenizer(e), prompt, len, add_special, parse_special,
+                                    ids, cap, &n)
                  : KRS_ERR_NOMEM;
     if (rc == KRS_ERR_FULL) {
         alloc_free(ids);
         cap = n;
         ids = alloc_malloc(cap * sizeof *ids);
-        rc = ids ? tokenizer_encode(e->tok, prompt, len, add_special, parse_special, ids, cap, &n)
+        rc = ids ? tokenizer_encode(engine_tokenizer(e), prompt, len, add_special, parse_special,
+                                    ids, cap, &n)
                  : KRS_ERR_NOMEM;
     }
     if (rc) {
@@ -423,7 +425,7 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
     cJSON *arr = cJSON_AddArrayToObject(o, "tokens");
     for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(arr, cJSON_CreateNumber(ids[i]));
     cJSON_AddNumberToObject(o, "count", (double)n);
-    cJSON_AddStringToObject(o, "model", e->name);
+    cJSON_AddStringToObject(o, "model", engine_name(e));
     ret = server_send_json(c->mc, 200, o);
 out:
     server_gen_request_free(&req);
@@ -453,7 +455,7 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
     int n = cJSON_GetArraySize(toks), i = 0;
     ids = alloc_malloc(((size_t)n + 1) * sizeof *ids);
     if (!ids) goto out;
-    uint32_t nv = tokenizer_n_vocab(e->tok);
+    uint32_t nv = tokenizer_n_vocab(engine_tokenizer(e));
     for (cJSON *v = toks->child; v; v = v->next, i++) {
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
             v->valuedouble >= nv) {
@@ -464,12 +466,14 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
     }
     size_t cap = (size_t)n * 16 + 16, len = 0;
     buf = alloc_malloc(cap);
-    int rc = buf ? tokenizer_decode(e->tok, ids, (size_t)n, 0, buf, cap, &len) : KRS_ERR_NOMEM;
+    int rc = buf ? tokenizer_decode(engine_tokenizer(e), ids, (size_t)n, 0, buf, cap, &len)
+                 : KRS_ERR_NOMEM;
     if (rc == KRS_ERR_FULL) {
         alloc_free(buf);
         cap = len + 1;
         buf = alloc_malloc(cap);
-        rc = buf ? tokenizer_decode(e->tok, ids, (size_t)n, 0, buf, cap, &len) : KRS_ERR_NOMEM;
+        rc = buf ? tokenizer_decode(engine_tokenizer(e), ids, (size_t)n, 0, buf, cap, &len)
+                 : KRS_ERR_NOMEM;
     }
     if (rc) {
         ret = server_send_errorf(c->mc, 500, "server_error", NULL, NULL, "detokenize: %s",
@@ -480,7 +484,7 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
     cJSON *o = cJSON_CreateObject();
     cJSON_AddStringToObject(o, "prompt", t ? t : "");
     alloc_free(t);
-    cJSON_AddStringToObject(o, "model", e->name);
+    cJSON_AddStringToObject(o, "model", engine_name(e));
     ret = server_send_json(c->mc, 200, o);
 out:
     alloc_free(buf);
@@ -502,11 +506,11 @@ struct mode_arg {
 static void mode_one(struct engine *e, void *arg)
 {
     struct mode_arg *m = arg;
-    if (m->only && strcmp(m->only, e->name)) return;
-    int rc = sched_set_mode(e->sched, m->mode, m->batch);
+    if (m->only && strcmp(m->only, engine_name(e))) return;
+    int rc = sched_set_mode(engine_sched(e), m->mode, m->batch);
     if (rc) m->rc = rc;
     m->n++;
-    KRS_LOG_INFOF("admin: model '%s' scheduler mode -> %s (batch %d)", e->name,
+    KRS_LOG_INFOF("admin: model '%s' scheduler mode -> %s (batch %d)", engine_name(e),
                   sched_mode_name(m->mode), m->batch);
 }
 
@@ -700,11 +704,18 @@ void server_rpc_free(struct server *s)
 enum MHD_Result server_ops_rpc(struct server_conn *c)
 {
     struct server *s = c->srv;
-    if (atomic_load(&s->draining))
+    /* Counted before the drain flag is read, as in server_gen_start. */
+    atomic_fetch_add(&s->inflight, 1);
+    if (atomic_load(&s->draining)) {
+        atomic_fetch_sub(&s->inflight, 1);
         return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
                                   "the server is shutting down");
+    }
     struct server_rpc_job *j = alloc_calloc(1, sizeof *j);
-    if (!j) return MHD_NO;
+    if (!j) {
+        atomic_fetch_sub(&s->inflight, 1);
+        return MHD_NO;
+    }
     j->srv = s;
     j->refs = 2;
     pthread_mutex_init(&j->lock, NULL);
@@ -712,6 +723,7 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     uint32_t gen;
     j->slot = j->body ? server_slot_alloc(s, c, &gen) : -1;
     if (j->slot < 0) {
+        atomic_fetch_sub(&s->inflight, 1);
         j->refs = 1;
         job_unref(j);
         return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
@@ -720,8 +732,7 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     memcpy(j->body, c->body, c->body_len);
     j->body[c->body_len] = '\0';
     j->body_len = c->body_len;
-    c->rpc = j;
-    atomic_fetch_add(&s->inflight, 1);
+    c->rpc = j; /* its count in flight is given back by the worker (rpc_worker) */
     pthread_t th;
     pthread_attr_t attr;
     pthread_attr_init(&attr);

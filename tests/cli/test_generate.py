@@ -57,8 +57,10 @@ def test_chat_template_and_system(krserve, default_model):
 
 @pytest.mark.parametrize("args, message", [
     (("-m", "/nonexistent.gguf", "-p", "x"), "model not found"),
-    (("-p", "x", "--temperature", "-1"), "invalid argument"),
-    (("-p", "x", "-n", "zero"), "-n > 0"),
+    (("-p", "x", "--temperature", "-1"), "'temperature' must be between 0 and 2"),
+    (("-p", "x", "-n", "zero"), "-n must be an integer > 0"),
+    (("-p", "x", "--priority", "asap"), "--priority must be urgent"),
+    (("-p", "x", "-n", "100000"), "exceeds the context length"),
     (("-p", "x", "--device", "tpu"), "tpu"),
     (("--batch", "/nonexistent/prompts.txt"), "nonexistent"),
     ((), "give exactly one of -p"),

@@ -369,6 +369,33 @@ static void test_stop_string_and_queue_bound(void **state)
     sched_destroy(s);
 }
 
+/* prompt + max_tokens beyond the context is refused (KRS_ERR_INVALID), never shortened; at
+ * exactly the context it is accepted and ends with "length" at the last position. */
+static void test_beyond_context_is_refused(void **state)
+{
+    (void)state;
+    struct sched_params p;
+    test_params(&p, 4096, SCHED_MODE_AUTO);
+    p.max_ctx = 48; /* short enough for struct result's buffers */
+    struct sched *s = create_sched(&p, NULL);
+    assert_int_equal(sched_max_ctx(s), 48);
+    int32_t ids[256];
+    int n;
+    struct sched_request r;
+    make_request(&r, ids, &n, "Once upon a time", 256);
+    struct sched_stream *st;
+    uint64_t id;
+    r.max_tokens = sched_max_ctx(s) - n + 1;
+    assert_int_equal(sched_submit(s, &r, &st, &id), KRS_ERR_INVALID);
+    r.max_tokens = sched_max_ctx(s) - n;
+    r.ignore_eos = 1;
+    assert_int_equal(sched_submit(s, &r, &st, &id), KRS_OK);
+    static struct result res;
+    collect(st, &res);
+    assert_int_equal(res.finish, SCHED_FINISH_LENGTH);
+    sched_destroy(s);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -382,6 +409,7 @@ int main(void)
         cmocka_unit_test(test_mode_switches_under_load_lose_nothing),
         cmocka_unit_test(test_auto_mode_grows_under_queued_load),
         cmocka_unit_test(test_stop_string_and_queue_bound),
+        cmocka_unit_test(test_beyond_context_is_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

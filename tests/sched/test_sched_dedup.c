@@ -35,6 +35,8 @@ static struct sched_stream *start_blocker(struct sched *s, int wait)
     struct sched_request r;
     int n;
     make_request(&r, ids, &n, "Write a long story about a lighthouse keeper:", 200);
+    /* The scheduler refuses what does not fit its context (it never shortens max_tokens). */
+    if (r.max_tokens > sched_max_ctx(s) - n) r.max_tokens = sched_max_ctx(s) - n;
     r.ignore_eos = 1;
     struct sched_stream *st;
     uint64_t id;
