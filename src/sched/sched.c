@@ -746,7 +746,9 @@ static enum sched_finish accept_token(struct sched *s, struct req **rp,
     return SCHED_FINISH_NONE;
 }
 
-static void publish(struct sched *s, uint64_t now, int idle)
+/* in_step: the engine thread runs a step right after this (its heartbeat then stays at the
+ * step's start until the step ends: /health tells a long step from a stuck engine). */
+static void publish(struct sched *s, uint64_t now, int idle, int in_step)
 {
     struct kv_stats st;
     kv_get_stats(model_ctx_kv(s->ctx), &st);
@@ -764,6 +766,7 @@ static void publish(struct sched *s, uint64_t now, int idle)
     s->pub.running = s->n_running;
     for (int q = 0; q < 3; q++) s->pub.queued[q] = s->q_len[q];
     s->pub.heartbeat_ns = now;
+    s->pub.in_step = in_step;
     s->pub.idle = idle;
     s->pub.kv_blocks_total = total;
     s->pub.kv_blocks_free = free_blocks;
@@ -1118,13 +1121,13 @@ static void *engine_main(void *arg)
         reap_cancelled(s, now);
         uint64_t wait = window_wait_ns(s, now);
         if (wait > 0) {
-            publish(s, now, 0);
+            publish(s, now, 0, 0);
             wait_for_work(s, wait);
             continue;
         }
         admit(s, now);
         int idle = s->n_running == 0;
-        publish(s, now, idle && queued_total(s) == 0);
+        publish(s, now, idle && queued_total(s) == 0, !idle);
         if (idle) {
             /* Nothing can run: sleep until new work (or a heartbeat tick). Queued requests
              * that do not fit wait for blocks, which only running requests give back. */
@@ -1132,6 +1135,9 @@ static void *engine_main(void *arg)
             continue;
         }
         step(s, now);
+        pthread_mutex_lock(&s->state_lock);
+        s->pub.in_step = 0;
+        pthread_mutex_unlock(&s->state_lock);
         if (s->metrics && s->ctrl.degradations != degradations) {
             struct controller_snapshot snap;
             controller_state(&s->ctrl, &snap);
@@ -1306,7 +1312,7 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
     if (metrics) metrics_set_mode(metrics, metrics_mode(s->mode));
     /* The state is readable (KV totals included) as soon as sched_create returns, before the
      * engine thread's first loop. */
-    publish(s, clock_now_ns(), 1);
+    publish(s, clock_now_ns(), 1, 0);
     if (pthread_create(&s->thread, NULL, engine_main, s)) {
         snprintf(err, errlen, "cannot start the engine thread");
         rc = KRS_ERR_INTERNAL;

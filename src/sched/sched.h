@@ -182,6 +182,7 @@ struct sched_state {
     uint64_t preemptions;
     uint64_t deduped;      /* requests that joined an identical request's generation (dedup) */
     uint64_t heartbeat_ns; /* clock_now_ns() of the engine's last loop iteration */
+    int in_step;           /* 1 while the engine runs a step (begun at heartbeat_ns) */
     int idle;              /* 1 when the engine has nothing to do */
     int draining;
     int64_t kv_blocks_total, kv_blocks_free;

@@ -21,6 +21,9 @@
 #include <string.h>
 
 #define HEALTH_STALE_NS 2000000000ull
+/* A step in progress may take far longer than a loop iteration (a 512-token prompt chunk on a
+ * loaded CPU: seconds); the engine counts as stuck only past this. */
+#define HEALTH_STEP_NS 120000000000ull
 
 static enum MHD_Result bad_request(struct MHD_Connection *mc, const char *param, const char *msg)
 {
@@ -139,8 +142,8 @@ static void health_one(struct engine *e, void *arg)
     sched_get_state(engine_sched(e), &st);
     double age_ms =
         st.heartbeat_ns && h->now > st.heartbeat_ns ? (double)(h->now - st.heartbeat_ns) / 1e6 : 0;
-    int alive =
-        !st.heartbeat_ns || h->now < st.heartbeat_ns || h->now - st.heartbeat_ns < HEALTH_STALE_NS;
+    const uint64_t stale = st.in_step ? HEALTH_STEP_NS : HEALTH_STALE_NS;
+    int alive = !st.heartbeat_ns || h->now < st.heartbeat_ns || h->now - st.heartbeat_ns < stale;
     h->ok &= alive && !st.device_error[0];
     int queued = st.queued[0] + st.queued[1] + st.queued[2];
     if (queued >= h->max_queue) h->saturated = 1;
@@ -148,6 +151,7 @@ static void health_one(struct engine *e, void *arg)
     cJSON_AddStringToObject(m, "id", engine_name(e));
     cJSON_AddBoolToObject(m, "alive", alive);
     cJSON_AddNumberToObject(m, "heartbeat_age_ms", age_ms);
+    cJSON_AddBoolToObject(m, "in_step", st.in_step);
     cJSON_AddNumberToObject(m, "running", st.running);
     cJSON_AddNumberToObject(m, "queued", queued);
     cJSON_AddBoolToObject(m, "draining", st.draining);
