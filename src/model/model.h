@@ -114,6 +114,12 @@ struct model_batch {
 int model_forward(struct model_ctx *ctx, const struct model_batch *batch, const float **out_logits,
                   int *out_n);
 
+/* Runs throwaway steps of every shape class serving will use (prompt lengths 1..the token
+ * budget, decode batches 1..the sequence slots) so that a backend's one-time costs (lazy kernel
+ * loading, library kernel selection) are paid before the first request; KV is released
+ * uncommitted. No-op on the CPU backend. Errors are the forward's. */
+int model_ctx_warmup(struct model_ctx *ctx);
+
 /* 1 when the context's backend samples on the device (model_forward_sampled works). */
 int model_ctx_samples_on_device(const struct model_ctx *ctx);
 /* model_forward that samples each flagged row on the device instead of returning its logits:

@@ -1236,6 +1236,10 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
         .prefix_cache_max_tokens = p->prefix_cache_max_tokens,
     };
     if ((rc = model_ctx_create(model, &mp, &s->ctx, err, errlen))) goto fail;
+    if ((rc = model_ctx_warmup(s->ctx))) {
+        snprintf(err, errlen, "warm-up step failed: %s", krs_status_str(rc));
+        goto fail;
+    }
     if (pool_create(p->n_threads, &s->sample_pool)) {
         rc = KRS_ERR_NOMEM;
         snprintf(err, errlen, "sampling threads: cannot start");
