@@ -4,7 +4,9 @@
 # usage: bench/gpu/ab.sh CARRY OUT [BATCHES]
 #   CARRY: build-cuda/bench-carry (scripts/device-test.sh stage-bench); OUT: logs.
 #   AB_SETTINGS: ';'-separated settings, each a space-separated list of VAR=VALUE (an empty one
-#   is the defaults), e.g. "; KRS_CUDA_ATTN_TILE=0; KRS_CUDA_MV_HALF_ROWS=8".
+#   is the defaults), e.g. "; KRS_CUDA_ATTN_TILE=0; KRS_CUDA_MV_HALF_ROWS=8". BENCH=NAME in a
+#   setting runs CARRY/bin/NAME instead of bench_model: two builds (a saved copy of the one
+#   before a change, and the one after) compare in the same run.
 #   AB_MODELS: default "default llama1b". Prints one line per (setting, model): decode tok/s at
 #   each batch and prefill tok/s, from bench_model.
 set -u -o pipefail
@@ -22,7 +24,9 @@ for set in "${settings[@]}"; do
         file=/tmp/standin.gguf
         [ "$model" = llama1b ] && file=/tmp/llama1b.gguf
         log="$OUT/ab_${i}_$model.log"
-        env $set timeout 120 "$CARRY/bin/bench_model" "$file" --device cuda --batches "$BATCHES" \
+        bin=bench_model
+        for kv in $set; do [[ $kv == BENCH=* ]] && bin=${kv#BENCH=}; done
+        env $set timeout 120 "$CARRY/bin/$bin" "$file" --device cuda --batches "$BATCHES" \
             --steps 32 --prefill-chunk 512 --bandwidth-gbs 4224 >"$log" 2>&1
         rc=$?
         dec=$(grep -E '^decode batch' "$log" | awk '{printf "%s:%.0f ", $3, $4}')

@@ -111,7 +111,10 @@ static void cuda_destroy(struct backend *b)
     cuda_graphs_destroy(c); /* ends a capture in progress, then waits for the stream */
     if (c->stream) cudaStreamSynchronize(c->stream);
     for (size_t i = 0; i < c->n_tensors; i++) {
-        if (c->tensors[i]->kind == CUDA_T_WEIGHT) cudaFree(c->tensors[i]->dev);
+        if (c->tensors[i]->kind == CUDA_T_WEIGHT) {
+            cudaFree(c->tensors[i]->dev);
+            cudaFree(c->tensors[i]->half);
+        }
         alloc_free(c->tensors[i]);
     }
     alloc_free(c->tensors);
@@ -130,6 +133,7 @@ static void cuda_destroy(struct backend *b)
     cudaFree(c->attn_done);
     cudaFree(c->d_stage);
     cudaFree(c->d_err);
+    cudaFree(c->d_overflow);
     cudaFree(c->cublas_ws);
     cudaFreeHost(c->h_stage);
     cudaFreeHost(c->h_err);
@@ -182,23 +186,6 @@ static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
     uint64_t rb = quant_row_bytes(w->type, w->n_in);
     if (rb == 0 || rb != w->row_bytes) return KRS_ERR_INVALID;
     if (w->type == QUANT_F32 && w->n_out > 1) c->f32_weights = 1; /* F32 model: exact attention */
-    /* The GEMM path dequantizes chunks of rows: at least one row, at most CUDA_DQ_SCRATCH. */
-    struct backend_tensor probe;
-    memset(&probe, 0, sizeof probe);
-    probe.type = w->type;
-    if (w->type != QUANT_F32 && !cuda_gemm_half(c, &probe)) {
-        int64_t need = w->n_out * w->n_in;
-        if (need > CUDA_DQ_SCRATCH) need = CUDA_DQ_SCRATCH > w->n_in ? CUDA_DQ_SCRATCH : w->n_in;
-        if (need > c->dq_scratch_floats) {
-            cudaFree(c->dq_scratch);
-            c->dq_scratch = NULL;
-            c->dq_scratch_floats = 0;
-            int rc = CUDA_CHECK(cudaMalloc((void **)&c->dq_scratch, (size_t)need * sizeof(float)),
-                                "dequant scratch");
-            if (rc) return rc;
-            c->dq_scratch_floats = need;
-        }
-    }
     struct backend_tensor *t;
     int rc = tensor_new(c, &t);
     if (rc) return rc;
@@ -221,6 +208,23 @@ static int cuda_weight_upload(struct backend *b, const struct quant_matrix *w,
     alloc_free(regrouped);
     if (rc) return rc; /* t stays registered; destroy frees it */
     c->weights_bytes += bytes;
+    /* Prompt steps and large batches multiply quantized weights through their F16 copy on
+     * tensor cores where memory allows (no dequantization per step); else the GEMM path
+     * dequantizes chunks of rows: at least one row, at most CUDA_DQ_SCRATCH. */
+    if ((rc = cuda_make_half_copy(c, t))) return rc;
+    if (w->type != QUANT_F32 && !cuda_gemm_half(c, t)) {
+        int64_t need = w->n_out * w->n_in;
+        if (need > CUDA_DQ_SCRATCH) need = CUDA_DQ_SCRATCH > w->n_in ? CUDA_DQ_SCRATCH : w->n_in;
+        if (need > c->dq_scratch_floats) {
+            cudaFree(c->dq_scratch);
+            c->dq_scratch = NULL;
+            c->dq_scratch_floats = 0;
+            rc = CUDA_CHECK(cudaMalloc((void **)&c->dq_scratch, (size_t)need * sizeof(float)),
+                            "dequant scratch");
+            if (rc) return rc;
+            c->dq_scratch_floats = need;
+        }
+    }
     *out = t;
     return KRS_OK;
 }
@@ -776,6 +780,7 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->mv_half_rows = env_int("KRS_CUDA_MV_HALF_ROWS", 2);
     c->mv_nw4_rows = env_int("KRS_CUDA_MV_NW4", 32768);
     c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
+    c->half_copy = env_int("KRS_CUDA_HALF_COPY", 1) != 0;
     c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
     c->pdl = env_int("KRS_CUDA_PDL", 1) != 0;
     c->attn_tile = env_int("KRS_CUDA_ATTN_TILE", 1);
@@ -795,6 +800,7 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
         (rc = CUDA_CHECK(cudaMalloc((void **)&c->x_inv_scale, (size_t)c->max_tokens * 4),
                          "half activation scales")) ||
         (rc = CUDA_CHECK(cudaMalloc((void **)&c->d_err, sizeof(int)), "flags")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->d_overflow, sizeof(int)), "flags")) ||
         (rc = CUDA_CHECK(cudaMallocHost((void **)&c->h_err, sizeof(int)), "flags")))
         goto fail;
     c->cublas_ws_bytes = CUBLAS_WS_BYTES;

@@ -45,6 +45,7 @@ struct backend_tensor {
     uint64_t row_bytes; /* weights */
     int64_t n;          /* activations: floats */
     void *dev;          /* device memory: owned for weights, an arena slice for activations */
+    void *half;         /* quantized/BF16 weights: an F16 copy the GEMM reads, or NULL; owned */
 };
 
 /* The step's inputs on the device (one upload in step_begin) and what the host kept of them. */
@@ -173,6 +174,8 @@ struct backend_cuda {
     int x_half_rows, x_half_op;
     uint32_t x_half_type;
     int gemm_tf32;   /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
+    int half_copy;   /* F16 copies of quantized weights for GEMMs (KRS_CUDA_HALF_COPY, 1) */
+    int *d_overflow; /* set by cuda_make_half_copy when a weight does not fit F16 */
     int fuse;        /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
     int pdl;         /* programmatic dependent launches (KRS_CUDA_PDL, default 1) */
     int attn_tile;   /* tensor-core attention for prompt steps (KRS_CUDA_ATTN_TILE, default 1) */
@@ -241,8 +244,13 @@ int cuda_matmul(struct backend_cuda *c, const struct backend_tensor *w, const fl
 /* Runs only the matvec kernels / only the GEMM path (tests and timing compare them). */
 /* Rows up to which matmul of w takes the matvec kernels (the fused ones too). */
 int cuda_matvec_rows(const struct backend_cuda *c, const struct backend_tensor *w);
-/* 1 when GEMMs of w read its F16/BF16 elements directly (tensor cores, activations converted). */
+/* 1 when GEMMs of w read F16/BF16 elements directly (tensor cores, activations converted):
+ * its own, or its F16 copy. */
 int cuda_gemm_half(const struct backend_cuda *c, const struct backend_tensor *w);
+/* Gives quantized or BF16 weight w an F16 copy (w->half) for the GEMM path when half_copy is on and
+ * the device keeps at least half its memory free after it; KRS_OK without a copy otherwise
+ * (a weight that does not fit F16 keeps none). */
+int cuda_make_half_copy(struct backend_cuda *c, struct backend_tensor *w);
 int cuda_matmul_matvec(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
                        int rows, float *y);
 int cuda_matmul_gemm(struct backend_cuda *c, const struct backend_tensor *w, const float *x,

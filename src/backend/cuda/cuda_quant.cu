@@ -136,6 +136,32 @@ template <> struct qfmt<QUANT_Q6_K> {
     static constexpr int QK = 256, BYTES = 210;
 };
 
+/* 16 bytes read once: through the non-coherent path without allocating in L1. */
+__device__ __forceinline__ uint4 ld_stream16(const uint8_t *p)
+{
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+/* Eight F16 or BF16 values of a 16-byte load, as decode8 converts them. */
+template <int FMT> __device__ __forceinline__ void unpack8_half(uint4 u, float *w)
+{
+    if constexpr (FMT == QUANT_F16) {
+        w[0] = h2f(u.x & 0xFFFF), w[1] = h2f(u.x >> 16);
+        w[2] = h2f(u.y & 0xFFFF), w[3] = h2f(u.y >> 16);
+        w[4] = h2f(u.z & 0xFFFF), w[5] = h2f(u.z >> 16);
+        w[6] = h2f(u.w & 0xFFFF), w[7] = h2f(u.w >> 16);
+    } else {
+        w[0] = bf2f(u.x & 0xFFFF), w[1] = bf2f(u.x >> 16);
+        w[2] = bf2f(u.y & 0xFFFF), w[3] = bf2f(u.y >> 16);
+        w[4] = bf2f(u.z & 0xFFFF), w[5] = bf2f(u.z >> 16);
+        w[6] = bf2f(u.w & 0xFFFF), w[7] = bf2f(u.w >> 16);
+    }
+}
+
 template <int FMT>
 __device__ __forceinline__ void decode8(const uint8_t *__restrict__ row, int64_t p, float *w)
 {
@@ -148,18 +174,7 @@ __device__ __forceinline__ void decode8(const uint8_t *__restrict__ row, int64_t
         w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w;
         w[4] = c.x, w[5] = c.y, w[6] = c.z, w[7] = c.w;
     } else if constexpr (FMT == QUANT_F16 || FMT == QUANT_BF16) {
-        const uint4 u = __ldg((const uint4 *)(row + p * 16));
-        if constexpr (FMT == QUANT_F16) {
-            w[0] = h2f(u.x & 0xFFFF), w[1] = h2f(u.x >> 16);
-            w[2] = h2f(u.y & 0xFFFF), w[3] = h2f(u.y >> 16);
-            w[4] = h2f(u.z & 0xFFFF), w[5] = h2f(u.z >> 16);
-            w[6] = h2f(u.w & 0xFFFF), w[7] = h2f(u.w >> 16);
-        } else {
-            w[0] = bf2f(u.x & 0xFFFF), w[1] = bf2f(u.x >> 16);
-            w[2] = bf2f(u.y & 0xFFFF), w[3] = bf2f(u.y >> 16);
-            w[4] = bf2f(u.z & 0xFFFF), w[5] = bf2f(u.z >> 16);
-            w[6] = bf2f(u.w & 0xFFFF), w[7] = bf2f(u.w >> 16);
-        }
+        unpack8_half<FMT>(__ldg((const uint4 *)(row + p * 16)), w);
     } else if constexpr (FMT == QUANT_Q8_0) {
         float d = h2f(ld16(b));
         uint2 q = ld8_a2(b + 2 + i0);
@@ -272,6 +287,32 @@ __device__ __forceinline__ void mv_prefetch(const uint8_t *w, uint64_t row_bytes
         asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
+/* acc[j][r] += piece p of row j (8 decoded weights) . piece p of activation row r; the one
+ * order of operations every matvec path uses, so outputs do not depend on the path. */
+template <int NW, int R>
+__device__ __forceinline__ void mv_fma(const float (&wv)[NW][8], const float *const (&xr)[R],
+                                       int64_t p, float (&acc)[NW][R])
+{
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const float4 *xp = (const float4 *)(xr[r] + p * 8);
+        float4 a = __ldg(xp), b = __ldg(xp + 1);
+#pragma unroll
+        for (int j = 0; j < NW; j++) {
+            float s = acc[j][r];
+            s = fmaf(wv[j][0], a.x, s);
+            s = fmaf(wv[j][1], a.y, s);
+            s = fmaf(wv[j][2], a.z, s);
+            s = fmaf(wv[j][3], a.w, s);
+            s = fmaf(wv[j][4], b.x, s);
+            s = fmaf(wv[j][5], b.y, s);
+            s = fmaf(wv[j][6], b.z, s);
+            s = fmaf(wv[j][7], b.w, s);
+            acc[j][r] = s;
+        }
+    }
+}
+
 #define MV_WARPS 4
 
 /* One warp's share of a matvec: acc[j][r] = row0 + j of W times activation row r, reduced
@@ -287,7 +328,7 @@ __device__ __forceinline__ void mv_warp(const uint8_t *__restrict__ w, uint64_t 
     const uint8_t *wr[NW];
 #pragma unroll
     for (int j = 0; j < NW; j++) wr[j] = w + (uint64_t)min(row0 + j, n_out - 1) * row_bytes;
-    const float *xr[R];
+    const float *xr[R]; /* mv_fma takes it as const float *const (&)[R] */
 #pragma unroll
     for (int r = 0; r < R; r++) xr[r] = x + (int64_t)min(r, rows - 1) * n_in;
 #pragma unroll
@@ -295,29 +336,48 @@ __device__ __forceinline__ void mv_warp(const uint8_t *__restrict__ w, uint64_t 
 #pragma unroll
         for (int r = 0; r < R; r++) acc[j][r] = 0.0f;
 
+    int64_t p = lane;
+    if constexpr (FMT == QUANT_F16 || FMT == QUANT_BF16) {
+        /* Float rows: every lane first issues U loads of 16 bytes per row, all independent, and
+         * only then converts and multiplies. At batch 1 a matvec is a stream of weights with
+         * little math, and what bounds it is the bytes each warp has in flight: the rolled loop
+         * below waits on one load per row at a time (measured 1.6-2.4 TB/s on 8-64 MB
+         * matrices). The weights are read once: no L1 allocation. */
+        constexpr int U = NW >= 8 ? 1 : 8 / NW;
+        for (; p + 32 * (U - 1) < n_pieces; p += 32 * U) {
+            uint4 raw[NW][U];
+#pragma unroll
+            for (int j = 0; j < NW; j++)
+#pragma unroll
+                for (int u = 0; u < U; u++) raw[j][u] = ld_stream16(wr[j] + (p + 32 * u) * 16);
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float wv[NW][8];
+#pragma unroll
+                for (int j = 0; j < NW; j++) unpack8_half<FMT>(raw[j][u], wv[j]);
+                mv_fma<NW, R>(wv, xr, p + 32 * u, acc);
+            }
+        }
+    } else if constexpr (R <= 2) {
+        /* Quantized rows at batch 1-2, the same idea: decode U pieces per row (their loads are
+         * independent, so they are all in flight together) before the first multiply. */
+        constexpr int U = NW >= 8 ? 1 : 8 / NW;
+        for (; p + 32 * (U - 1) < n_pieces; p += 32 * U) {
+            float wv[U][NW][8];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int j = 0; j < NW; j++) decode8<FMT>(wr[j], p + 32 * u, wv[u][j]);
+#pragma unroll
+            for (int u = 0; u < U; u++) mv_fma<NW, R>(wv[u], xr, p + 32 * u, acc);
+        }
+    }
 #pragma unroll 4
-    for (int64_t p = lane; p < n_pieces; p += 32) {
+    for (; p < n_pieces; p += 32) {
         float wv[NW][8];
 #pragma unroll
         for (int j = 0; j < NW; j++) decode8<FMT>(wr[j], p, wv[j]);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float4 *xp = (const float4 *)(xr[r] + p * 8);
-            float4 a = __ldg(xp), b = __ldg(xp + 1);
-#pragma unroll
-            for (int j = 0; j < NW; j++) {
-                float s = acc[j][r];
-                s = fmaf(wv[j][0], a.x, s);
-                s = fmaf(wv[j][1], a.y, s);
-                s = fmaf(wv[j][2], a.z, s);
-                s = fmaf(wv[j][3], a.w, s);
-                s = fmaf(wv[j][4], b.x, s);
-                s = fmaf(wv[j][5], b.y, s);
-                s = fmaf(wv[j][6], b.z, s);
-                s = fmaf(wv[j][7], b.w, s);
-                acc[j][r] = s;
-            }
-        }
+        mv_fma<NW, R>(wv, xr, p, acc);
     }
 #pragma unroll
     for (int j = 0; j < NW; j++)
@@ -438,10 +498,11 @@ __global__ void __launch_bounds__(MV_WARPS * 32) k_matvec_glu(const mv_multi_par
             }
 }
 
-/* dst[r, :] = dequant(row r0 + r) * scale for r < nr; rows of n_in, pieces of 8. */
-template <int FMT>
+/* dst[r, :] = dequant(row r0 + r) * scale for r < nr; rows of n_in, pieces of 8. O = float,
+ * or __half (the F16 weight copies), where a value beyond F16's range sets *overflow. */
+template <int FMT, typename O>
 __global__ void k_dequant(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_in,
-                          int64_t nr, float scale, float *__restrict__ dst)
+                          int64_t nr, float scale, O *__restrict__ dst, int *overflow)
 {
     cuda_pdl_enter();
     const int64_t n_pieces = n_in / 8;
@@ -454,9 +515,19 @@ __global__ void k_dequant(const uint8_t *__restrict__ w, uint64_t row_bytes, int
         if (scale != 1.0f)
 #pragma unroll
             for (int j = 0; j < 8; j++) v[j] = __fmul_rn(v[j], scale);
-        float4 *o = (float4 *)(dst + r * n_in + p * 8);
-        o[0] = make_float4(v[0], v[1], v[2], v[3]);
-        o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        if constexpr (std::is_same<O, float>::value) {
+            float4 *o = (float4 *)(dst + r * n_in + p * 8);
+            o[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            __half h[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                h[j] = __float2half_rn(v[j]);
+                if ((__hisinf(h[j]) || __hisnan(h[j])) && isfinite(v[j])) atomicOr(overflow, 1);
+            }
+            *(uint4 *)(dst + r * n_in + p * 8) = *(const uint4 *)h;
+        }
     }
 }
 
@@ -696,8 +767,8 @@ struct dq_launch {
 
     template <int FMT> int run()
     {
-        cuda_launch(c, k_dequant<FMT>, grid_for(nr * (n_in / 8), 256), 256, w, row_bytes, n_in, nr,
-                    scale, dst);
+        cuda_launch(c, k_dequant<FMT, float>, grid_for(nr * (n_in / 8), 256), 256, w, row_bytes,
+                    n_in, nr, scale, dst, (int *)NULL);
         return CUDA_LAUNCHED("dequant");
     }
 };
@@ -745,24 +816,82 @@ __global__ void k_unscale_rows(float *y, int64_t n_out, int64_t total, const flo
 
 int cuda_gemm_half(const struct backend_cuda *c, const struct backend_tensor *w)
 {
-    return c->gemm_tf32 && c->x_half && (w->type == QUANT_F16 || w->type == QUANT_BF16);
+    return c->gemm_tf32 && c->x_half &&
+           (w->type == QUANT_F16 || w->type == QUANT_BF16 || w->half != NULL);
 }
 
 int cuda_matvec_rows(const struct backend_cuda *c, const struct backend_tensor *w)
 {
-    return cuda_gemm_half(c, w) && c->mv_half_rows < c->mv_max_rows ? c->mv_half_rows
-                                                                    : c->mv_max_rows;
+    /* Quantized weights stay on the matvec kernels up to mv_max_rows even with an F16 copy:
+     * there they read 4-8 bits per weight instead of 16. */
+    const int own_half = w->type == QUANT_F16 || w->type == QUANT_BF16;
+    return own_half && cuda_gemm_half(c, w) && c->mv_half_rows < c->mv_max_rows ? c->mv_half_rows
+                                                                                : c->mv_max_rows;
 }
 
-/* y = x * W^T for F16/BF16 W on tensor cores: activations converted, F32 accumulation. */
+struct half_copy_launch {
+    struct backend_cuda *c;
+    const struct backend_tensor *w;
+    __half *dst;
+
+    template <int FMT> int run()
+    {
+        cuda_launch(c, k_dequant<FMT, __half>, grid_for(w->n_out * (w->n_in / 8), 256), 256,
+                    (const uint8_t *)w->dev, w->row_bytes, w->n_in, w->n_out, 1.0f, dst,
+                    c->d_overflow);
+        return CUDA_LAUNCHED("dequant to F16");
+    }
+};
+
+int cuda_make_half_copy(struct backend_cuda *c, struct backend_tensor *w)
+{
+    /* BF16 weights too: F16 holds their values exactly (wider mantissa) wherever they fit its
+     * range, and F16 activations carry 10 mantissa bits where BF16 ones carry 7 (a BF16 GEMM
+     * put the tiny models' logits 3e-5 NMSE from their reference; F16 weights 5e-7). */
+    if (!c->half_copy || !c->gemm_tf32 || !c->x_half || w->half || w->type == QUANT_F32 ||
+        w->type == QUANT_F16 || !pieces_ok(w) || w->n_in > c->max_n_in || w->n_out < 2)
+        return KRS_OK;
+    const size_t bytes = (size_t)w->n_out * (size_t)w->n_in * 2;
+    size_t free_b = 0, total_b = 0;
+    int rc = CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+    if (rc) return rc;
+    if (free_b < bytes || free_b - bytes < total_b / 2) return KRS_OK; /* memory goes to KV */
+    void *dst = NULL;
+    int overflow = 0;
+    if ((rc = CUDA_CHECK(cudaMalloc(&dst, bytes), "F16 weight copy")) ||
+        (rc = CUDA_CHECK(cudaMemsetAsync(c->d_overflow, 0, sizeof(int), c->stream), "flag")))
+        goto out;
+    {
+        half_copy_launch l = {c, w, (__half *)dst};
+        if ((rc = dispatch_type(w->type, l))) goto out;
+    }
+    if ((rc = CUDA_CHECK(cudaMemcpyAsync(&overflow, c->d_overflow, sizeof(int),
+                                         cudaMemcpyDeviceToHost, c->stream),
+                         "flag")) ||
+        (rc = CUDA_CHECK(cudaStreamSynchronize(c->stream), "F16 weight copy")))
+        goto out;
+    if (!overflow) {
+        w->half = dst; /* owned by w from here */
+        dst = NULL;
+        c->weights_bytes += bytes;
+    }
+out:
+    cudaFree(dst);
+    return rc;
+}
+
+/* y = x * W^T for F16/BF16 W (its own elements or its F16 copy) on tensor cores: activations
+ * converted, F32 accumulation. */
 static int gemm_half(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
                      int rows, float *y)
 {
     const float one = 1.0f, zero = 0.0f;
-    const int f16 = w->type == QUANT_F16;
+    const int f16 = w->type == QUANT_F16 || w->half;
+    const void *wdev = w->half ? w->half : w->dev;
+    const uint32_t htype = f16 ? QUANT_F16 : QUANT_BF16;
     const cudaDataType_t dt = f16 ? CUDA_R_16F : CUDA_R_16BF;
     const int converted = c->x_half_op && c->x_half_src == x && c->x_half_rows == rows &&
-                          c->x_half_n_in == w->n_in && c->x_half_type == w->type;
+                          c->x_half_n_in == w->n_in && c->x_half_type == htype;
     int rc = KRS_OK;
     if (!converted) {
         if (f16)
@@ -777,10 +906,10 @@ static int gemm_half(struct backend_cuda *c, const struct backend_tensor *w, con
     c->x_half_src = c->x_half_op ? x : NULL;
     c->x_half_rows = rows;
     c->x_half_n_in = w->n_in;
-    c->x_half_type = w->type;
+    c->x_half_type = htype;
     rc = cuda_cublas_status(cublasGemmEx(c->cublas, CUBLAS_OP_T, CUBLAS_OP_N, (int)w->n_out, rows,
-                                         (int)w->n_in, &one, w->dev, dt, (int)w->n_in, c->x_half,
-                                         dt, (int)w->n_in, &zero, y, CUDA_R_32F, (int)w->n_out,
+                                         (int)w->n_in, &one, wdev, dt, (int)w->n_in, c->x_half, dt,
+                                         (int)w->n_in, &zero, y, CUDA_R_32F, (int)w->n_out,
                                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                             "cublasGemmEx", __FILE__, __LINE__);
     if (rc || !f16) return rc;
