@@ -16,7 +16,11 @@
  * text so far is a complete sentence of the grammar. The matcher sees each token's bytes as the
  * tokenizer renders them (tokenizer_token_piece without specials).
  *
- * Memory: a matcher reserves its automaton and mask cache at creation (about 4 MB) and never
+ * Masks are cached under a key that ignores what no token can reach: a length or item counter
+ * further from its bound than the longest token, and the part of the document below the next
+ * ~longest-token code points. Two states with one key have byte-identical masks.
+ *
+ * Memory: a matcher reserves its automaton and mask cache at creation (about 6 MB) and never
  * allocates afterwards; when the automaton outgrows them it is flushed and rebuilt from the
  * current state (only speed is lost).
  *
@@ -95,6 +99,8 @@ int grammar_matcher_accepting(const struct grammar_matcher *m);
 /* Statistics of one matcher (for the bench and tests). */
 struct grammar_matcher_stats {
     uint64_t masks, mask_hits; /* mask calls, and those answered from the cache */
+    uint64_t mask_same;        /* hits that were the previous call's mask */
+    uint64_t mask_keys;        /* distinct mask keys (grammar_match.c) built */
     uint64_t states, flushes;  /* automaton states built, and times it was rebuilt */
     uint64_t mask_ns;          /* time spent computing masks (misses) */
 };

@@ -41,7 +41,14 @@ struct grammar {
     struct grange *ranges;
     uint32_t n_ranges;
     char *text; /* the GBNF source (NUL-terminated) */
+    /* For the matcher's mask keys (grammar_match.c, "Mask keys"): */
+    uint32_t *rule_min;   /* [n_rules] fewest code points the rule derives (capped) */
+    uint32_t *rule_level; /* [n_rules] k for the counter rule O_k of a bounded quantifier
+                           * (O_k ::= sym O_(k-1) | ; at most k more syms), else 0. The rules
+                           * O_1 .. O_n of one quantifier have consecutive ids. */
 };
+
+#define GRAMMAR_MIN_CAP (1u << 20) /* rule_min saturates here */
 
 /* 1 when terminal element e matches code point cp. */
 static inline int grammar_el_match(const struct grammar *g, const struct gel *e, uint32_t cp)
@@ -107,7 +114,12 @@ struct grammar_vocab {
     uint32_t *plain_le;  /* [GRAMMAR_PLAIN_LEVELS][n_words] */
     int32_t *plain_long; /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
     int32_t n_plain_long;
-    int32_t max_plain; /* most code points of a plain token */
+    int32_t max_plain;                     /* most code points of a plain token */
+    int32_t plain_n[GRAMMAR_PLAIN_LEVELS]; /* tokens set in each plain_le level */
+    /* Most grammar terminals one token can touch from a state between code points: its bytes
+     * that start a code point (not 0x80..0xBF), plus one when it starts with a continuation
+     * byte. The bound behind the matcher's mask keys. */
+    int32_t max_lead;
     uint16_t max_len;
 };
 
@@ -120,5 +132,13 @@ int grammar_regex_to_gbnf(const char *pattern, char **out, char *err, size_t err
  * NULL). Everything is copied. */
 int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
                              const uint8_t *eog, struct grammar_vocab **out);
+
+/* Test and bench hooks of the matcher (grammar_match.c). mask_fresh computes the current
+ * position's mask into out (n_words words) from the automaton, bypassing every mask cache:
+ * what a cache hit must equal. set_key_mode 0 keys the mask cache by state alone (the matcher
+ * before mask keys, for before/after measurements), 1 by mask key (the default); it drops the
+ * cached masks. */
+int grammar_matcher_mask_fresh(struct grammar_matcher *m, uint32_t *out, int32_t *n_allowed);
+void grammar_matcher_set_key_mode(struct grammar_matcher *m, int mode);
 
 #endif

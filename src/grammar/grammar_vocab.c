@@ -151,8 +151,14 @@ static int vocab_finish(struct grammar_vocab *v)
         v->plain_cps[t] = (uint8_t)c;
         if (c > v->max_plain) v->max_plain = c;
         if (c > GRAMMAR_PLAIN_LEVELS) v->plain_long[v->n_plain_long++] = t;
-        for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++)
+        for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++) {
             v->plain_le[(size_t)(l - 1) * nw + (size_t)(t >> 5)] |= 1u << (t & 31);
+            v->plain_n[l - 1]++;
+        }
+        const uint8_t *b = v->bytes + v->tok_off[t];
+        int32_t lead = v->tok_len[t] && (b[0] & 0xC0) == 0x80;
+        for (uint32_t i = 0; i < v->tok_len[t]; i++) lead += (b[i] & 0xC0) != 0x80;
+        if (lead > v->max_lead) v->max_lead = lead;
     }
     v->eog_ids = alloc_malloc((size_t)v->n_vocab * sizeof *v->eog_ids);
     if (!v->eog_ids) return KRS_ERR_NOMEM;
