@@ -26,7 +26,9 @@
  *
  * Threads: grammars and vocabularies are immutable after creation and may be shared; a
  * grammar is reference-counted (grammar_retain / grammar_release, atomic). A matcher is used by
- * one thread at a time. */
+ * one thread at a time. The one mutable part of a vocabulary is the mask cache its matchers
+ * share (masks by grammar text and mask key, about 8 MB, reserved at creation), internally
+ * locked: matchers on different threads use it at once. */
 #ifndef KRS_GRAMMAR_H
 #define KRS_GRAMMAR_H
 
@@ -100,6 +102,7 @@ int grammar_matcher_accepting(const struct grammar_matcher *m);
 struct grammar_matcher_stats {
     uint64_t masks, mask_hits; /* mask calls, and those answered from the cache */
     uint64_t mask_same;        /* hits that were the previous call's mask */
+    uint64_t mask_shared;      /* local misses copied from the vocabulary's shared cache */
     uint64_t mask_keys;        /* distinct mask keys (grammar_match.c) built */
     uint64_t states, flushes;  /* automaton states built, and times it was rebuilt */
     uint64_t mask_ns;          /* time spent computing masks (misses) */

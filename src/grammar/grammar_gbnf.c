@@ -625,6 +625,9 @@ int grammar_compile_gbnf(const char *text, size_t len, struct grammar **out, cha
     g->classes = alloc_malloc((size_t)(b.n_classes + 1) * sizeof *g->classes);
     g->ranges = alloc_malloc((size_t)(b.n_ranges + 1) * sizeof *g->ranges);
     g->text = alloc_strndup(text, len);
+    g->text_hash = 0xCBF29CE484222325ull;
+    for (size_t i = 0; i < len; i++)
+        g->text_hash = (g->text_hash ^ (uint8_t)text[i]) * 0x100000001B3ull;
     if (!g->el || !g->rule_start || !g->rule_min || !g->rule_level || !g->classes || !g->ranges ||
         !g->text)
         goto out;

@@ -40,7 +40,8 @@ struct grammar {
     uint32_t n_classes;
     struct grange *ranges;
     uint32_t n_ranges;
-    char *text; /* the GBNF source (NUL-terminated) */
+    char *text;         /* the GBNF source (NUL-terminated) */
+    uint64_t text_hash; /* FNV-1a of text: the shared mask cache's first comparison */
     /* For the matcher's mask keys (grammar_match.c, "Mask keys"): */
     uint32_t *rule_min;   /* [n_rules] fewest code points the rule derives (capped) */
     uint32_t *rule_level; /* [n_rules] k for the counter rule O_k of a bounded quantifier
@@ -121,6 +122,9 @@ struct grammar_vocab {
      * byte. The bound behind the matcher's mask keys. */
     int32_t max_lead;
     uint16_t max_len;
+    /* The mask cache shared by the matchers of this vocabulary (grammar_cache.c): internally
+     * locked, the one mutable part of a vocabulary. */
+    struct grammar_mask_cache *shared;
 };
 
 /* A JSON Schema "pattern" as a GBNF expression for the JSON-encoded content of a matching
@@ -133,11 +137,24 @@ int grammar_regex_to_gbnf(const char *pattern, char **out, char *err, size_t err
 int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
                              const uint8_t *eog, struct grammar_vocab **out);
 
+/* The shared mask cache (grammar_cache.c). create: masks of n_words words. get: 1 and the
+ * mask copied to mask[0..n_words) when grammar text g->text has one for key[0..len) (hash h),
+ * else 0. put: keeps a copy (taking a reference on g). Both are safe from any thread. */
+struct grammar_mask_cache;
+int grammar_mask_cache_create(int32_t n_words, struct grammar_mask_cache **out);
+void grammar_mask_cache_free(struct grammar_mask_cache *c);
+void grammar_mask_cache_clear(struct grammar_mask_cache *c); /* tests and benches */
+int grammar_mask_cache_get(struct grammar_mask_cache *c, const struct grammar *g,
+                           const uint32_t *key, uint32_t len, uint32_t h, uint32_t *mask,
+                           int32_t *n_allowed);
+void grammar_mask_cache_put(struct grammar_mask_cache *c, struct grammar *g, const uint32_t *key,
+                            uint32_t len, uint32_t h, const uint32_t *mask, int32_t n_allowed);
+
 /* Test and bench hooks of the matcher (grammar_match.c). mask_fresh computes the current
  * position's mask into out (n_words words) from the automaton, bypassing every mask cache:
- * what a cache hit must equal. set_key_mode 0 keys the mask cache by state alone (the matcher
- * before mask keys, for before/after measurements), 1 by mask key (the default); it drops the
- * cached masks. */
+ * what a cache hit must equal. set_key_mode 0 keys the mask cache by state alone and does not
+ * share (the matcher before mask keys, for before/after measurements), 1 by mask key without
+ * the shared cache, 2 by mask key with it (the default); it drops the matcher's cached masks. */
 int grammar_matcher_mask_fresh(struct grammar_matcher *m, uint32_t *out, int32_t *n_allowed);
 void grammar_matcher_set_key_mode(struct grammar_matcher *m, int mode);
 

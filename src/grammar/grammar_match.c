@@ -85,6 +85,7 @@ struct mkey {
     uint32_t off, len; /* words in the key pool */
     uint32_t hash;
     int32_t mask_slot; /* -1: no cached mask */
+    int shared;        /* 1: a grammar-level key, looked up in and put to vocab->shared */
 };
 
 struct sig_entry {
@@ -119,7 +120,7 @@ struct grammar_matcher {
     uint32_t n_mk_words;
     uint32_t *desc;     /* [DESC_WORDS] stack keys being built, each [len, words...] */
     uint32_t *desc_off; /* [MAX_STACKS] */
-    int key_mode;       /* 1: keys as above; 0: one key per state (bench, tests) */
+    int key_mode;       /* 2: keys as above, shared; 1: not shared; 0: per state (bench) */
     int32_t last_slot;  /* the slot of the last mask handed out, -1: none */
     /* masks */
     int32_t n_words;
@@ -705,7 +706,11 @@ static int32_t mask_key(struct grammar_matcher *m, int32_t id)
             return -1;
         }
         key = m->n_mk++;
-        m->mk[key] = (struct mkey){.off = start, .len = len, .hash = h, .mask_slot = -1};
+        m->mk[key] = (struct mkey){.off = start,
+                                   .len = len,
+                                   .hash = h,
+                                   .mask_slot = -1,
+                                   .shared = !raw && m->key_mode > 1};
         m->mk_hash[i] = key;
         m->n_mk_words = w;
         m->stats.mask_keys++;
@@ -745,10 +750,21 @@ int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32
             *n_allowed = m->slot_allowed[slot];
             break;
         }
+        const struct mkey *e = key >= 0 && !m->overflow && m->mk[key].shared ? &m->mk[key] : NULL;
+        uint32_t *out = NULL;
         if (!m->overflow) {
-            if (!t0) t0 = clock_now_ns();
             slot = take_slot(m);
-            walk_mask(m, m->cur, m->masks + (size_t)slot * (size_t)m->n_words, n_allowed);
+            out = m->masks + (size_t)slot * (size_t)m->n_words;
+        }
+        if (e && grammar_mask_cache_get(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash,
+                                        out, n_allowed)) {
+            m->stats.mask_shared++;
+        } else if (out) {
+            if (!t0) t0 = clock_now_ns();
+            walk_mask(m, m->cur, out, n_allowed);
+            if (e && !m->overflow)
+                grammar_mask_cache_put(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash,
+                                       out, *n_allowed);
         }
         if (!m->overflow) {
             if (key >= 0) { /* key < 0: inside a UTF-8 sequence, rare, not cached */
@@ -757,7 +773,7 @@ int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32
             }
             m->slot_allowed[slot] = *n_allowed;
             m->slot_ref[slot] = 1;
-            m->stats.mask_ns += clock_now_ns() - t0;
+            if (t0) m->stats.mask_ns += clock_now_ns() - t0;
             break;
         }
         if (attempt || flush(m)) return KRS_ERR_INTERNAL;
@@ -881,7 +897,7 @@ int grammar_matcher_create(struct grammar *g, const struct grammar_vocab *v,
     m->mk_words = alloc_malloc(MKEY_WORDS * sizeof *m->mk_words);
     m->desc = alloc_malloc(DESC_WORDS * sizeof *m->desc);
     m->desc_off = alloc_malloc(MAX_STACKS * sizeof *m->desc_off);
-    m->key_mode = 1;
+    m->key_mode = 2;
     if (!m->st || !m->hash || !m->keys || !m->trans || !m->sig || !m->build || !m->stack ||
         !m->sort_off || !m->masks || !m->walk || !m->mk || !m->mk_hash || !m->mk_words ||
         !m->desc || !m->desc_off) {

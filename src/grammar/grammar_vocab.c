@@ -47,6 +47,7 @@ void grammar_vocab_free(struct grammar_vocab *v)
     alloc_free(v->plain_cps);
     alloc_free(v->plain_le);
     alloc_free(v->plain_long);
+    grammar_mask_cache_free(v->shared);
     alloc_free(v);
 }
 
@@ -166,6 +167,7 @@ static int vocab_finish(struct grammar_vocab *v)
         if (v->eog[t]) v->eog_ids[v->n_eog++] = t;
     int rc = list_build(v, &v->all, 0);
     if (!rc) rc = list_build(v, &v->rest, 1);
+    if (!rc) rc = grammar_mask_cache_create(v->n_words, &v->shared);
     return rc;
 }
 
