@@ -136,6 +136,11 @@ int grammar_regex_to_gbnf(const char *pattern, char **out, char *err, size_t err
  * NULL). Everything is copied. */
 int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
                              const uint8_t *eog, struct grammar_vocab **out);
+/* The byte vocabulary of the tests and the fuzzer: token b < 256 is byte b, token 256 the end
+ * of generation (no text), then multi[0..n_multi) (NUL-terminated texts). */
+#define GRAMMAR_BYTE_EOG 256
+int grammar_vocab_create_bytes(const char *const *multi, size_t n_multi,
+                               struct grammar_vocab **out);
 
 /* The shared mask cache (grammar_cache.c). create: masks of n_words words. get: 1 and the
  * mask copied to mask[0..n_words) when grammar text g->text has one for key[0..len) (hash h),

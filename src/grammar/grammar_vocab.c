@@ -223,6 +223,37 @@ int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *l
     return KRS_OK;
 }
 
+int grammar_vocab_create_bytes(const char *const *multi, size_t n_multi, struct grammar_vocab **out)
+{
+    *out = NULL;
+    size_t n = GRAMMAR_BYTE_EOG + 1 + n_multi;
+    static const char bytes[256] = {
+#define B4(i)  (char)(i), (char)((i) + 1), (char)((i) + 2), (char)((i) + 3)
+#define B16(i) B4(i), B4((i) + 4), B4((i) + 8), B4((i) + 12)
+#define B64(i) B16(i), B16((i) + 16), B16((i) + 32), B16((i) + 48)
+        B64(0), B64(64), B64(128), B64(192)
+#undef B64
+#undef B16
+#undef B4
+    };
+    const char **text = alloc_malloc(n * sizeof *text);
+    size_t *len = alloc_malloc(n * sizeof *len);
+    uint8_t *eog = alloc_calloc(n, 1);
+    int rc = KRS_ERR_NOMEM;
+    if (!text || !len || !eog || n > INT32_MAX) goto out;
+    for (size_t i = 0; i < n; i++) {
+        text[i] = i < 256 ? &bytes[i] : i == GRAMMAR_BYTE_EOG ? "" : multi[i - 257];
+        len[i] = i < 256 ? 1 : strlen(text[i]);
+    }
+    eog[GRAMMAR_BYTE_EOG] = 1;
+    rc = grammar_vocab_create_raw((int32_t)n, text, len, eog, out);
+out:
+    alloc_free(text);
+    alloc_free(len);
+    alloc_free(eog);
+    return rc;
+}
+
 int grammar_vocab_create(const struct tokenizer *tok, struct grammar_vocab **out)
 {
     *out = NULL;
