@@ -180,6 +180,20 @@ static int cmp_stacks(const uint32_t *a, const uint32_t *b)
     return 0;
 }
 
+/* Sorts off[0..n), offsets of [len, words...] lists in w, by cmp_stacks (insertion sort: the
+ * lists are few). */
+static void sort_stacks(const uint32_t *w, uint32_t *off, uint32_t n)
+{
+    for (uint32_t i = 1; i < n; i++) {
+        uint32_t x = off[i], j = i;
+        while (j > 0 && cmp_stacks(w + off[j - 1], w + x) > 0) {
+            off[j] = off[j - 1];
+            j--;
+        }
+        off[j] = x;
+    }
+}
+
 static int32_t intern_full(struct grammar_matcher *m)
 {
     uint32_t n = m->n_build_stacks;
@@ -191,14 +205,7 @@ static int32_t intern_full(struct grammar_matcher *m)
         p += 1 + m->build[p];
     }
     const uint32_t *bw = m->build;
-    for (uint32_t i = 1; i < n; i++) {
-        uint32_t x = off[i], j = i;
-        while (j > 0 && cmp_stacks(bw + off[j - 1], bw + x) > 0) {
-            off[j] = off[j - 1];
-            j--;
-        }
-        off[j] = x;
-    }
+    sort_stacks(bw, off, n);
     /* key into the pool tail (not committed until it is known to be new) */
     uint32_t start = m->n_keys, k = start, n_term = 0, accepting = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -670,14 +677,7 @@ static int32_t mask_key(struct grammar_matcher *m, int32_t id)
      * pool's tail (committed only when the key is new) */
     uint32_t *off = m->desc_off;
     const uint32_t *d = m->desc;
-    for (uint32_t i = 1; i < n_desc; i++) {
-        uint32_t x = off[i], j = i;
-        while (j > 0 && cmp_stacks(d + off[j - 1], d + x) > 0) {
-            off[j] = off[j - 1];
-            j--;
-        }
-        off[j] = x;
-    }
+    sort_stacks(d, off, n_desc);
     uint32_t start = m->n_mk_words, w = start;
     for (uint32_t i = 0; i < n_desc; i++) {
         const uint32_t *x = d + off[i];

@@ -339,7 +339,9 @@ static void sb_add(struct sbuf *b, const char *fmt, ...)
 static void gen_schema(struct sbuf *b, uint64_t *x, int depth)
 {
     static const char *const words[] = {"a", "bc", "red", "x y", "\\u00e9t\u00e9"};
-    int kind = (int)(xrnd(x) % (depth > 2 ? 5 : 8));
+    static const char *const simple[] = {"{\"type\":\"boolean\"}", "{\"type\":\"number\"}",
+                                         "{\"type\":\"null\"}"};
+    int kind = (int)(xrnd(x) % (depth > 2 ? 4 : 7));
     switch (kind) {
     case 0: {
         int lo = (int)(xrnd(x) % 4), hi = lo + (int)(xrnd(x) % 40);
@@ -357,7 +359,7 @@ static void gen_schema(struct sbuf *b, uint64_t *x, int depth)
             sb_add(b, "{\"type\":\"integer\"}");
         break;
     case 2:
-        sb_add(b, "{\"type\":\"boolean\"}");
+        sb_add(b, "%s", simple[xrnd(x) % 3]);
         break;
     case 3: {
         sb_add(b, "{\"enum\":[");
@@ -367,17 +369,14 @@ static void gen_schema(struct sbuf *b, uint64_t *x, int depth)
         sb_add(b, "]}");
         break;
     }
-    case 4:
-        sb_add(b, "{\"type\":\"number\"}");
-        break;
-    case 5: {
+    case 4: {
         int lo = (int)(xrnd(x) % 3), hi = lo + (int)(xrnd(x) % 38);
         sb_add(b, "{\"type\":\"array\",\"minItems\":%d,\"maxItems\":%d,\"items\":", lo, hi);
         gen_schema(b, x, depth + 1);
         sb_add(b, "}");
         break;
     }
-    case 6: {
+    case 5: {
         int n = 1 + (int)(xrnd(x) % 3);
         sb_add(b, "{\"type\":\"object\",\"properties\":{");
         for (int i = 0; i < n; i++) {
