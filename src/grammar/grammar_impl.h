@@ -83,7 +83,8 @@ static inline int grammar_el_match_range(const struct grammar *g, const struct g
 struct grammar_toklist {
     int32_t n;
     int32_t *order; /* [n] token ids, by bytes */
-    uint32_t *off;  /* [n] offsets into the vocabulary's bytes */
+    uint8_t *bytes; /* the tokens' texts again, in list order: a walk reads them in sequence */
+    uint32_t *off;  /* [n] offsets into bytes */
     uint16_t *len;  /* [n] */
     uint16_t *lcp;  /* [n] common prefix with the previous entry */
     /* The implicit trie's nodes: entry i opens the nodes of its bytes lcp[i] .. len[i] - 1

@@ -555,14 +555,13 @@ static int32_t plain_run(struct grammar_matcher *m, int32_t id, int32_t max)
 static int32_t walk_list(struct grammar_matcher *m, const struct grammar_toklist *l, int64_t from,
                          uint32_t *mask)
 {
-    const struct grammar_vocab *v = m->v;
     int64_t *st = m->walk;
     st[0] = from;
     uint32_t valid = 0;
     int32_t added = 0;
     for (int32_t i = 0; i < l->n && !m->overflow; i++) {
         uint32_t d = l->lcp[i] < valid ? l->lcp[i] : valid, len = l->len[i];
-        const uint8_t *b = v->bytes + l->off[i];
+        const uint8_t *b = l->bytes + l->off[i];
         while (d < len) {
             int64_t ns = step_byte(m, st[d], b[d]);
             if (ns < 0) break;

@@ -28,6 +28,7 @@ static void list_free(struct grammar_toklist *l)
 {
     alloc_free(l->order);
     alloc_free(l->off);
+    alloc_free(l->bytes);
     alloc_free(l->len);
     alloc_free(l->lcp);
     alloc_free(l->node_off);
@@ -123,13 +124,20 @@ static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, 
     sort_vocab = v;
     qsort(l->order, (size_t)l->n, sizeof *l->order, cmp_tok);
     pthread_mutex_unlock(&sort_lock);
+    size_t total = 0;
+    for (int32_t i = 0; i < l->n; i++) total += v->tok_len[l->order[i]];
+    l->bytes = alloc_malloc(total + 1);
+    if (!l->bytes || total > UINT32_MAX) return KRS_ERR_NOMEM;
+    size_t used = 0;
     for (int32_t i = 0; i < l->n; i++) {
         int32_t t = l->order[i];
-        l->off[i] = v->tok_off[t];
+        l->off[i] = (uint32_t)used;
         l->len[i] = v->tok_len[t];
+        memcpy(l->bytes + used, v->bytes + v->tok_off[t], l->len[i]);
+        used += l->len[i];
         uint16_t c = 0;
         if (i > 0) {
-            const uint8_t *a = v->bytes + l->off[i - 1], *b = v->bytes + l->off[i];
+            const uint8_t *a = l->bytes + l->off[i - 1], *b = l->bytes + l->off[i];
             uint16_t m = l->len[i - 1] < l->len[i] ? l->len[i - 1] : l->len[i];
             while (c < m && a[c] == b[c]) c++;
         }
