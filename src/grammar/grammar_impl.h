@@ -100,6 +100,7 @@ struct grammar_toklist {
  * the same way (inside a JSON string), they need no walk: plain_le[l - 1] holds the plain
  * tokens of at most l code points. */
 #define GRAMMAR_PLAIN_LEVELS 16
+#define GRAMMAR_LONG_MAX     64
 
 struct grammar_vocab {
     int32_t n_vocab;
@@ -118,10 +119,17 @@ struct grammar_vocab {
     int32_t n_plain_long;
     int32_t max_plain;                     /* most code points of a plain token */
     int32_t plain_n[GRAMMAR_PLAIN_LEVELS]; /* tokens set in each plain_le level */
-    /* Most grammar terminals one token can touch from a state between code points: its bytes
-     * that start a code point (not 0x80..0xBF), plus one when it starts with a continuation
-     * byte. The bound behind the matcher's mask keys. */
-    int32_t max_lead;
+    /* A token's "lead": the most grammar terminals it can touch from a state between code
+     * points (its bytes that start a code point, not 0x80..0xBF, plus one when it starts with
+     * a continuation byte). max_lead: the vocabulary's largest. The few tokens (at most
+     * GRAMMAR_LONG_MAX) whose lead is above key_lead are "long": they are in no list and no
+     * plain mask, and the matcher checks them one by one at every mask, so that its mask keys
+     * (grammar_match.c) need only reach key_lead code points (Gemma: 16, not 31, for the 45
+     * runs of newlines, tabs and spaces). */
+    int32_t max_lead, key_lead;
+    uint8_t *tok_long; /* [n_vocab] 1 = long */
+    int32_t *long_ids; /* [n_long] */
+    int32_t n_long;
     uint16_t max_len;
     /* The mask cache shared by the matchers of this vocabulary (grammar_cache.c): internally
      * locked, the one mutable part of a vocabulary. */

@@ -19,14 +19,16 @@
  * distinct trie byte.
  *
  * Mask keys. Masks are cached (MASK_SLOTS, clock eviction) under a key coarser than the state:
- * a token touches at most L = vocab->max_lead terminals, so only the first L code points of
- * what each stack can still derive decide the mask. A stack's key is the sequence of grammar
- * elements it will match, read from the top down, stopping (CUT) once the elements before the
- * next one need L code points at least (rule_min), or at the stack's end (EOS); a reference to
- * a quantifier's counter rule O_j (at most j more items, grammar_impl.h) is written as O_min(j,
- * B), B being the code points left at that element, since at most B items can be touched. A
- * state's key is its stacks' keys, sorted and deduplicated. Two states with the same key have
- * the same mask, so a string's counter far from maxLength, the item index of a long array, or
+ * a token touches at most L = vocab->key_lead terminals, so only the first L code points of
+ * what each stack can still derive decide the mask. The few "long" tokens above key_lead
+ * (grammar_impl.h) are left out of cached masks and checked one by one at every call; when
+ * some are allowed the caller gets a copy of the cached mask with their bits set. A stack's key is
+ * the sequence of grammar elements it will match, read from the top down, stopping (CUT) once the
+ * elements before the next one need L code points at least (rule_min), or at the stack's end (EOS);
+ * a reference to a quantifier's counter rule O_j (at most j more items, grammar_impl.h) is written
+ * as O_min(j, B), B being the code points left at that element, since at most B items can be
+ * touched. A state's key is its stacks' keys, sorted and deduplicated. Two states with the same key
+ * have the same mask, so a string's counter far from maxLength, the item index of a long array, or
  * the rest of the document below the current value do not make new masks. Each state's key id
  * is computed once (st->mkey); the last mask handed out is reused when the key is the same.
  *
@@ -76,6 +78,8 @@ struct mstate {
     int32_t trans; /* offset in the transition pool (128 ASCII entries), or -1 */
     uint8_t accepting, na_kind, plain_kind;
     int32_t mkey;       /* mask key id, -1: not computed yet */
+    uint8_t long_known; /* long_set is valid */
+    uint64_t long_set;  /* bit i: vocab->long_ids[i] is allowed here */
     int32_t plain_next; /* NA_UNIFORM plain_kind: the state after any plain character */
     int32_t na_next;    /* NA_UNIFORM: the state after any code point >= 0x80 (or DEAD) */
     uint32_t n_term;    /* stacks with a terminal on top */
@@ -122,6 +126,11 @@ struct grammar_matcher {
     uint32_t *desc_off; /* [MAX_STACKS] */
     int key_mode;       /* 2: keys as above, shared; 1: not shared; 0: per state (bench) */
     int32_t last_slot;  /* the slot of the last mask handed out, -1: none */
+    uint32_t *patch;    /* [n_words] a cached mask plus the allowed long tokens */
+    int patch_slot;     /* patch = slot patch_slot (filled patch_gen) + patch_set; -1: none */
+    uint32_t patch_gen;
+    uint64_t patch_set;
+    uint32_t slot_gen[MASK_SLOTS]; /* bumped whenever a slot is filled */
     /* masks */
     int32_t n_words;
     uint32_t *masks; /* [MASK_SLOTS][n_words] */
@@ -472,6 +481,7 @@ static void reset_tables(struct grammar_matcher *m)
     memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
     for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
     m->last_slot = -1;
+    m->patch_slot = -1;
 }
 
 /* Rebuilds the automaton from nothing but the current position. */
@@ -623,7 +633,7 @@ static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, i
 static int desc_stack(struct grammar_matcher *m, const uint32_t *k, uint32_t *n)
 {
     const struct grammar *g = m->g;
-    const uint32_t reach = (uint32_t)m->v->max_lead;
+    const uint32_t reach = (uint32_t)m->v->key_lead;
     uint32_t head = *n, w = head + 1, cost = 0, end = MK_EOS;
     for (uint32_t e = k[0]; e >= 1 && end == MK_EOS; e--) {
         for (uint32_t q = k[e]; !is_end(&g->el[q]); q++) {
@@ -733,52 +743,108 @@ static int take_slot(struct grammar_matcher *m)
     return slot;
 }
 
+/* The mask of the tokens that are not long (grammar_impl.h) at the current position, from the
+ * matcher's cache, the shared cache or computed: its slot in *slot_out, its count in *n. 0, or
+ * -1 when a table filled up (m->overflow: flush and retry). */
+static int short_mask(struct grammar_matcher *m, int *slot_out, int32_t *n)
+{
+    int32_t key = m->cur & VPART ? -1 : mask_key(m, (int32_t)m->cur);
+    if (m->overflow) return -1;
+    if (key >= 0 && m->mk[key].mask_slot >= 0) {
+        int slot = m->mk[key].mask_slot;
+        m->stats.mask_hits++;
+        m->stats.mask_same += slot == m->last_slot;
+        m->slot_ref[slot] = 1;
+        *n = m->slot_allowed[slot];
+        *slot_out = slot;
+        return 0;
+    }
+    const struct mkey *e = key >= 0 && m->mk[key].shared ? &m->mk[key] : NULL;
+    int slot = take_slot(m);
+    uint32_t *out = m->masks + (size_t)slot * (size_t)m->n_words;
+    if (e &&
+        grammar_mask_cache_get(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash, out, n)) {
+        m->stats.mask_shared++;
+    } else {
+        uint64_t t0 = clock_now_ns();
+        walk_mask(m, m->cur, out, n);
+        if (m->overflow) return -1;
+        if (e)
+            grammar_mask_cache_put(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash, out,
+                                   *n);
+        m->stats.mask_ns += clock_now_ns() - t0;
+    }
+    if (key >= 0) { /* key < 0: inside a UTF-8 sequence, rare, not cached */
+        m->slot_key[slot] = key;
+        m->mk[key].mask_slot = slot;
+    }
+    m->slot_allowed[slot] = *n;
+    m->slot_ref[slot] = 1;
+    m->slot_gen[slot]++;
+    *slot_out = slot;
+    return 0;
+}
+
+/* The long tokens (grammar_impl.h) the grammar takes from `from`, checked one by one (kept per
+ * state; `fresh`: not read from there): bit i for vocab->long_ids[i]. */
+static uint64_t long_tokens(struct grammar_matcher *m, int64_t from, int fresh)
+{
+    const struct grammar_vocab *v = m->v;
+    if (!fresh && !(from & VPART) && m->st[from].long_known) return m->st[from].long_set;
+    uint64_t set = 0;
+    for (int32_t i = 0; i < v->n_long && !m->overflow; i++) {
+        int32_t t = v->long_ids[i];
+        const uint8_t *b = v->bytes + v->tok_off[t];
+        int64_t s = from;
+        for (uint32_t j = 0; j < v->tok_len[t] && s >= 0; j++) s = step_byte(m, s, b[j]);
+        if (s >= 0) set |= 1ull << i;
+    }
+    if (!(from & VPART) && !m->overflow) {
+        m->st[from].long_set = set;
+        m->st[from].long_known = 1;
+    }
+    return set;
+}
+
+/* Sets the bits of the long tokens in `set`; returns how many. */
+static int32_t set_long_bits(const struct grammar_vocab *v, uint32_t *mask, uint64_t set)
+{
+    int32_t n = 0;
+    for (; set; set &= set - 1, n++) {
+        int32_t t = v->long_ids[__builtin_ctzll(set)];
+        mask[t >> 5] |= 1u << (t & 31);
+    }
+    return n;
+}
+
 int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32_t *n_allowed)
 {
     m->stats.masks++;
     if (m->finished) return KRS_ERR_STATE;
-    uint64_t t0 = 0;
     int slot = -1;
+    int32_t n_short = 0;
+    uint64_t set = 0;
     for (int attempt = 0;; attempt++) {
-        int32_t key = m->cur & VPART ? -1 : mask_key(m, (int32_t)m->cur);
-        if (!m->overflow && key >= 0 && m->mk[key].mask_slot >= 0) {
-            slot = m->mk[key].mask_slot;
-            m->stats.mask_hits++;
-            m->stats.mask_same += slot == m->last_slot;
-            m->slot_ref[slot] = 1;
-            *n_allowed = m->slot_allowed[slot];
-            break;
-        }
-        const struct mkey *e = key >= 0 && !m->overflow && m->mk[key].shared ? &m->mk[key] : NULL;
-        uint32_t *out = NULL;
-        if (!m->overflow) {
-            slot = take_slot(m);
-            out = m->masks + (size_t)slot * (size_t)m->n_words;
-        }
-        if (e && grammar_mask_cache_get(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash,
-                                        out, n_allowed)) {
-            m->stats.mask_shared++;
-        } else if (out) {
-            if (!t0) t0 = clock_now_ns();
-            walk_mask(m, m->cur, out, n_allowed);
-            if (e && !m->overflow)
-                grammar_mask_cache_put(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash,
-                                       out, *n_allowed);
-        }
-        if (!m->overflow) {
-            if (key >= 0) { /* key < 0: inside a UTF-8 sequence, rare, not cached */
-                m->slot_key[slot] = key;
-                m->mk[key].mask_slot = slot;
-            }
-            m->slot_allowed[slot] = *n_allowed;
-            m->slot_ref[slot] = 1;
-            if (t0) m->stats.mask_ns += clock_now_ns() - t0;
-            break;
+        if (!short_mask(m, &slot, &n_short)) {
+            set = long_tokens(m, m->cur, 0);
+            if (!m->overflow) break;
         }
         if (attempt || flush(m)) return KRS_ERR_INTERNAL;
     }
     m->last_slot = slot;
     *mask = m->masks + (size_t)slot * (size_t)m->n_words;
+    *n_allowed = n_short + __builtin_popcountll(set);
+    if (set) { /* the cached mask stays as it is: a copy with the long tokens, reused as is
+                * while the slot, its contents and the long tokens are the same */
+        if (m->patch_slot != slot || m->patch_gen != m->slot_gen[slot] || m->patch_set != set) {
+            memcpy(m->patch, *mask, (size_t)m->n_words * sizeof *m->patch);
+            set_long_bits(m->v, m->patch, set);
+            m->patch_slot = slot;
+            m->patch_gen = m->slot_gen[slot];
+            m->patch_set = set;
+        }
+        *mask = m->patch;
+    }
     return KRS_OK;
 }
 
@@ -787,7 +853,11 @@ int grammar_matcher_mask_fresh(struct grammar_matcher *m, uint32_t *out, int32_t
     if (m->finished) return KRS_ERR_STATE;
     for (int attempt = 0;; attempt++) {
         walk_mask(m, m->cur, out, n_allowed);
-        if (!m->overflow) return KRS_OK;
+        uint64_t set = m->overflow ? 0 : long_tokens(m, m->cur, 1);
+        if (!m->overflow) {
+            *n_allowed += set_long_bits(m->v, out, set);
+            return KRS_OK;
+        }
         if (attempt || flush(m)) return KRS_ERR_INTERNAL;
     }
 }
@@ -801,6 +871,7 @@ void grammar_matcher_set_key_mode(struct grammar_matcher *m, int mode)
     memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
     for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
     m->last_slot = -1;
+    m->patch_slot = -1;
 }
 
 /* ---- accept / query ---- */
@@ -867,6 +938,7 @@ void grammar_matcher_free(struct grammar_matcher *m)
     alloc_free(m->mk_words);
     alloc_free(m->desc);
     alloc_free(m->desc_off);
+    alloc_free(m->patch);
     grammar_release(m->g);
     alloc_free(m);
 }
@@ -896,10 +968,11 @@ int grammar_matcher_create(struct grammar *g, const struct grammar_vocab *v,
     m->mk_words = alloc_malloc(MKEY_WORDS * sizeof *m->mk_words);
     m->desc = alloc_malloc(DESC_WORDS * sizeof *m->desc);
     m->desc_off = alloc_malloc(MAX_STACKS * sizeof *m->desc_off);
+    m->patch = alloc_malloc((size_t)m->n_words * sizeof *m->patch + 1);
     m->key_mode = 2;
     if (!m->st || !m->hash || !m->keys || !m->trans || !m->sig || !m->build || !m->stack ||
         !m->sort_off || !m->masks || !m->walk || !m->mk || !m->mk_hash || !m->mk_words ||
-        !m->desc || !m->desc_off) {
+        !m->desc || !m->desc_off || !m->patch) {
         grammar_matcher_free(m);
         return KRS_ERR_NOMEM;
     }

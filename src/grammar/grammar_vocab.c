@@ -48,6 +48,8 @@ void grammar_vocab_free(struct grammar_vocab *v)
     alloc_free(v->plain_cps);
     alloc_free(v->plain_le);
     alloc_free(v->plain_long);
+    alloc_free(v->tok_long);
+    alloc_free(v->long_ids);
     grammar_mask_cache_free(v->shared);
     alloc_free(v);
 }
@@ -118,7 +120,8 @@ static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, 
     l->lcp = alloc_malloc(n * sizeof *l->lcp + 1);
     if (!l->order || !l->off || !l->len || !l->lcp) return KRS_ERR_NOMEM;
     for (int32_t t = 0; t < v->n_vocab; t++)
-        if (v->tok_len[t] && (!plain_only_not || !v->plain_cps[t])) l->order[l->n++] = t;
+        if (v->tok_len[t] && !v->tok_long[t] && (!plain_only_not || !v->plain_cps[t]))
+            l->order[l->n++] = t;
     static pthread_mutex_t sort_lock = PTHREAD_MUTEX_INITIALIZER;
     pthread_mutex_lock(&sort_lock);
     sort_vocab = v;
@@ -146,7 +149,42 @@ static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, 
     return list_nodes(v, l);
 }
 
-/* Everything derived from the token texts: plain tokens, their masks, both sorted lists. */
+/* Each token's lead (grammar_impl.h), max_lead, key_lead (the least lead with at most
+ * GRAMMAR_LONG_MAX tokens above it, at least 1) and the long tokens. */
+static int vocab_leads(struct grammar_vocab *v)
+{
+    size_t n = (size_t)v->n_vocab;
+    uint16_t *lead = alloc_malloc(n * sizeof *lead);
+    int32_t *above = alloc_calloc((size_t)v->max_len + 2, sizeof *above); /* [l]: lead == l */
+    v->tok_long = alloc_calloc(n, 1);
+    v->long_ids = alloc_malloc(GRAMMAR_LONG_MAX * sizeof *v->long_ids);
+    int rc = KRS_ERR_NOMEM;
+    if (!lead || !above || !v->tok_long || !v->long_ids) goto out;
+    for (size_t t = 0; t < n; t++) {
+        const uint8_t *b = v->bytes + v->tok_off[t];
+        uint16_t x = v->tok_len[t] && (b[0] & 0xC0) == 0x80;
+        for (uint32_t i = 0; i < v->tok_len[t]; i++) x += (b[i] & 0xC0) != 0x80;
+        lead[t] = x;
+        above[x]++;
+        if (x > v->max_lead) v->max_lead = x;
+    }
+    int32_t k = v->max_lead, count = 0; /* count: tokens with lead > k */
+    while (k > 1 && count + above[k] <= GRAMMAR_LONG_MAX) count += above[k--];
+    v->key_lead = k > 1 ? k : 1;
+    for (size_t t = 0; t < n; t++)
+        if (lead[t] > v->key_lead) {
+            v->tok_long[t] = 1;
+            v->long_ids[v->n_long++] = (int32_t)t;
+        }
+    rc = KRS_OK;
+out:
+    alloc_free(lead);
+    alloc_free(above);
+    return rc;
+}
+
+/* Everything derived from the token texts: leads, plain tokens, their masks, both sorted lists
+ * (long tokens are in neither). */
 static int vocab_finish(struct grammar_vocab *v)
 {
     v->n_words = (v->n_vocab + 31) / 32;
@@ -154,9 +192,10 @@ static int vocab_finish(struct grammar_vocab *v)
     v->plain_cps = alloc_calloc((size_t)v->n_vocab, 1);
     v->plain_le = alloc_calloc(GRAMMAR_PLAIN_LEVELS * nw, sizeof *v->plain_le);
     v->plain_long = alloc_malloc((size_t)v->n_vocab * sizeof *v->plain_long);
-    if (!v->plain_cps || !v->plain_le || !v->plain_long) return KRS_ERR_NOMEM;
+    if (!v->plain_cps || !v->plain_le || !v->plain_long || vocab_leads(v)) return KRS_ERR_NOMEM;
     for (int32_t t = 0; t < v->n_vocab; t++) {
-        int c = v->eog[t] ? 0 : plain_count(v->bytes + v->tok_off[t], v->tok_len[t]);
+        int c =
+            v->eog[t] || v->tok_long[t] ? 0 : plain_count(v->bytes + v->tok_off[t], v->tok_len[t]);
         v->plain_cps[t] = (uint8_t)c;
         if (c > v->max_plain) v->max_plain = c;
         if (c > GRAMMAR_PLAIN_LEVELS) v->plain_long[v->n_plain_long++] = t;
@@ -164,10 +203,6 @@ static int vocab_finish(struct grammar_vocab *v)
             v->plain_le[(size_t)(l - 1) * nw + (size_t)(t >> 5)] |= 1u << (t & 31);
             v->plain_n[l - 1]++;
         }
-        const uint8_t *b = v->bytes + v->tok_off[t];
-        int32_t lead = v->tok_len[t] && (b[0] & 0xC0) == 0x80;
-        for (uint32_t i = 0; i < v->tok_len[t]; i++) lead += (b[i] & 0xC0) != 0x80;
-        if (lead > v->max_lead) v->max_lead = lead;
     }
     v->eog_ids = alloc_malloc((size_t)v->n_vocab * sizeof *v->eog_ids);
     if (!v->eog_ids) return KRS_ERR_NOMEM;

@@ -491,9 +491,11 @@ static void test_mask_cache_random(void **state)
     assert_true(total.mask_keys < total.states);
 }
 
-/* A string's counter far from maxLength: the states differ, the mask key does not. With
- * "ab" the longest token (max_lead 2 of the byte vocabulary below), positions 0..7 of a
- * {0,10} string share one key and one mask; the last two before the bound get their own. */
+/* A string's counter far from maxLength: the states differ, the mask key does not. In the byte
+ * vocabulary below every token but "ab" touches one terminal at most, so "ab" is the one long
+ * token (checked at each call) and keys reach 1 code point: positions 0..9 of a {0,10} string
+ * share one key and one cached mask, the bound gets its own; "ab" is allowed while 2 letters
+ * are left. */
 static void test_mask_key_counter(void **state)
 {
     (void)state;
@@ -501,6 +503,8 @@ static void test_mask_key_counter(void **state)
     struct grammar_vocab *v = NULL;
     assert_int_equal(grammar_vocab_create_bytes(multi, 1, &v), KRS_OK);
     assert_int_equal(v->max_lead, 2);
+    assert_int_equal(v->key_lead, 1); /* "ab" is the one long token */
+    assert_int_equal(v->n_long, 1);
     struct grammar *g = gbnf("root ::= \"\\\"\" [a-z]{0,10} \"\\\"\"");
     struct grammar_matcher *m = NULL;
     assert_int_equal(grammar_matcher_create(g, v, &m), KRS_OK);
@@ -519,10 +523,11 @@ static void test_mask_key_counter(void **state)
     assert_int_equal(bit(mask, 'a'), 0);
     struct grammar_matcher_stats st;
     grammar_matcher_get_stats(m, &st);
-    /* 11 masks inside the string: remaining 10..2 share a key (2 >= max_lead), then 1, 0 */
+    /* 11 masks inside the string: remaining 10..1 share a key (>= key_lead), then 0; "ab" is
+     * checked at each call */
     assert_int_equal(st.masks, 11);
-    assert_int_equal(st.mask_hits, 8);
-    assert_int_equal(st.mask_same, 8);
+    assert_int_equal(st.mask_hits, 9);
+    assert_int_equal(st.mask_same, 9);
     grammar_matcher_free(m);
     grammar_release(g);
     grammar_vocab_free(v);
