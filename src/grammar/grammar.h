@@ -17,10 +17,11 @@
  * tokenizer renders them (tokenizer_token_piece without specials).
  *
  * Masks are cached under a key that ignores what no token can reach: a length or item counter
- * further from its bound than the longest token, and the part of the document below the next
- * ~longest-token code points. Two states with one key have byte-identical masks.
+ * further from its bound than the longest token (the few longest tokens, checked one by one,
+ * aside), and the part of the document below that many code points. Two states with one key
+ * have byte-identical masks.
  *
- * Memory: a matcher reserves its automaton and mask cache at creation (about 6 MB) and never
+ * Memory: a matcher reserves its automaton and mask cache at creation (about 7 MB) and never
  * allocates afterwards; when the automaton outgrows them it is flushed and rebuilt from the
  * current state (only speed is lost).
  *

@@ -18,19 +18,21 @@
  * prefix and a dead prefix skips every token below it, so a miss costs a few table lookups per
  * distinct trie byte.
  *
- * Mask keys. Masks are cached (MASK_SLOTS, clock eviction) under a key coarser than the state:
- * a token touches at most L = vocab->key_lead terminals, so only the first L code points of
- * what each stack can still derive decide the mask. The few "long" tokens above key_lead
- * (grammar_impl.h) are left out of cached masks and checked one by one at every call; when
- * some are allowed the caller gets a copy of the cached mask with their bits set. A stack's key is
- * the sequence of grammar elements it will match, read from the top down, stopping (CUT) once the
- * elements before the next one need L code points at least (rule_min), or at the stack's end (EOS);
- * a reference to a quantifier's counter rule O_j (at most j more items, grammar_impl.h) is written
- * as O_min(j, B), B being the code points left at that element, since at most B items can be
- * touched. A state's key is its stacks' keys, sorted and deduplicated. Two states with the same key
- * have the same mask, so a string's counter far from maxLength, the item index of a long array, or
- * the rest of the document below the current value do not make new masks. Each state's key id
- * is computed once (st->mkey); the last mask handed out is reused when the key is the same.
+ * Mask keys. Masks are cached (MASK_SLOTS, clock eviction) under a key coarser than the state.
+ * Every token but the few "long" ones (grammar_impl.h) touches at most L = vocab->key_lead
+ * terminals, so only the first L code points of what each stack can still derive decide which
+ * of them are allowed; the long ones are left out of cached masks, checked one by one (the
+ * result kept per state) and, when some are allowed, added to a copy of the cached mask. A
+ * stack's key is the sequence of grammar elements it will match, read from the top down,
+ * stopping (CUT) once the elements before the next one need L code points at least (rule_min),
+ * or at the stack's end (EOS); a reference to a quantifier's counter rule O_j (at most j more
+ * items, grammar_impl.h) is written as O_min(j, B), B being the code points left at that
+ * element, since at most B items can be touched. A state's key is its stacks' keys, sorted and
+ * deduplicated. Two states with the same key have the same cached mask, so a string's counter
+ * far from maxLength, the item index of a long array, or the rest of the document below the
+ * current value do not make new masks. Each state's key id is computed once (st->mkey). Keys
+ * name rule ids and terminals, never state ids, so they also index the mask cache shared by
+ * every matcher of the vocabulary (grammar_cache.c), asked on a local miss.
  *
  * Memory is reserved at creation; when a table fills up everything is flushed and rebuilt from
  * the current state. Must not allocate after grammar_matcher_create. */
