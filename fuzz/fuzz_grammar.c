@@ -15,27 +15,11 @@
 static const struct grammar_vocab *vocab(void)
 {
     static struct grammar_vocab *v;
-    if (v) return v;
-    static char bytes[256];
     static const char *const multi[] = {"{\"", "\":", "true", "\xc3\xa9", "\xe4\xb8"};
-    enum { N = 257 + 5 };
-    const char *text[N];
-    size_t len[N];
-    uint8_t eog[N] = {0};
-    for (int i = 0; i < 256; i++) {
-        bytes[i] = (char)i;
-        text[i] = &bytes[i];
-        len[i] = 1;
+    if (!v) {
+        int rc = grammar_vocab_create_bytes(multi, sizeof multi / sizeof multi[0], &v);
+        assert(rc == KRS_OK);
     }
-    text[256] = "";
-    len[256] = 0;
-    eog[256] = 1;
-    for (int i = 0; i < 5; i++) {
-        text[257 + i] = multi[i];
-        len[257 + i] = strlen(multi[i]);
-    }
-    int rc = grammar_vocab_create_raw(N, text, len, eog, &v);
-    assert(rc == KRS_OK);
     return v;
 }
 

@@ -9,10 +9,14 @@ tok/s = tokens generated after each request's first token / (last token - first 
 Rounds alternate plain / schema in ABBA order so that machine load drifts affect both alike;
 the table gives medians over the rounds (the shared 2-core dev VM is noisy).
 
-Writes bench/results/grammar_serve.json and prints a markdown table.
-Usage: serve_grammar.py [--exe build/krserve] [--model models/default.gguf] [--rounds 3]"""
+Writes bench/results/grammar_serve.json and prints a markdown table. With --server-log FILE
+the server logs at debug level to FILE and the constrained requests' own mask statistics (the
+scheduler's "grammar:" line per request: masks, cached, shared, ms computing) are summed too.
+Usage: serve_grammar.py [--exe build/krserve] [--model models/default.gguf] [--rounds 3]
+                        [--server-log FILE]"""
 import argparse
 import json
+import re
 import pathlib
 import platform
 import socket
@@ -87,14 +91,17 @@ def main():
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "grammar_serve.json"))
+    ap.add_argument("--server-log", default=None)
     a = ap.parse_args()
     port = free_port()
+    log = open(a.server_log, "w") if a.server_log else subprocess.DEVNULL
     proc = subprocess.Popen(
         [a.exe, "serve", "-m", a.model, "--device", a.device, "--port", str(port),
          "--kv-tokens", "16384",
-         "--log-level", "warn", "--set", "performance.gpuScheduler.mode=fixed",
+         "--log-level", "debug" if a.server_log else "warn",
+         "--set", "performance.gpuScheduler.mode=fixed",
          "--set", "performance.gpuScheduler.batchSize=16"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         if "listening on" not in proc.stdout.readline():
             raise SystemExit("server did not start")
@@ -132,6 +139,29 @@ def main():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        if a.server_log:
+            log.close()
+            grammar_stats(a.server_log)
+
+
+def grammar_stats(path):
+    """Sums the scheduler's per-request grammar lines of the server log."""
+    pat = re.compile(r"grammar: (\d+) masks \((\d+) cached, (\d+) from the shared cache\), "
+                     r"([\d.]+) ms computing them")
+    n = masks = cached = shared = 0
+    ms = 0.0
+    for line in open(path, errors="replace"):
+        m = pat.search(line)
+        if m:
+            n += 1
+            masks += int(m[1])
+            cached += int(m[2])
+            shared += int(m[3])
+            ms += float(m[4])
+    if n:
+        print(f"\nserver: {n} constrained requests, {masks} masks, {cached} from the matcher's "
+              f"cache, {shared} from the shared cache, {ms:.1f} ms computing the others "
+              f"({1000 * ms / masks:.1f} us per mask, all masks counted)")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,20 @@
  * text so far is a complete sentence of the grammar. The matcher sees each token's bytes as the
  * tokenizer renders them (tokenizer_token_piece without specials).
  *
- * Memory: a matcher reserves its automaton and mask cache at creation (about 4 MB) and never
+ * Masks are cached under a key that ignores what no token can reach: a length or item counter
+ * further from its bound than the longest token (the few longest tokens, checked one by one,
+ * aside), and the part of the document below that many code points. Two states with one key
+ * have byte-identical masks.
+ *
+ * Memory: a matcher reserves its automaton and mask cache at creation (about 7 MB) and never
  * allocates afterwards; when the automaton outgrows them it is flushed and rebuilt from the
  * current state (only speed is lost).
  *
  * Threads: grammars and vocabularies are immutable after creation and may be shared; a
  * grammar is reference-counted (grammar_retain / grammar_release, atomic). A matcher is used by
- * one thread at a time. */
+ * one thread at a time. The one mutable part of a vocabulary is the mask cache its matchers
+ * share (masks by grammar text and mask key, about 8 MB, reserved at creation), internally
+ * locked: matchers on different threads use it at once. */
 #ifndef KRS_GRAMMAR_H
 #define KRS_GRAMMAR_H
 
@@ -95,6 +102,9 @@ int grammar_matcher_accepting(const struct grammar_matcher *m);
 /* Statistics of one matcher (for the bench and tests). */
 struct grammar_matcher_stats {
     uint64_t masks, mask_hits; /* mask calls, and those answered from the cache */
+    uint64_t mask_same;        /* hits that were the previous call's mask */
+    uint64_t mask_shared;      /* local misses copied from the vocabulary's shared cache */
+    uint64_t mask_keys;        /* distinct mask keys (grammar_match.c) built */
     uint64_t states, flushes;  /* automaton states built, and times it was rebuilt */
     uint64_t mask_ns;          /* time spent computing masks (misses) */
 };

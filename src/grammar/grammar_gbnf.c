@@ -27,6 +27,7 @@ struct brule {
     struct gel *el;
     uint32_t n, cap;
     int defined;
+    uint32_t level; /* k for a quantifier's counter rule O_k (grammar_impl.h), else 0 */
 };
 
 struct builder {
@@ -305,6 +306,9 @@ static int repeat(struct builder *b, uint32_t r, uint32_t start, int min, int ma
         if (rule_synth(b, r, &o) || rule_push(b, o, G_REF, sym)) return KRS_ERR_INVALID;
         if (k > 1 && rule_push(b, o, G_REF, prev)) return KRS_ERR_INVALID;
         if (rule_push(b, o, G_ALT, 0) || rule_push(b, o, G_END, 0)) return KRS_ERR_INVALID;
+        /* O_1 .. O_k get consecutive ids (nothing else is created in this loop): the matcher
+         * finds O_j as O_k - (k - j) */
+        b->rules[o].level = (uint32_t)k;
         prev = o;
     }
     if (max > min) return rule_push(b, r, G_REF, prev);
@@ -480,6 +484,28 @@ static int left_cycle(const struct grammar *g, const uint8_t *nullable, uint32_t
     return 0;
 }
 
+/* Fixed point: the fewest code points each rule derives (every terminal is one code point),
+ * saturating at GRAMMAR_MIN_CAP. Runs after check(): every rule derives some finite text. */
+static void rule_mins(struct grammar *g)
+{
+    for (uint32_t r = 0; r < g->n_rules; r++) g->rule_min[r] = GRAMMAR_MIN_CAP;
+    for (int changed = 1; changed;) {
+        changed = 0;
+        for (uint32_t r = 0; r < g->n_rules; r++) {
+            uint32_t i = g->rule_start[r];
+            for (;;) { /* each alternative */
+                uint32_t sum = 0;
+                for (; g->el[i].type != G_ALT && g->el[i].type != G_END; i++) {
+                    sum += g->el[i].type == G_REF ? g->rule_min[g->el[i].val] : 1;
+                    if (sum > GRAMMAR_MIN_CAP) sum = GRAMMAR_MIN_CAP;
+                }
+                if (sum < g->rule_min[r]) g->rule_min[r] = sum, changed = 1;
+                if (g->el[i++].type == G_END) break;
+            }
+        }
+    }
+}
+
 static int check(struct grammar *g, struct builder *b)
 {
     uint8_t *nullable = alloc_calloc(g->n_rules, 3);
@@ -495,6 +521,7 @@ static int check(struct grammar *g, struct builder *b)
         if (!color[r] && left_cycle(g, nullable, r, color, &bad))
             rc = bfail(b, "grammar rule '%s' is left-recursive", b->rules[bad].name);
     alloc_free(nullable);
+    if (!rc) rule_mins(g);
     return rc;
 }
 
@@ -527,6 +554,8 @@ void grammar_release(struct grammar *g)
     if (!g || atomic_fetch_sub(&g->refs, 1) != 1) return;
     alloc_free(g->el);
     alloc_free(g->rule_start);
+    alloc_free(g->rule_min);
+    alloc_free(g->rule_level);
     alloc_free(g->classes);
     alloc_free(g->ranges);
     alloc_free(g->text);
@@ -591,12 +620,20 @@ int grammar_compile_gbnf(const char *text, size_t len, struct grammar **out, cha
     for (uint32_t i = 0; i < b.n_rules; i++) total += b.rules[i].n;
     g->el = alloc_malloc((size_t)(total + 1) * sizeof *g->el);
     g->rule_start = alloc_malloc((size_t)b.n_rules * sizeof *g->rule_start);
+    g->rule_min = alloc_malloc((size_t)b.n_rules * sizeof *g->rule_min);
+    g->rule_level = alloc_malloc((size_t)b.n_rules * sizeof *g->rule_level);
     g->classes = alloc_malloc((size_t)(b.n_classes + 1) * sizeof *g->classes);
     g->ranges = alloc_malloc((size_t)(b.n_ranges + 1) * sizeof *g->ranges);
     g->text = alloc_strndup(text, len);
-    if (!g->el || !g->rule_start || !g->classes || !g->ranges || !g->text) goto out;
+    g->text_hash = 0xCBF29CE484222325ull;
+    for (size_t i = 0; i < len; i++)
+        g->text_hash = (g->text_hash ^ (uint8_t)text[i]) * 0x100000001B3ull;
+    if (!g->el || !g->rule_start || !g->rule_min || !g->rule_level || !g->classes || !g->ranges ||
+        !g->text)
+        goto out;
     for (uint32_t i = 0; i < b.n_rules; i++) {
         g->rule_start[i] = g->n_el;
+        g->rule_level[i] = b.rules[i].level;
         if (b.rules[i].n) memcpy(g->el + g->n_el, b.rules[i].el, b.rules[i].n * sizeof *g->el);
         g->n_el += b.rules[i].n;
     }

@@ -40,8 +40,16 @@ struct grammar {
     uint32_t n_classes;
     struct grange *ranges;
     uint32_t n_ranges;
-    char *text; /* the GBNF source (NUL-terminated) */
+    char *text;         /* the GBNF source (NUL-terminated) */
+    uint64_t text_hash; /* FNV-1a of text: the shared mask cache's first comparison */
+    /* For the matcher's mask keys (grammar_match.c, "Mask keys"): */
+    uint32_t *rule_min;   /* [n_rules] fewest code points the rule derives (capped) */
+    uint32_t *rule_level; /* [n_rules] k for the counter rule O_k of a bounded quantifier
+                           * (O_k ::= sym O_(k-1) | ; at most k more syms), else 0. The rules
+                           * O_1 .. O_n of one quantifier have consecutive ids. */
 };
+
+#define GRAMMAR_MIN_CAP (1u << 20) /* rule_min saturates here */
 
 /* 1 when terminal element e matches code point cp. */
 static inline int grammar_el_match(const struct grammar *g, const struct gel *e, uint32_t cp)
@@ -75,7 +83,8 @@ static inline int grammar_el_match_range(const struct grammar *g, const struct g
 struct grammar_toklist {
     int32_t n;
     int32_t *order; /* [n] token ids, by bytes */
-    uint32_t *off;  /* [n] offsets into the vocabulary's bytes */
+    uint8_t *bytes; /* the tokens' texts again, in list order: a walk reads them in sequence */
+    uint32_t *off;  /* [n] offsets into bytes */
     uint16_t *len;  /* [n] */
     uint16_t *lcp;  /* [n] common prefix with the previous entry */
     /* The implicit trie's nodes: entry i opens the nodes of its bytes lcp[i] .. len[i] - 1
@@ -91,6 +100,7 @@ struct grammar_toklist {
  * the same way (inside a JSON string), they need no walk: plain_le[l - 1] holds the plain
  * tokens of at most l code points. */
 #define GRAMMAR_PLAIN_LEVELS 16
+#define GRAMMAR_LONG_MAX     64
 
 struct grammar_vocab {
     int32_t n_vocab;
@@ -107,8 +117,23 @@ struct grammar_vocab {
     uint32_t *plain_le;  /* [GRAMMAR_PLAIN_LEVELS][n_words] */
     int32_t *plain_long; /* plain tokens of more than GRAMMAR_PLAIN_LEVELS code points */
     int32_t n_plain_long;
-    int32_t max_plain; /* most code points of a plain token */
+    int32_t max_plain;                     /* most code points of a plain token */
+    int32_t plain_n[GRAMMAR_PLAIN_LEVELS]; /* tokens set in each plain_le level */
+    /* A token's "lead": the most grammar terminals it can touch from a state between code
+     * points (its bytes that start a code point, not 0x80..0xBF, plus one when it starts with
+     * a continuation byte). max_lead: the vocabulary's largest. The few tokens (at most
+     * GRAMMAR_LONG_MAX) whose lead is above key_lead are "long": they are in no list and no
+     * plain mask, and the matcher checks them one by one at every mask, so that its mask keys
+     * (grammar_match.c) need only reach key_lead code points (Gemma: 16, not 31, for the 45
+     * runs of newlines, tabs and spaces). */
+    int32_t max_lead, key_lead;
+    uint8_t *tok_long; /* [n_vocab] 1 = long */
+    int32_t *long_ids; /* [n_long] */
+    int32_t n_long;
     uint16_t max_len;
+    /* The mask cache shared by the matchers of this vocabulary (grammar_cache.c): internally
+     * locked, the one mutable part of a vocabulary. */
+    struct grammar_mask_cache *shared;
 };
 
 /* A JSON Schema "pattern" as a GBNF expression for the JSON-encoded content of a matching
@@ -120,5 +145,31 @@ int grammar_regex_to_gbnf(const char *pattern, char **out, char *err, size_t err
  * NULL). Everything is copied. */
 int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *len,
                              const uint8_t *eog, struct grammar_vocab **out);
+/* The byte vocabulary of the tests and the fuzzer: token b < 256 is byte b, token 256 the end
+ * of generation (no text), then multi[0..n_multi) (NUL-terminated texts). */
+#define GRAMMAR_BYTE_EOG 256
+int grammar_vocab_create_bytes(const char *const *multi, size_t n_multi,
+                               struct grammar_vocab **out);
+
+/* The shared mask cache (grammar_cache.c). create: masks of n_words words. get: 1 and the
+ * mask copied to mask[0..n_words) when grammar text g->text has one for key[0..len) (hash h),
+ * else 0. put: keeps a copy (taking a reference on g). Both are safe from any thread. */
+struct grammar_mask_cache;
+int grammar_mask_cache_create(int32_t n_words, struct grammar_mask_cache **out);
+void grammar_mask_cache_free(struct grammar_mask_cache *c);
+void grammar_mask_cache_clear(struct grammar_mask_cache *c); /* tests and benches */
+int grammar_mask_cache_get(struct grammar_mask_cache *c, const struct grammar *g,
+                           const uint32_t *key, uint32_t len, uint32_t h, uint32_t *mask,
+                           int32_t *n_allowed);
+void grammar_mask_cache_put(struct grammar_mask_cache *c, struct grammar *g, const uint32_t *key,
+                            uint32_t len, uint32_t h, const uint32_t *mask, int32_t n_allowed);
+
+/* Test and bench hooks of the matcher (grammar_match.c). mask_fresh computes the current
+ * position's mask into out (n_words words) from the automaton, bypassing every mask cache:
+ * what a cache hit must equal. set_key_mode 0 keys the mask cache by state alone and does not
+ * share (the matcher before mask keys, for before/after measurements), 1 by mask key without
+ * the shared cache, 2 by mask key with it (the default); it drops the matcher's cached masks. */
+int grammar_matcher_mask_fresh(struct grammar_matcher *m, uint32_t *out, int32_t *n_allowed);
+void grammar_matcher_set_key_mode(struct grammar_matcher *m, int mode);
 
 #endif

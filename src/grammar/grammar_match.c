@@ -16,8 +16,23 @@
  * successor; the others look code points up by their "signature" (which stacks' tops match). The
  * mask of a state walks the vocabulary sorted by bytes: neighbours share the states of their common
  * prefix and a dead prefix skips every token below it, so a miss costs a few table lookups per
- * distinct trie byte; masks are cached per state (MASK_SLOTS, clock eviction), so a state the
- * sequence returns to (inside a string, between list items) costs nothing.
+ * distinct trie byte.
+ *
+ * Mask keys. Masks are cached (MASK_SLOTS, clock eviction) under a key coarser than the state.
+ * Every token but the few "long" ones (grammar_impl.h) touches at most L = vocab->key_lead
+ * terminals, so only the first L code points of what each stack can still derive decide which
+ * of them are allowed; the long ones are left out of cached masks, checked one by one (the
+ * result kept per state) and, when some are allowed, added to a copy of the cached mask. A
+ * stack's key is the sequence of grammar elements it will match, read from the top down,
+ * stopping (CUT) once the elements before the next one need L code points at least (rule_min),
+ * or at the stack's end (EOS); a reference to a quantifier's counter rule O_j (at most j more
+ * items, grammar_impl.h) is written as O_min(j, B), B being the code points left at that
+ * element, since at most B items can be touched. A state's key is its stacks' keys, sorted and
+ * deduplicated. Two states with the same key have the same cached mask, so a string's counter
+ * far from maxLength, the item index of a long array, or the rest of the document below the
+ * current value do not make new masks. Each state's key id is computed once (st->mkey). Keys
+ * name rule ids and terminals, never state ids, so they also index the mask cache shared by
+ * every matcher of the vocabulary (grammar_cache.c), asked on a local miss.
  *
  * Memory is reserved at creation; when a table fills up everything is flushed and rebuilt from
  * the current state. Must not allocate after grammar_matcher_create. */
@@ -36,6 +51,12 @@
 #define TRANS_CAP   (1024 * 1024)
 #define SIG_SIZE    8192 /* power of two */
 #define MASK_SLOTS  16
+#define MAX_MKEYS   MAX_STATES
+#define MKEY_HASH   32768 /* power of two, >= 2 * MAX_MKEYS */
+#define MKEY_WORDS  (256 * 1024)
+#define DESC_WORDS  (64 * 1024) /* one state's stack keys while they are built */
+#define MK_CUT      0xFFFFFFFFu /* stack key ends: what follows is out of a token's reach */
+#define MK_EOS      0xFFFFFFFEu /* stack key ends: the stack ends */
 #define MAX_STACKS  512
 #define MAX_DEPTH   1024
 #define BUILD_WORDS (64 * 1024)
@@ -58,10 +79,19 @@ struct mstate {
     uint32_t hash;
     int32_t trans; /* offset in the transition pool (128 ASCII entries), or -1 */
     uint8_t accepting, na_kind, plain_kind;
-    int16_t mask_slot;  /* -1: no cached mask */
+    int32_t mkey;       /* mask key id, -1: not computed yet */
+    uint8_t long_known; /* long_set is valid */
+    uint64_t long_set;  /* bit i: vocab->long_ids[i] is allowed here */
     int32_t plain_next; /* NA_UNIFORM plain_kind: the state after any plain character */
     int32_t na_next;    /* NA_UNIFORM: the state after any code point >= 0x80 (or DEAD) */
     uint32_t n_term;    /* stacks with a terminal on top */
+};
+
+struct mkey {
+    uint32_t off, len; /* words in the key pool */
+    uint32_t hash;
+    int32_t mask_slot; /* -1: no cached mask */
+    int shared;        /* 1: a grammar-level key, looked up in and put to vocab->shared */
 };
 
 struct sig_entry {
@@ -88,9 +118,25 @@ struct grammar_matcher {
     uint32_t *stack;    /* [MAX_DEPTH] the stack being expanded */
     uint32_t *sort_off; /* [MAX_STACKS] */
     /* masks */
+    /* mask keys ("Mask keys" above) */
+    struct mkey *mk; /* [MAX_MKEYS] */
+    int32_t n_mk;
+    int32_t *mk_hash; /* [MKEY_HASH] key ids, -1 empty */
+    uint32_t *mk_words;
+    uint32_t n_mk_words;
+    uint32_t *desc;     /* [DESC_WORDS] stack keys being built, each [len, words...] */
+    uint32_t *desc_off; /* [MAX_STACKS] */
+    int key_mode;       /* 2: keys as above, shared; 1: not shared; 0: per state (bench) */
+    int32_t last_slot;  /* the slot of the last mask handed out, -1: none */
+    uint32_t *patch;    /* [n_words] a cached mask plus the allowed long tokens */
+    int patch_slot;     /* patch = slot patch_slot (filled patch_gen) + patch_set; -1: none */
+    uint32_t patch_gen;
+    uint64_t patch_set;
+    uint32_t slot_gen[MASK_SLOTS]; /* bumped whenever a slot is filled */
+    /* masks */
     int32_t n_words;
     uint32_t *masks; /* [MASK_SLOTS][n_words] */
-    int32_t slot_state[MASK_SLOTS];
+    int32_t slot_key[MASK_SLOTS];
     int32_t slot_allowed[MASK_SLOTS];
     uint8_t slot_ref[MASK_SLOTS];
     int clock_hand;
@@ -123,7 +169,7 @@ static int32_t new_state(struct grammar_matcher *m, uint32_t h)
     memset(&m->st[id], 0, sizeof m->st[id]);
     m->st[id].hash = h;
     m->st[id].trans = -1;
-    m->st[id].mask_slot = -1;
+    m->st[id].mkey = -1;
     m->stats.states++;
     for (uint32_t i = h & (HASH_SIZE - 1);; i = (i + 1) & (HASH_SIZE - 1))
         if (m->hash[i] < 0) {
@@ -145,6 +191,20 @@ static int cmp_stacks(const uint32_t *a, const uint32_t *b)
     return 0;
 }
 
+/* Sorts off[0..n), offsets of [len, words...] lists in w, by cmp_stacks (insertion sort: the
+ * lists are few). */
+static void sort_stacks(const uint32_t *w, uint32_t *off, uint32_t n)
+{
+    for (uint32_t i = 1; i < n; i++) {
+        uint32_t x = off[i], j = i;
+        while (j > 0 && cmp_stacks(w + off[j - 1], w + x) > 0) {
+            off[j] = off[j - 1];
+            j--;
+        }
+        off[j] = x;
+    }
+}
+
 static int32_t intern_full(struct grammar_matcher *m)
 {
     uint32_t n = m->n_build_stacks;
@@ -156,14 +216,7 @@ static int32_t intern_full(struct grammar_matcher *m)
         p += 1 + m->build[p];
     }
     const uint32_t *bw = m->build;
-    for (uint32_t i = 1; i < n; i++) {
-        uint32_t x = off[i], j = i;
-        while (j > 0 && cmp_stacks(bw + off[j - 1], bw + x) > 0) {
-            off[j] = off[j - 1];
-            j--;
-        }
-        off[j] = x;
-    }
+    sort_stacks(bw, off, n);
     /* key into the pool tail (not committed until it is known to be new) */
     uint32_t start = m->n_keys, k = start, n_term = 0, accepting = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -425,7 +478,12 @@ static void reset_tables(struct grammar_matcher *m)
     m->overflow = 0;
     memset(m->hash, 0xFF, HASH_SIZE * sizeof *m->hash);
     for (int i = 0; i < SIG_SIZE; i++) m->sig[i].state = -1;
-    for (int i = 0; i < MASK_SLOTS; i++) m->slot_state[i] = -1;
+    m->n_mk = 0;
+    m->n_mk_words = 0;
+    memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
+    for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
+    m->last_slot = -1;
+    m->patch_slot = -1;
 }
 
 /* Rebuilds the automaton from nothing but the current position. */
@@ -504,17 +562,18 @@ static int32_t plain_run(struct grammar_matcher *m, int32_t id, int32_t max)
     return n;
 }
 
-/* Sets the bits of the tokens of list l whose bytes the grammar takes from `from`. */
-static void walk_list(struct grammar_matcher *m, const struct grammar_toklist *l, int64_t from,
-                      uint32_t *mask)
+/* Sets the bits of the tokens of list l whose bytes the grammar takes from `from`; returns how
+ * many bits it set that were clear. */
+static int32_t walk_list(struct grammar_matcher *m, const struct grammar_toklist *l, int64_t from,
+                         uint32_t *mask)
 {
-    const struct grammar_vocab *v = m->v;
     int64_t *st = m->walk;
     st[0] = from;
     uint32_t valid = 0;
+    int32_t added = 0;
     for (int32_t i = 0; i < l->n && !m->overflow; i++) {
         uint32_t d = l->lcp[i] < valid ? l->lcp[i] : valid, len = l->len[i];
-        const uint8_t *b = v->bytes + l->off[i];
+        const uint8_t *b = l->bytes + l->off[i];
         while (d < len) {
             int64_t ns = step_byte(m, st[d], b[d]);
             if (ns < 0) break;
@@ -523,6 +582,7 @@ static void walk_list(struct grammar_matcher *m, const struct grammar_toklist *l
         valid = d;
         if (d == len) {
             int32_t t = l->order[i];
+            added += !(mask[t >> 5] >> (t & 31) & 1);
             mask[t >> 5] |= 1u << (t & 31);
         } else if (d >= l->lcp[i]) { /* always: the walk resumes at the shared prefix */
             i = l->node_end[l->node_off[i] + d - l->lcp[i]] - 1;
@@ -530,90 +590,290 @@ static void walk_list(struct grammar_matcher *m, const struct grammar_toklist *l
             while (i + 1 < l->n && l->lcp[i + 1] > d) i++;
         }
     }
+    return added;
 }
 
-/* Set bits of mask[0..nw). Bit arithmetic rather than __builtin_popcount, which without
- * -mpopcnt is a libgcc call per word (8,192 words per mask); this loop vectorises. */
-static int32_t count_bits(const uint32_t *mask, size_t nw)
-{
-    uint32_t total = 0;
-    for (size_t w = 0; w < nw; w++) {
-        uint32_t x = mask[w];
-        x = x - (x >> 1 & 0x55555555u);
-        x = (x & 0x33333333u) + (x >> 2 & 0x33333333u);
-        x = (x + (x >> 4)) & 0x0F0F0F0Fu;
-        total += x * 0x01010101u >> 24;
-    }
-    return (int32_t)total;
-}
-
+/* The mask from position `from`, computed (not cached). One pass over the mask's 32 KB: where
+ * the plain shortcut applies the mask starts as a copy of the plain level (its count known),
+ * otherwise cleared; every bit set afterwards is counted as it is set. */
 static void walk_mask(struct grammar_matcher *m, int64_t from, uint32_t *mask, int32_t *n_allowed)
 {
     const struct grammar_vocab *v = m->v;
     size_t nw = (size_t)v->n_words;
-    memset(mask, 0, nw * sizeof *mask);
+    int32_t n = 0;
     int32_t run = from & VPART ? -1 : plain_run(m, (int32_t)from, v->max_plain);
     if (m->overflow) return;
-    if (run < 0) {
-        walk_list(m, &v->all, from, mask);
+    if (run <= 0) {
+        memset(mask, 0, nw * sizeof *mask);
+        n = walk_list(m, run < 0 ? &v->all : &v->rest, from, mask);
     } else {
         /* plain tokens of at most `run` code points all fit; walk only the others */
-        walk_list(m, &v->rest, from, mask);
-        if (run > 0) {
-            int32_t lv = run < GRAMMAR_PLAIN_LEVELS ? run : GRAMMAR_PLAIN_LEVELS;
-            const uint32_t *pm = v->plain_le + (size_t)(lv - 1) * nw;
-            for (size_t w = 0; w < nw; w++) mask[w] |= pm[w];
-            for (int32_t i = 0; i < v->n_plain_long; i++) {
-                int32_t t = v->plain_long[i];
-                if (v->plain_cps[t] <= run) mask[t >> 5] |= 1u << (t & 31);
-            }
+        int32_t lv = run < GRAMMAR_PLAIN_LEVELS ? run : GRAMMAR_PLAIN_LEVELS;
+        memcpy(mask, v->plain_le + (size_t)(lv - 1) * nw, nw * sizeof *mask);
+        n = v->plain_n[lv - 1];
+        for (int32_t i = 0; i < v->n_plain_long; i++) {
+            int32_t t = v->plain_long[i];
+            if (v->plain_cps[t] > run) continue;
+            n += !(mask[t >> 5] >> (t & 31) & 1);
+            mask[t >> 5] |= 1u << (t & 31);
         }
+        n += walk_list(m, &v->rest, from, mask);
     }
     if (!(from & VPART) && m->st[from].accepting)
         for (int32_t i = 0; i < v->n_eog; i++) {
             int32_t t = v->eog_ids[i];
+            n += !(mask[t >> 5] >> (t & 31) & 1);
             mask[t >> 5] |= 1u << (t & 31);
         }
-    *n_allowed = count_bits(mask, nw);
+    *n_allowed = n;
+}
+
+/* ---- mask keys ---- */
+
+/* Appends to m->desc the key of the stack k ([len, pos...], top last); 0, or -1 when the
+ * scratch is full. See "Mask keys" at the top. */
+static int desc_stack(struct grammar_matcher *m, const uint32_t *k, uint32_t *n)
+{
+    const struct grammar *g = m->g;
+    const uint32_t reach = (uint32_t)m->v->key_lead;
+    uint32_t head = *n, w = head + 1, cost = 0, end = MK_EOS;
+    for (uint32_t e = k[0]; e >= 1 && end == MK_EOS; e--) {
+        for (uint32_t q = k[e]; !is_end(&g->el[q]); q++) {
+            if (cost >= reach) {
+                end = MK_CUT;
+                break;
+            }
+            if (w + 2 > DESC_WORDS) return -1;
+            const struct gel *x = &g->el[q];
+            uint32_t val = x->val;
+            if (x->type == G_REF && g->rule_level[val] > reach - cost) {
+                /* O_j with j > B items allowed: O_B (consecutive ids, checked) */
+                uint32_t j = g->rule_level[val], b = reach - cost;
+                if (g->rule_level[val - (j - b)] == b) val -= j - b;
+            }
+            m->desc[w++] = x->type << 29 | val;
+            cost += x->type == G_REF ? g->rule_min[val] : 1;
+        }
+    }
+    m->desc[w++] = end;
+    m->desc[head] = w - head - 1;
+    *n = w;
+    return 0;
+}
+
+/* The mask key id of FULL state id, interned on first use; -1 with m->overflow set when a
+ * table is full. In key mode 0 the key is the state itself. */
+static int32_t mask_key(struct grammar_matcher *m, int32_t id)
+{
+    if (m->st[id].mkey >= 0) return m->st[id].mkey;
+    const struct mstate *s = &m->st[id];
+    const uint32_t *k = m->keys + s->key_off, *end = k + s->key_len;
+    uint32_t n = 0, n_desc = 0;
+    int raw = !m->key_mode;
+    for (; k < end && !raw; k += 1 + k[0]) {
+        if (n_desc >= MAX_STACKS) {
+            raw = 1;
+            break;
+        }
+        m->desc_off[n_desc++] = n;
+        raw = desc_stack(m, k, &n) != 0;
+    }
+    if (raw) { /* one key for this state alone: [1, id] (a stack key ends in MK_EOS or MK_CUT) */
+        m->desc[0] = 1;
+        m->desc[1] = (uint32_t)id;
+        m->desc_off[0] = 0;
+        n_desc = 1;
+    }
+    /* sort the stack keys (insertion sort: few stacks), then copy them, deduplicated, to the
+     * pool's tail (committed only when the key is new) */
+    uint32_t *off = m->desc_off;
+    const uint32_t *d = m->desc;
+    sort_stacks(d, off, n_desc);
+    uint32_t start = m->n_mk_words, w = start;
+    for (uint32_t i = 0; i < n_desc; i++) {
+        const uint32_t *x = d + off[i];
+        if (i > 0 && !cmp_stacks(d + off[i - 1], x)) continue;
+        if (w + 1 + x[0] > MKEY_WORDS) {
+            m->overflow = 1;
+            return -1;
+        }
+        memcpy(m->mk_words + w, x, (1 + x[0]) * sizeof *x);
+        w += 1 + x[0];
+    }
+    uint32_t len = w - start, h = hash_words(m->mk_words + start, len, 1);
+    int32_t key = -1;
+    uint32_t i = h & (MKEY_HASH - 1);
+    for (; m->mk_hash[i] >= 0; i = (i + 1) & (MKEY_HASH - 1)) {
+        const struct mkey *e = &m->mk[m->mk_hash[i]];
+        if (e->hash == h && e->len == len &&
+            !memcmp(m->mk_words + e->off, m->mk_words + start, len * sizeof(uint32_t))) {
+            key = m->mk_hash[i];
+            break;
+        }
+    }
+    if (key < 0) {
+        if (m->n_mk >= MAX_MKEYS) {
+            m->overflow = 1;
+            return -1;
+        }
+        key = m->n_mk++;
+        m->mk[key] = (struct mkey){.off = start,
+                                   .len = len,
+                                   .hash = h,
+                                   .mask_slot = -1,
+                                   .shared = !raw && m->key_mode > 1};
+        m->mk_hash[i] = key;
+        m->n_mk_words = w;
+        m->stats.mask_keys++;
+    }
+    m->st[id].mkey = key;
+    return key;
+}
+
+/* A slot for a new mask (clock eviction), detached from the key it held. */
+static int take_slot(struct grammar_matcher *m)
+{
+    int slot;
+    for (;;) {
+        slot = m->clock_hand;
+        m->clock_hand = (m->clock_hand + 1) % MASK_SLOTS;
+        if (!m->slot_ref[slot]) break;
+        m->slot_ref[slot] = 0;
+    }
+    if (m->slot_key[slot] >= 0) m->mk[m->slot_key[slot]].mask_slot = -1;
+    m->slot_key[slot] = -1;
+    return slot;
+}
+
+/* The mask of the tokens that are not long (grammar_impl.h) at the current position, from the
+ * matcher's cache, the shared cache or computed: its slot in *slot_out, its count in *n. 0, or
+ * -1 when a table filled up (m->overflow: flush and retry). */
+static int short_mask(struct grammar_matcher *m, int *slot_out, int32_t *n)
+{
+    int32_t key = m->cur & VPART ? -1 : mask_key(m, (int32_t)m->cur);
+    if (m->overflow) return -1;
+    if (key >= 0 && m->mk[key].mask_slot >= 0) {
+        int slot = m->mk[key].mask_slot;
+        m->stats.mask_hits++;
+        m->stats.mask_same += slot == m->last_slot;
+        m->slot_ref[slot] = 1;
+        *n = m->slot_allowed[slot];
+        *slot_out = slot;
+        return 0;
+    }
+    const struct mkey *e = key >= 0 && m->mk[key].shared ? &m->mk[key] : NULL;
+    int slot = take_slot(m);
+    uint32_t *out = m->masks + (size_t)slot * (size_t)m->n_words;
+    if (e &&
+        grammar_mask_cache_get(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash, out, n)) {
+        m->stats.mask_shared++;
+    } else {
+        uint64_t t0 = clock_now_ns();
+        walk_mask(m, m->cur, out, n);
+        if (m->overflow) return -1;
+        if (e)
+            grammar_mask_cache_put(m->v->shared, m->g, m->mk_words + e->off, e->len, e->hash, out,
+                                   *n);
+        m->stats.mask_ns += clock_now_ns() - t0;
+    }
+    if (key >= 0) { /* key < 0: inside a UTF-8 sequence, rare, not cached */
+        m->slot_key[slot] = key;
+        m->mk[key].mask_slot = slot;
+    }
+    m->slot_allowed[slot] = *n;
+    m->slot_ref[slot] = 1;
+    m->slot_gen[slot]++;
+    *slot_out = slot;
+    return 0;
+}
+
+/* The long tokens (grammar_impl.h) the grammar takes from `from`, checked one by one (kept per
+ * state; `fresh`: not read from there): bit i for vocab->long_ids[i]. */
+static uint64_t long_tokens(struct grammar_matcher *m, int64_t from, int fresh)
+{
+    const struct grammar_vocab *v = m->v;
+    if (!fresh && !(from & VPART) && m->st[from].long_known) return m->st[from].long_set;
+    uint64_t set = 0;
+    for (int32_t i = 0; i < v->n_long && !m->overflow; i++) {
+        int32_t t = v->long_ids[i];
+        const uint8_t *b = v->bytes + v->tok_off[t];
+        int64_t s = from;
+        for (uint32_t j = 0; j < v->tok_len[t] && s >= 0; j++) s = step_byte(m, s, b[j]);
+        if (s >= 0) set |= 1ull << i;
+    }
+    if (!(from & VPART) && !m->overflow) {
+        m->st[from].long_set = set;
+        m->st[from].long_known = 1;
+    }
+    return set;
+}
+
+/* Sets the bits of the long tokens in `set`; returns how many. */
+static int32_t set_long_bits(const struct grammar_vocab *v, uint32_t *mask, uint64_t set)
+{
+    int32_t n = 0;
+    for (; set; set &= set - 1, n++) {
+        int32_t t = v->long_ids[__builtin_ctzll(set)];
+        mask[t >> 5] |= 1u << (t & 31);
+    }
+    return n;
 }
 
 int grammar_matcher_mask(struct grammar_matcher *m, const uint32_t **mask, int32_t *n_allowed)
 {
     m->stats.masks++;
     if (m->finished) return KRS_ERR_STATE;
-    int16_t cached = m->cur & VPART ? -1 : m->st[m->cur].mask_slot;
-    if (cached >= 0) {
-        m->stats.mask_hits++;
-        m->slot_ref[cached] = 1;
-        *mask = m->masks + (size_t)cached * (size_t)m->n_words;
-        *n_allowed = m->slot_allowed[cached];
-        return KRS_OK;
-    }
-    uint64_t t0 = clock_now_ns();
-    int slot;
-    for (;;) { /* clock eviction */
-        slot = m->clock_hand;
-        m->clock_hand = (m->clock_hand + 1) % MASK_SLOTS;
-        if (!m->slot_ref[slot]) break;
-        m->slot_ref[slot] = 0;
-    }
-    uint32_t *out = m->masks + (size_t)slot * (size_t)m->n_words;
+    int slot = -1;
+    int32_t n_short = 0;
+    uint64_t set = 0;
     for (int attempt = 0;; attempt++) {
-        if (m->slot_state[slot] >= 0) m->st[m->slot_state[slot]].mask_slot = -1;
-        m->slot_state[slot] = -1;
-        walk_mask(m, m->cur, out, n_allowed);
-        if (!m->overflow) break;
+        if (!short_mask(m, &slot, &n_short)) {
+            set = long_tokens(m, m->cur, 0);
+            if (!m->overflow) break;
+        }
         if (attempt || flush(m)) return KRS_ERR_INTERNAL;
     }
-    if (!(m->cur & VPART)) { /* inside a UTF-8 sequence: rare, not cached */
-        m->slot_state[slot] = (int32_t)m->cur;
-        m->st[m->cur].mask_slot = (int16_t)slot;
+    m->last_slot = slot;
+    *mask = m->masks + (size_t)slot * (size_t)m->n_words;
+    *n_allowed = n_short + __builtin_popcountll(set);
+    if (set) { /* the cached mask stays as it is: a copy with the long tokens, reused as is
+                * while the slot, its contents and the long tokens are the same */
+        if (m->patch_slot != slot || m->patch_gen != m->slot_gen[slot] || m->patch_set != set) {
+            memcpy(m->patch, *mask, (size_t)m->n_words * sizeof *m->patch);
+            set_long_bits(m->v, m->patch, set);
+            m->patch_slot = slot;
+            m->patch_gen = m->slot_gen[slot];
+            m->patch_set = set;
+        }
+        *mask = m->patch;
     }
-    m->slot_allowed[slot] = *n_allowed;
-    m->slot_ref[slot] = 1;
-    m->stats.mask_ns += clock_now_ns() - t0;
-    *mask = out;
     return KRS_OK;
+}
+
+int grammar_matcher_mask_fresh(struct grammar_matcher *m, uint32_t *out, int32_t *n_allowed)
+{
+    if (m->finished) return KRS_ERR_STATE;
+    for (int attempt = 0;; attempt++) {
+        walk_mask(m, m->cur, out, n_allowed);
+        uint64_t set = m->overflow ? 0 : long_tokens(m, m->cur, 1);
+        if (!m->overflow) {
+            *n_allowed += set_long_bits(m->v, out, set);
+            return KRS_OK;
+        }
+        if (attempt || flush(m)) return KRS_ERR_INTERNAL;
+    }
+}
+
+void grammar_matcher_set_key_mode(struct grammar_matcher *m, int mode)
+{
+    m->key_mode = mode;
+    for (int32_t i = 0; i < m->n_st; i++) m->st[i].mkey = -1;
+    m->n_mk = 0;
+    m->n_mk_words = 0;
+    memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
+    for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
+    m->last_slot = -1;
+    m->patch_slot = -1;
 }
 
 /* ---- accept / query ---- */
@@ -675,6 +935,12 @@ void grammar_matcher_free(struct grammar_matcher *m)
     alloc_free(m->sort_off);
     alloc_free(m->masks);
     alloc_free(m->walk);
+    alloc_free(m->mk);
+    alloc_free(m->mk_hash);
+    alloc_free(m->mk_words);
+    alloc_free(m->desc);
+    alloc_free(m->desc_off);
+    alloc_free(m->patch);
     grammar_release(m->g);
     alloc_free(m);
 }
@@ -699,8 +965,16 @@ int grammar_matcher_create(struct grammar *g, const struct grammar_vocab *v,
     m->sort_off = alloc_malloc(MAX_STACKS * sizeof *m->sort_off);
     m->masks = alloc_malloc((size_t)MASK_SLOTS * (size_t)m->n_words * sizeof *m->masks);
     m->walk = alloc_malloc(((size_t)v->max_len + 1) * sizeof *m->walk);
+    m->mk = alloc_malloc(MAX_MKEYS * sizeof *m->mk);
+    m->mk_hash = alloc_malloc(MKEY_HASH * sizeof *m->mk_hash);
+    m->mk_words = alloc_malloc(MKEY_WORDS * sizeof *m->mk_words);
+    m->desc = alloc_malloc(DESC_WORDS * sizeof *m->desc);
+    m->desc_off = alloc_malloc(MAX_STACKS * sizeof *m->desc_off);
+    m->patch = alloc_malloc((size_t)m->n_words * sizeof *m->patch + 1);
+    m->key_mode = 2;
     if (!m->st || !m->hash || !m->keys || !m->trans || !m->sig || !m->build || !m->stack ||
-        !m->sort_off || !m->masks || !m->walk) {
+        !m->sort_off || !m->masks || !m->walk || !m->mk || !m->mk_hash || !m->mk_words ||
+        !m->desc || !m->desc_off || !m->patch) {
         grammar_matcher_free(m);
         return KRS_ERR_NOMEM;
     }

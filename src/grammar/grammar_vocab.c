@@ -28,6 +28,7 @@ static void list_free(struct grammar_toklist *l)
 {
     alloc_free(l->order);
     alloc_free(l->off);
+    alloc_free(l->bytes);
     alloc_free(l->len);
     alloc_free(l->lcp);
     alloc_free(l->node_off);
@@ -47,6 +48,9 @@ void grammar_vocab_free(struct grammar_vocab *v)
     alloc_free(v->plain_cps);
     alloc_free(v->plain_le);
     alloc_free(v->plain_long);
+    alloc_free(v->tok_long);
+    alloc_free(v->long_ids);
+    grammar_mask_cache_free(v->shared);
     alloc_free(v);
 }
 
@@ -116,19 +120,27 @@ static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, 
     l->lcp = alloc_malloc(n * sizeof *l->lcp + 1);
     if (!l->order || !l->off || !l->len || !l->lcp) return KRS_ERR_NOMEM;
     for (int32_t t = 0; t < v->n_vocab; t++)
-        if (v->tok_len[t] && (!plain_only_not || !v->plain_cps[t])) l->order[l->n++] = t;
+        if (v->tok_len[t] && !v->tok_long[t] && (!plain_only_not || !v->plain_cps[t]))
+            l->order[l->n++] = t;
     static pthread_mutex_t sort_lock = PTHREAD_MUTEX_INITIALIZER;
     pthread_mutex_lock(&sort_lock);
     sort_vocab = v;
     qsort(l->order, (size_t)l->n, sizeof *l->order, cmp_tok);
     pthread_mutex_unlock(&sort_lock);
+    size_t total = 0;
+    for (int32_t i = 0; i < l->n; i++) total += v->tok_len[l->order[i]];
+    l->bytes = alloc_malloc(total + 1);
+    if (!l->bytes || total > UINT32_MAX) return KRS_ERR_NOMEM;
+    size_t used = 0;
     for (int32_t i = 0; i < l->n; i++) {
         int32_t t = l->order[i];
-        l->off[i] = v->tok_off[t];
+        l->off[i] = (uint32_t)used;
         l->len[i] = v->tok_len[t];
+        memcpy(l->bytes + used, v->bytes + v->tok_off[t], l->len[i]);
+        used += l->len[i];
         uint16_t c = 0;
         if (i > 0) {
-            const uint8_t *a = v->bytes + l->off[i - 1], *b = v->bytes + l->off[i];
+            const uint8_t *a = l->bytes + l->off[i - 1], *b = l->bytes + l->off[i];
             uint16_t m = l->len[i - 1] < l->len[i] ? l->len[i - 1] : l->len[i];
             while (c < m && a[c] == b[c]) c++;
         }
@@ -137,7 +149,42 @@ static int list_build(const struct grammar_vocab *v, struct grammar_toklist *l, 
     return list_nodes(v, l);
 }
 
-/* Everything derived from the token texts: plain tokens, their masks, both sorted lists. */
+/* Each token's lead (grammar_impl.h), max_lead, key_lead (the least lead with at most
+ * GRAMMAR_LONG_MAX tokens above it, at least 1) and the long tokens. */
+static int vocab_leads(struct grammar_vocab *v)
+{
+    size_t n = (size_t)v->n_vocab;
+    uint16_t *lead = alloc_malloc(n * sizeof *lead);
+    int32_t *above = alloc_calloc((size_t)v->max_len + 2, sizeof *above); /* [l]: lead == l */
+    v->tok_long = alloc_calloc(n, 1);
+    v->long_ids = alloc_malloc(GRAMMAR_LONG_MAX * sizeof *v->long_ids);
+    int rc = KRS_ERR_NOMEM;
+    if (!lead || !above || !v->tok_long || !v->long_ids) goto out;
+    for (size_t t = 0; t < n; t++) {
+        const uint8_t *b = v->bytes + v->tok_off[t];
+        uint16_t x = v->tok_len[t] && (b[0] & 0xC0) == 0x80;
+        for (uint32_t i = 0; i < v->tok_len[t]; i++) x += (b[i] & 0xC0) != 0x80;
+        lead[t] = x;
+        above[x]++;
+        if (x > v->max_lead) v->max_lead = x;
+    }
+    int32_t k = v->max_lead, count = 0; /* count: tokens with lead > k */
+    while (k > 1 && count + above[k] <= GRAMMAR_LONG_MAX) count += above[k--];
+    v->key_lead = k > 1 ? k : 1;
+    for (size_t t = 0; t < n; t++)
+        if (lead[t] > v->key_lead) {
+            v->tok_long[t] = 1;
+            v->long_ids[v->n_long++] = (int32_t)t;
+        }
+    rc = KRS_OK;
+out:
+    alloc_free(lead);
+    alloc_free(above);
+    return rc;
+}
+
+/* Everything derived from the token texts: leads, plain tokens, their masks, both sorted lists
+ * (long tokens are in neither). */
 static int vocab_finish(struct grammar_vocab *v)
 {
     v->n_words = (v->n_vocab + 31) / 32;
@@ -145,14 +192,17 @@ static int vocab_finish(struct grammar_vocab *v)
     v->plain_cps = alloc_calloc((size_t)v->n_vocab, 1);
     v->plain_le = alloc_calloc(GRAMMAR_PLAIN_LEVELS * nw, sizeof *v->plain_le);
     v->plain_long = alloc_malloc((size_t)v->n_vocab * sizeof *v->plain_long);
-    if (!v->plain_cps || !v->plain_le || !v->plain_long) return KRS_ERR_NOMEM;
+    if (!v->plain_cps || !v->plain_le || !v->plain_long || vocab_leads(v)) return KRS_ERR_NOMEM;
     for (int32_t t = 0; t < v->n_vocab; t++) {
-        int c = v->eog[t] ? 0 : plain_count(v->bytes + v->tok_off[t], v->tok_len[t]);
+        int c =
+            v->eog[t] || v->tok_long[t] ? 0 : plain_count(v->bytes + v->tok_off[t], v->tok_len[t]);
         v->plain_cps[t] = (uint8_t)c;
         if (c > v->max_plain) v->max_plain = c;
         if (c > GRAMMAR_PLAIN_LEVELS) v->plain_long[v->n_plain_long++] = t;
-        for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++)
+        for (int l = c; c && l <= GRAMMAR_PLAIN_LEVELS; l++) {
             v->plain_le[(size_t)(l - 1) * nw + (size_t)(t >> 5)] |= 1u << (t & 31);
+            v->plain_n[l - 1]++;
+        }
     }
     v->eog_ids = alloc_malloc((size_t)v->n_vocab * sizeof *v->eog_ids);
     if (!v->eog_ids) return KRS_ERR_NOMEM;
@@ -160,6 +210,7 @@ static int vocab_finish(struct grammar_vocab *v)
         if (v->eog[t]) v->eog_ids[v->n_eog++] = t;
     int rc = list_build(v, &v->all, 0);
     if (!rc) rc = list_build(v, &v->rest, 1);
+    if (!rc) rc = grammar_mask_cache_create(v->n_words, &v->shared);
     return rc;
 }
 
@@ -213,6 +264,37 @@ int grammar_vocab_create_raw(int32_t n, const char *const *text, const size_t *l
     }
     *out = v;
     return KRS_OK;
+}
+
+int grammar_vocab_create_bytes(const char *const *multi, size_t n_multi, struct grammar_vocab **out)
+{
+    *out = NULL;
+    size_t n = GRAMMAR_BYTE_EOG + 1 + n_multi;
+    static const char bytes[256] = {
+#define B4(i)  (char)(i), (char)((i) + 1), (char)((i) + 2), (char)((i) + 3)
+#define B16(i) B4(i), B4((i) + 4), B4((i) + 8), B4((i) + 12)
+#define B64(i) B16(i), B16((i) + 16), B16((i) + 32), B16((i) + 48)
+        B64(0), B64(64), B64(128), B64(192)
+#undef B64
+#undef B16
+#undef B4
+    };
+    const char **text = alloc_malloc(n * sizeof *text);
+    size_t *len = alloc_malloc(n * sizeof *len);
+    uint8_t *eog = alloc_calloc(n, 1);
+    int rc = KRS_ERR_NOMEM;
+    if (!text || !len || !eog || n > INT32_MAX) goto out;
+    for (size_t i = 0; i < n; i++) {
+        text[i] = i < 256 ? &bytes[i] : i == GRAMMAR_BYTE_EOG ? "" : multi[i - 257];
+        len[i] = i < 256 ? 1 : strlen(text[i]);
+    }
+    eog[GRAMMAR_BYTE_EOG] = 1;
+    rc = grammar_vocab_create_raw((int32_t)n, text, len, eog, out);
+out:
+    alloc_free(text);
+    alloc_free(len);
+    alloc_free(eog);
+    return rc;
 }
 
 int grammar_vocab_create(const struct tokenizer *tok, struct grammar_vocab **out)

@@ -386,11 +386,12 @@ void sched_end_one(struct sched *s, struct req *r, enum sched_finish why, const 
     if (r->gm) {
         struct grammar_matcher_stats gs;
         grammar_matcher_get_stats(r->gm, &gs);
-        KRS_LOG_DEBUGF("request %llu grammar: %llu masks (%llu cached), %.2f ms computing them, "
-                       "%llu states, %llu flushes",
+        KRS_LOG_DEBUGF("request %llu grammar: %llu masks (%llu cached, %llu from the shared "
+                       "cache), %.2f ms computing them, %llu states, %llu flushes",
                        (unsigned long long)r->id, (unsigned long long)gs.masks,
-                       (unsigned long long)gs.mask_hits, (double)gs.mask_ns / 1e6,
-                       (unsigned long long)gs.states, (unsigned long long)gs.flushes);
+                       (unsigned long long)gs.mask_hits, (unsigned long long)gs.mask_shared,
+                       (double)gs.mask_ns / 1e6, (unsigned long long)gs.states,
+                       (unsigned long long)gs.flushes);
     }
     stream_unref(r->stream);
     req_free(r);

@@ -25,32 +25,15 @@
 /* ---- a byte vocabulary: token b (< 256) is byte b, 256 is end of generation, then a few
  * multi-byte tokens ---- */
 
-#define EOG_TOKEN 256
+#define EOG_TOKEN GRAMMAR_BYTE_EOG
 static const char *const MULTI[] = {"{\"",      "\":",      "true", "null", "  ",
                                     "\xc3\xa9", "\xe4\xb8", "\xad", "\"}",  "12"};
-#define N_MULTI      (sizeof MULTI / sizeof MULTI[0])
-#define N_BYTE_VOCAB (257 + (int)N_MULTI)
+#define N_MULTI (sizeof MULTI / sizeof MULTI[0])
 
 static struct grammar_vocab *byte_vocab(void)
 {
-    static char bytes[256];
-    const char *text[N_BYTE_VOCAB];
-    size_t len[N_BYTE_VOCAB];
-    uint8_t eog[N_BYTE_VOCAB] = {0};
-    for (int i = 0; i < 256; i++) {
-        bytes[i] = (char)i;
-        text[i] = &bytes[i];
-        len[i] = 1;
-    }
-    text[256] = "";
-    len[256] = 0;
-    eog[256] = 1;
-    for (size_t i = 0; i < N_MULTI; i++) {
-        text[257 + i] = MULTI[i];
-        len[257 + i] = strlen(MULTI[i]);
-    }
     struct grammar_vocab *v = NULL;
-    assert_int_equal(grammar_vocab_create_raw(N_BYTE_VOCAB, text, len, eog, &v), KRS_OK);
+    assert_int_equal(grammar_vocab_create_bytes(MULTI, N_MULTI, &v), KRS_OK);
     return v;
 }
 
@@ -327,6 +310,229 @@ static void test_schema_unsupported(void **state)
     }
 }
 
+/* ---- the mask cache: every mask handed out equals a fresh computation ---- */
+
+static uint32_t xrnd(uint64_t *x)
+{
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    return (uint32_t)(*x >> 32);
+}
+
+struct sbuf {
+    char s[8192];
+    size_t n;
+};
+
+static void sb_add(struct sbuf *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(b->s + b->n, sizeof b->s - b->n, fmt, ap);
+    va_end(ap);
+    if (k > 0) b->n += (size_t)k < sizeof b->s - b->n ? (size_t)k : sizeof b->s - b->n - 1;
+}
+
+/* A random schema of the supported subset, with counters large and small (maxLength and
+ * maxItems up to 40: on either side of the vocabulary's longest token). */
+static void gen_schema(struct sbuf *b, uint64_t *x, int depth)
+{
+    static const char *const words[] = {"a", "bc", "red", "x y", "\\u00e9t\u00e9"};
+    static const char *const simple[] = {"{\"type\":\"boolean\"}", "{\"type\":\"number\"}",
+                                         "{\"type\":\"null\"}"};
+    int kind = (int)(xrnd(x) % (depth > 2 ? 4 : 7));
+    switch (kind) {
+    case 0: {
+        int lo = (int)(xrnd(x) % 4), hi = lo + (int)(xrnd(x) % 40);
+        if (xrnd(x) & 1)
+            sb_add(b, "{\"type\":\"string\",\"minLength\":%d,\"maxLength\":%d}", lo, hi);
+        else
+            sb_add(b, "{\"type\":\"string\"}");
+        break;
+    }
+    case 1:
+        if (xrnd(x) & 1)
+            sb_add(b, "{\"type\":\"integer\",\"minimum\":%d,\"maximum\":%d}", -(int)(xrnd(x) % 50),
+                   (int)(xrnd(x) % 2000));
+        else
+            sb_add(b, "{\"type\":\"integer\"}");
+        break;
+    case 2:
+        sb_add(b, "%s", simple[xrnd(x) % 3]);
+        break;
+    case 3: {
+        sb_add(b, "{\"enum\":[");
+        int n = 1 + (int)(xrnd(x) % 4);
+        for (int i = 0; i < n; i++)
+            sb_add(b, "%s\"%s\"", i ? "," : "", words[xrnd(x) % (sizeof words / sizeof *words)]);
+        sb_add(b, "]}");
+        break;
+    }
+    case 4: {
+        int lo = (int)(xrnd(x) % 3), hi = lo + (int)(xrnd(x) % 38);
+        sb_add(b, "{\"type\":\"array\",\"minItems\":%d,\"maxItems\":%d,\"items\":", lo, hi);
+        gen_schema(b, x, depth + 1);
+        sb_add(b, "}");
+        break;
+    }
+    case 5: {
+        int n = 1 + (int)(xrnd(x) % 3);
+        sb_add(b, "{\"type\":\"object\",\"properties\":{");
+        for (int i = 0; i < n; i++) {
+            sb_add(b, "%s\"p%d\":", i ? "," : "", i);
+            gen_schema(b, x, depth + 1);
+        }
+        sb_add(b, "},\"required\":[");
+        for (int i = 0, first = 1; i < n; i++)
+            if (xrnd(x) & 1) {
+                sb_add(b, "%s\"p%d\"", first ? "" : ",", i);
+                first = 0;
+            }
+        sb_add(b, "]}");
+        break;
+    }
+    default:
+        sb_add(b, "{\"anyOf\":[");
+        gen_schema(b, x, depth + 1);
+        sb_add(b, ",");
+        gen_schema(b, x, depth + 1);
+        sb_add(b, "]}");
+    }
+}
+
+/* Walks matcher m `steps` tokens at random (favouring the end past half), checking each mask
+ * it hands out against grammar_matcher_mask_fresh: byte-identical, the same count. */
+static void walk_checked(struct grammar_matcher *m, const struct grammar_vocab *v, uint64_t *x,
+                         int steps, uint32_t *fresh, int32_t *allowed)
+{
+    for (int step = 0; step < steps; step++) {
+        const uint32_t *mask;
+        int32_t n = 0, nf = -1, k = 0, eog = -1;
+        assert_int_equal(grammar_matcher_mask(m, &mask, &n), KRS_OK);
+        assert_int_equal(grammar_matcher_mask_fresh(m, fresh, &nf), KRS_OK);
+        assert_int_equal(n, nf);
+        assert_memory_equal(mask, fresh, (size_t)v->n_words * sizeof *mask);
+        for (int32_t t = 0; t < v->n_vocab; t++)
+            if (bit(mask, t)) {
+                allowed[k++] = t;
+                if (v->eog[t]) eog = t;
+            }
+        assert_int_equal(k, n);
+        if (!k) return;
+        int32_t t = allowed[xrnd(x) % (uint32_t)k];
+        if (step > steps / 2 && eog >= 0) t = eog;
+        assert_int_equal(grammar_matcher_accept(m, t), KRS_OK);
+        if (v->eog[t] || grammar_matcher_done(m)) return;
+    }
+}
+
+/* Random schemas over random vocabularies (bytes plus JSON-ish words up to 12 bytes, so the
+ * longest token sits inside the schemas' counters). Per seed, three matchers share the
+ * vocabulary's mask cache, two on one compiled grammar and one on a second compile of the same
+ * text; the cache also carries masks from earlier seeds' grammars (which must never match). */
+static void test_mask_cache_random(void **state)
+{
+    (void)state;
+    static const char alpha[] = "{}[]\":, 0123456789abcdeftrunl-.\\";
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    struct grammar_matcher_stats total = {0};
+    char words[96][16];
+    const char *multi[96];
+    for (int vv = 0; vv < 3; vv++) {
+        for (int i = 0; i < 96; i++) {
+            int len = 2 + (int)(xrnd(&x) % (vv == 0 ? 4 : 11));
+            for (int j = 0; j < len; j++) words[i][j] = alpha[xrnd(&x) % (sizeof alpha - 1)];
+            words[i][len] = '\0';
+            multi[i] = words[i];
+        }
+        struct grammar_vocab *v = NULL;
+        assert_int_equal(grammar_vocab_create_bytes(multi, 96, &v), KRS_OK);
+        uint32_t *fresh = malloc((size_t)v->n_words * sizeof *fresh);
+        int32_t *allowed = malloc((size_t)v->n_vocab * sizeof *allowed);
+        assert_non_null(fresh);
+        assert_non_null(allowed);
+        for (int seed = 0; seed < 60; seed++) {
+            struct sbuf b = {.n = 0};
+            gen_schema(&b, &x, 0);
+            struct grammar *g[2] = {NULL, NULL};
+            char err[256];
+            for (int i = 0; i < 2; i++)
+                if (grammar_compile_json_schema(b.s, b.n, &g[i], err, sizeof err))
+                    fail_msg("%s: %s", b.s, err);
+            struct grammar_matcher *m[3];
+            for (int i = 0; i < 3; i++)
+                assert_int_equal(grammar_matcher_create(g[i == 2], v, &m[i]), KRS_OK);
+            for (int i = 0; i < 3; i++) {
+                walk_checked(m[i], v, &x, 120, fresh, allowed);
+                struct grammar_matcher_stats st;
+                grammar_matcher_get_stats(m[i], &st);
+                total.masks += st.masks;
+                total.mask_hits += st.mask_hits;
+                total.mask_shared += st.mask_shared;
+                total.mask_keys += st.mask_keys;
+                total.states += st.states;
+                grammar_matcher_free(m[i]);
+            }
+            grammar_release(g[0]);
+            grammar_release(g[1]);
+        }
+        free(fresh);
+        free(allowed);
+        grammar_vocab_free(v);
+    }
+    /* the caches were exercised: local hits, shared hits, and fewer keys than states */
+    print_message("mask cache: %llu masks, %llu local hits, %llu shared, %llu keys, %llu states\n",
+                  (unsigned long long)total.masks, (unsigned long long)total.mask_hits,
+                  (unsigned long long)total.mask_shared, (unsigned long long)total.mask_keys,
+                  (unsigned long long)total.states);
+    assert_true(total.mask_hits > total.masks / 10);
+    assert_true(total.mask_shared > total.masks / 10);
+    assert_true(total.mask_keys < total.states);
+}
+
+/* A string's counter far from maxLength: the states differ, the mask key does not. In the byte
+ * vocabulary below every token but "ab" touches one terminal at most, so "ab" is the one long
+ * token (checked at each call) and keys reach 1 code point: positions 0..9 of a {0,10} string
+ * share one key and one cached mask, the bound gets its own; "ab" is allowed while 2 letters
+ * are left. */
+static void test_mask_key_counter(void **state)
+{
+    (void)state;
+    static const char *const multi[] = {"ab"};
+    struct grammar_vocab *v = NULL;
+    assert_int_equal(grammar_vocab_create_bytes(multi, 1, &v), KRS_OK);
+    assert_int_equal(v->max_lead, 2);
+    assert_int_equal(v->key_lead, 1); /* "ab" is the one long token */
+    assert_int_equal(v->n_long, 1);
+    struct grammar *g = gbnf("root ::= \"\\\"\" [a-z]{0,10} \"\\\"\"");
+    struct grammar_matcher *m = NULL;
+    assert_int_equal(grammar_matcher_create(g, v, &m), KRS_OK);
+    grammar_matcher_set_key_mode(m, 1); /* this matcher's own cache only */
+    const uint32_t *mask;
+    int32_t n;
+    assert_int_equal(grammar_matcher_accept(m, '"'), KRS_OK);
+    for (int i = 0; i < 10; i++) {
+        assert_int_equal(grammar_matcher_mask(m, &mask, &n), KRS_OK);
+        assert_int_equal(bit(mask, '"'), 1);
+        assert_int_equal(bit(mask, 257), i <= 8); /* "ab" fits while 2 letters are left */
+        assert_int_equal(bit(mask, 'a'), 1);
+        assert_int_equal(grammar_matcher_accept(m, 'a'), KRS_OK);
+    }
+    assert_int_equal(grammar_matcher_mask(m, &mask, &n), KRS_OK);
+    assert_int_equal(bit(mask, 'a'), 0);
+    struct grammar_matcher_stats st;
+    grammar_matcher_get_stats(m, &st);
+    /* 11 masks inside the string: remaining 10..1 share a key (>= key_lead), then 0; "ab" is
+     * checked at each call */
+    assert_int_equal(st.masks, 11);
+    assert_int_equal(st.mask_hits, 9);
+    assert_int_equal(st.mask_same, 9);
+    grammar_matcher_free(m);
+    grammar_release(g);
+    grammar_vocab_free(v);
+}
+
 /* ---- the default model's vocabulary ---- */
 
 struct model_fx {
@@ -449,6 +655,8 @@ int main(void)
         cmocka_unit_test(test_gbnf_errors),
         cmocka_unit_test(test_schema_corpus),
         cmocka_unit_test(test_schema_unsupported),
+        cmocka_unit_test(test_mask_cache_random),
+        cmocka_unit_test(test_mask_key_counter),
         cmocka_unit_test_setup_teardown(test_model_walks, setup_model, teardown_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
