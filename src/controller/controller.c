@@ -112,11 +112,15 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
     return KRS_OK;
 }
 
-/* Nearest-rank P99 (ceil(0.99 n)-th smallest) of n latencies, in ms. */
-static double p99_ms(const uint64_t *lat, uint32_t n)
+/* Nearest-rank P99 (ceil(0.99 n)-th smallest) of the latencies among lat[0..n) that are at
+ * most max_ns, in ms (max_ns when none is). */
+static double p99_ms_upto(const uint64_t *lat, uint32_t n_all, uint64_t max_ns)
 {
     uint64_t v[CONTROLLER_MAX_INTERVAL];
-    memcpy(v, lat, n * sizeof v[0]);
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < n_all; i++)
+        if (lat[i] <= max_ns) v[n++] = lat[i];
+    if (n == 0) return (double)max_ns / NS_PER_MS;
     for (uint32_t i = 1; i < n; i++) {
         uint64_t x = v[i];
         uint32_t j = i;
@@ -257,25 +261,49 @@ static uint32_t knee_limit(const struct controller *c)
     return n >= (double)cfg->max_batch ? cfg->max_batch : clamp_limit(cfg, (uint32_t)n);
 }
 
+/* The concurrency the fitted model wants now (rule 1): the knee, or the capacity when that is
+ * lower or when queued requests missed the first-token target (goodput); *why says which.
+ * Only with a confirmed knee (c->knee != 0). */
+static uint32_t wanted_limit(const struct controller *c, bool pressure, double wait_ms, char *why,
+                             size_t why_len)
+{
+    const struct controller_config *cfg = &c->cfg;
+    uint32_t knee = c->knee, cap = capacity_limit(c);
+    bool late = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+    if (why && late)
+        snprintf(why, why_len, "queue wait %.0f ms > ttft target %.0f ms, capacity %u", wait_ms,
+                 cfg->ttft_target_ms, cap);
+    else if (why && cap < knee)
+        snprintf(why, why_len, "capacity %u (knee %u)", cap, knee);
+    else if (why)
+        snprintf(why, why_len, "knee %u (capacity %u)", knee, cap);
+    return late || cap < knee ? cap : knee;
+}
+
 static void shrink(struct controller *c, double p99_ms, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
     double target = cfg->p99_target_ms;
     uint32_t old = c->limit;
-    if (old <= cfg->min_batch) return;
-    double want = floor((double)old * target / c->ema_ms);
-    double floor_cut = ceil((double)old * (1.0 - cfg->max_shrink_fraction));
+    /* What ran over target is the window's concurrency, which admission may have taken past
+     * the limit (controller_admit_limit): shrink from there. */
+    uint32_t ran = (uint32_t)floor(c->dec_last_batch + 0.5);
+    uint32_t base = ran > old ? clamp_limit(cfg, ran) : old;
+    if (base <= cfg->min_batch) return;
+    double want = floor((double)base * target / c->ema_ms);
+    double floor_cut = ceil((double)base * (1.0 - cfg->max_shrink_fraction));
     if (want < floor_cut) want = floor_cut;
-    if (want > (double)(old - 1)) want = (double)(old - 1);
+    if (want > (double)(base - 1)) want = (double)(base - 1);
     uint32_t nl = clamp_limit(cfg, want < 1.0 ? 1u : (uint32_t)want);
-    c->ceiling = old;
+    c->ceiling = base;
     c->ceiling_left = cfg->ceiling_windows;
     c->limit = nl;
     c->adjustments++;
-    push_event(c, now_ns, CONTROLLER_EVENT_SHRINK, old, nl,
-               "shrink %u -> %u: ema p99 %.1f ms and window p99 %.1f ms > target %.1f ms "
-               "(%.0f prompt tokens/step)",
-               old, nl, c->ema_ms, p99_ms, target, c->prefill_per_step);
+    /* (from the concurrency that ran: the limit may have been below it, see above) */
+    push_event(c, now_ns, CONTROLLER_EVENT_SHRINK, base, nl,
+               "shrink %u -> %u: ema p99 %.1f ms and window p99 %.1f ms > target %.1f ms at "
+               "%.1f running (%.0f prompt tokens/step)",
+               base, nl, c->ema_ms, p99_ms, target, c->dec_last_batch, c->prefill_per_step);
 }
 
 static void tune(struct controller *c, double p99_ms, bool pressure, double wait_ms,
@@ -343,17 +371,8 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
         nl = clamp_limit(cfg, old + 1);
         snprintf(why, sizeof why, "probe");
     } else {
-        uint32_t knee = c->knee, cap = capacity_limit(c);
         /* Past the knee only for goodput: requests miss their first-token target in the queue. */
-        bool late = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
-        uint32_t want = late || cap < knee ? cap : knee;
-        if (late)
-            snprintf(why, sizeof why, "queue wait %.0f ms > ttft target %.0f ms, capacity %u",
-                     wait_ms, cfg->ttft_target_ms, cap);
-        else if (cap < knee)
-            snprintf(why, sizeof why, "capacity %u (knee %u)", cap, knee);
-        else
-            snprintf(why, sizeof why, "knee %u (capacity %u)", knee, cap);
+        uint32_t want = wanted_limit(c, pressure, wait_ms, why, sizeof why);
         /* Steady hold: a change under hold_band of the limit is noise in the fit. */
         uint32_t band = (uint32_t)ceil(cfg->hold_band * (double)old);
         if (band < 1) band = 1;
@@ -378,11 +397,27 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
 static void evaluate_window(struct controller *c, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
-    double p99 = p99_ms(c->window_ns, c->n_in_window);
+    /* A regression is several slow steps, not one (a host hiccup, a prompt chunk whose cost
+     * was misjudged): count the steps over the spike threshold. A lone one is an OUTLIER: it
+     * is left out of the window's P99 (tuning on it would shrink the limit for nothing), but
+     * outliers in two windows in a row are a spike. */
+    double thr = cfg->degrade_factor_target * cfg->p99_target_ms;
+    if (c->have_ema && cfg->degrade_factor_ema * c->ema_ms > thr)
+        thr = cfg->degrade_factor_ema * c->ema_ms;
+    uint64_t thr_ns = (uint64_t)(thr * NS_PER_MS);
+    uint32_t n_over = 0, n_steps = c->n_in_window;
+    for (uint32_t i = 0; i < n_steps; i++) n_over += c->window_ns[i] > thr_ns;
+    uint32_t need = n_steps < CONTROLLER_DEGRADE_STEPS ? n_steps : CONTROLLER_DEGRADE_STEPS;
+    bool spike = c->have_ema && n_over > 0 && (n_over >= need || c->outlier_prev);
+    bool outlier = c->have_ema && n_over > 0 && !spike;
+    c->outlier_prev = outlier;
+    c->outliers += outlier;
+    uint64_t upto = outlier ? thr_ns : UINT64_MAX;
+    double p99 = p99_ms_upto(c->window_ns, n_steps, upto);
     /* The fit sees the decode-only steps of the window (and decode-equivalents of the
      * others, see controller_observe). */
     bool dec = c->n_dec >= 1;
-    double dec_p99 = dec ? p99_ms(c->dec_ns, c->n_dec) : 0.0;
+    double dec_p99 = dec ? p99_ms_upto(c->dec_ns, c->n_dec, upto) : 0.0;
     double mean_batch = dec ? (double)c->batch_sum / (double)c->n_dec : 0.0;
     bool pressure = c->pressure;
     double wait_ms = (double)c->max_wait_ns / NS_PER_MS;
@@ -393,12 +428,11 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     c->last_wait_ms = wait_ms;
     c->n_in_window = c->n_dec = 0;
     c->batch_sum = c->tokens_sum = c->prefill_sum = c->window_time_ns = c->max_wait_ns = 0;
+    c->last_pressure = pressure;
     c->pressure = false;
     c->windows++;
     c->last_p99_ms = p99;
 
-    bool spike = c->have_ema && p99 > cfg->degrade_factor_target * cfg->p99_target_ms &&
-                 p99 > cfg->degrade_factor_ema * c->ema_ms;
     if (!spike) {
         fold_ema(c, p99);
         if (dec) fold_decode(c, dec_p99, mean_batch);
@@ -416,9 +450,10 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
             c->degradations++;
             c->ceiling = 0;
             push_event(c, now_ns, CONTROLLER_EVENT_DEGRADE, old, nl,
-                       "p99 %.1f ms > %.1fx target %.1f ms and %.1fx ema %.1f ms; limit %u -> %u",
+                       "p99 %.1f ms > %.1fx target %.1f ms and %.1fx ema %.1f ms (%u of %u "
+                       "steps); limit %u -> %u",
                        p99, cfg->degrade_factor_target, cfg->p99_target_ms, cfg->degrade_factor_ema,
-                       c->ema_ms, old, nl);
+                       c->ema_ms, n_over, n_steps, old, nl);
             return;
         }
         tune(c, p99, pressure, wait_ms, now_ns);
@@ -446,20 +481,39 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     }
 }
 
+/* What a step's prompt tokens added over the decode line is their cost. The line is a P99, so
+ * this errs low; the shrink rule catches the rest. */
+static void learn_prompt_cost(struct controller *c, const struct controller_step *st)
+{
+    if (st->n_prefill == 0 || !c->have_dec) return;
+    double base = have_fit(c)    ? line_ms(c, (double)st->n_decode)
+                  : st->n_decode ? c->dec_ema_ms
+                                 : 0.0;
+    double extra = (double)st->latency_ns / NS_PER_MS - (base > 0.0 ? base : 0.0);
+    c->pf_ms = PF_DECAY * c->pf_ms + (extra > 0.0 ? extra : 0.0);
+    c->pf_tok = PF_DECAY * c->pf_tok + (double)st->n_prefill;
+}
+
 uint32_t controller_observe(struct controller *ctrl, const struct controller_step *st)
 {
     if (!ctrl || !st) return 0;
     if (st->n_decode == 0 && st->n_prefill == 0) return ctrl->limit; /* idle: says nothing */
+    double pf_tok = prefill_ms_per_token(ctrl);
+    if (st->n_decode == 0) {
+        /* Prompt tokens alone: no stream waited on this step; it only teaches their cost. */
+        learn_prompt_cost(ctrl, st);
+        if (st->oldest_wait_ns > ctrl->max_wait_ns) ctrl->max_wait_ns = st->oldest_wait_ns;
+        return ctrl->limit;
+    }
     uint32_t i = ctrl->n_in_window++;
     ctrl->window_ns[i] = st->latency_ns;
     ctrl->window_time_ns += st->latency_ns;
     ctrl->tokens_sum += st->n_decode;
     ctrl->prefill_sum += st->n_prefill;
-    double pf_tok = prefill_ms_per_token(ctrl);
     if (st->n_prefill == 0) {
         ctrl->dec_ns[ctrl->n_dec++] = st->latency_ns;
         ctrl->batch_sum += st->n_decode;
-    } else if (st->n_decode > 0 && pf_tok > 0.0 && have_fit(ctrl)) {
+    } else if (pf_tok > 0.0 && have_fit(ctrl)) {
         /* Under steady arrivals most steps carry a prompt chunk: once a prompt token's cost
          * is known, such a step also tells what its decodes cost (its latency less the
          * prompt's share), so the fit keeps learning. */
@@ -467,15 +521,7 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
         ctrl->dec_ns[ctrl->n_dec++] = eq > 0.0 ? (uint64_t)eq : 0;
         ctrl->batch_sum += st->n_decode;
     }
-    if (st->n_prefill > 0 && ctrl->have_dec) {
-        /* What the prompt tokens added to the step over the decode line: their cost. The line
-         * is a P99, so this errs low; the shrink rule catches the rest. */
-        double base = have_fit(ctrl) ? line_ms(ctrl, (double)st->n_decode)
-                                     : (st->n_decode ? ctrl->dec_ema_ms : 0.0);
-        double extra = (double)st->latency_ns / NS_PER_MS - (base > 0.0 ? base : 0.0);
-        ctrl->pf_ms = PF_DECAY * ctrl->pf_ms + (extra > 0.0 ? extra : 0.0);
-        ctrl->pf_tok = PF_DECAY * ctrl->pf_tok + (double)st->n_prefill;
-    }
+    learn_prompt_cost(ctrl, st);
     if (st->queued > 0 || st->n_decode >= ctrl->limit) ctrl->pressure = true;
     if (st->oldest_wait_ns > ctrl->max_wait_ns) ctrl->max_wait_ns = st->oldest_wait_ns;
     if (ctrl->n_in_window >= ctrl->cfg.interval) evaluate_window(ctrl, st->now_ns);
@@ -492,15 +538,48 @@ uint32_t controller_observe_step(struct controller *ctrl, uint64_t step_latency_
     return controller_observe(ctrl, &st);
 }
 
+uint32_t controller_admit_limit(const struct controller *ctrl)
+{
+    if (!ctrl) return 0;
+    const struct controller *c = ctrl;
+    const struct controller_config *cfg = &c->cfg;
+    uint32_t lim = c->limit;
+    if (c->mode != CONTROLLER_MODE_TUNING || c->unreach_knee) return lim;
+    /* Nothing measured yet: the engine takes what its KV and token budget allow, and the first
+     * window measures what that costs (the shrink rule corrects it). */
+    if (!c->have_dec) return cfg->max_batch;
+    /* Saturated: the last windows are over target, the limit decides. */
+    double target = cfg->p99_target_ms;
+    if (c->ema_ms > target || c->last_p99_ms > target) return lim;
+    uint32_t want;
+    if (c->knee) {
+        want = wanted_limit(c, c->last_pressure, c->last_wait_ms, NULL, 0);
+    } else {
+        /* No slope yet: assume the whole decode step scales with the batch (the steepest line
+         * through what was measured), which errs on the side of the target. */
+        double now_ms = predict_ms(c, c->dec_last_batch);
+        double room = target - GROW_NOISE_K * c->dev_ms - prefill_reserve_ms(c);
+        double n = now_ms > 0.0 ? floor(c->dec_last_batch * room / now_ms) : 0.0;
+        want = n >= (double)cfg->max_batch ? cfg->max_batch
+               : n < 1.0                   ? cfg->min_batch
+                                           : clamp_limit(cfg, (uint32_t)n);
+    }
+    if (c->ceiling && want >= c->ceiling) want = c->ceiling - 1;
+    return want > lim ? want : lim;
+}
+
 uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
                                    uint32_t max_tokens)
 {
     if (!ctrl) return 0;
     uint32_t min_chunk = ctrl->cfg.min_prefill_chunk;
-    if (ctrl->mode == CONTROLLER_MODE_FIXED) return max_tokens;
+    if (ctrl->mode == CONTROLLER_MODE_FIXED || n_decode == 0) return max_tokens;
     if (min_chunk >= max_tokens) return max_tokens;
     double per_tok = prefill_ms_per_token(ctrl);
-    if (per_tok <= 0.0) return min_chunk; /* not measured yet: start small */
+    /* Not measured yet: a prompt token costs about what one more decoding row does (a prompt
+     * token is one row of the same matmuls, without its own sampling). */
+    if (per_tok <= 0.0 && have_fit(ctrl)) per_tok = ctrl->slope;
+    if (per_tok <= 0.0) return min_chunk; /* nothing known: start small */
     double dec_ms = 0.0;
     if (n_decode > 0 && ctrl->have_dec) {
         dec_ms = have_fit(ctrl) ? line_ms(ctrl, (double)n_decode) : ctrl->dec_ema_ms;
@@ -529,6 +608,7 @@ int controller_state(const struct controller *ctrl, struct controller_snapshot *
         out->intercept_ms = line_ms(ctrl, 0.0);
         out->capacity_limit = ctrl->have_dec ? capacity_limit(ctrl) : 0;
     }
+    out->admit_limit = controller_admit_limit(ctrl);
     out->knee_limit = ctrl->knee;
     out->prefill_ms_per_token = prefill_ms_per_token(ctrl);
     out->window_tok_s = ctrl->last_tok_s;
@@ -536,6 +616,7 @@ int controller_state(const struct controller *ctrl, struct controller_snapshot *
     out->windows = ctrl->windows;
     out->adjustments = ctrl->adjustments;
     out->degradations = ctrl->degradations;
+    out->outliers = ctrl->outliers;
     out->recoveries = ctrl->recoveries;
     out->n_events = ctrl->ev_count;
     for (uint32_t i = 0; i < ctrl->ev_count; i++)

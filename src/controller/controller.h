@@ -21,8 +21,8 @@
  *        - never past the CAPACITY: the largest n whose predicted P99 plus twice the noise
  *          (EMA of the residual from the line) plus a prefill reserve (the time of a minimum
  *          prompt chunk while prompts are arriving) stays within target.
- *      Growth needs no queue once the line is fitted (the limit sits at what the engine can
- *      take, so a burst is admitted at once); before the fit it is a +1 probe under pressure.
+ *      Growth needs no queue once the line is fitted; before the fit it is a +1 probe under
+ *      pressure.
  *      One grow step is at most +50 %. It HOLDS while the wanted change is under hold_band
  *      (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
  *      the window P99 of ALL steps (prompt chunks included: that is what a stream's
@@ -30,12 +30,21 @@
  *      (at least by 1, at most max_shrink_fraction); the old limit is then a ceiling growth
  *      may not reach for ceiling_windows windows (forgotten early once the EMA falls under
  *      ceiling_reset * target), so noise cannot make it ping-pong;
+ *      The limit governs decode concurrency once the engine is SATURATED; below that a new
+ *      request does not wait for a tuning window: controller_admit_limit is the limit or,
+ *      while the last windows are within target, the capacity the step-time model predicts
+ *      (before any decode step was measured: max_batch, and the first window corrects it).
+ *      So a burst at low load starts at once, and under saturation the limit decides;
  *   2. the PREFILL BUDGET of a step (controller_prefill_budget): the prompt tokens that keep
  *      the step's predicted latency (decode line + learned ms per prompt token) under 0.9 *
  *      target, at least min_prefill_chunk so prompts always progress, at most the engine's
- *      token budget. Until the per-token cost has been measured the budget is
- *      min_prefill_chunk;
- *   3. DEGRADATION: a window P99 over degrade_factor_target * target AND over
+ *      token budget. A step without decodes has no stream to protect: the whole token
+ *      budget. Until the per-token cost has been measured a prompt token is assumed to cost
+ *      what one more decoding sequence costs (the fitted slope), or min_prefill_chunk before
+ *      the fit;
+ *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of
+ *      two windows in a row (a lasting regression, not one slow step: a lone one is an outlier,
+ *      left out of the window's P99) over degrade_factor_target * target AND over
  *      degrade_factor_ema * EMA (a sudden regression, not a slow drift) cuts the limit at once
  *      to the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a
  *      spike), records an event with its reason and stops tuning. Windows keep being measured;
@@ -43,6 +52,8 @@
  *      ("recovered" event). The spike window itself is not folded into the EMA.
  *   Disabled (controller_set_enabled(false)) the limit is the fixed fallback size and only the
  *   statistics are kept (mode CONTROLLER_MODE_FIXED).
+ *   Windows and their P99 count only steps that decoded: a step of prompt tokens alone made no
+ *   stream wait (it still teaches the cost of a prompt token).
  *
  * Every limit change is an event with its reason (which rule, the numbers behind it).
  *
@@ -75,9 +86,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define CONTROLLER_MAX_INTERVAL 256 /* most steps per evaluation window */
-#define CONTROLLER_EVENTS       16  /* recent events kept (oldest dropped) */
-#define CONTROLLER_REASON_LEN   128
+#define CONTROLLER_MAX_INTERVAL  256 /* most steps per evaluation window */
+#define CONTROLLER_EVENTS        16  /* recent events kept (oldest dropped) */
+#define CONTROLLER_REASON_LEN    128
+#define CONTROLLER_DEGRADE_STEPS 2 /* steps of a window over the spike threshold to degrade */
 
 enum controller_mode {
     CONTROLLER_MODE_TUNING = 0,   /* auto-tuning the limit */
@@ -133,6 +145,7 @@ struct controller_snapshot {
     double intercept_ms;         /* fitted P99 at batch 0 (0 if no fit yet) */
     uint32_t knee_limit;         /* where one more sequence stops paying (0 = no fit yet) */
     uint32_t capacity_limit;     /* most sequences the P99 target allows (0 = no fit yet) */
+    uint32_t admit_limit;        /* controller_admit_limit: sequences that may run now */
     double prefill_ms_per_token; /* measured cost of a prompt token in a step (0 = unknown) */
     double window_tok_s;         /* decode tokens/s of the last window */
     double window_max_wait_ms;   /* longest queue wait seen in the last window */
@@ -140,7 +153,8 @@ struct controller_snapshot {
     uint64_t adjustments;        /* grow + shrink decisions (not degradation cuts) */
     uint64_t degradations;
     uint64_t recoveries;
-    uint32_t n_events;                                 /* valid entries in events[] */
+    uint64_t outliers; /* windows with a lone step over the spike threshold, left out */
+    uint32_t n_events; /* valid entries in events[] */
     struct controller_event events[CONTROLLER_EVENTS]; /* oldest first */
 };
 
@@ -168,6 +182,8 @@ struct controller {
     uint64_t window_time_ns;
     uint64_t max_wait_ns; /* longest queue wait in the window */
     bool pressure;        /* work was waiting at some step of the window */
+    bool last_pressure;   /* ... of the last evaluated window */
+    bool outlier_prev;    /* the last window had a lone step over the spike threshold */
     bool have_ema;
     double ema_ms, last_p99_ms;
     double dev_ms; /* EMA of |window p99 - EMA|: the noise level */
@@ -185,7 +201,7 @@ struct controller {
     uint32_t ceiling;      /* 0 = none */
     uint32_t ceiling_left; /* windows the ceiling still holds */
     uint64_t last_spike_ns;
-    uint64_t windows, adjustments, degradations, recoveries;
+    uint64_t windows, adjustments, degradations, recoveries, outliers;
     uint32_t ev_head, ev_count;
     struct controller_event events[CONTROLLER_EVENTS];
 };
@@ -203,8 +219,12 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
  * only for ctrl/st NULL). */
 uint32_t controller_observe(struct controller *ctrl, const struct controller_step *st);
 
+/* The most sequences that may run at once now (see rule 1 above): >= the limit; in DEGRADED and
+ * FIXED mode the limit. 0 only for ctrl NULL. */
+uint32_t controller_admit_limit(const struct controller *ctrl);
+
 /* The prompt tokens the next step may carry next to n_decode decoding sequences, at most
- * max_tokens (see rule 2 above); in FIXED mode max_tokens. */
+ * max_tokens (see rule 2 above); in FIXED mode, or with n_decode 0, max_tokens. */
 uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
                                    uint32_t max_tokens);
 

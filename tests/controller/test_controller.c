@@ -19,7 +19,10 @@
 struct sim {
     double base_ms, per_seq_ms, noise_ms; /* noise: uniform in [-noise, +noise] */
     uint32_t demand;                      /* requests wanting to run (UINT32_MAX: unbounded) */
-    double spike_ms;                      /* >0: the next step takes this long, once */
+    int admit;                            /* run up to controller_admit_limit (the scheduler's
+                                             admission), not only up to the limit */
+    double spike_ms;                      /* >0: the next spike_steps steps take this long */
+    uint32_t spike_steps;                 /* (0 counts as 1) */
     double wait_ms;                       /* oldest queue wait reported while queued */
     double pf_ms;                         /* cost of one prompt token in a step */
     uint32_t prompt_len, prompt_every;    /* a prompt of prompt_len tokens every N steps */
@@ -43,7 +46,7 @@ static double sim_uniform(struct sim *s)
  * arrive at prompt_per_step and run in chunks of the controller's prefill budget. */
 static uint32_t sim_step(struct sim *s, struct controller *c)
 {
-    uint32_t limit = controller_limit(c);
+    uint32_t limit = s->admit ? controller_admit_limit(c) : controller_limit(c);
     uint32_t batch = s->demand < limit ? s->demand : limit;
     uint32_t queued = s->demand == UINT32_MAX ? 100 : s->demand - batch;
     if (s->prompt_every && s->steps++ % s->prompt_every == 0) s->pf_pending += s->prompt_len;
@@ -58,7 +61,12 @@ static uint32_t sim_step(struct sim *s, struct controller *c)
     if (s->noise_ms > 0) ms += s->noise_ms * (2.0 * sim_uniform(s) - 1.0);
     if (s->spike_ms > 0) {
         ms = s->spike_ms;
-        s->spike_ms = 0;
+        if (s->spike_steps > 1) {
+            s->spike_steps--;
+        } else {
+            s->spike_ms = 0;
+            s->spike_steps = 0;
+        }
     }
     if (ms < 0.01) ms = 0.01;
     if (ms > s->max_step_ms) s->max_step_ms = ms;
@@ -234,8 +242,24 @@ static void test_spike_degrades_and_recovers(void **state)
     controller_state(&c, &snap);
     double ema = snap.ema_p99_ms;
 
-    /* One slow step (e.g. the host swapped): the window P99 is 312 ms. */
+    /* One slow step in a window (a host hiccup) is an outlier: left out of the window's P99,
+     * nothing changes. */
     s.spike_ms = 312.0;
+    sim_run(&s, &c, 1, NULL);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_TUNING);
+    assert_int_equal(snap.limit, before);
+    assert_int_equal(snap.outliers, 1);
+    assert_true(snap.last_window_p99_ms < cfg.p99_target_ms);
+    assert_true(fabs(snap.ema_p99_ms - ema) < 1.0);
+    sim_run(&s, &c, 5, NULL);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.limit, before);
+    ema = snap.ema_p99_ms;
+
+    /* Two slow steps in a window (e.g. the host swapped): the window P99 is 312 ms. */
+    s.spike_ms = 312.0;
+    s.spike_steps = 2;
     uint64_t t_spike_window_end = 0;
     for (uint32_t i = 0; i < cfg.interval; i++) {
         sim_step(&s, &c);
@@ -253,7 +277,8 @@ static void test_spike_degrades_and_recovers(void **state)
     assert_int_equal(ev->new_limit, cfg.fixed_batch);
     assert_int_equal(ev->t_ns, t_spike_window_end);
     char want[128];
-    snprintf(want, sizeof want, "p99 312.0 ms > 2.0x target 100.0 ms and 1.5x ema %.1f ms", ema);
+    snprintf(want, sizeof want,
+             "p99 312.0 ms > 2.0x target 100.0 ms and 1.5x ema %.1f ms (2 of 10 steps)", ema);
     assert_non_null(strstr(ev->reason, want));
 
     /* Calm: the limit stays at the fallback until calm_period_ms has passed... */
@@ -292,6 +317,7 @@ static void test_repeated_spikes_extend_calm(void **state)
     struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .rng = 5};
     sim_run(&s, &c, 200, NULL);
     s.spike_ms = 400;
+    s.spike_steps = 2;
     sim_run(&s, &c, 1, NULL);
     assert_int_equal(c.mode, CONTROLLER_MODE_DEGRADED);
     /* A spike every ~5 s keeps it degraded (calm period 10 s). At the fallback of 4 a window
@@ -299,6 +325,7 @@ static void test_repeated_spikes_extend_calm(void **state)
     for (int k = 0; k < 5; k++) {
         sim_run(&s, &c, 12, NULL);
         s.spike_ms = 400;
+        s.spike_steps = 2;
         sim_run(&s, &c, 1, NULL);
         assert_int_equal(c.mode, CONTROLLER_MODE_DEGRADED);
     }
@@ -494,6 +521,141 @@ static void test_prompt_length_step(void **state)
     assert_true(controller_prefill_budget(&c, 30, 512) == cfg.min_prefill_chunk);
 }
 
+/* Admission at low load: a request does not wait for a tuning window when the engine can take
+ * it. Before anything is measured the engine takes what fits (max_batch); once the step-time
+ * line is fitted it takes up to its capacity within target even while the limit is low; when
+ * the windows run over target (saturation) the limit decides; degraded and fixed modes admit
+ * up to the limit only. */
+static void test_admit_at_low_load(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 4;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    assert_int_equal(controller_limit(&c), 4);
+    assert_int_equal(controller_admit_limit(&c), cfg.max_batch);
+    /* Two requests at a time (20 + 5 n ms): no queue and one batch size, so no slope and no
+     * growth; admission assumes the whole step scales with the batch: 2 * 100 / 30 = 6. */
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = 2, .admit = 1, .rng = 41};
+    sim_run(&s, &c, 20, NULL);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_int_equal(snap.limit, 4);
+    assert_int_equal(snap.knee_limit, 0);
+    assert_int_equal(snap.admit_limit, 6);
+    assert_int_equal(snap.admit_limit, controller_admit_limit(&c));
+    /* Load wandering between 1 and 3 requests: the fit sees several batch sizes; admission
+     * takes the capacity within target (L* = 16) at once, whatever the limit's growth. */
+    for (int w = 0; w < 60; w++) {
+        s.demand = 1 + (uint32_t)(sim_uniform(&s) * 3);
+        sim_run(&s, &c, 1, NULL);
+    }
+    controller_state(&c, &snap);
+    assert_true(snap.admit_limit >= 15 && snap.admit_limit <= 16);
+    assert_true(snap.admit_limit >= snap.limit);
+    /* A burst of 12 runs at once (first step), and no step goes over target. */
+    s.demand = 12;
+    s.max_step_ms = 0;
+    uint32_t before = s.demand < controller_admit_limit(&c) ? s.demand : 0;
+    assert_int_equal(before, 12);
+    uint32_t lim[100];
+    sim_run(&s, &c, 50, lim);
+    assert_true(s.max_step_ms <= cfg.p99_target_ms);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.degradations, 0);
+    assert_true(spread(lim + 25, 25) <= 0.10 + 1e-9); /* +-5 % */
+
+    /* Saturation: every sequence becomes 3x as expensive (20 + 15 n): the windows go over
+     * target, admission falls back to the limit, which shrinks. */
+    s.per_seq_ms = 15;
+    s.demand = UINT32_MAX;
+    sim_run(&s, &c, 1, NULL);
+    assert_int_equal(controller_admit_limit(&c), controller_limit(&c));
+    sim_run(&s, &c, 100, lim);
+    uint32_t l = lim[99];
+    assert_true(l >= 4 && l <= 5); /* L* = floor(80 / 15) = 5 */
+    assert_true(controller_admit_limit(&c) <= 5);
+
+    /* Degraded and fixed modes: the limit. */
+    s.spike_ms = 900;
+    s.spike_steps = 3;
+    sim_run(&s, &c, 1, NULL);
+    assert_int_equal(c.mode, CONTROLLER_MODE_DEGRADED);
+    assert_int_equal(controller_admit_limit(&c), controller_limit(&c));
+    assert_int_equal(controller_set_enabled(&c, false, s.now_ns), KRS_OK);
+    assert_int_equal(controller_admit_limit(&c), cfg.fixed_batch);
+    assert_int_equal(controller_admit_limit(NULL), 0);
+}
+
+/* A cold burst admitted at max_batch (nothing measured yet) that is over target: the shrink
+ * starts from the concurrency that ran, not from the lower limit, and the engine settles at
+ * the optimum without degrading. */
+static void test_cold_burst_settles(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 4;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .admit = 1, .rng = 43};
+    uint32_t lim[200];
+    sim_run(&s, &c, 1, lim); /* 32 ran: 180 ms a step */
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_int_equal(snap.limit, 17); /* 32 * 100 / 180 (at most halved) */
+    assert_int_equal(snap.admit_limit, 17);
+    const struct controller_event *ev = &snap.events[snap.n_events - 1];
+    assert_int_equal(ev->kind, CONTROLLER_EVENT_SHRINK);
+    assert_int_equal(ev->old_limit, 32);
+    assert_non_null(strstr(ev->reason, "at 32.0 running"));
+    sim_run(&s, &c, 200, lim);
+    assert_true(lim[199] >= 15 && lim[199] <= 16);
+    assert_true(spread(lim + 100, 100) <= 0.05 + 1e-9);
+    s.max_step_ms = 0;
+    sim_run(&s, &c, 50, NULL);
+    assert_true(s.max_step_ms <= cfg.p99_target_ms);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.degradations, 0);
+}
+
+/* Prompt chunks: with nothing decoding there is no stream to protect (the whole token budget);
+ * next to decodes, before a prompt token's cost was measured, it is estimated as one more
+ * decoding row (the fitted slope), then the measured cost takes over. */
+static void test_prefill_budget(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    assert_int_equal(controller_prefill_budget(&c, 0, 512), 512);
+    assert_int_equal(controller_prefill_budget(&c, 4, 512), cfg.min_prefill_chunk);
+    struct sim s = {.base_ms = 20, .per_seq_ms = 5, .demand = UINT32_MAX, .rng = 47};
+    sim_run(&s, &c, 100, NULL);
+    /* (90 - (20 + 5 * 4)) / 5 = 10 tokens next to 4 decodes, from the slope alone */
+    uint32_t b4 = controller_prefill_budget(&c, 4, 512);
+    assert_true(b4 >= 9 && b4 <= 10);
+    assert_int_equal(controller_prefill_budget(&c, 0, 512), 512);
+    /* Prompts measured at 0.5 ms a token: (90 - 40) / 0.5 = 100 next to 4 decodes. */
+    s.pf_ms = 0.5;
+    s.prompt_len = 64;
+    s.prompt_every = 4;
+    sim_run(&s, &c, 100, NULL);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_true(fabs(snap.prefill_ms_per_token - 0.5) < 0.2);
+    uint32_t m4 = controller_prefill_budget(&c, 4, 512);
+    assert_true(m4 >= 70 && m4 <= 140);
+    assert_int_equal(controller_prefill_budget(&c, 4, 50), 50);
+    /* A step of prompt tokens alone enters no window: no stream waited on it. */
+    uint64_t windows = snap.windows;
+    struct controller_step st = {.latency_ns = 5000000000ull, .n_prefill = 512, .now_ns = 1};
+    for (int i = 0; i < 40; i++) controller_observe(&c, &st);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.windows, windows);
+    assert_int_equal(snap.degradations, 0);
+}
+
 static void test_bounds_respected(void **state)
 {
     struct controller c;
@@ -564,6 +726,7 @@ static void test_disabled_is_fixed(void **state)
     sim_run(&s, &c, 100, lim);
     for (int i = 0; i < 100; i++) assert_int_equal(lim[i], 5);
     s.spike_ms = 500;
+    s.spike_steps = 2;
     sim_run(&s, &c, 1, NULL);
     struct controller_snapshot snap;
     controller_state(&c, &snap);
@@ -605,6 +768,9 @@ int main(void)
         cmocka_unit_test(test_knee),
         cmocka_unit_test(test_steady_hold),
         cmocka_unit_test(test_prompt_length_step),
+        cmocka_unit_test(test_admit_at_low_load),
+        cmocka_unit_test(test_cold_burst_settles),
+        cmocka_unit_test(test_prefill_budget),
         cmocka_unit_test(test_bounds_respected),
         cmocka_unit_test(test_disabled_is_fixed),
     };
