@@ -168,15 +168,19 @@ def client_side(res, wall):
 def one_run(url, label, fn, sampler):
     loadgen.wait_idle(url)
     before = prom(url)
+    load0 = os.getloadavg()[0]
     with Scraper(url) as sc:
         t0 = time.perf_counter()
         res = fn()
         t1 = time.perf_counter()
+    load1 = os.getloadavg()[0]
     loadgen.wait_idle(url)
     after = prom(url)
+    # The host's 1-minute load average before and after: on a shared machine it says how much
+    # else ran beside this mode (this server alone keeps it near --threads).
     out = {"label": label, "client": client_side(res, t1 - t0),
            "server": server_side(before, after), "limit": limit_stats(sampler.between(t0, t1)),
-           "metrics_scrape_ms": sc.summary()}
+           "metrics_scrape_ms": sc.summary(), "loadavg": [round(load0, 1), round(load1, 1)]}
     print(f"[{label}] {json.dumps(out['client'])[:300]} limit {out['limit']}", file=sys.stderr,
           flush=True)
     return out, res
@@ -247,7 +251,8 @@ def write_md(res, path):
         c = lvl["clients"]
         L += [f"## {c} clients", "",
               "| mode | tok/s | TTFT p50 / p95 ms | ITL p50 / p99 ms | e2e p50 / p99 ms | "
-              "batch limit mean [min..max], variation (2nd half) |", "|---|---|---|---|---|---|"]
+              "batch limit mean [min..max], variation (2nd half) | host load before / after |",
+              "|---|---|---|---|---|---|---|"]
         for r in lvl["runs"]:
             cl, li = r["client"], r["limit"]
             lim = (f"{li['mean']} [{li['min']}..{li['max']}], ±{li['variation'] * 100:.1f} %"
@@ -255,7 +260,8 @@ def write_md(res, path):
             L.append(f"| {r['label']} | {cl['tok_s']} | {fmt(cl['ttft_ms']['p50'])} / "
                      f"{fmt(cl['ttft_ms']['p95'])} | {fmt(cl['itl_ms']['p50'])} / "
                      f"{fmt(cl['itl_ms']['p99'])} | {fmt(cl['e2e_ms']['p50'])} / "
-                     f"{fmt(cl['e2e_ms']['p99'])} | {lim} |")
+                     f"{fmt(cl['e2e_ms']['p99'])} | {lim} | "
+                     f"{' / '.join(str(x) for x in r.get('loadavg', [])) or '-'} |")
         runs = {r["label"]: r for r in lvl["runs"]}
         if "auto" in runs:
             au = runs["auto"]["client"]

@@ -13,12 +13,15 @@
 
 #define FIT_DECAY            0.9 /* per-window decay of the least-squares statistics */
 #define FIT_MIN_VAR          0.2 /* batch-size variance needed before the fitted slope is trusted */
-#define FIT_RESET_FRAC       0.1 /* residual (share of target) that restarts the fit */
+#define FIT_RESET_FRAC       0.1 /* residual (share of target) that restarts the fit... */
+#define FIT_RESET_NOISE      3.0 /* ...and (times the noise level) on a noisy host */
 #define GROW_NOISE_K         2.0 /* growth keeps this many mean deviations of headroom */
 #define NS_PER_MS            1000000.0
-#define UNMET_PROBE          1.5 /* EMA over this * target at the minimum limit: probe the slope */
-#define PF_DECAY             0.8 /* per-sample decay of the prompt-token cost statistics */
-#define PREFILL_TARGET_SHARE 0.9 /* prompt chunks fill a step up to this share of target */
+#define UNMET_PROBE          1.5  /* EMA over this * target at the minimum limit: probe the slope */
+#define PF_DECAY             0.8  /* per-sample decay of the prompt-token cost statistics */
+#define PREFILL_TARGET_SHARE 0.9  /* prompt chunks fill a step up to this share of target */
+#define KNEE_ABOVE           0.25 /* a limit this share over the knee comes down to it... */
+#define KNEE_DOWN_VAR        4.0  /* ...when the fit's batch sizes vary by this much (std 2) */
 
 void controller_config_default(struct controller_config *cfg)
 {
@@ -137,11 +140,16 @@ static double p99_ms_upto(const uint64_t *lat, uint32_t n_all, uint64_t max_ns)
 
 /* The slope is confirmed by the windows in the fit now (two batch sizes seen since the last
  * reset), not carried over from before. */
+static double fit_var(const struct controller *c)
+{
+    if (c->sw <= 0.0) return 0.0;
+    double mx = c->sx / c->sw;
+    return c->sxx / c->sw - mx * mx;
+}
+
 static bool fit_fresh(const struct controller *c)
 {
-    if (c->sw <= 0.0) return false;
-    double mx = c->sx / c->sw;
-    return c->sxx / c->sw - mx * mx >= FIT_MIN_VAR;
+    return c->sw > 0.0 && fit_var(c) >= FIT_MIN_VAR;
 }
 
 /* A slope to predict with: confirmed, or carried over a reset. */
@@ -171,6 +179,8 @@ static uint32_t knee_limit(const struct controller *c);
 static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
 {
     double a = c->cfg.ema_alpha;
+    /* (the noise before this window: a change of cost must stand out of it to reset the fit) */
+    double noise_ms = c->dev_ms;
     if (!c->have_dec) {
         c->dec_ema_ms = p99_ms;
         c->have_dec = true;
@@ -192,12 +202,14 @@ static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
         /* (an unconfirmed slope is only trusted at the centre itself) */
         double near = fit_fresh(c) ? 1.0 : 0.5;
         if (!fit_fresh(c)) expect = c->sy / c->sw;
-        if (fabs(mean_batch - mx) < near &&
-            fabs(p99_ms - expect) > FIT_RESET_FRAC * c->cfg.p99_target_ms) {
+        double tol = FIT_RESET_FRAC * c->cfg.p99_target_ms;
+        if (FIT_RESET_NOISE * noise_ms > tol) tol = FIT_RESET_NOISE * noise_ms;
+        if (fabs(mean_batch - mx) < near && fabs(p99_ms - expect) > tol) {
             /* Until two batch sizes are seen again, assume the whole cost scaled (a slower or
              * faster host scales the fixed and the per-sequence part alike). */
             if (expect > 0.0 && c->slope > 0.0) c->slope *= p99_ms / expect;
             c->knee = 0;
+            c->unmet_probe = false;
             c->sw = c->sx = c->sy = c->sxx = c->sxy = 0.0;
         }
     }
@@ -212,6 +224,7 @@ static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
         double cov = c->sxy / c->sw - mx * my;
         c->slope = cov / var > 0.0 ? cov / var : 0.0;
         c->knee = knee_limit(c);
+        c->unmet_probe = false;
     }
 }
 
@@ -262,14 +275,15 @@ static uint32_t knee_limit(const struct controller *c)
 }
 
 /* The concurrency the fitted model wants now (rule 1): the knee, or the capacity when that is
- * lower or when queued requests missed the first-token target (goodput); *why says which.
- * Only with a confirmed knee (c->knee != 0). */
+ * lower or when queued requests missed the first-token target (goodput); *why says which and
+ * *at_knee whether it is the knee. Only with a confirmed knee (c->knee != 0). */
 static uint32_t wanted_limit(const struct controller *c, bool pressure, double wait_ms, char *why,
-                             size_t why_len)
+                             size_t why_len, bool *at_knee)
 {
     const struct controller_config *cfg = &c->cfg;
     uint32_t knee = c->knee, cap = capacity_limit(c);
     bool late = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+    if (at_knee) *at_knee = !late && cap >= knee;
     if (why && late)
         snprintf(why, why_len, "queue wait %.0f ms > ttft target %.0f ms, capacity %u", wait_ms,
                  cfg->ttft_target_ms, cap);
@@ -280,6 +294,35 @@ static uint32_t wanted_limit(const struct controller *c, bool pressure, double w
     return late || cap < knee ? cap : knee;
 }
 
+/* The decode concurrency of the last window, in [min_batch, max_batch]. */
+static uint32_t ran_batch(const struct controller *c)
+{
+    return clamp_limit(&c->cfg, (uint32_t)floor(c->dec_last_batch + 0.5));
+}
+
+/* Without a slope: the most sequences if the whole decode step scaled with the batch (the
+ * steepest line through what was measured), which errs on the side of the target. */
+static uint32_t proportional_limit(const struct controller *c)
+{
+    const struct controller_config *cfg = &c->cfg;
+    double now_ms = predict_ms(c, c->dec_last_batch);
+    double room = cfg->p99_target_ms - GROW_NOISE_K * c->dev_ms - prefill_reserve_ms(c);
+    double n = now_ms > 0.0 ? floor(c->dec_last_batch * room / now_ms) : 0.0;
+    return n >= (double)cfg->max_batch ? cfg->max_batch
+           : n < 1.0                   ? cfg->min_batch
+                                       : clamp_limit(cfg, (uint32_t)n);
+}
+
+/* Sets the limit to nl with an event of `kind` and its reason. */
+static void set_limit(struct controller *c, uint64_t now_ns, enum controller_event_kind kind,
+                      uint32_t nl, const char *what, const char *why)
+{
+    uint32_t old = c->limit;
+    c->limit = nl;
+    c->adjustments++;
+    push_event(c, now_ns, kind, old, nl, "%s %u -> %u: %s", what, old, nl, why);
+}
+
 static void shrink(struct controller *c, double p99_ms, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
@@ -287,8 +330,8 @@ static void shrink(struct controller *c, double p99_ms, uint64_t now_ns)
     uint32_t old = c->limit;
     /* What ran over target is the window's concurrency, which admission may have taken past
      * the limit (controller_admit_limit): shrink from there. */
-    uint32_t ran = (uint32_t)floor(c->dec_last_batch + 0.5);
-    uint32_t base = ran > old ? clamp_limit(cfg, ran) : old;
+    uint32_t ran = ran_batch(c);
+    uint32_t base = ran > old ? ran : old;
     if (base <= cfg->min_batch) return;
     double want = floor((double)base * target / c->ema_ms);
     double floor_cut = ceil((double)base * (1.0 - cfg->max_shrink_fraction));
@@ -344,39 +387,77 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
     }
     if (c->ema_ms > target && p99_ms > target) {
         bool unmet = !c->knee && c->ema_ms > UNMET_PROBE * target;
-        /* Far over target at the minimum with no fit to say why: one more sequence shows
-         * whether the cost is per sequence or fixed (then the rule above applies); held there
-         * until the fit has both sizes. */
-        if (unmet && old == cfg->min_batch + 1) return;
-        if (unmet && old <= cfg->min_batch && pressure && old < cfg->max_batch) {
-            c->limit = old + 1;
-            c->adjustments++;
-            push_event(c, now_ns, CONTROLLER_EVENT_GROW, old, old + 1,
-                       "probe %u -> %u: ema p99 %.1f ms > target %.1f ms at the minimum", old,
-                       old + 1, c->ema_ms, target);
+        /* Far over target with no fit to say why: shrinking helps only if the cost is per
+         * sequence; if it is the fixed part (a slow or busy host) fewer sequences only lose
+         * throughput. One window at another batch size (up by half, at least one; at
+         * max_batch down by a quarter) gives the fit its slope, and the rules above decide.
+         * Once per fit: if the noise still hides the slope, it shrinks. */
+        uint32_t ran = ran_batch(c);
+        if (unmet && pressure && !c->unmet_probe && (ran < cfg->max_batch || ran > 1)) {
+            uint32_t nl = ran < cfg->max_batch ? ran + (ran / 2 > 1 ? ran / 2 : 1)
+                                               : ran - (ran / 4 > 1 ? ran / 4 : 1);
+            nl = clamp_limit(cfg, nl);
+            c->unmet_probe = true;
+            if (nl != old) {
+                char why[96];
+                snprintf(why, sizeof why,
+                         "ema p99 %.1f ms > target %.1f ms at %u running, no slope yet", c->ema_ms,
+                         target, ran);
+                set_limit(c, now_ns, nl > old ? CONTROLLER_EVENT_GROW : CONTROLLER_EVENT_SHRINK, nl,
+                          "probe", why);
+            }
             return;
         }
+        c->unmet_probe = false;
         shrink(c, p99_ms, now_ns);
         return;
     }
-    if (c->ema_ms > target || p99_ms > target || !c->have_dec || old >= cfg->max_batch) return;
+    if (c->ema_ms > target || p99_ms > target || !c->have_dec) return;
 
     uint32_t nl;
-    char why[80];
+    char why[96];
     if (!c->knee) {
         /* Before two batch sizes were seen (since the last reset) the slope, and so the knee,
-         * is unknown: probe with a single +1 step, only while work is waiting (bounded by the
-         * prediction, the shrink rule and the ceiling). */
+         * is unknown: while work is waiting, run the next window at another size. From what
+         * ran (admission may have taken it past the limit) up by one, or by up to half as far
+         * as the steepest line through the measurement allows; at max_batch (or under a
+         * ceiling), down by a quarter for one window. */
         if (!pressure) return;
-        nl = clamp_limit(cfg, old + 1);
-        snprintf(why, sizeof why, "probe");
+        uint32_t ran = ran_batch(c), est = proportional_limit(c);
+        uint32_t up = ran + (ran / 2 > 1 ? ran / 2 : 1);
+        if (up > est) up = est;
+        if (up <= ran) up = ran + 1;
+        if (up > cfg->max_batch) up = cfg->max_batch;
+        if (c->ceiling && up >= c->ceiling) up = c->ceiling - 1;
+        if (up > ran)
+            nl = up;
+        else if (ran > cfg->min_batch)
+            nl = clamp_limit(cfg, ran - (ran / 4 > 1 ? ran / 4 : 1));
+        else
+            return;
+        if (nl == old) return;
+        snprintf(why, sizeof why, "probe a second batch size (%u ran, p99 %.1f ms)", ran, p99_ms);
+        set_limit(c, now_ns, nl > old ? CONTROLLER_EVENT_GROW : CONTROLLER_EVENT_SHRINK, nl,
+                  "probe", why);
+        return;
     } else {
         /* Past the knee only for goodput: requests miss their first-token target in the queue. */
-        uint32_t want = wanted_limit(c, pressure, wait_ms, why, sizeof why);
+        bool at_knee = false;
+        uint32_t want = wanted_limit(c, pressure, wait_ms, why, sizeof why, &at_knee);
         /* Steady hold: a change under hold_band of the limit is noise in the fit. */
         uint32_t band = (uint32_t)ceil(cfg->hold_band * (double)old);
         if (band < 1) band = 1;
-        if (want < old + band) return;
+        if (at_knee && (double)want < (1.0 - KNEE_ABOVE) * (double)old &&
+            fit_var(c) >= KNEE_DOWN_VAR) {
+            /* Well above the knee (a probe or a goodput burst took it there), with a fit over
+             * batch sizes far enough apart that the knee is not noise: extra sequences add
+             * little throughput and slow every stream. Down at most max_shrink_fraction. */
+            double cut = ceil((double)old * (1.0 - cfg->max_shrink_fraction));
+            nl = (double)want < cut ? (uint32_t)cut : want;
+            set_limit(c, now_ns, CONTROLLER_EVENT_SHRINK, nl, "down to the knee", why);
+            return;
+        }
+        if (want < old + band || old >= cfg->max_batch) return;
         uint32_t step = (uint32_t)floor(cfg->grow_fraction * (double)old);
         if (step < old / 2) step = old / 2;
         if (step < 1) step = 1;
@@ -429,7 +510,8 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     c->n_in_window = c->n_dec = 0;
     c->batch_sum = c->tokens_sum = c->prefill_sum = c->window_time_ns = c->max_wait_ns = 0;
     c->last_pressure = pressure;
-    c->pressure = false;
+    c->last_queued = c->queued_seen;
+    c->pressure = c->queued_seen = false;
     c->windows++;
     c->last_p99_ms = p99;
 
@@ -503,6 +585,7 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
         /* Prompt tokens alone: no stream waited on this step; it only teaches their cost. */
         learn_prompt_cost(ctrl, st);
         if (st->oldest_wait_ns > ctrl->max_wait_ns) ctrl->max_wait_ns = st->oldest_wait_ns;
+        if (st->queued > 0) ctrl->queued_seen = true;
         return ctrl->limit;
     }
     uint32_t i = ctrl->n_in_window++;
@@ -523,6 +606,7 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
     }
     learn_prompt_cost(ctrl, st);
     if (st->queued > 0 || st->n_decode >= ctrl->limit) ctrl->pressure = true;
+    if (st->queued > 0) ctrl->queued_seen = true;
     if (st->oldest_wait_ns > ctrl->max_wait_ns) ctrl->max_wait_ns = st->oldest_wait_ns;
     if (ctrl->n_in_window >= ctrl->cfg.interval) evaluate_window(ctrl, st->now_ns);
     return ctrl->limit;
@@ -544,7 +628,10 @@ uint32_t controller_admit_limit(const struct controller *ctrl)
     const struct controller *c = ctrl;
     const struct controller_config *cfg = &c->cfg;
     uint32_t lim = c->limit;
-    if (c->mode != CONTROLLER_MODE_TUNING || c->unreach_knee) return lim;
+    if (c->mode != CONTROLLER_MODE_TUNING) return lim;
+    /* The target is out of reach at any batch size: fewer sequences only lose throughput, so
+     * the engine takes up to the knee at once (the limit walks there window by window). */
+    if (c->unreach_knee) return c->unreach_knee > lim ? c->unreach_knee : lim;
     /* Nothing measured yet: the engine takes what its KV and token budget allow, and the first
      * window measures what that costs (the shrink rule corrects it). */
     if (!c->have_dec) return cfg->max_batch;
@@ -552,18 +639,12 @@ uint32_t controller_admit_limit(const struct controller *ctrl)
     double target = cfg->p99_target_ms;
     if (c->ema_ms > target || c->last_p99_ms > target) return lim;
     uint32_t want;
-    if (c->knee) {
-        want = wanted_limit(c, c->last_pressure, c->last_wait_ms, NULL, 0);
-    } else {
-        /* No slope yet: assume the whole decode step scales with the batch (the steepest line
-         * through what was measured), which errs on the side of the target. */
-        double now_ms = predict_ms(c, c->dec_last_batch);
-        double room = target - GROW_NOISE_K * c->dev_ms - prefill_reserve_ms(c);
-        double n = now_ms > 0.0 ? floor(c->dec_last_batch * room / now_ms) : 0.0;
-        want = n >= (double)cfg->max_batch ? cfg->max_batch
-               : n < 1.0                   ? cfg->min_batch
-                                           : clamp_limit(cfg, (uint32_t)n);
-    }
+    if (c->knee)
+        want = wanted_limit(c, c->last_pressure, c->last_wait_ms, NULL, 0, NULL);
+    else if (c->last_queued)
+        return lim; /* no slope and requests waited: the limit probes (tune) */
+    else
+        want = proportional_limit(c);
     if (c->ceiling && want >= c->ceiling) want = c->ceiling - 1;
     return want > lim ? want : lim;
 }

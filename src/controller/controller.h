@@ -21,20 +21,27 @@
  *        - never past the CAPACITY: the largest n whose predicted P99 plus twice the noise
  *          (EMA of the residual from the line) plus a prefill reserve (the time of a minimum
  *          prompt chunk while prompts are arriving) stays within target.
- *      Growth needs no queue once the line is fitted; before the fit it is a +1 probe under
- *      pressure.
- *      One grow step is at most +50 %. It HOLDS while the wanted change is under hold_band
- *      (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
+ *      Growth needs no queue once the line is fitted; before the fit it is a probe (below)
+ *      under pressure. One grow step is at most +50 %. It HOLDS while the wanted change is under
+ * hold_band (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
  *      the window P99 of ALL steps (prompt chunks included: that is what a stream's
  *      inter-token gap sees) and the window P99 are both over target, to limit * target / ema
  *      (at least by 1, at most max_shrink_fraction); the old limit is then a ceiling growth
  *      may not reach for ceiling_windows windows (forgotten early once the EMA falls under
- *      ceiling_reset * target), so noise cannot make it ping-pong;
+ *      ceiling_reset * target), so noise cannot make it ping-pong.
  *      The limit governs decode concurrency once the engine is SATURATED; below that a new
  *      request does not wait for a tuning window: controller_admit_limit is the limit or,
  *      while the last windows are within target, the capacity the step-time model predicts
- *      (before any decode step was measured: max_batch, and the first window corrects it).
- *      So a burst at low load starts at once, and under saturation the limit decides;
+ *      (before any decode step was measured: max_batch, and the first window corrects it;
+ *      before a slope is known and while nobody queued: the measured step scaled as if its
+ *      whole cost were per sequence; with the target out of reach: the knee). So a burst at
+ *      low load starts at once, and under saturation the limit decides. Without a slope and
+ *      with work waiting, the limit PROBES a second batch size for one window (up by half
+ *      within the steepest line through the measurement, at least one; from max_batch down by
+ *      a quarter), so the fit learns the slope even when admission pinned the batch size;
+ *      far over target (1.5x) it probes once the same way before shrinking (the cost may be
+ *      the fixed part, which shrinking cannot fix). A limit well above the knee (25 %, with
+ *      batch sizes in the fit far enough apart) comes back down to it;
  *   2. the PREFILL BUDGET of a step (controller_prefill_budget): the prompt tokens that keep
  *      the step's predicted latency (decode line + learned ms per prompt token) under 0.9 *
  *      target, at least min_prefill_chunk so prompts always progress, at most the engine's
@@ -183,7 +190,10 @@ struct controller {
     uint64_t max_wait_ns; /* longest queue wait in the window */
     bool pressure;        /* work was waiting at some step of the window */
     bool last_pressure;   /* ... of the last evaluated window */
+    bool queued_seen;     /* a request stayed queued after some step of the window */
+    bool last_queued;     /* ... of the last evaluated window */
     bool outlier_prev;    /* the last window had a lone step over the spike threshold */
+    bool unmet_probe;     /* probed a second size far over target; cleared by a fit */
     bool have_ema;
     double ema_ms, last_p99_ms;
     double dev_ms; /* EMA of |window p99 - EMA|: the noise level */
