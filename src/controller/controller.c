@@ -15,6 +15,7 @@
 #define FIT_MIN_VAR          0.2 /* batch-size variance needed before the fitted slope is trusted */
 #define FIT_RESET_FRAC       0.1 /* residual (share of target) that restarts the fit... */
 #define FIT_RESET_NOISE      3.0 /* ...and (times the noise level) on a noisy host */
+#define DEGRADE_NOISE_K      4.0 /* a spike stands this many noise levels over the EMA */
 #define GROW_NOISE_K         2.0 /* growth keeps this many mean deviations of headroom */
 #define NS_PER_MS            1000000.0
 #define UNMET_PROBE          1.5  /* EMA over this * target at the minimum limit: probe the slope */
@@ -115,9 +116,9 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
     return KRS_OK;
 }
 
-/* Nearest-rank P99 (ceil(0.99 n)-th smallest) of the latencies among lat[0..n) that are at
- * most max_ns, in ms (max_ns when none is). */
-static double p99_ms_upto(const uint64_t *lat, uint32_t n_all, uint64_t max_ns)
+/* Nearest-rank quantile q (the ceil(q n)-th smallest) of the latencies among lat[0..n) that
+ * are at most max_ns, in ms (max_ns when none is). */
+static double quantile_ms(const uint64_t *lat, uint32_t n_all, uint64_t max_ns, double q)
 {
     uint64_t v[CONTROLLER_MAX_INTERVAL];
     uint32_t n = 0;
@@ -133,9 +134,21 @@ static double p99_ms_upto(const uint64_t *lat, uint32_t n_all, uint64_t max_ns)
         }
         v[j] = x;
     }
-    uint32_t rank = (uint32_t)ceil(0.99 * (double)n);
+    uint32_t rank = (uint32_t)ceil(q * (double)n);
     if (rank < 1) rank = 1;
     return (double)v[rank - 1] / NS_PER_MS;
+}
+
+static double p99_ms_upto(const uint64_t *lat, uint32_t n_all, uint64_t max_ns)
+{
+    return quantile_ms(lat, n_all, max_ns, 0.99);
+}
+
+/* The host's step-time noise: the larger of the fit's residual level and the EMA of the spread
+ * within windows (P99 - P50), which a busy shared host shows from the first window on. */
+static double noise_ms(const struct controller *c)
+{
+    return c->dev_ms > c->spread_ms ? c->dev_ms : c->spread_ms;
 }
 
 /* The slope is confirmed by the windows in the fit now (two batch sizes seen since the last
@@ -180,7 +193,7 @@ static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
 {
     double a = c->cfg.ema_alpha;
     /* (the noise before this window: a change of cost must stand out of it to reset the fit) */
-    double noise_ms = c->dev_ms;
+    double noise = noise_ms(c);
     if (!c->have_dec) {
         c->dec_ema_ms = p99_ms;
         c->have_dec = true;
@@ -203,7 +216,7 @@ static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
         double near = fit_fresh(c) ? 1.0 : 0.5;
         if (!fit_fresh(c)) expect = c->sy / c->sw;
         double tol = FIT_RESET_FRAC * c->cfg.p99_target_ms;
-        if (FIT_RESET_NOISE * noise_ms > tol) tol = FIT_RESET_NOISE * noise_ms;
+        if (FIT_RESET_NOISE * noise > tol) tol = FIT_RESET_NOISE * noise;
         if (fabs(mean_batch - mx) < near && fabs(p99_ms - expect) > tol) {
             /* Until two batch sizes are seen again, assume the whole cost scaled (a slower or
              * faster host scales the fixed and the per-sequence part alike). */
@@ -485,6 +498,9 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     double thr = cfg->degrade_factor_target * cfg->p99_target_ms;
     if (c->have_ema && cfg->degrade_factor_ema * c->ema_ms > thr)
         thr = cfg->degrade_factor_ema * c->ema_ms;
+    /* (on a noisy host a regression must also stand out of the noise) */
+    if (c->have_ema && c->ema_ms + DEGRADE_NOISE_K * noise_ms(c) > thr)
+        thr = c->ema_ms + DEGRADE_NOISE_K * noise_ms(c);
     uint64_t thr_ns = (uint64_t)(thr * NS_PER_MS);
     uint32_t n_over = 0, n_steps = c->n_in_window;
     for (uint32_t i = 0; i < n_steps; i++) n_over += c->window_ns[i] > thr_ns;
@@ -495,6 +511,9 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     c->outliers += outlier;
     uint64_t upto = outlier ? thr_ns : UINT64_MAX;
     double p99 = p99_ms_upto(c->window_ns, n_steps, upto);
+    double spread = p99 - quantile_ms(c->window_ns, n_steps, upto, 0.5);
+    c->spread_ms =
+        c->windows ? cfg->ema_alpha * spread + (1.0 - cfg->ema_alpha) * c->spread_ms : spread;
     /* The fit sees the decode-only steps of the window (and decode-equivalents of the
      * others, see controller_observe). */
     bool dec = c->n_dec >= 1;

@@ -52,7 +52,9 @@
  *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of
  *      two windows in a row (a lasting regression, not one slow step: a lone one is an outlier,
  *      left out of the window's P99) over degrade_factor_target * target AND over
- *      degrade_factor_ema * EMA (a sudden regression, not a slow drift) cuts the limit at once
+ *      degrade_factor_ema * EMA (a sudden regression, not a slow drift) AND over EMA + 4 noise
+ *      levels (P99 - P50 within windows, or the fit's residual: on a busy shared host the
+ *      steps vary by hundreds of ms without any regression) cuts the limit at once
  *      to the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a
  *      spike), records an event with its reason and stops tuning. Windows keep being measured;
  *      after `calm_period_ms` without a new spike tuning resumes from the fallback size
@@ -196,7 +198,8 @@ struct controller {
     bool unmet_probe;     /* probed a second size far over target; cleared by a fit */
     bool have_ema;
     double ema_ms, last_p99_ms;
-    double dev_ms; /* EMA of |window p99 - EMA|: the noise level */
+    double dev_ms;    /* EMA of |window p99 - fitted line|: the noise the fit sees */
+    double spread_ms; /* EMA of window P99 - P50: the noise within windows */
     bool have_dec;
     double dec_ema_ms, dec_last_ms, dec_last_batch; /* decode-only window P99 */
     double pf_ms, pf_tok;    /* decayed sums: what prompt tokens added to steps, and how many */
