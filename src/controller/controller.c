@@ -307,6 +307,22 @@ static uint32_t wanted_limit(const struct controller *c, bool pressure, double w
     return late || cap < knee ? cap : knee;
 }
 
+/* With the target out of reach at any batch size every stream misses it whatever the limit:
+ * run at the knee (throughput), and while queued requests miss the first-token target too,
+ * everything that fits (max_batch): a request waiting in the queue loses more than the streams
+ * that are late anyway lose by one more sequence. */
+static bool unreach_late(const struct controller *c, bool pressure, double wait_ms)
+{
+    const struct controller_config *cfg = &c->cfg;
+    return pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+}
+
+static uint32_t unreach_limit(const struct controller *c, bool pressure, double wait_ms)
+{
+    bool late = unreach_late(c, pressure, wait_ms) || c->late_hold;
+    return late ? c->cfg.max_batch : c->unreach_knee;
+}
+
 /* The decode concurrency of the last window, in [min_batch, max_batch]. */
 static uint32_t ran_batch(const struct controller *c)
 {
@@ -383,19 +399,30 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
         c->unreach_ms = at_min;
     } else if (c->ema_ms <= target || (c->knee && have_fit(c))) {
         c->unreach_knee = 0;
+        c->late_hold = false;
     }
     if (c->unreach_knee) {
-        uint32_t knee = c->unreach_knee;
+        /* A late episode lasts while more run than the knee: taking the late requests empties
+         * the queue, which must not send them back to it; it ends once the knee would take
+         * what runs. */
+        c->late_hold = unreach_late(c, pressure, wait_ms) ||
+                       (c->late_hold && c->dec_last_batch > (double)c->unreach_knee);
+        uint32_t knee = unreach_limit(c, pressure, wait_ms);
         at_min = c->unreach_ms;
         if (old == knee || (old < knee && !pressure)) return;
+        /* (the knee of a noisy fit wanders: changes within the hold band, or of one, wait) */
+        uint32_t dead = (uint32_t)ceil(cfg->hold_band * (double)old);
+        if (dead < 2) dead = 2;
+        if (knee + dead > old && knee < old + dead) return;
         uint32_t step = old / 2 > 1 ? old / 2 : 1;
         uint32_t nl = old > knee ? knee : (knee < old + step ? knee : old + step);
         c->limit = nl;
         c->adjustments++;
         push_event(c, now_ns, nl > old ? CONTROLLER_EVENT_GROW : CONTROLLER_EVENT_SHRINK, old, nl,
-                   "%u -> %u toward the knee %u: target %.1f ms unreachable (p99 at batch %u "
+                   "%u -> %u toward %s %u: target %.1f ms unreachable (p99 at batch %u "
                    "predicted %.1f ms)",
-                   old, nl, knee, target, cfg->min_batch, at_min);
+                   old, nl, knee == c->unreach_knee ? "the knee" : "all waiting (late), max", knee,
+                   target, cfg->min_batch, at_min);
         return;
     }
     if (c->ema_ms > target && p99_ms > target) {
@@ -495,12 +522,20 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
      * was misjudged): count the steps over the spike threshold. A lone one is an OUTLIER: it
      * is left out of the window's P99 (tuning on it would shrink the limit for nothing), but
      * outliers in two windows in a row are a spike. */
+    /* What the window's steps should take: the EMA, or what the fitted line predicts at the
+     * window's mean batch when that is more (more sequences were admitted: slower steps are
+     * what they cost, not a regression). */
+    double expect = c->ema_ms;
+    if (c->n_in_window && c->have_dec && have_fit(c)) {
+        double at = line_ms(c, (double)c->tokens_sum / (double)c->n_in_window);
+        if (at > expect) expect = at;
+    }
     double thr = cfg->degrade_factor_target * cfg->p99_target_ms;
-    if (c->have_ema && cfg->degrade_factor_ema * c->ema_ms > thr)
-        thr = cfg->degrade_factor_ema * c->ema_ms;
+    if (c->have_ema && cfg->degrade_factor_ema * expect > thr)
+        thr = cfg->degrade_factor_ema * expect;
     /* (on a noisy host a regression must also stand out of the noise) */
-    if (c->have_ema && c->ema_ms + DEGRADE_NOISE_K * noise_ms(c) > thr)
-        thr = c->ema_ms + DEGRADE_NOISE_K * noise_ms(c);
+    if (c->have_ema && expect + DEGRADE_NOISE_K * noise_ms(c) > thr)
+        thr = expect + DEGRADE_NOISE_K * noise_ms(c);
     uint64_t thr_ns = (uint64_t)(thr * NS_PER_MS);
     uint32_t n_over = 0, n_steps = c->n_in_window;
     for (uint32_t i = 0; i < n_steps; i++) n_over += c->window_ns[i] > thr_ns;
@@ -649,8 +684,12 @@ uint32_t controller_admit_limit(const struct controller *ctrl)
     uint32_t lim = c->limit;
     if (c->mode != CONTROLLER_MODE_TUNING) return lim;
     /* The target is out of reach at any batch size: fewer sequences only lose throughput, so
-     * the engine takes up to the knee at once (the limit walks there window by window). */
-    if (c->unreach_knee) return c->unreach_knee > lim ? c->unreach_knee : lim;
+     * the engine takes up to the knee (or everything, see unreach_limit) at once; the limit
+     * walks there window by window. */
+    if (c->unreach_knee) {
+        uint32_t want = unreach_limit(c, c->last_pressure, c->last_wait_ms);
+        return want > lim ? want : lim;
+    }
     /* Nothing measured yet: the engine takes what its KV and token budget allow, and the first
      * window measures what that costs (the shrink rule corrects it). */
     if (!c->have_dec) return cfg->max_batch;

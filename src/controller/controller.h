@@ -52,7 +52,9 @@
  *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of
  *      two windows in a row (a lasting regression, not one slow step: a lone one is an outlier,
  *      left out of the window's P99) over degrade_factor_target * target AND over
- *      degrade_factor_ema * EMA (a sudden regression, not a slow drift) AND over EMA + 4 noise
+ *      degrade_factor_ema * EMA (a sudden regression, not a slow drift; the EMA or what the
+ *      fitted line predicts at the window's batch size, whichever is more: admitting more
+ *      sequences is not a regression) AND over EMA + 4 noise
  *      levels (P99 - P50 within windows, or the fit's residual: on a busy shared host the
  *      steps vary by hundreds of ms without any regression) cuts the limit at once
  *      to the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a
@@ -211,6 +213,8 @@ struct controller {
     uint32_t knee;         /* knee of the last confirmed fit; 0 = unknown */
     uint32_t unreach_knee; /* != 0: the target is unreachable, run at this knee */
     double unreach_ms;     /* the P99 predicted at the minimum batch when that was seen */
+    bool late_hold;        /* unreachable target and requests were late: run max_batch while
+                              more than the knee run */
     uint32_t ceiling;      /* 0 = none */
     uint32_t ceiling_left; /* windows the ceiling still holds */
     uint64_t last_spike_ns;

@@ -751,6 +751,41 @@ static void test_busy_host_runs_at_knee(void **state)
     }
 }
 
+/* The same busy host with sequences that cost more (250 + 80 n ms: the knee is 13): nobody
+ * waiting past the first-token target, it runs at the knee; requests waiting 3 s in the queue
+ * (past the 1 s target, while every stream misses its step target anyway) are all taken
+ * (max_batch) rather than left waiting. */
+static void test_busy_host_late_queue_runs_all(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 4;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {.base_ms = 250, .per_seq_ms = 80, .demand = 24, .rng = 53};
+    uint32_t lim[60];
+    sim_run(&s, &c, 60, lim);
+    assert_int_equal(lim[59], 13);
+    assert_int_equal(controller_admit_limit(&c), 13);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_non_null(strstr(snap.events[snap.n_events - 1].reason, "toward the knee 13"));
+    s.wait_ms = 3000;
+    sim_run(&s, &c, 1, lim);
+    assert_int_equal(controller_admit_limit(&c), cfg.max_batch);
+    sim_run(&s, &c, 10, lim);
+    assert_int_equal(controller_admit_limit(&c), cfg.max_batch); /* all 24 run */
+    assert_true(lim[9] >= 24);
+    controller_state(&c, &snap);
+    assert_non_null(strstr(snap.events[snap.n_events - 1].reason, "all waiting (late)"));
+    assert_int_equal(snap.degradations, 0);
+    /* The queue drains (nobody late any more): back to the knee. */
+    s.wait_ms = 0;
+    s.demand = 8;
+    sim_run(&s, &c, 20, lim);
+    assert_true(controller_admit_limit(&c) <= 14);
+}
+
 static void test_bounds_respected(void **state)
 {
     struct controller c;
@@ -867,6 +902,7 @@ int main(void)
         cmocka_unit_test(test_cold_burst_settles),
         cmocka_unit_test(test_prefill_budget),
         cmocka_unit_test(test_busy_host_runs_at_knee),
+        cmocka_unit_test(test_busy_host_late_queue_runs_all),
         cmocka_unit_test(test_bounds_respected),
         cmocka_unit_test(test_disabled_is_fixed),
     };
