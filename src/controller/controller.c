@@ -352,7 +352,8 @@ static void set_limit(struct controller *c, uint64_t now_ns, enum controller_eve
     push_event(c, now_ns, kind, old, nl, "%s %u -> %u: %s", what, old, nl, why);
 }
 
-static void shrink(struct controller *c, double p99_ms, uint64_t now_ns)
+/* Shrinks the limit for a window over target, to no less than `least` (0: no floor). */
+static void shrink(struct controller *c, double p99_ms, uint32_t least, uint64_t now_ns)
 {
     const struct controller_config *cfg = &c->cfg;
     double target = cfg->p99_target_ms;
@@ -361,10 +362,11 @@ static void shrink(struct controller *c, double p99_ms, uint64_t now_ns)
      * the limit (controller_admit_limit): shrink from there. */
     uint32_t ran = ran_batch(c);
     uint32_t base = ran > old ? ran : old;
-    if (base <= cfg->min_batch) return;
+    if (base <= cfg->min_batch || base <= least) return;
     double want = floor((double)base * target / c->ema_ms);
     double floor_cut = ceil((double)base * (1.0 - cfg->max_shrink_fraction));
     if (want < floor_cut) want = floor_cut;
+    if (want < (double)least) want = (double)least;
     if (want > (double)(base - 1)) want = (double)(base - 1);
     uint32_t nl = clamp_limit(cfg, want < 1.0 ? 1u : (uint32_t)want);
     c->ceiling = base;
@@ -449,7 +451,11 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
             return;
         }
         c->unmet_probe = false;
-        shrink(c, p99_ms, now_ns);
+        /* Requests already waited past the first-token target: below the knee a shrink turns
+         * missed step targets into more missed first tokens (no goodput either way) and loses
+         * throughput, so it stops at the knee. */
+        bool late = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+        shrink(c, p99_ms, late ? c->knee : 0, now_ns);
         return;
     }
     if (c->ema_ms > target || p99_ms > target || !c->have_dec) return;

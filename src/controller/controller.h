@@ -26,7 +26,10 @@
  * hold_band (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
  *      the window P99 of ALL steps (prompt chunks included: that is what a stream's
  *      inter-token gap sees) and the window P99 are both over target, to limit * target / ema
- *      (at least by 1, at most max_shrink_fraction); the old limit is then a ceiling growth
+ *      (at least by 1, at most max_shrink_fraction; not below the knee while queued requests
+ *      have waited past ttft_target_ms: fewer sequences would turn missed step targets into
+ *      missed first tokens, no goodput either way, and lose throughput); the old limit is then
+ *      a ceiling growth
  *      may not reach for ceiling_windows windows (forgotten early once the EMA falls under
  *      ceiling_reset * target), so noise cannot make it ping-pong.
  *      The limit governs decode concurrency once the engine is SATURATED; below that a new

@@ -786,6 +786,32 @@ static void test_busy_host_late_queue_runs_all(void **state)
     assert_true(controller_admit_limit(&c) <= 14);
 }
 
+/* Goodput when the target allows only a few sequences (60 + 20 n ms: 2 meet 100 ms, the knee
+ * is 13) and 16 requests want to run: nobody late, it shrinks to what meets the target; once
+ * queued requests have waited past the first-token target it does not shrink below the knee
+ * (fewer sequences would only move the misses from the step target to the first token). */
+static void test_late_queue_floors_shrink_at_knee(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 4;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {.base_ms = 60, .per_seq_ms = 20, .demand = 16, .rng = 59};
+    uint32_t lim[80];
+    sim_run(&s, &c, 80, lim);
+    assert_int_equal(lim[79], 2);
+    assert_int_equal(controller_admit_limit(&c), 2);
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    s.wait_ms = 3000;
+    sim_run(&s, &c, 80, lim);
+    for (int i = 40; i < 80; i++) assert_true(lim[i] >= 12 && lim[i] <= 16);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_true(snap.knee_limit >= 12 && snap.knee_limit <= 14);
+    assert_int_equal(snap.degradations, 0);
+}
+
 static void test_bounds_respected(void **state)
 {
     struct controller c;
@@ -903,6 +929,7 @@ int main(void)
         cmocka_unit_test(test_prefill_budget),
         cmocka_unit_test(test_busy_host_runs_at_knee),
         cmocka_unit_test(test_busy_host_late_queue_runs_all),
+        cmocka_unit_test(test_late_queue_floors_shrink_at_knee),
         cmocka_unit_test(test_bounds_respected),
         cmocka_unit_test(test_disabled_is_fixed),
     };
