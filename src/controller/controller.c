@@ -11,18 +11,19 @@
 
 #include "krserve.h"
 
-#define FIT_DECAY            0.9 /* per-window decay of the least-squares statistics */
-#define FIT_MIN_VAR          0.2 /* batch-size variance needed before the fitted slope is trusted */
-#define FIT_RESET_FRAC       0.1 /* residual (share of target) that restarts the fit... */
-#define FIT_RESET_NOISE      3.0 /* ...and (times the noise level) on a noisy host */
-#define DEGRADE_NOISE_K      4.0 /* a spike stands this many noise levels over the EMA */
-#define GROW_NOISE_K         2.0 /* growth keeps this many mean deviations of headroom */
-#define NS_PER_MS            1000000.0
-#define UNMET_PROBE          1.5  /* EMA over this * target at the minimum limit: probe the slope */
-#define PF_DECAY             0.8  /* per-sample decay of the prompt-token cost statistics */
-#define PREFILL_TARGET_SHARE 0.9  /* prompt chunks fill a step up to this share of target */
-#define KNEE_ABOVE           0.25 /* a limit this share over the knee comes down to it... */
-#define KNEE_DOWN_VAR        4.0  /* ...when the fit's batch sizes vary by this much (std 2) */
+#define FIT_DECAY             0.9 /* per-window decay of the least-squares statistics */
+#define FIT_MIN_VAR           0.2 /* batch-size variance needed before the fitted slope is trusted */
+#define FIT_RESET_FRAC        0.1 /* residual (share of target) that restarts the fit... */
+#define FIT_RESET_NOISE       3.0 /* ...and (times the noise level) on a noisy host */
+#define DEGRADE_NOISE_K       4.0 /* a spike stands this many noise levels over the EMA */
+#define GROW_NOISE_K          2.0 /* growth keeps this many mean deviations of headroom */
+#define NS_PER_MS             1000000.0
+#define UNMET_PROBE           1.5 /* EMA over this * target at the minimum limit: probe the slope */
+#define PF_DECAY              0.8 /* per-sample decay of the prompt-token cost statistics */
+#define PREFILL_TARGET_SHARE  0.9 /* prompt chunks fill a step up to this share of target */
+#define UNREACH_PREFILL_SHARE 0.5 /* target out of reach: prompts add up to this share */
+#define KNEE_ABOVE            0.25 /* a limit this share over the knee comes down to it... */
+#define KNEE_DOWN_VAR         4.0  /* ...when the fit's batch sizes vary by this much (std 2) */
 
 void controller_config_default(struct controller_config *cfg)
 {
@@ -730,7 +731,13 @@ uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_dec
         dec_ms = have_fit(ctrl) ? line_ms(ctrl, (double)n_decode) : ctrl->dec_ema_ms;
         dec_ms += GROW_NOISE_K * ctrl->dev_ms;
     }
-    double n = floor((PREFILL_TARGET_SHARE * ctrl->cfg.p99_target_ms - dec_ms) / per_tok);
+    double room = PREFILL_TARGET_SHARE * ctrl->cfg.p99_target_ms - dec_ms;
+    /* With the target out of reach every step misses it anyway: prompts may add up to half a
+     * decode step, so first tokens come at a pace that follows the engine's, not 8 tokens a
+     * step while a step takes seconds. */
+    if (ctrl->unreach_knee && UNREACH_PREFILL_SHARE * dec_ms > room)
+        room = UNREACH_PREFILL_SHARE * dec_ms;
+    double n = floor(room / per_tok);
     if (n < (double)min_chunk) return min_chunk;
     return n >= (double)max_tokens ? max_tokens : (uint32_t)n;
 }

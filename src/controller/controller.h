@@ -49,7 +49,9 @@
  *      the step's predicted latency (decode line + learned ms per prompt token) under 0.9 *
  *      target, at least min_prefill_chunk so prompts always progress, at most the engine's
  *      token budget. A step without decodes has no stream to protect: the whole token
- *      budget. Until the per-token cost has been measured a prompt token is assumed to cost
+ *      budget. With the target out of reach (see the unreachable rule) every step misses it
+ *      anyway: prompts may add up to half a decode step. Until the per-token cost has been
+ *      measured a prompt token is assumed to cost
  *      what one more decoding sequence costs (the fitted slope), or min_prefill_chunk before
  *      the fit;
  *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of

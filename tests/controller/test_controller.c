@@ -748,6 +748,10 @@ static void test_busy_host_runs_at_knee(void **state)
         controller_state(&c, &snap);
         assert_int_equal(snap.degradations, 0);
         assert_non_null(strstr(snap.events[snap.n_events - 1].reason, "unreachable"));
+        /* Prompt chunks: every step misses the target anyway, so a prompt may add half a
+         * decode step (~400 ms at 16, 10 ms a token from the slope), not a minimum chunk. */
+        uint32_t b = controller_prefill_budget(&c, 16, 512);
+        assert_true(b >= 2 * cfg.min_prefill_chunk && b <= 40);
     }
 }
 
