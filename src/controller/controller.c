@@ -20,8 +20,9 @@
 #define NS_PER_MS             1000000.0
 #define UNMET_PROBE           1.5 /* EMA over this * target at the minimum limit: probe the slope */
 #define PF_DECAY              0.8 /* per-sample decay of the prompt-token cost statistics */
-#define PREFILL_TARGET_SHARE  0.9 /* prompt chunks fill a step up to this share of target */
-#define UNREACH_PREFILL_SHARE 0.5 /* target out of reach: prompts add up to this share */
+#define PF_MIN_MS             0.01 /* floor of a measured prompt token's cost */
+#define PREFILL_TARGET_SHARE  0.9  /* prompt chunks fill a step up to this share of target */
+#define UNREACH_PREFILL_SHARE 0.5  /* target out of reach: prompts add up to this share */
 #define KNEE_ABOVE            0.25 /* a limit this share over the knee comes down to it... */
 #define KNEE_DOWN_VAR         4.0  /* ...when the fit's batch sizes vary by this much (std 2) */
 
@@ -242,18 +243,23 @@ static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
     }
 }
 
+/* The measured cost of a prompt token (0 = not measured; at least PF_MIN_MS once measured:
+ * the estimate is a difference of noisy means and may come out at or under 0 when prompt
+ * tokens are nearly free next to the decodes). */
 static double prefill_ms_per_token(const struct controller *c)
 {
-    return c->pf_tok > 0.0 ? c->pf_ms / c->pf_tok : 0.0;
+    if (c->pf_tok <= 0.0) return 0.0;
+    double v = c->pf_ms / c->pf_tok;
+    return v > PF_MIN_MS ? v : PF_MIN_MS;
 }
 
-/* Time kept free for prompt chunks while prompts arrive: the measured cost of the prompt
- * tokens an average step carries, at most a minimum chunk. */
+/* Time kept free for prompt chunks while prompts arrive (half a token a step or more): a whole
+ * minimum chunk, since a step that carries one is what a stream's inter-token P99 sees, not
+ * the average step. */
 static double prefill_reserve_ms(const struct controller *c)
 {
-    double tok = c->prefill_per_step;
-    if (tok > (double)c->cfg.min_prefill_chunk) tok = (double)c->cfg.min_prefill_chunk;
-    return tok >= 0.5 ? tok * prefill_ms_per_token(c) : 0.0;
+    return c->prefill_per_step >= 0.5 ? (double)c->cfg.min_prefill_chunk * prefill_ms_per_token(c)
+                                      : 0.0;
 }
 
 /* Predicted P99 of a decode step at batch n (plus the prefill reserve), from the fresher of
@@ -568,6 +574,15 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     c->last_tok_s =
         c->window_time_ns ? (double)c->tokens_sum * 1e9 / (double)c->window_time_ns : 0.0;
     c->last_wait_ms = wait_ms;
+    if (c->plain_n) {
+        double m = (double)c->plain_ns_sum / (double)c->plain_n / NS_PER_MS;
+        double mb = (double)c->plain_batch_sum / (double)c->plain_n;
+        c->plain_ms = c->have_plain ? a * m + (1.0 - a) * c->plain_ms : m;
+        c->plain_batch = c->have_plain ? a * mb + (1.0 - a) * c->plain_batch : mb;
+        c->have_plain = true;
+    }
+    c->plain_ns_sum = c->plain_batch_sum = 0;
+    c->plain_n = 0;
     c->n_in_window = c->n_dec = 0;
     c->batch_sum = c->tokens_sum = c->prefill_sum = c->window_time_ns = c->max_wait_ns = 0;
     c->last_pressure = pressure;
@@ -624,16 +639,18 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     }
 }
 
-/* What a step's prompt tokens added over the decode line is their cost. The line is a P99, so
- * this errs low; the shrink rule catches the rest. */
+/* What a step's prompt tokens added over a decode-only step of the same batch is their cost.
+ * The baseline is the MEAN latency of decode-only steps (EMA of window means, moved along the
+ * fitted slope to the step's batch), not the P99 line (against a P99 every step looks
+ * cheap), and the noisy differences are summed signed (clipping each at 0 reads noise as
+ * cost). Both biases grow with the host's noise. */
 static void learn_prompt_cost(struct controller *c, const struct controller_step *st)
 {
-    if (st->n_prefill == 0 || !c->have_dec) return;
-    double base = have_fit(c)    ? line_ms(c, (double)st->n_decode)
-                  : st->n_decode ? c->dec_ema_ms
-                                 : 0.0;
+    if (st->n_prefill == 0 || !c->have_plain) return;
+    double slope = have_fit(c) ? c->slope : 0.0;
+    double base = c->plain_ms + slope * ((double)st->n_decode - c->plain_batch);
     double extra = (double)st->latency_ns / NS_PER_MS - (base > 0.0 ? base : 0.0);
-    c->pf_ms = PF_DECAY * c->pf_ms + (extra > 0.0 ? extra : 0.0);
+    c->pf_ms = PF_DECAY * c->pf_ms + extra;
     c->pf_tok = PF_DECAY * c->pf_tok + (double)st->n_prefill;
 }
 
@@ -657,6 +674,9 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
     if (st->n_prefill == 0) {
         ctrl->dec_ns[ctrl->n_dec++] = st->latency_ns;
         ctrl->batch_sum += st->n_decode;
+        ctrl->plain_ns_sum += st->latency_ns;
+        ctrl->plain_n++;
+        ctrl->plain_batch_sum += st->n_decode;
     } else if (pf_tok > 0.0 && have_fit(ctrl)) {
         /* Under steady arrivals most steps carry a prompt chunk: once a prompt token's cost
          * is known, such a step also tells what its decodes cost (its latency less the
@@ -720,6 +740,10 @@ uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_dec
     if (!ctrl) return 0;
     uint32_t min_chunk = ctrl->cfg.min_prefill_chunk;
     if (ctrl->mode == CONTROLLER_MODE_FIXED || n_decode == 0) return max_tokens;
+    /* A prompt token's cost is what a step with prompt tokens takes over one without: while
+     * no decode-only step was ever seen (prompts arriving faster than chunks run), the last
+     * step of each window carries none, or it would never be learned. */
+    if (!ctrl->have_plain && ctrl->n_in_window + 1 >= ctrl->cfg.interval) return 0;
     if (min_chunk >= max_tokens) return max_tokens;
     double per_tok = prefill_ms_per_token(ctrl);
     /* Not measured yet: a prompt token costs about what one more decoding row does (a prompt

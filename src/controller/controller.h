@@ -51,7 +51,8 @@
  *      token budget. A step without decodes has no stream to protect: the whole token
  *      budget. With the target out of reach (see the unreachable rule) every step misses it
  *      anyway: prompts may add up to half a decode step. Until the per-token cost has been
- *      measured a prompt token is assumed to cost
+ *      measured (against decode-only steps: while none was ever seen, the last step of each
+ *      window carries no prompt tokens) a prompt token is assumed to cost
  *      what one more decoding sequence costs (the fitted slope), or min_prefill_chunk before
  *      the fit;
  *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of
@@ -209,8 +210,13 @@ struct controller {
     double spread_ms; /* EMA of window P99 - P50: the noise within windows */
     bool have_dec;
     double dec_ema_ms, dec_last_ms, dec_last_batch; /* decode-only window P99 */
-    double pf_ms, pf_tok;    /* decayed sums: what prompt tokens added to steps, and how many */
-    double prefill_per_step; /* EMA of prompt tokens per step (are prompts arriving?) */
+    double pf_ms, pf_tok;  /* decayed sums: what prompt tokens added to steps, and how many */
+    uint64_t plain_ns_sum; /* decode-only steps of the window: latency sum, count, batches */
+    uint32_t plain_n;
+    uint64_t plain_batch_sum;
+    bool have_plain;
+    double plain_ms, plain_batch; /* EMA of their window means (the prompt-cost baseline) */
+    double prefill_per_step;      /* EMA of prompt tokens per step (are prompts arriving?) */
     double last_tok_s, last_wait_ms;
     /* decayed least-squares stats of (mean batch, window p99 ms) */
     double sw, sx, sy, sxx, sxy;
@@ -246,7 +252,8 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
 uint32_t controller_admit_limit(const struct controller *ctrl);
 
 /* The prompt tokens the next step may carry next to n_decode decoding sequences, at most
- * max_tokens (see rule 2 above); in FIXED mode, or with n_decode 0, max_tokens. */
+ * max_tokens (see rule 2 above; 0 for the one step a window that measures the decode-only
+ * baseline before there is one); in FIXED mode, or with n_decode 0, max_tokens. */
 uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
                                    uint32_t max_tokens);
 
