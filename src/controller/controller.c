@@ -755,6 +755,12 @@ uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_dec
         dec_ms = have_fit(ctrl) ? line_ms(ctrl, (double)n_decode) : ctrl->dec_ema_ms;
         dec_ms += GROW_NOISE_K * ctrl->dev_ms;
     }
+    /* Out of reach with requests late in the queue (see unreach_limit): every stream misses
+     * the step target anyway and the late requests miss the first-token one, so their prompts
+     * take the whole token budget. */
+    if (ctrl->unreach_knee &&
+        (ctrl->late_hold || unreach_late(ctrl, ctrl->last_pressure, ctrl->last_wait_ms)))
+        return max_tokens;
     double room = PREFILL_TARGET_SHARE * ctrl->cfg.p99_target_ms - dec_ms;
     /* With the target out of reach every step misses it anyway: prompts may add up to half a
      * decode step, so first tokens come at a pace that follows the engine's, not 8 tokens a

@@ -50,11 +50,11 @@
  *      target, at least min_prefill_chunk so prompts always progress, at most the engine's
  *      token budget. A step without decodes has no stream to protect: the whole token
  *      budget. With the target out of reach (see the unreachable rule) every step misses it
- *      anyway: prompts may add up to half a decode step. Until the per-token cost has been
- *      measured (against decode-only steps: while none was ever seen, the last step of each
- *      window carries no prompt tokens) a prompt token is assumed to cost
- *      what one more decoding sequence costs (the fitted slope), or min_prefill_chunk before
- *      the fit;
+ *      anyway: prompts may add up to half a decode step, and while requests are late in the
+ *      queue (past ttft_target_ms) they take the whole token budget. Until the per-token cost has
+ * been measured (against decode-only steps: while none was ever seen, the last step of each window
+ * carries no prompt tokens) a prompt token is assumed to cost what one more decoding sequence costs
+ * (the fitted slope), or min_prefill_chunk before the fit;
  *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of
  *      two windows in a row (a lasting regression, not one slow step: a lone one is an outlier,
  *      left out of the window's P99) over degrade_factor_target * target AND over
