@@ -550,8 +550,10 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     if (c->have_ema && expect + DEGRADE_NOISE_K * noise_ms(c) > thr)
         thr = expect + DEGRADE_NOISE_K * noise_ms(c);
     uint64_t thr_ns = (uint64_t)(thr * NS_PER_MS);
+    /* (each step less what its prompt tokens are known to cost: a step that carried a long
+     * chunk by the prefill budget's leave is as slow as it was allowed to be) */
     uint32_t n_over = 0, n_steps = c->n_in_window;
-    for (uint32_t i = 0; i < n_steps; i++) n_over += c->window_ns[i] > thr_ns;
+    for (uint32_t i = 0; i < n_steps; i++) n_over += c->spike_ns[i] > thr_ns;
     uint32_t need = n_steps < CONTROLLER_DEGRADE_STEPS ? n_steps : CONTROLLER_DEGRADE_STEPS;
     bool spike = c->have_ema && n_over > 0 && (n_over >= need || c->outlier_prev);
     bool outlier = c->have_ema && n_over > 0 && !spike;
@@ -668,6 +670,8 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
     }
     uint32_t i = ctrl->n_in_window++;
     ctrl->window_ns[i] = st->latency_ns;
+    double pf_share = pf_tok * NS_PER_MS * (double)st->n_prefill;
+    ctrl->spike_ns[i] = (double)st->latency_ns > pf_share ? st->latency_ns - (uint64_t)pf_share : 0;
     ctrl->window_time_ns += st->latency_ns;
     ctrl->tokens_sum += st->n_decode;
     ctrl->prefill_sum += st->n_prefill;

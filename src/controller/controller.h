@@ -62,7 +62,9 @@
  *      fitted line predicts at the window's batch size, whichever is more: admitting more
  *      sequences is not a regression) AND over EMA + 4 noise
  *      levels (P99 - P50 within windows, or the fit's residual: on a busy shared host the
- *      steps vary by hundreds of ms without any regression) cuts the limit at once
+ *      steps vary by hundreds of ms without any regression), each step counted less what its
+ *      prompt tokens are known to cost (a long chunk is slow by leave of the prefill budget),
+ *      cuts the limit at once
  *      to the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a
  *      spike), records an event with its reason and stops tuning. Windows keep being measured;
  *      after `calm_period_ms` without a new spike tuning resumes from the fallback size
@@ -191,6 +193,7 @@ struct controller {
     enum controller_mode mode;
     uint32_t limit;
     uint64_t window_ns[CONTROLLER_MAX_INTERVAL]; /* every step of the window */
+    uint64_t spike_ns[CONTROLLER_MAX_INTERVAL];  /* ... less its prompt tokens' known cost */
     uint64_t dec_ns[CONTROLLER_MAX_INTERVAL];    /* its decode-only steps */
     uint32_t n_in_window, n_dec;
     uint64_t batch_sum;   /* sum of batch sizes of the decode-only steps */

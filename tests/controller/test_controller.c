@@ -850,6 +850,43 @@ static void test_prompt_cost_under_noise(void **state)
     }
 }
 
+/* Steps that carry long prompt chunks (the prefill budget's whole token budget, as for late
+ * requests) are as slow as their prompt tokens make them: not a regression, no degradation;
+ * the same latency without prompt tokens is one. */
+static void test_prompt_steps_are_not_spikes(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {.base_ms = 20,
+                    .per_seq_ms = 5,
+                    .demand = 12,
+                    .pf_ms = 1.0,
+                    .prompt_len = 16,
+                    .prompt_every = 4,
+                    .rng = 61};
+    sim_run(&s, &c, 100, NULL);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    assert_true(fabs(snap.prefill_ms_per_token - 1.0) < 0.3);
+    for (int with_prompt = 1; with_prompt >= 0; with_prompt--) {
+        /* two steps of 12 decodes + 512 prompt tokens (80 + 512 ms), then ordinary ones */
+        for (uint32_t i = 0; i < cfg.interval; i++) {
+            uint64_t ns = i < 2 ? 592000000ull : 80000000ull;
+            s.now_ns += ns;
+            struct controller_step st = {.latency_ns = ns,
+                                         .n_decode = 12,
+                                         .n_prefill = i < 2 && with_prompt ? 512 : 0,
+                                         .now_ns = s.now_ns};
+            controller_observe(&c, &st);
+        }
+        controller_state(&c, &snap);
+        assert_int_equal(snap.degradations, with_prompt ? 0 : 1);
+        sim_run(&s, &c, 50, NULL); /* (the EMA and the noise level settle again) */
+    }
+}
+
 static void test_bounds_respected(void **state)
 {
     struct controller c;
@@ -969,6 +1006,7 @@ int main(void)
         cmocka_unit_test(test_busy_host_late_queue_runs_all),
         cmocka_unit_test(test_late_queue_floors_shrink_at_knee),
         cmocka_unit_test(test_prompt_cost_under_noise),
+        cmocka_unit_test(test_prompt_steps_are_not_spikes),
         cmocka_unit_test(test_bounds_respected),
         cmocka_unit_test(test_disabled_is_fixed),
     };
