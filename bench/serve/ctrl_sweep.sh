@@ -9,8 +9,9 @@
 #   OUT=bench/results/ctrl_sweep16 PER_CLIENT=4 MAX_TOKENS=32 bench/serve/ctrl_sweep.sh
 #
 # Writes $OUT.md and $OUT.json (default bench/results/ctrl_sweep16). Each table row carries the
-# host's 1-minute load average before and after that mode ran: on a shared machine, compare rows
-# only where it is about the same (this server alone keeps it near --threads).
+# host's 1-minute load average before and after that mode ran and the CPUs the server process
+# got meanwhile (CPU time / wall time): on a shared machine, compare rows only where those are
+# about the same.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
