@@ -23,6 +23,7 @@
 #define PF_MIN_MS             0.01 /* floor of a measured prompt token's cost */
 #define PREFILL_TARGET_SHARE  0.9  /* prompt chunks fill a step up to this share of target */
 #define UNREACH_PREFILL_SHARE 0.5  /* target out of reach: prompts add up to this share */
+#define LATE_PREFILL_SHARE    2.0  /* ...and while requests are late in the queue */
 #define KNEE_ABOVE            0.25 /* a limit this share over the knee comes down to it... */
 #define KNEE_DOWN_VAR         4.0  /* ...when the fit's batch sizes vary by this much (std 2) */
 
@@ -759,18 +760,17 @@ uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_dec
         dec_ms = have_fit(ctrl) ? line_ms(ctrl, (double)n_decode) : ctrl->dec_ema_ms;
         dec_ms += GROW_NOISE_K * ctrl->dev_ms;
     }
-    /* Out of reach with requests late in the queue (see unreach_limit): every stream misses
-     * the step target anyway and the late requests miss the first-token one, so their prompts
-     * take the whole token budget. */
-    if (ctrl->unreach_knee &&
-        (ctrl->late_hold || unreach_late(ctrl, ctrl->last_pressure, ctrl->last_wait_ms)))
-        return max_tokens;
     double room = PREFILL_TARGET_SHARE * ctrl->cfg.p99_target_ms - dec_ms;
     /* With the target out of reach every step misses it anyway: prompts may add up to half a
      * decode step, so first tokens come at a pace that follows the engine's, not 8 tokens a
-     * step while a step takes seconds. */
-    if (ctrl->unreach_knee && UNREACH_PREFILL_SHARE * dec_ms > room)
-        room = UNREACH_PREFILL_SHARE * dec_ms;
+     * step while a step takes seconds; with requests late in the queue (see unreach_limit)
+     * up to two decode steps: the late requests miss their first-token target too, but a
+     * running stream's gap stays bounded (the whole token budget made it seconds). */
+    if (ctrl->unreach_knee) {
+        bool late = ctrl->late_hold || unreach_late(ctrl, ctrl->last_pressure, ctrl->last_wait_ms);
+        double share = late ? LATE_PREFILL_SHARE : UNREACH_PREFILL_SHARE;
+        if (share * dec_ms > room) room = share * dec_ms;
+    }
     double n = floor(room / per_tok);
     if (n < (double)min_chunk) return min_chunk;
     return n >= (double)max_tokens ? max_tokens : (uint32_t)n;

@@ -51,7 +51,7 @@
  *      token budget. A step without decodes has no stream to protect: the whole token
  *      budget. With the target out of reach (see the unreachable rule) every step misses it
  *      anyway: prompts may add up to half a decode step, and while requests are late in the
- *      queue (past ttft_target_ms) they take the whole token budget. Until the per-token cost has
+ *      queue (past ttft_target_ms) up to two. Until the per-token cost has
  * been measured (against decode-only steps: while none was ever seen, the last step of each window
  * carries no prompt tokens) a prompt token is assumed to cost what one more decoding sequence costs
  * (the fitted slope), or min_prefill_chunk before the fit;
