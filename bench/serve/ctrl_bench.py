@@ -165,18 +165,42 @@ def client_side(res, wall):
     }
 
 
+SERVER_PID = None  # set when this script started the server: its CPU time is read per run
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, in seconds (None when unknown)."""
+    if not pid:
+        return None
+    try:
+        f = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def one_run(url, label, fn, sampler):
     loadgen.wait_idle(url)
     before = prom(url)
+    load0 = os.getloadavg()[0]
+    cpu0 = cpu_seconds(SERVER_PID)
     with Scraper(url) as sc:
         t0 = time.perf_counter()
         res = fn()
         t1 = time.perf_counter()
+    load1 = os.getloadavg()[0]
+    cpu1 = cpu_seconds(SERVER_PID)
+    # CPUs the server actually got while this mode ran (its CPU time / wall time): on a shared
+    # host this, more than the load average, says how much of the machine it had.
+    cpus = round((cpu1 - cpu0) / (t1 - t0), 2) if cpu0 is not None and cpu1 is not None else None
     loadgen.wait_idle(url)
     after = prom(url)
+    # The host's 1-minute load average before and after: on a shared machine it says how much
+    # else ran beside this mode (this server alone keeps it near --threads).
     out = {"label": label, "client": client_side(res, t1 - t0),
            "server": server_side(before, after), "limit": limit_stats(sampler.between(t0, t1)),
-           "metrics_scrape_ms": sc.summary()}
+           "metrics_scrape_ms": sc.summary(), "loadavg": [round(load0, 1), round(load1, 1)],
+           "server_cpus": cpus}
     print(f"[{label}] {json.dumps(out['client'])[:300]} limit {out['limit']}", file=sys.stderr,
           flush=True)
     return out, res
@@ -247,7 +271,8 @@ def write_md(res, path):
         c = lvl["clients"]
         L += [f"## {c} clients", "",
               "| mode | tok/s | TTFT p50 / p95 ms | ITL p50 / p99 ms | e2e p50 / p99 ms | "
-              "batch limit mean [min..max], variation (2nd half) |", "|---|---|---|---|---|---|"]
+              "batch limit mean [min..max], variation (2nd half) | host load before / after | "
+              "CPUs the server got |", "|---|---|---|---|---|---|---|---|"]
         for r in lvl["runs"]:
             cl, li = r["client"], r["limit"]
             lim = (f"{li['mean']} [{li['min']}..{li['max']}], ±{li['variation'] * 100:.1f} %"
@@ -255,7 +280,9 @@ def write_md(res, path):
             L.append(f"| {r['label']} | {cl['tok_s']} | {fmt(cl['ttft_ms']['p50'])} / "
                      f"{fmt(cl['ttft_ms']['p95'])} | {fmt(cl['itl_ms']['p50'])} / "
                      f"{fmt(cl['itl_ms']['p99'])} | {fmt(cl['e2e_ms']['p50'])} / "
-                     f"{fmt(cl['e2e_ms']['p99'])} | {lim} |")
+                     f"{fmt(cl['e2e_ms']['p99'])} | {lim} | "
+                     f"{' / '.join(str(x) for x in r.get('loadavg', [])) or '-'} | "
+                     f"{r.get('server_cpus') if r.get('server_cpus') is not None else '-'} |")
         runs = {r["label"]: r for r in lvl["runs"]}
         if "auto" in runs:
             au = runs["auto"]["client"]
@@ -302,7 +329,9 @@ def write_md(res, path):
                      f"{fmt(k['e2e_ms']['p50'])} / {fmt(k['e2e_ms']['p99'])} |")
         al = m["summary"]["all_itl_ms"]
         L += ["", f"Everyone's inter-token p99: {fmt(al['p99'])} ms; tok/s "
-              f"{m['client']['tok_s']}; batch limit {m['limit']}.", ""]
+              f"{m['client']['tok_s']}; batch limit {m['limit']}; host load "
+              f"{' / '.join(str(x) for x in m.get('loadavg', []))}, CPUs the server got "
+              f"{m.get('server_cpus')}.", ""]
     if res.get("events"):
         L += ["Last controller events (`/stats` controller.events):", ""]
         L += [f"- {e['kind']} {e['old_limit']} -> {e['new_limit']}: {e['reason']}"
@@ -337,6 +366,8 @@ def main():
         srv = loadgen.ServerProcess(a.exe, a.model, ["--threads", str(a.threads)] + a.server_arg,
                                     log_path="/tmp/ctrl_bench_server.log").start()
         url = srv.url
+        global SERVER_PID
+        SERVER_PID = srv.proc.pid
     else:
         url = a.url.rstrip("/")
     res = {"args": vars(a), "when": time.strftime("%Y-%m-%d %H:%M:%S"),

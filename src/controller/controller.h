@@ -21,28 +21,58 @@
  *        - never past the CAPACITY: the largest n whose predicted P99 plus twice the noise
  *          (EMA of the residual from the line) plus a prefill reserve (the time of a minimum
  *          prompt chunk while prompts are arriving) stays within target.
- *      Growth needs no queue once the line is fitted (the limit sits at what the engine can
- *      take, so a burst is admitted at once); before the fit it is a +1 probe under pressure.
- *      One grow step is at most +50 %. It HOLDS while the wanted change is under hold_band
- *      (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
+ *      Growth needs no queue once the line is fitted; before the fit it is a probe (below)
+ *      under pressure. One grow step is at most +50 %. It HOLDS while the wanted change is under
+ * hold_band (5 %) of the limit, so the limit is steady at steady load. It SHRINKS when the EMA of
  *      the window P99 of ALL steps (prompt chunks included: that is what a stream's
  *      inter-token gap sees) and the window P99 are both over target, to limit * target / ema
- *      (at least by 1, at most max_shrink_fraction); the old limit is then a ceiling growth
+ *      (at least by 1, at most max_shrink_fraction; not below the knee while queued requests
+ *      have waited past ttft_target_ms: fewer sequences would turn missed step targets into
+ *      missed first tokens, no goodput either way, and lose throughput); the old limit is then
+ *      a ceiling growth
  *      may not reach for ceiling_windows windows (forgotten early once the EMA falls under
- *      ceiling_reset * target), so noise cannot make it ping-pong;
+ *      ceiling_reset * target), so noise cannot make it ping-pong.
+ *      The limit governs decode concurrency once the engine is SATURATED; below that a new
+ *      request does not wait for a tuning window: controller_admit_limit is the limit or,
+ *      while the last windows are within target, the capacity the step-time model predicts
+ *      (before any decode step was measured: max_batch, and the first window corrects it;
+ *      before a slope is known and while nobody queued: the measured step scaled as if its
+ *      whole cost were per sequence; with the target out of reach: the knee). So a burst at
+ *      low load starts at once, and under saturation the limit decides. Without a slope and
+ *      with work waiting, the limit PROBES a second batch size for one window (up by half
+ *      within the steepest line through the measurement, at least one; from max_batch down by
+ *      a quarter), so the fit learns the slope even when admission pinned the batch size;
+ *      far over target (1.5x) it probes once the same way before shrinking (the cost may be
+ *      the fixed part, which shrinking cannot fix). A limit well above the knee (25 %, with
+ *      batch sizes in the fit far enough apart) comes back down to it;
  *   2. the PREFILL BUDGET of a step (controller_prefill_budget): the prompt tokens that keep
  *      the step's predicted latency (decode line + learned ms per prompt token) under 0.9 *
  *      target, at least min_prefill_chunk so prompts always progress, at most the engine's
- *      token budget. Until the per-token cost has been measured the budget is
- *      min_prefill_chunk;
- *   3. DEGRADATION: a window P99 over degrade_factor_target * target AND over
- *      degrade_factor_ema * EMA (a sudden regression, not a slow drift) cuts the limit at once
+ *      token budget. A step without decodes has no stream to protect: the whole token
+ *      budget. With the target out of reach (see the unreachable rule) every step misses it
+ *      anyway: prompts may add up to half a decode step, and while requests are late in the
+ *      queue (past ttft_target_ms) up to two. Until the per-token cost has
+ * been measured (against decode-only steps: while none was ever seen, the last step of each window
+ * carries no prompt tokens) a prompt token is assumed to cost what one more decoding sequence costs
+ * (the fitted slope), or min_prefill_chunk before the fit;
+ *   3. DEGRADATION: at least CONTROLLER_DEGRADE_STEPS steps of a window, or one step in each of
+ *      two windows in a row (a lasting regression, not one slow step: a lone one is an outlier,
+ *      left out of the window's P99) over degrade_factor_target * target AND over
+ *      degrade_factor_ema * EMA (a sudden regression, not a slow drift; the EMA or what the
+ *      fitted line predicts at the window's batch size, whichever is more: admitting more
+ *      sequences is not a regression) AND over EMA + 4 noise
+ *      levels (P99 - P50 within windows, or the fit's residual: on a busy shared host the
+ *      steps vary by hundreds of ms without any regression), each step counted less what its
+ *      prompt tokens are known to cost (a long chunk is slow by leave of the prefill budget),
+ *      cuts the limit at once
  *      to the fixed fallback size (fixed_batch, or min_batch when 0; never raised by a
  *      spike), records an event with its reason and stops tuning. Windows keep being measured;
  *      after `calm_period_ms` without a new spike tuning resumes from the fallback size
  *      ("recovered" event). The spike window itself is not folded into the EMA.
  *   Disabled (controller_set_enabled(false)) the limit is the fixed fallback size and only the
  *   statistics are kept (mode CONTROLLER_MODE_FIXED).
+ *   Windows and their P99 count only steps that decoded: a step of prompt tokens alone made no
+ *   stream wait (it still teaches the cost of a prompt token).
  *
  * Every limit change is an event with its reason (which rule, the numbers behind it).
  *
@@ -75,9 +105,10 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#define CONTROLLER_MAX_INTERVAL 256 /* most steps per evaluation window */
-#define CONTROLLER_EVENTS       16  /* recent events kept (oldest dropped) */
-#define CONTROLLER_REASON_LEN   128
+#define CONTROLLER_MAX_INTERVAL  256 /* most steps per evaluation window */
+#define CONTROLLER_EVENTS        16  /* recent events kept (oldest dropped) */
+#define CONTROLLER_REASON_LEN    128
+#define CONTROLLER_DEGRADE_STEPS 2 /* steps of a window over the spike threshold to degrade */
 
 enum controller_mode {
     CONTROLLER_MODE_TUNING = 0,   /* auto-tuning the limit */
@@ -133,6 +164,7 @@ struct controller_snapshot {
     double intercept_ms;         /* fitted P99 at batch 0 (0 if no fit yet) */
     uint32_t knee_limit;         /* where one more sequence stops paying (0 = no fit yet) */
     uint32_t capacity_limit;     /* most sequences the P99 target allows (0 = no fit yet) */
+    uint32_t admit_limit;        /* controller_admit_limit: sequences that may run now */
     double prefill_ms_per_token; /* measured cost of a prompt token in a step (0 = unknown) */
     double window_tok_s;         /* decode tokens/s of the last window */
     double window_max_wait_ms;   /* longest queue wait seen in the last window */
@@ -140,7 +172,8 @@ struct controller_snapshot {
     uint64_t adjustments;        /* grow + shrink decisions (not degradation cuts) */
     uint64_t degradations;
     uint64_t recoveries;
-    uint32_t n_events;                                 /* valid entries in events[] */
+    uint64_t outliers; /* windows with a lone step over the spike threshold, left out */
+    uint32_t n_events; /* valid entries in events[] */
     struct controller_event events[CONTROLLER_EVENTS]; /* oldest first */
 };
 
@@ -160,6 +193,7 @@ struct controller {
     enum controller_mode mode;
     uint32_t limit;
     uint64_t window_ns[CONTROLLER_MAX_INTERVAL]; /* every step of the window */
+    uint64_t spike_ns[CONTROLLER_MAX_INTERVAL];  /* ... less its prompt tokens' known cost */
     uint64_t dec_ns[CONTROLLER_MAX_INTERVAL];    /* its decode-only steps */
     uint32_t n_in_window, n_dec;
     uint64_t batch_sum;   /* sum of batch sizes of the decode-only steps */
@@ -168,13 +202,24 @@ struct controller {
     uint64_t window_time_ns;
     uint64_t max_wait_ns; /* longest queue wait in the window */
     bool pressure;        /* work was waiting at some step of the window */
+    bool last_pressure;   /* ... of the last evaluated window */
+    bool queued_seen;     /* a request stayed queued after some step of the window */
+    bool last_queued;     /* ... of the last evaluated window */
+    bool outlier_prev;    /* the last window had a lone step over the spike threshold */
+    bool unmet_probe;     /* probed a second size far over target; cleared by a fit */
     bool have_ema;
     double ema_ms, last_p99_ms;
-    double dev_ms; /* EMA of |window p99 - EMA|: the noise level */
+    double dev_ms;    /* EMA of |window p99 - fitted line|: the noise the fit sees */
+    double spread_ms; /* EMA of window P99 - P50: the noise within windows */
     bool have_dec;
     double dec_ema_ms, dec_last_ms, dec_last_batch; /* decode-only window P99 */
-    double pf_ms, pf_tok;    /* decayed sums: what prompt tokens added to steps, and how many */
-    double prefill_per_step; /* EMA of prompt tokens per step (are prompts arriving?) */
+    double pf_ms, pf_tok;  /* decayed sums: what prompt tokens added to steps, and how many */
+    uint64_t plain_ns_sum; /* decode-only steps of the window: latency sum, count, batches */
+    uint32_t plain_n;
+    uint64_t plain_batch_sum;
+    bool have_plain;
+    double plain_ms, plain_batch; /* EMA of their window means (the prompt-cost baseline) */
+    double prefill_per_step;      /* EMA of prompt tokens per step (are prompts arriving?) */
     double last_tok_s, last_wait_ms;
     /* decayed least-squares stats of (mean batch, window p99 ms) */
     double sw, sx, sy, sxx, sxy;
@@ -182,10 +227,12 @@ struct controller {
     uint32_t knee;         /* knee of the last confirmed fit; 0 = unknown */
     uint32_t unreach_knee; /* != 0: the target is unreachable, run at this knee */
     double unreach_ms;     /* the P99 predicted at the minimum batch when that was seen */
+    bool late_hold;        /* unreachable target and requests were late: run max_batch while
+                              more than the knee run */
     uint32_t ceiling;      /* 0 = none */
     uint32_t ceiling_left; /* windows the ceiling still holds */
     uint64_t last_spike_ns;
-    uint64_t windows, adjustments, degradations, recoveries;
+    uint64_t windows, adjustments, degradations, recoveries, outliers;
     uint32_t ev_head, ev_count;
     struct controller_event events[CONTROLLER_EVENTS];
 };
@@ -203,8 +250,13 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
  * only for ctrl/st NULL). */
 uint32_t controller_observe(struct controller *ctrl, const struct controller_step *st);
 
+/* The most sequences that may run at once now (see rule 1 above): >= the limit; in DEGRADED and
+ * FIXED mode the limit. 0 only for ctrl NULL. */
+uint32_t controller_admit_limit(const struct controller *ctrl);
+
 /* The prompt tokens the next step may carry next to n_decode decoding sequences, at most
- * max_tokens (see rule 2 above); in FIXED mode max_tokens. */
+ * max_tokens (see rule 2 above; 0 for the one step a window that measures the decode-only
+ * baseline before there is one); in FIXED mode, or with n_decode 0, max_tokens. */
 uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
                                    uint32_t max_tokens);
 

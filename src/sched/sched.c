@@ -824,7 +824,7 @@ static uint64_t window_wait_ns(struct sched *s, uint64_t now)
     s->window_ns = 0;
     if (!s->p.adaptive_window || s->mode == SCHED_MODE_OFF || s->n_running > 0) return 0;
     int q = queue_pick(s, now);
-    if (q < 0 || queued_total(s) >= s->limit) return 0;
+    if (q < 0 || queued_total(s) >= sched_admit_limit(s)) return 0;
     double max_ns = s->p.window_max_ms * 1e6, min_ns = s->p.window_min_ms * 1e6;
     if (s->gap_ema_ns <= 0 || s->gap_ema_ns > max_ns) return 0;
     double w = 2.0 * s->gap_ema_ns;

@@ -183,9 +183,14 @@ struct sched {
 /* sched_admit.c: admission and prompt-chunk policy (engine thread). */
 struct admit_budget {
     int prefill_left; /* prompt tokens the next step can still start */
+    int max_running;  /* sequences that may run (sched_admit_limit) */
 };
 /* The prompt tokens a step may carry next to n_decode decoding sequences, at most max_tokens. */
 int sched_prefill_budget(const struct sched *s, int n_decode, int max_tokens);
+/* The most sequences that may run at once now: the batch limit, or in auto mode while the
+ * engine is not saturated what the controller says it can take (controller_admit_limit); at
+ * most max_running. */
+int sched_admit_limit(const struct sched *s);
 /* Starts an admission round: what the next step's prefill budget leaves for new prompts. */
 void admit_budget_init(const struct sched *s, struct admit_budget *b);
 /* Whether queued r may take a free slot now (batch limit, prefill budget); charges its prompt

@@ -211,6 +211,7 @@ static cJSON *controller_json(const struct controller_snapshot *cs)
     cJSON_AddNumberToObject(o, "intercept_ms", cs->intercept_ms);
     cJSON_AddNumberToObject(o, "knee_limit", cs->knee_limit);
     cJSON_AddNumberToObject(o, "capacity_limit", cs->capacity_limit);
+    cJSON_AddNumberToObject(o, "admit_limit", cs->admit_limit);
     cJSON_AddNumberToObject(o, "prefill_ms_per_token", cs->prefill_ms_per_token);
     cJSON_AddNumberToObject(o, "window_tok_s", cs->window_tok_s);
     cJSON_AddNumberToObject(o, "window_max_wait_ms", cs->window_max_wait_ms);
@@ -218,6 +219,7 @@ static cJSON *controller_json(const struct controller_snapshot *cs)
     cJSON_AddNumberToObject(o, "adjustments", (double)cs->adjustments);
     cJSON_AddNumberToObject(o, "degradations", (double)cs->degradations);
     cJSON_AddNumberToObject(o, "recoveries", (double)cs->recoveries);
+    cJSON_AddNumberToObject(o, "outliers", (double)cs->outliers);
     cJSON *ev = cJSON_AddArrayToObject(o, "events");
     for (uint32_t i = 0; i < cs->n_events && i < CONTROLLER_EVENTS; i++) {
         const struct controller_event *e = &cs->events[i];

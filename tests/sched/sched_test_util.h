@@ -55,6 +55,7 @@ struct result {
     char text[2048];
     size_t text_len;
     double total_ms; /* submit -> finish, from the FINISH event */
+    double queue_ms; /* submit -> admission */
     int cached;      /* prompt tokens the prefix cache supplied */
 };
 
@@ -84,6 +85,7 @@ static inline void collect(struct sched_stream *st, struct result *res)
         if (ev.kind == SCHED_EV_FINISH) {
             res->finish = ev.finish;
             res->total_ms = ev.total_ms;
+            res->queue_ms = ev.queue_ms;
             res->cached = ev.n_cached_tokens;
             break;
         }
