@@ -1,8 +1,9 @@
 /* Everything but generation: monitoring (/metrics, /health, /ready, /stats), /v1/models,
  * /tokenize and /detokenize, admin (/admin/scheduler, /admin/models/load|unload) and JSON-RPC
- * over HTTP (/rpc). These handlers answer at once, except /rpc, whose message runs on a worker
- * thread (rpc_handle with wait_streams = 1 blocks until its streams end) while the connection
- * waits suspended, and the model loads, which take the calling MHD thread for the load. */
+ * over HTTP (/rpc). These handlers answer at once, except /rpc, whose message is handled here
+ * (rpc_handle_async) and whose streams the rpc ctx's pump reads while the connection waits
+ * suspended until the message is done, and the model loads, which take the calling MHD thread
+ * for the load. */
 #include "server/server_impl.h"
 
 #include "controller/controller.h"
@@ -625,11 +626,12 @@ out:
 
 /* ---- JSON-RPC over HTTP -------------------------------------------------------------------- */
 
-/* One /rpc message being handled on a worker thread. Shared by the worker and the connection
- * (refs); the connection side waits suspended on slot `slot` until `done`. */
+/* One /rpc message, handled by rpc_handle_async from the connection's thread; its streams are
+ * read by the rpc ctx's pump. Shared by the rpc side (until its done callback) and the
+ * connection (refs); the connection waits suspended on slot `slot` until `done`. */
 struct server_rpc_job {
     struct server *srv;
-    pthread_mutex_t lock; /* guards out/n_msgs (the sink is called from stream threads) */
+    pthread_mutex_t lock; /* guards out/n_msgs (the sink is called from the rpc pump) */
     int refs;             /* guarded by lock */
     char *body;
     size_t body_len;
@@ -676,11 +678,10 @@ static void rpc_sink_write(void *user, const char *json, size_t len)
     pthread_mutex_unlock(&j->lock);
 }
 
-static void *rpc_worker(void *arg)
+/* The message is answered and its streams ended (rpc_handle_async's done callback). */
+static void rpc_done(void *arg)
 {
     struct server_rpc_job *j = arg;
-    struct rpc_sink sink = {rpc_sink_write, j};
-    rpc_handle_abortable(j->srv->rpc, j->body, j->body_len, &sink, &j->abort);
     struct server_slot *sl = &j->srv->slots[j->slot];
     pthread_mutex_lock(&sl->lock);
     j->done = 1;
@@ -691,7 +692,6 @@ static void *rpc_worker(void *arg)
     pthread_mutex_unlock(&sl->lock);
     atomic_fetch_sub(&j->srv->inflight, 1);
     job_unref(j);
-    return NULL;
 }
 
 int server_rpc_init(struct server *s)
@@ -736,19 +736,10 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     memcpy(j->body, c->body, c->body_len);
     j->body[c->body_len] = '\0';
     j->body_len = c->body_len;
-    c->rpc = j; /* its count in flight is given back by the worker (rpc_worker) */
-    pthread_t th;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&th, &attr, rpc_worker, j);
-    pthread_attr_destroy(&attr);
-    if (rc) {
-        atomic_fetch_sub(&s->inflight, 1);
-        j->done = 1;
-        job_unref(j); /* the worker's reference */
-        return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
-                                  "cannot start a worker");
+    c->rpc = j; /* its count in flight is given back by rpc_done */
+    struct rpc_sink sink = {rpc_sink_write, j};
+    if (rpc_handle_async(s->rpc, j->body, j->body_len, &sink, &j->abort, rpc_done, j)) {
+        rpc_done(j); /* cannot happen: the arguments are good */
     }
     return server_rpc_continue(c);
 }
