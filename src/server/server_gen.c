@@ -550,6 +550,10 @@ static int build_prompt(struct engine *e, const struct server_gen_request *r, in
                      rc == KRS_ERR_UNSUPPORTED ? "this model has no usable chat template"
                      : msg[0]                  ? msg
                                                : "invalid messages");
+            if (rc == KRS_ERR_NOMEM) { /* the process's fault, not the request's */
+                err->status = 500;
+                err->type = "server_error";
+            }
             return rc;
         }
         rc = encode(tok, text, len, 0, 1, ids, n);
@@ -579,7 +583,7 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     server_rt_get(s, &rt);
     struct server_error err;
     struct server_gen *g = alloc_calloc(1, sizeof *g);
-    if (!g) return MHD_NO;
+    if (!g) return server_send_no_memory(mc);
     g->srv = s;
     g->slot = -1;
     /* Counted in flight before the drain flag is read (both seq_cst): a drain that starts

@@ -638,7 +638,8 @@ struct server_rpc_job {
     char *out;
     size_t out_len, out_cap;
     int n_msgs;
-    int done; /* guarded by the slot's lock */
+    int no_memory; /* a message could not be kept (guarded by lock) */
+    int done;      /* guarded by the slot's lock */
     int slot;
     atomic_int abort; /* the client went away: cancel what the message started */
 };
@@ -663,7 +664,8 @@ static void rpc_sink_write(void *user, const char *json, size_t len)
         size_t cap = j->out_cap ? j->out_cap : 1024;
         while (cap < j->out_len + len + 2) cap *= 2;
         char *nb = alloc_realloc(j->out, cap);
-        if (!nb) {
+        if (!nb) { /* the reply would be incomplete: it becomes a 503 "out of memory" */
+            j->no_memory = 1;
             pthread_mutex_unlock(&j->lock);
             return;
         }
@@ -718,7 +720,7 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     struct server_rpc_job *j = alloc_calloc(1, sizeof *j);
     if (!j) {
         atomic_fetch_sub(&s->inflight, 1);
-        return MHD_NO;
+        return server_send_no_memory(c->mc);
     }
     j->srv = s;
     j->refs = 2;
@@ -727,9 +729,11 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     uint32_t gen;
     j->slot = j->body ? server_slot_alloc(s, c, &gen) : -1;
     if (j->slot < 0) {
+        int no_memory = !j->body;
         atomic_fetch_sub(&s->inflight, 1);
         j->refs = 1;
         job_unref(j);
+        if (no_memory) return server_send_no_memory(c->mc);
         return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
                                   "too many requests in progress");
     }
@@ -762,7 +766,9 @@ enum MHD_Result server_rpc_continue(struct server_conn *c)
     if (!done) return MHD_YES;
     pthread_mutex_lock(&j->lock);
     enum MHD_Result ret;
-    if (j->n_msgs == 0)
+    if (j->no_memory)
+        ret = server_send_no_memory(c->mc);
+    else if (j->n_msgs == 0)
         ret = server_send(c->mc, 204, "application/json", "", 0, NULL, NULL);
     else if (j->n_msgs == 1)
         ret = server_send(c->mc, 200, "application/json", j->out, j->out_len - 1, NULL, NULL);

@@ -24,7 +24,7 @@ static void count_add(int64_t bytes, int64_t blocks)
 
 /* ---- fault injection ---------------------------------------------------------------------- */
 
-enum { FAULT_OFF = 0, FAULT_CENSUS, FAULT_SITE, FAULT_NTH };
+enum { FAULT_OFF = 0, FAULT_CENSUS, FAULT_SITE, FAULT_NTH, FAULT_EVERY };
 
 #define SITE_HASH (2 * ALLOC_FAULT_MAX_SITES)
 
@@ -76,6 +76,8 @@ static int fault_hit(uintptr_t site)
     }
     if (mode == FAULT_NTH) {
         if (k != atomic_load_explicit(&fault_target, memory_order_relaxed)) return 0;
+    } else if (mode == FAULT_EVERY) {
+        if (k % atomic_load_explicit(&fault_target, memory_order_relaxed) != 0) return 0;
     } else {
         if (site != atomic_load_explicit(&fault_site, memory_order_relaxed)) return 0;
         if (atomic_fetch_add_explicit(&fault_site_hits, 1, memory_order_relaxed) !=
@@ -127,6 +129,17 @@ void alloc_fault_arm_site(uintptr_t site, int64_t skip)
 void alloc_fault_arm_nth(int64_t n)
 {
     fault_set(FAULT_NTH, 0, n);
+}
+
+void alloc_fault_arm_every(int64_t k)
+{
+    fault_set(k > 0 ? FAULT_EVERY : FAULT_OFF, 0, k);
+}
+
+void alloc_fault_arm_from_env(void)
+{
+    const char *v = getenv("KRSERVE_FAULT_ALLOC_EVERY");
+    if (v && *v) alloc_fault_arm_every(strtoll(v, NULL, 10));
 }
 
 int alloc_fault_disarm(void)

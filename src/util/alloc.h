@@ -47,6 +47,11 @@ int alloc_fault_census_stop(uintptr_t *sites, int64_t *hits, int cap);
 void alloc_fault_arm_site(uintptr_t site, int64_t skip);
 /* Arms one failure: the n-th allocation (n >= 1) from any site after this call returns NULL. */
 void alloc_fault_arm_nth(int64_t n);
+/* Arms failures that repeat: every k-th allocation (k >= 1) from now fails until disarmed. */
+void alloc_fault_arm_every(int64_t k);
+/* For whole-process tests: arms alloc_fault_arm_every($KRSERVE_FAULT_ALLOC_EVERY) when that is
+ * set; nothing otherwise. Called by `krserve serve` once it is listening. */
+void alloc_fault_arm_from_env(void);
 /* Disarms; returns 1 if the armed failure happened (0 if it had not yet). */
 int alloc_fault_disarm(void);
 /* Allocation calls since the last arm/census start (all sites). */
