@@ -560,10 +560,9 @@ static int build_prompt(struct engine *e, const struct server_gen_request *r, in
         alloc_free(text);
     } else if (r->prompt_ids) { /* ids outside the vocabulary: engine_gen_build says so */
         *ids = alloc_malloc((size_t)r->n_prompt_ids * sizeof(int32_t));
-        if (!*ids) return KRS_ERR_NOMEM;
-        memcpy(*ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof(int32_t));
+        rc = *ids ? KRS_OK : KRS_ERR_NOMEM; /* reported below */
+        if (*ids) memcpy(*ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof(int32_t));
         *n = r->n_prompt_ids;
-        rc = KRS_OK;
     } else {
         rc = encode(tok, r->prompt, r->prompt_len, 1, 0, ids, n);
     }
