@@ -32,13 +32,14 @@
 #include <strings.h>
 
 #include "config/config.h"
+#include "rpc/rpc_test_util.h"
+#include "test_model_path.h"
 #include "engine/engine.h"
 #include "krserve.h"
 #include "rpc/rpc.h"
 #include "util/alloc.h"
 #include "util/log.h"
 
-#define MAX_MSGS  256
 #define MAX_ITEMS 32
 
 static const char BATCH[] =
@@ -54,27 +55,6 @@ static const char BATCH[] =
     "{\"prompt\":\"One\",\"max_tokens\":2,\"temperature\":0},"
     "{\"prompt\":\"Two\",\"max_tokens\":2,\"temperature\":0}]}}"
     "]";
-
-struct capture {
-    pthread_mutex_t lock;
-    char *msgs[MAX_MSGS];
-    int n;
-};
-
-static void cap_write(void *user, const char *json, size_t len)
-{
-    struct capture *c = user;
-    pthread_mutex_lock(&c->lock);
-    if (c->n < MAX_MSGS) {
-        c->msgs[c->n] = malloc(len + 1);
-        if (c->msgs[c->n]) {
-            memcpy(c->msgs[c->n], json, len);
-            c->msgs[c->n][len] = '\0';
-            c->n++;
-        }
-    }
-    pthread_mutex_unlock(&c->lock);
-}
 
 /* What one run produced: each item a line "what: detail" (a response by id, or a stream). */
 struct outcome {
@@ -210,7 +190,7 @@ static void scenario(struct outcome *o)
 out:
     rpc_free(ctx);
     engine_registry_destroy(reg);
-    for (int i = 0; i < cap.n; i++) free(cap.msgs[i]);
+    cap_reset(&cap);
 }
 
 static int says_out_of_memory(const char *s)
@@ -285,12 +265,7 @@ static void site_name(uintptr_t site, char *buf, size_t cap)
 static void test_every_allocation_site_fails_cleanly(void **state)
 {
     (void)state;
-    const char *override = getenv("KRS_TEST_MODEL");
-    const char *src = getenv("KRS_SOURCE_DIR");
-    if (override && *override)
-        snprintf(model_path, sizeof model_path, "%s", override);
-    else
-        snprintf(model_path, sizeof model_path, "%s/models/default.gguf", src ? src : ".");
+    test_model_path(model_path, sizeof model_path);
     FILE *f = fopen(model_path, "rb");
     if (!f) {
         skip();

@@ -24,35 +24,7 @@
 #include "krserve.h"
 #include "rpc/rpc.h"
 #include "rpc/rpc_impl.h"
-
-#define MAX_MSGS 512
-
-struct capture {
-    pthread_mutex_t lock;
-    char *msgs[MAX_MSGS];
-    int n;
-};
-
-static void cap_write(void *user, const char *json, size_t len)
-{
-    struct capture *c = user;
-    pthread_mutex_lock(&c->lock);
-    if (c->n < MAX_MSGS) {
-        c->msgs[c->n] = malloc(len + 1);
-        memcpy(c->msgs[c->n], json, len);
-        c->msgs[c->n][len] = '\0';
-        c->n++;
-    }
-    pthread_mutex_unlock(&c->lock);
-}
-
-static void cap_reset(struct capture *c)
-{
-    pthread_mutex_lock(&c->lock);
-    for (int i = 0; i < c->n; i++) free(c->msgs[i]);
-    c->n = 0;
-    pthread_mutex_unlock(&c->lock);
-}
+#include "rpc/rpc_test_util.h"
 
 static struct capture cap = {.lock = PTHREAD_MUTEX_INITIALIZER};
 static const struct rpc_sink sink = {cap_write, &cap};
