@@ -111,8 +111,7 @@ int cli_rpc(int argc, char **argv)
         size_t len = (size_t)n;
         while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
         if (len == 0) continue;
-        if (rpc_handle(ctx, line, len, &sink, 0) == KRS_ERR_NOMEM)
-            KRS_LOG_ERRORF("rpc: out of memory handling a message");
+        rpc_handle(ctx, line, len, &sink, 0); /* errors, out of memory too, are answers */
     }
     if (n == -2) KRS_LOG_ERRORF("rpc: out of memory reading input");
     rpc_wait_idle(ctx);

@@ -165,12 +165,12 @@ static void waiter_done(void *arg)
 }
 
 static int handle_and_wait(struct rpc_ctx *c, const char *msg, size_t len,
-                           const struct rpc_sink *sink, const atomic_int *abort)
+                           const struct rpc_sink *sink)
 {
     struct waiter w = {.done = 0};
     pthread_mutex_init(&w.mu, NULL);
     pthread_cond_init(&w.cv, NULL);
-    int rc = handle(c, msg, len, sink, abort, waiter_done, &w);
+    int rc = handle(c, msg, len, sink, NULL, waiter_done, &w);
     pthread_mutex_lock(&w.mu);
     while (rc == KRS_OK && !w.done) pthread_cond_wait(&w.cv, &w.mu);
     pthread_mutex_unlock(&w.mu);
@@ -182,14 +182,8 @@ static int handle_and_wait(struct rpc_ctx *c, const char *msg, size_t len,
 int rpc_handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
                int wait_streams)
 {
-    if (wait_streams) return handle_and_wait(c, msg, len, sink, NULL);
+    if (wait_streams) return handle_and_wait(c, msg, len, sink);
     return handle(c, msg, len, sink, NULL, NULL, NULL);
-}
-
-int rpc_handle_abortable(struct rpc_ctx *c, const char *msg, size_t len,
-                         const struct rpc_sink *sink, const atomic_int *abort)
-{
-    return handle_and_wait(c, msg, len, sink, abort);
 }
 
 int rpc_handle_async(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,

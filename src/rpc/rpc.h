@@ -55,17 +55,15 @@ void rpc_free(struct rpc_ctx *ctx);
 int rpc_handle(struct rpc_ctx *ctx, const char *msg, size_t len, const struct rpc_sink *sink,
                int wait_streams);
 
-/* rpc_handle with wait_streams = 1 for a caller whose client can go away (HTTP /rpc): once the
- * caller sets *abort (it owns the flag; it must outlive the call) and calls rpc_abort(ctx, abort),
- * every generation the message started is cancelled (effective at the next scheduler step) and
- * none is started after, so the call returns promptly and no token is computed for nobody. */
-int rpc_handle_abortable(struct rpc_ctx *ctx, const char *msg, size_t len,
-                         const struct rpc_sink *sink, const atomic_int *abort);
 /* rpc_handle with wait_streams = 0 for an event-driven caller (HTTP /rpc): done(done_arg) is
  * called exactly once, when the message's response and every notification of its streams have
  * been written: from this call when nothing is left pending, else later from the pump (the
- * caller must not hold a lock there that done takes). abort as in rpc_handle_abortable (may be
- * NULL; it must outlive the call to done). Returns as rpc_handle; done is called iff KRS_OK. */
+ * caller must not hold a lock there that done takes). Returns as rpc_handle; done is called iff
+ * KRS_OK.
+ * abort (may be NULL) is for a caller whose client can go away: the caller owns the flag (it
+ * must outlive the call to done); once it sets *abort and calls rpc_abort(ctx, abort), every
+ * generation the message started is cancelled (effective at the next scheduler step) and none
+ * is started after, so the message finishes promptly and no token is computed for nobody. */
 int rpc_handle_async(struct rpc_ctx *ctx, const char *msg, size_t len, const struct rpc_sink *sink,
                      const atomic_int *abort, void (*done)(void *), void *done_arg);
 /* Cancels the running generations of every message handled with this abort flag. Thread-safe. */
