@@ -9,7 +9,8 @@
  * site the run is repeated with that site's first allocation failing.
  *
  * What each faulted run must show: no crash; every counted block given back (blocks in use equal
- * before and after, so no leak even outside ASan); and a clear error for whatever the failure
+ * before and after, so no leak even outside ASan); before teardown, the engine idle with every
+ * KV block free and every submitted request finished; and a clear error for whatever the failure
  * touched: either the load fails with KRS_ERR_NOMEM and a message, or every item of the
  * outcome is either what the dry run produced or an error that says the process ran out of
  * memory (a JSON-RPC error, or a stream that ends with event "error"). An item that silently
@@ -30,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include "config/config.h"
 #include "rpc/rpc_test_util.h"
@@ -157,6 +159,41 @@ static void parse_capture(struct capture *c, struct outcome *o)
     }
 }
 
+/* With the prefix cache on, blocks of finished prompts stay cached: the KV check is made with
+ * it off (the test runs every site once each way). */
+static int prefix_cache_on;
+
+/* Once every request has ended: the engine idle, every request that was submitted finished
+ * and, with the prefix cache off, every KV block free. */
+static void add_engine_balance(struct engine_registry *reg, struct outcome *o)
+{
+    struct engine *e = engine_registry_acquire(reg, "m");
+    if (!e) {
+        add_item(o, "engine: gone");
+        return;
+    }
+    struct sched_state st;
+    uint64_t finished = 0;
+    for (int tries = 0; tries < 500; tries++) { /* the engine publishes once per loop */
+        sched_get_state(engine_sched(e), &st);
+        finished = 0;
+        for (int k = 0; k < 5; k++) finished += st.finished[k];
+        int kv_ok = prefix_cache_on || st.kv_blocks_free == st.kv_blocks_total;
+        if (st.idle && st.running == 0 && kv_ok && finished == st.submitted) break;
+        usleep(10000);
+    }
+    if (st.idle && st.running == 0 &&
+        (prefix_cache_on || st.kv_blocks_free == st.kv_blocks_total) && finished == st.submitted)
+        add_item(o, "engine: balanced");
+    else
+        add_item(o,
+                 "engine: NOT balanced: running %d, KV blocks free %lld of %lld, %llu of %llu "
+                 "requests finished",
+                 st.running, (long long)st.kv_blocks_free, (long long)st.kv_blocks_total,
+                 (unsigned long long)finished, (unsigned long long)st.submitted);
+    engine_release(e);
+}
+
 static char model_path[4096];
 
 /* One whole scenario; the outcome is filled, everything freed. */
@@ -172,6 +209,7 @@ static void scenario(struct outcome *o)
     cfg.model.kv_cache_tokens = 512;
     cfg.model.threads = 1;
     cfg.performance.gpu_scheduler.mode = CONFIG_SCHED_FIXED;
+    cfg.performance.prefix_cache.enabled = prefix_cache_on;
     o->load_rc = engine_registry_create(&cfg, &reg);
     if (o->load_rc) {
         snprintf(o->load_err, sizeof o->load_err, "registry: %s", krs_status_str(o->load_rc));
@@ -187,6 +225,7 @@ static void scenario(struct outcome *o)
     rc = rpc_handle(ctx, BATCH, sizeof BATCH - 1, &sink, 1);
     if (rc) add_item(o, "rpc_handle: %s", krs_status_str(rc));
     parse_capture(&cap, o);
+    add_engine_balance(reg, o);
 out:
     rpc_free(ctx);
     engine_registry_destroy(reg);
@@ -262,9 +301,8 @@ static void site_name(uintptr_t site, char *buf, size_t cap)
         snprintf(buf, cap, "0x%lx", (unsigned long)site);
 }
 
-static void test_every_allocation_site_fails_cleanly(void **state)
+static void every_site_fails_cleanly(void)
 {
-    (void)state;
     test_model_path(model_path, sizeof model_path);
     FILE *f = fopen(model_path, "rb");
     if (!f) {
@@ -289,12 +327,14 @@ static void test_every_allocation_site_fails_cleanly(void **state)
     assert_int_equal(dry.load_rc, KRS_OK);
     assert_int_equal(after.blocks_in_use, before.blocks_in_use);
     assert_true(n_sites > 20 && n_sites < ALLOC_FAULT_MAX_SITES);
-    /* The dry run answered everything: 5 responses and one stream, no error. */
-    assert_int_equal(dry.n_items, 6);
+    /* The dry run answered everything: 5 responses, one stream and the engine's balance, no
+     * error. */
+    assert_int_equal(dry.n_items, 7);
     for (int i = 0; i < dry.n_items; i++) {
         if (strstr(dry.items[i], ": error")) fail_msg("dry run: %s", dry.items[i]);
     }
-    printf("fault injection: %d allocation sites reached by the scenario\n", n_sites);
+    printf("fault injection (prefix cache %s): %d allocation sites reached by the scenario\n",
+           prefix_cache_on ? "on" : "off", n_sites);
 
     int fired = 0, load_failed = 0, degraded = 0, bad = 0;
     for (int s = 0; s < n_sites; s += stride) {
@@ -323,9 +363,10 @@ static void test_every_allocation_site_fails_cleanly(void **state)
         }
         int site_bad = 0, site_degraded = 0;
         /* The whole message refused for want of memory: one clear error is the answer. */
-        if (run.n_items == 1 && says_out_of_memory(run.items[0]) &&
+        if (run.n_items >= 1 && run.n_items <= 2 && says_out_of_memory(run.items[0]) &&
             (!strncmp(run.items[0], "rpc_create:", 11) ||
-             !strncmp(run.items[0], "response -1:", 12))) {
+             !strncmp(run.items[0], "response -1:", 12)) &&
+            (run.n_items == 1 || !strcmp(run.items[1], "engine: balanced"))) {
             degraded++;
             outcome_free(&run);
             continue;
@@ -353,10 +394,25 @@ static void test_every_allocation_site_fails_cleanly(void **state)
     assert_true(fired >= (n_sites + stride - 1) / stride * 9 / 10);
 }
 
+static void test_every_site_prefix_cache_off(void **state)
+{
+    (void)state;
+    prefix_cache_on = 0;
+    every_site_fails_cleanly();
+}
+
+static void test_every_site_prefix_cache_on(void **state)
+{
+    (void)state;
+    prefix_cache_on = 1;
+    every_site_fails_cleanly();
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_every_allocation_site_fails_cleanly),
+        cmocka_unit_test(test_every_site_prefix_cache_off),
+        cmocka_unit_test(test_every_site_prefix_cache_on),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
