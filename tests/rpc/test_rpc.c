@@ -25,6 +25,7 @@
 #include "rpc/rpc.h"
 #include "rpc/rpc_impl.h"
 #include "rpc/rpc_test_util.h"
+#include "test_model_path.h"
 
 static struct capture cap = {.lock = PTHREAD_MUTEX_INITIALIZER};
 static const struct rpc_sink sink = {cap_write, &cap};
@@ -39,7 +40,7 @@ static int setup(void **state)
     config_defaults(&cfg);
     snprintf(cfg.model.dir, sizeof cfg.model.dir, "%s/models", src ? src : ".");
     cfg.performance.gpu_scheduler.mode = CONFIG_SCHED_FIXED;
-    snprintf(path, sizeof path, "%s/default.gguf", cfg.model.dir);
+    test_model_path(path, sizeof path); /* KRS_TEST_MODEL: the sanitizer runs' tiny model */
     if (engine_registry_create(&cfg, &reg)) return -1;
     if (engine_registry_load(reg, NULL, path, 0, err, sizeof err)) {
         engine_registry_destroy(reg);
@@ -310,11 +311,14 @@ static void many_write(void *user, const char *json, size_t len)
         } else if (!strcmp(method, "stream.stats")) {
             m->generated[k] = cJSON_GetObjectItem(p, "generated_tokens")->valueint;
         } else if (!strcmp(method, "stream.event")) {
-            if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(p, "event")), "completed"))
+            if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(p, "event")), "completed")) {
+                printf("stream m%d: %.*s\n", k, (int)len, json);
                 m->problems++;
+            }
             m->completed[k] = 1;
         }
     } else {
+        printf("unexpected: %.*s\n", (int)len, json);
         m->problems++; /* an error response or something unexpected */
     }
     pthread_mutex_unlock(&m->lock);
