@@ -156,9 +156,14 @@ int server_peer_closed(struct MHD_Connection *mc)
 
 char *server_utf8_sanitize(const char *str, size_t n)
 {
-    const unsigned char *s = (const unsigned char *)str;
     char *out = alloc_malloc(n * 3 + 1);
-    if (!out) return NULL;
+    if (out) server_utf8_sanitize_into(str, n, out);
+    return out;
+}
+
+void server_utf8_sanitize_into(const char *str, size_t n, char *out)
+{
+    const unsigned char *s = (const unsigned char *)str;
     size_t o = 0, i = 0;
     while (i < n) {
         unsigned c = s[i];
@@ -176,7 +181,6 @@ char *server_utf8_sanitize(const char *str, size_t n)
         }
     }
     out[o] = '\0';
-    return out;
 }
 
 /* ---- routing ------------------------------------------------------------------------------- */

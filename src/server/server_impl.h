@@ -105,6 +105,8 @@ void server_slot_free(struct server *s, int idx);
 int server_peer_closed(struct MHD_Connection *mc);
 /* Replaces invalid UTF-8 and NUL bytes with U+FFFD; returns an alloc'd NUL-terminated copy. */
 char *server_utf8_sanitize(const char *s, size_t n);
+/* The same into out (3 * n + 1 bytes), for callers that keep small strings off the heap. */
+void server_utf8_sanitize_into(const char *s, size_t n, char *out);
 
 /* ---- server_gen.c ---- */
 /* Handles POST /v1/completions and /v1/chat/completions once the body is complete. */

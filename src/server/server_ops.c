@@ -401,7 +401,10 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
         rc = chat_apply(engine_tokenizer(e), NULL, req.msgs, (size_t)req.n_msgs, 1, &text, &len,
                         msg, sizeof msg);
         if (rc) {
-            ret = bad_request(c->mc, "messages", msg[0] ? msg : "cannot apply the chat template");
+            ret = rc == KRS_ERR_NOMEM
+                      ? server_send_no_memory(c->mc)
+                      : bad_request(c->mc, "messages",
+                                    msg[0] ? msg : "cannot apply the chat template");
             goto out;
         }
         prompt = text;
@@ -459,7 +462,10 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
     if (!(e = acquire_or_404(c, model, &ret))) goto out;
     int n = cJSON_GetArraySize(toks), i = 0;
     ids = alloc_malloc(((size_t)n + 1) * sizeof *ids);
-    if (!ids) goto out;
+    if (!ids) {
+        ret = server_send_no_memory(c->mc);
+        goto out;
+    }
     uint32_t nv = tokenizer_n_vocab(engine_tokenizer(e));
     for (cJSON *v = toks->child; v; v = v->next, i++) {
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
@@ -486,8 +492,12 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
         goto out;
     }
     char *t = server_utf8_sanitize(buf, len);
+    if (!t) {
+        ret = server_send_no_memory(c->mc);
+        goto out;
+    }
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "prompt", t ? t : "");
+    cJSON_AddStringToObject(o, "prompt", t);
     alloc_free(t);
     cJSON_AddStringToObject(o, "model", engine_name(e));
     ret = server_send_json(c->mc, 200, o);

@@ -24,7 +24,7 @@ static void count_add(int64_t bytes, int64_t blocks)
 
 /* ---- fault injection ---------------------------------------------------------------------- */
 
-enum { FAULT_OFF = 0, FAULT_CENSUS, FAULT_SITE, FAULT_NTH, FAULT_EVERY };
+enum { FAULT_OFF = 0, FAULT_CENSUS, FAULT_NEW_SITE, FAULT_SITE, FAULT_NTH, FAULT_EVERY };
 
 #define SITE_HASH (2 * ALLOC_FAULT_MAX_SITES)
 
@@ -41,8 +41,10 @@ static int64_t census_hits[ALLOC_FAULT_MAX_SITES];
 static int census_n;
 static int census_slot[SITE_HASH]; /* index + 1 into census_sites, 0 = empty */
 
-static void census_note(uintptr_t site)
+/* Counts a call from site; returns the site's 1-based index when it is new, else 0. */
+static int census_note(uintptr_t site)
 {
+    int added = 0;
     pthread_mutex_lock(&census_lock);
     size_t h = (size_t)((site * 0x9E3779B97F4A7C15ull) >> 20) % SITE_HASH;
     for (;;) {
@@ -52,6 +54,7 @@ static void census_note(uintptr_t site)
                 census_sites[census_n] = site;
                 census_hits[census_n] = 1;
                 census_slot[h] = ++census_n;
+                added = census_n;
             }
             break;
         }
@@ -62,6 +65,7 @@ static void census_note(uintptr_t site)
         h = (h + 1) % SITE_HASH;
     }
     pthread_mutex_unlock(&census_lock);
+    return added;
 }
 
 /* 1 when the allocation from `site` must fail. */
@@ -70,9 +74,13 @@ static int fault_hit(uintptr_t site)
     int mode = atomic_load_explicit(&fault_mode, memory_order_acquire);
     if (mode == FAULT_OFF) return 0;
     int64_t k = atomic_fetch_add_explicit(&fault_calls, 1, memory_order_relaxed) + 1;
-    if (mode == FAULT_CENSUS) {
-        census_note(site);
-        return 0;
+    if (mode == FAULT_CENSUS || mode == FAULT_NEW_SITE) {
+        int added = census_note(site);
+        if (mode == FAULT_CENSUS || !added ||
+            added != atomic_load_explicit(&fault_target, memory_order_relaxed))
+            return 0;
+        atomic_store_explicit(&fault_fired, 1, memory_order_relaxed);
+        return 1;
     }
     if (mode == FAULT_NTH) {
         if (k != atomic_load_explicit(&fault_target, memory_order_relaxed)) return 0;
@@ -99,13 +107,32 @@ static void fault_set(int mode, uintptr_t site, int64_t target)
     atomic_store_explicit(&fault_mode, mode, memory_order_release);
 }
 
-void alloc_fault_census_start(void)
+static void census_clear(void)
 {
     pthread_mutex_lock(&census_lock);
     census_n = 0;
     memset(census_slot, 0, sizeof census_slot);
     pthread_mutex_unlock(&census_lock);
+}
+
+void alloc_fault_census_start(void)
+{
+    census_clear();
     fault_set(FAULT_CENSUS, 0, 0);
+}
+
+void alloc_fault_arm_new_site(int64_t n)
+{
+    census_clear();
+    fault_set(n > 0 ? FAULT_NEW_SITE : FAULT_CENSUS, 0, n);
+}
+
+int alloc_fault_census_count(void)
+{
+    pthread_mutex_lock(&census_lock);
+    int n = census_n;
+    pthread_mutex_unlock(&census_lock);
+    return n;
 }
 
 int alloc_fault_census_stop(uintptr_t *sites, int64_t *hits, int cap)
@@ -136,10 +163,19 @@ void alloc_fault_arm_every(int64_t k)
     fault_set(k > 0 ? FAULT_EVERY : FAULT_OFF, 0, k);
 }
 
-void alloc_fault_arm_from_env(void)
+int alloc_fault_arm_from_env(void)
 {
-    const char *v = getenv("KRSERVE_FAULT_ALLOC_EVERY");
-    if (v && *v) alloc_fault_arm_every(strtoll(v, NULL, 10));
+    const char *every = getenv("KRSERVE_FAULT_ALLOC_EVERY");
+    const char *site = getenv("KRSERVE_FAULT_ALLOC_SITE");
+    if (every && *every) {
+        alloc_fault_arm_every(strtoll(every, NULL, 10));
+        return 1;
+    }
+    if (site && *site) {
+        alloc_fault_arm_new_site(strtoll(site, NULL, 10));
+        return 1;
+    }
+    return 0;
 }
 
 int alloc_fault_disarm(void)

@@ -43,15 +43,22 @@ void alloc_fault_census_start(void);
 /* Stops recording; copies up to cap sites in order of first use into sites (hits[i] calls each,
  * hits may be NULL) and returns how many were seen. */
 int alloc_fault_census_stop(uintptr_t *sites, int64_t *hits, int cap);
+/* Starts a fresh census and arms one failure: the first allocation from the n-th distinct site
+ * the census meets fails (n >= 1; n = 0 only counts sites). For a whole process, where site
+ * addresses are not known beforehand: a dry run counts the sites, then run k fails the k-th. */
+void alloc_fault_arm_new_site(int64_t n);
+/* Distinct sites the running (or last) census has met. */
+int alloc_fault_census_count(void);
 /* Arms one failure: the (skip+1)-th allocation from `site` after this call returns NULL. */
 void alloc_fault_arm_site(uintptr_t site, int64_t skip);
 /* Arms one failure: the n-th allocation (n >= 1) from any site after this call returns NULL. */
 void alloc_fault_arm_nth(int64_t n);
 /* Arms failures that repeat: every k-th allocation (k >= 1) from now fails until disarmed. */
 void alloc_fault_arm_every(int64_t k);
-/* For whole-process tests: arms alloc_fault_arm_every($KRSERVE_FAULT_ALLOC_EVERY) when that is
- * set; nothing otherwise. Called by `krserve serve` once it is listening. */
-void alloc_fault_arm_from_env(void);
+/* For whole-process tests: arms alloc_fault_arm_every($KRSERVE_FAULT_ALLOC_EVERY), else
+ * alloc_fault_arm_new_site($KRSERVE_FAULT_ALLOC_SITE), when set; returns 1 if it armed.
+ * Called by `krserve serve` once it is listening. */
+int alloc_fault_arm_from_env(void);
 /* Disarms; returns 1 if the armed failure happened (0 if it had not yet). */
 int alloc_fault_disarm(void);
 /* Allocation calls since the last arm/census start (all sites). */

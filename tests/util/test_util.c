@@ -103,6 +103,20 @@ static void test_alloc_fault_injection(void **state)
     assert_true(alloc_fault_disarm());
     alloc_free(p[0]);
 
+    /* By new site: the first call of the 2nd distinct site met from now fails, once. */
+    alloc_fault_arm_new_site(2);
+    p[0] = site_a(8);
+    p[1] = site_a(8);
+    p[2] = site_b("new");
+    p[3] = site_b("again");
+    assert_true(alloc_fault_disarm());
+    assert_int_equal(alloc_fault_census_count(), 2);
+    assert_non_null(p[0]);
+    assert_non_null(p[1]);
+    assert_null(p[2]);
+    assert_non_null(p[3]);
+    for (int i = 0; i < 4; i++) alloc_free(p[i]);
+
     /* Armed but never reached: reported as not fired; disarmed: nothing fails. */
     alloc_fault_arm_nth(1000);
     p[0] = site_a(8);
@@ -113,7 +127,7 @@ static void test_alloc_fault_injection(void **state)
     alloc_get_stats(&b);
     assert_int_equal(b.blocks_in_use, a.blocks_in_use);
     assert_int_equal(b.bytes_in_use, a.bytes_in_use);
-    assert_int_equal(b.oom_events, a.oom_events + 3);
+    assert_int_equal(b.oom_events, a.oom_events + 4);
 }
 
 static int sink_calls;
