@@ -144,26 +144,17 @@ def mixed_request(srv, model, i):
     return check_answer(kind, st, raw)
 
 
-@pytest.mark.parametrize("every", [11, 37, 101])
-def test_allocation_failures_while_serving(every):
-    path = tiny_model()
-    srv = Server(["-m", str(path), "--kv-tokens", "512",
-                  "--set", "performance.prefixCache.enabled=false"],
-                 env={"KRSERVE_FAULT_ALLOC_EVERY": str(every)})
+def faulted_server(path, env):
+    """The tiny model served with an allocation fault armed by env (prefix cache off: every KV
+    block must come back)."""
+    return Server(["-m", str(path), "--kv-tokens", "512",
+                   "--set", "performance.prefixCache.enabled=false"], env=env)
+
+
+def check_whole_and_stop(srv):
+    """Up, balanced (every KV block free, every request finished); then SIGTERM: exit 0 and
+    nothing from a sanitizer. Returns the server's stderr lines."""
     try:
-        model = None
-        for _ in range(50):
-            st, _, raw = srv.get("/v1/models")
-            if st == 200:
-                model = json.loads(raw)["data"][0]["id"]
-                break
-        assert model
-        with cf.ThreadPoolExecutor(8) as ex:
-            outcomes = list(ex.map(lambda i: mixed_request(srv, model, i), range(140)))
-        n_oom = outcomes.count("oom")
-        print(f"every {every}: {len(outcomes) - n_oom} answered as usual, {n_oom} out of memory")
-        assert n_oom > 0, "no injected failure reached a request"
-        assert n_oom < len(outcomes), "nothing was served"
         assert srv.proc.poll() is None, "the server died"
         assert wait_for(lambda: balanced(srv), timeout=20), engine_stats(srv)
     finally:
@@ -171,6 +162,22 @@ def test_allocation_failures_while_serving(every):
     err = "".join(srv.stderr)
     assert srv.proc.returncode == 0, err[-3000:]
     assert "Sanitizer" not in err and "runtime error" not in err, err[-3000:]
+    return srv.stderr
+
+
+@pytest.mark.parametrize("every", [11, 37, 101])
+def test_allocation_failures_while_serving(every):
+    path = tiny_model()
+    srv = faulted_server(path, {"KRSERVE_FAULT_ALLOC_EVERY": str(every)})
+    try:
+        with cf.ThreadPoolExecutor(8) as ex:  # the model's id: its file stem
+            outcomes = list(ex.map(lambda i: mixed_request(srv, path.stem, i), range(140)))
+    finally:
+        check_whole_and_stop(srv)
+    n_oom = outcomes.count("oom")
+    print(f"every {every}: {len(outcomes) - n_oom} answered as usual, {n_oom} out of memory")
+    assert n_oom > 0, "no injected failure reached a request"
+    assert n_oom < len(outcomes), "nothing was served"
 
 
 def normalize(kind, st, raw):
@@ -273,19 +280,13 @@ def sequence(srv, model):
 def serve_sequence(path, env):
     """Starts a server with env, runs the sequence, checks it stays whole, stops it; returns
     (outcomes, what the server said about the injection)."""
-    srv = Server(["-m", str(path), "--kv-tokens", "512",
-                  "--set", "performance.prefixCache.enabled=false"], env=env)
+    srv = faulted_server(path, env)
     try:
         outcomes = sequence(srv, path.stem)  # the model's id: its file stem
-        assert srv.proc.poll() is None, "the server died"
-        assert wait_for(lambda: balanced(srv), timeout=20), engine_stats(srv)
     finally:
-        srv.stop()
-    err = "".join(srv.stderr)
-    assert srv.proc.returncode == 0, err[-3000:]
-    assert "Sanitizer" not in err and "runtime error" not in err, err[-3000:]
-    said = [ln for ln in srv.stderr if ln.startswith("fault injection:")]
-    assert said, err[-2000:]
+        lines = check_whole_and_stop(srv)
+    said = [ln for ln in lines if ln.startswith("fault injection:")]
+    assert said, "".join(lines)[-2000:]
     return outcomes, said[-1]
 
 
