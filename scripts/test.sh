@@ -3,7 +3,7 @@
 #   1. clang-format check      2. Release build (-Wall -Wextra -Werror, the CUDA backend where
 #      nvcc exists)            3. ctest + pytest (oracles, CLI, server) over a gcov-instrumented
 #      -O2 build (scripts/coverage.sh), failing below KRS_COVERAGE_MIN (85) % of src/ lines
-#   4. ASan+UBSan build + ctest   5. TSan build + the scheduler tests
+#   4. ASan+UBSan build + ctest   5. TSan build + the scheduler, util and JSON-RPC tests
 #   6. libFuzzer targets, bounded time each
 # KRS_FUZZ_SECONDS (default 60 for the GGUF parser, 30 for the others) bounds fuzzing.
 set -euo pipefail
@@ -42,12 +42,12 @@ cmake --build build-asan -j "$JOBS"
 ASAN_OPTIONS=detect_leaks=1 ctest --test-dir build-asan --output-on-failure -j "$JOBS" -LE slow
 
 if ls tests/sched/test_*.c >/dev/null 2>&1; then
-  step "TSan build + scheduler tests"
+  step "TSan build + scheduler, util and JSON-RPC tests"
   cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=Debug -DKRS_SANITIZE=thread >/dev/null
-  tsan_targets=$(for t in tests/sched/test_*.c tests/util/test_*.c; do
+  tsan_targets=$(for t in tests/sched/test_*.c tests/util/test_*.c tests/rpc/test_*.c; do
     d=$(basename "$(dirname "$t")"); echo "${d}_$(basename "$t" .c)"; done)
   cmake --build build-tsan -j "$JOBS" --target $tsan_targets  # only what runs under TSan
-  TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -L 'sched|util'
+  TSAN_OPTIONS=halt_on_error=1 ctest --test-dir build-tsan --output-on-failure -L 'sched|util|rpc'
 fi
 
 if ls fuzz/fuzz_*.c >/dev/null 2>&1; then

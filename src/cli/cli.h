@@ -3,11 +3,18 @@
 #ifndef KRS_CLI_H
 #define KRS_CLI_H
 
+#include <stddef.h>
+#include <stdio.h>
+
 /* Resolves the model path: explicit (-m) > $KRSERVE_MODEL > the default path below. Prints a
  * one-line error saying how to get the default model and returns NULL when it does not exist. */
 const char *cli_model_path(const char *explicit_path);
 
 #define CLI_DEFAULT_MODEL "models/default.gguf"
+
+/* Reads one line of f (without its newline) into *buf, grown with alloc_realloc (the caller
+ * alloc_frees it). Returns its length, -1 at end of input, -2 out of memory. */
+long cli_read_line(FILE *f, char **buf, size_t *cap);
 
 /* Sub-command entry points (one per cli_<name>.c). */
 int cli_config(int argc, char **argv);

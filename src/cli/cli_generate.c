@@ -169,8 +169,8 @@ static int run_batch(struct sched *s, const struct tokenizer *tok, const struct 
     size_t lcap = 0;
     int n_items = 0, status = 0;
     uint64_t t0 = clock_now_ns();
-    ssize_t got;
-    while (items && n_items < MAX_PROMPTS && (got = getline(&line, &lcap, f)) > 0) {
+    long got = 0;
+    while (items && n_items < MAX_PROMPTS && (got = cli_read_line(f, &line, &lcap)) >= 0) {
         while (got > 0 && (line[got - 1] == '\n' || line[got - 1] == '\r')) line[--got] = '\0';
         if (got == 0) continue;
         struct item *it = &items[n_items++];
@@ -182,9 +182,17 @@ static int run_batch(struct sched *s, const struct tokenizer *tok, const struct 
         int rc = sched_submit(s, &r, &it->st, &id);
         if (rc) fprintf(stderr, "prompt %d: %s\n", n_items, krs_status_str(rc));
     }
-    free(line);
+    alloc_free(line);
     fclose(f);
-    if (!items) return 1;
+    if (!items) {
+        fprintf(stderr, "krserve generate: out of memory\n");
+        return 1;
+    }
+    if (got == -2) { /* the prompts read so far still run and print */
+        fprintf(stderr, "krserve generate: out of memory reading %s; later lines skipped\n",
+                o->batch_file);
+        status = 1;
+    }
     int total_tokens = 0;
     for (int i = 0; i < n_items; i++) {
         struct item *it = &items[i];

@@ -42,26 +42,6 @@ static void stdout_write(void *user, const char *json, size_t len)
     pthread_mutex_unlock(&s->lock);
 }
 
-/* Reads one line (without the newline) into *buf (grown with alloc_realloc). -1 at EOF. */
-static long read_line(FILE *f, char **buf, size_t *cap)
-{
-    size_t n = 0;
-    int ch;
-    while ((ch = fgetc(f)) != EOF) {
-        if (n + 2 > *cap) {
-            size_t nc = *cap ? *cap * 2 : 4096;
-            char *nb = alloc_realloc(*buf, nc);
-            if (!nb) return -2;
-            *buf = nb, *cap = nc;
-        }
-        if (ch == '\n') break;
-        (*buf)[n++] = (char)ch;
-    }
-    if (ch == EOF && n == 0) return -1;
-    if (*buf) (*buf)[n] = '\0';
-    return (long)n;
-}
-
 int cli_rpc(int argc, char **argv)
 {
     int rc = 1, n_rest = 0;
@@ -107,12 +87,11 @@ int cli_rpc(int argc, char **argv)
 
     struct rpc_sink sink = {stdout_write, &out};
     long n;
-    while ((n = read_line(stdin, &line, &cap)) >= 0) {
+    while ((n = cli_read_line(stdin, &line, &cap)) >= 0) {
         size_t len = (size_t)n;
         while (len > 0 && (line[len - 1] == '\r' || line[len - 1] == ' ')) len--;
         if (len == 0) continue;
-        if (rpc_handle(ctx, line, len, &sink, 0) == KRS_ERR_NOMEM)
-            KRS_LOG_ERRORF("rpc: out of memory handling a message");
+        rpc_handle(ctx, line, len, &sink, 0); /* errors, out of memory too, are answers */
     }
     if (n == -2) KRS_LOG_ERRORF("rpc: out of memory reading input");
     rpc_wait_idle(ctx);

@@ -8,6 +8,7 @@
 #include "engine/engine.h"
 #include "krserve.h"
 #include "server/server.h"
+#include "util/alloc.h"
 #include "util/clock.h"
 #include "util/log.h"
 
@@ -106,6 +107,7 @@ int cli_serve(int argc, char **argv)
         printf("metrics on http://%s:%d%s\n", cfg.server.host, cfg.monitoring.prometheus.port,
                cfg.monitoring.prometheus.path);
     fflush(stdout);
+    int faults = alloc_fault_arm_from_env(); /* tests only: $KRSERVE_FAULT_ALLOC_* */
 
     for (;;) {
         struct signalfd_siginfo si;
@@ -125,6 +127,11 @@ int cli_serve(int argc, char **argv)
         break; /* SIGTERM / SIGINT */
     }
 
+    if (faults) { /* injected failures are for serving, not for the shutdown */
+        int fired = alloc_fault_disarm();
+        fprintf(stderr, "fault injection: %d allocation sites met, injected failure %s\n",
+                alloc_fault_census_count(), fired ? "fired" : "not reached");
+    }
     KRS_LOG_INFOF("shutdown: draining (%d in flight, up to %lld ms)", server_inflight(srv),
                   (long long)cfg.server.drain_timeout_ms);
     server_begin_drain(srv);

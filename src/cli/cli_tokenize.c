@@ -247,27 +247,31 @@ int cli_tokenize(int argc, char **argv)
 
     if (batch) {
         size_t lcap = 0;
-        ssize_t r;
+        long r;
         char *raw = NULL;
-        while ((r = getline(&raw, &lcap, stdin)) >= 0) {
-            while (r > 0 && (raw[r - 1] == '\n' || raw[r - 1] == '\r')) r--;
+        while ((r = cli_read_line(stdin, &raw, &lcap)) >= 0) {
+            while (r > 0 && raw[r - 1] == '\r') r--;
             alloc_free(line);
             line = alloc_malloc((size_t)r / 2 + 1);
-            if (!line) break;
+            if (!line) {
+                r = -2;
+                break;
+            }
             size_t m = 0;
-            for (ssize_t k = 0; k + 1 < r; k += 2)
+            for (long k = 0; k + 1 < r; k += 2)
                 line[m++] = (char)(hexval(raw[k]) * 16 + hexval(raw[k + 1]));
             rc = encode(tok, line, m, add_special, parse_special, &ids, &n);
-            if (rc) {
-                fprintf(stderr, "krserve tokenize: %s\n", krs_status_str(rc));
-                free(raw);
-                goto out;
-            }
+            if (rc) break;
             print_json(tok, ids, n);
             alloc_free(ids);
             ids = NULL;
         }
-        free(raw);
+        alloc_free(raw);
+        if (r == -2) rc = KRS_ERR_NOMEM;
+        if (rc) {
+            fprintf(stderr, "krserve tokenize: %s\n", krs_status_str(rc));
+            goto out;
+        }
         ret = 0;
         goto out;
     }

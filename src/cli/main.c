@@ -1,6 +1,7 @@
 /* krserve: a thin dispatcher over libkrserve's sub-commands. */
 #include "cli/cli.h"
 #include "krserve.h"
+#include "util/alloc.h"
 #include "util/log.h"
 
 #include <stdio.h>
@@ -32,6 +33,25 @@ static const struct command commands[] = {
     {"tokenize", cli_tokenize, "tokenize text or render a chat template (--chat)"},
     {"version", cli_version, "print the version"},
 };
+
+long cli_read_line(FILE *f, char **buf, size_t *cap)
+{
+    size_t n = 0;
+    int ch;
+    while ((ch = fgetc(f)) != EOF) {
+        if (n + 2 > *cap) {
+            size_t nc = *cap ? *cap * 2 : 4096;
+            char *nb = alloc_realloc(*buf, nc);
+            if (!nb) return -2;
+            *buf = nb, *cap = nc;
+        }
+        if (ch == '\n') break;
+        (*buf)[n++] = (char)ch;
+    }
+    if (ch == EOF && n == 0) return -1;
+    if (*buf) (*buf)[n] = '\0';
+    return (long)n;
+}
 
 static char default_model_buf[4200];
 

@@ -139,6 +139,7 @@ int engine_registry_load(struct engine_registry *r, const char *name, const char
 {
     char resolved[4096];
     int rc;
+    if (errlen) *err = '\0';
     if (restrict_to_dir) {
         if ((rc = resolve_in_dir(r->cfg.model.dir, path, resolved, sizeof resolved, err, errlen)))
             return rc;
@@ -166,8 +167,12 @@ int engine_registry_load(struct engine_registry *r, const char *name, const char
     }
 
     struct engine *e = alloc_calloc(1, sizeof *e);
-    if (!e) return KRS_ERR_NOMEM;
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
+        return KRS_ERR_NOMEM;
+    }
     int counted_down = 0;
+    const char *stage = "model";
     pthread_mutex_lock(&r->lock);
     r->loading++;
     pthread_mutex_unlock(&r->lock);
@@ -179,11 +184,13 @@ int engine_registry_load(struct engine_registry *r, const char *name, const char
     struct sched_params sp;
     engine_sched_params(&r->cfg, &sp);
     if ((rc = model_load(resolved, &e->model, err, errlen))) goto fail;
+    stage = "tokenizer";
     if ((rc = tokenizer_load(model_gguf(e->model), &e->tok, err, errlen))) goto fail;
     if ((rc = metrics_create(clock_now_ns(), &e->metrics))) {
         snprintf(err, errlen, "metrics: %s", krs_status_str(rc));
         goto fail;
     }
+    stage = "scheduler";
     if ((rc = sched_create(e->model, e->tok, &sp, e->metrics, &e->sched, err, errlen))) goto fail;
 
     pthread_mutex_lock(&r->lock);
@@ -205,6 +212,8 @@ int engine_registry_load(struct engine_registry *r, const char *name, const char
     KRS_LOG_INFOF("model '%s' loaded from %s", e->name, e->path);
     return KRS_OK;
 fail:
+    /* Every failure says why, also where a lower layer returned only a status. */
+    if (errlen && !*err) snprintf(err, errlen, "%s: %s", stage, krs_status_str(rc));
     pthread_mutex_lock(&r->lock);
     if (!counted_down) r->loading--;
     pthread_mutex_unlock(&r->lock);

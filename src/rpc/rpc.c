@@ -1,7 +1,10 @@
 /* JSON-RPC 2.0 message handling: parsing, request validation, batch arrays, the job that
- * writes responses, and the generation threads that turn a scheduler stream into stream.*
- * notifications (or a non-streaming result). Method semantics live in rpc_methods.c and
- * rpc_generate.c; this file owns threading and ordering and must not know method details. */
+ * writes responses, and the pump: the ctx's one thread that reads every generation's scheduler
+ * stream when the scheduler notifies it (the HTTP server's path) and turns its events into
+ * stream.* notifications or a non-streaming result. Method semantics live in rpc_methods.c and
+ * rpc_generate.c; this file owns threading and ordering and must not know method details.
+ * Nothing here blocks on a stream except rpc_handle with wait_streams = 1 (the caller's own
+ * thread, waiting for its message to finish). */
 #include "rpc/rpc_impl.h"
 
 #include "engine/engine.h"
@@ -81,15 +84,17 @@ cJSON *rpc_json_string(const char *s, size_t n)
     return j;
 }
 
+/* What is written when not even a message could be built. */
+static const char OOM_RESPONSE[] =
+    "{\"jsonrpc\":\"2.0\",\"error\":{\"code\":-32099,\"message\":\"out of memory\"},"
+    "\"id\":null}";
+
 /* Serialises and writes one message. */
 static void sink_write_json(const struct rpc_sink *sink, const cJSON *j)
 {
     char *txt = cJSON_PrintUnformatted(j);
     if (!txt) {
-        static const char oom[] =
-            "{\"jsonrpc\":\"2.0\",\"error\":{\"code\":-32099,\"message\":\"out of memory\"},"
-            "\"id\":null}";
-        sink->write(sink->user, oom, sizeof oom - 1);
+        sink->write(sink->user, OOM_RESPONSE, sizeof OOM_RESPONSE - 1);
         return;
     }
     sink->write(sink->user, txt, strlen(txt));
@@ -116,6 +121,8 @@ static cJSON *envelope(const cJSON *id, const char *key, cJSON *payload)
 
 /* ---- ctx ---------------------------------------------------------------------------------- */
 
+static void *pump_main(void *arg);
+
 int rpc_create(struct engine_registry *reg, struct rpc_ctx **out)
 {
     *out = NULL;
@@ -124,23 +131,65 @@ int rpc_create(struct engine_registry *reg, struct rpc_ctx **out)
     c->reg = reg;
     pthread_mutex_init(&c->lock, NULL);
     pthread_cond_init(&c->cv, NULL);
+    pthread_mutex_init(&c->qlock, NULL);
+    pthread_cond_init(&c->qcv, NULL);
+    if (pthread_create(&c->pump, NULL, pump_main, c)) {
+        pthread_mutex_destroy(&c->lock);
+        pthread_cond_destroy(&c->cv);
+        pthread_mutex_destroy(&c->qlock);
+        pthread_cond_destroy(&c->qcv);
+        alloc_free(c);
+        return KRS_ERR_NOMEM;
+    }
     *out = c;
     return KRS_OK;
 }
 
 static int handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
-                  int wait_streams, const atomic_int *abort);
+                  const atomic_int *abort, void (*done)(void *), void *done_arg);
+
+/* rpc_handle's wait: the done callback of a message handled synchronously. */
+struct waiter {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int done;
+};
+
+static void waiter_done(void *arg)
+{
+    struct waiter *w = arg;
+    pthread_mutex_lock(&w->mu);
+    w->done = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+}
+
+static int handle_and_wait(struct rpc_ctx *c, const char *msg, size_t len,
+                           const struct rpc_sink *sink)
+{
+    struct waiter w = {.done = 0};
+    pthread_mutex_init(&w.mu, NULL);
+    pthread_cond_init(&w.cv, NULL);
+    int rc = handle(c, msg, len, sink, NULL, waiter_done, &w);
+    pthread_mutex_lock(&w.mu);
+    while (rc == KRS_OK && !w.done) pthread_cond_wait(&w.cv, &w.mu);
+    pthread_mutex_unlock(&w.mu);
+    pthread_mutex_destroy(&w.mu);
+    pthread_cond_destroy(&w.cv);
+    return rc;
+}
 
 int rpc_handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
                int wait_streams)
 {
-    return handle(c, msg, len, sink, wait_streams, NULL);
+    if (wait_streams) return handle_and_wait(c, msg, len, sink);
+    return handle(c, msg, len, sink, NULL, NULL, NULL);
 }
 
-int rpc_handle_abortable(struct rpc_ctx *c, const char *msg, size_t len,
-                         const struct rpc_sink *sink, const atomic_int *abort)
+int rpc_handle_async(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
+                     const atomic_int *abort, void (*done)(void *), void *done_arg)
 {
-    return handle(c, msg, len, sink, 1, abort);
+    return handle(c, msg, len, sink, abort, done, done_arg);
 }
 
 void rpc_abort(struct rpc_ctx *c, const atomic_int *abort)
@@ -156,7 +205,7 @@ void rpc_wait_idle(struct rpc_ctx *c)
 {
     if (!c) return;
     pthread_mutex_lock(&c->lock);
-    while (c->n_threads > 0) pthread_cond_wait(&c->cv, &c->lock);
+    while (c->n_jobs > 0) pthread_cond_wait(&c->cv, &c->lock);
     pthread_mutex_unlock(&c->lock);
 }
 
@@ -168,24 +217,23 @@ void rpc_free(struct rpc_ctx *c)
         sched_cancel(engine_sched(g->eng), g->sched_id);
     pthread_mutex_unlock(&c->lock);
     rpc_wait_idle(c);
+    pthread_mutex_lock(&c->qlock);
+    c->stopping = 1;
+    pthread_cond_signal(&c->qcv);
+    pthread_mutex_unlock(&c->qlock);
+    pthread_join(c->pump, NULL);
     pthread_mutex_destroy(&c->lock);
     pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->qlock);
+    pthread_cond_destroy(&c->qcv);
     alloc_free(c);
-}
-
-static void thread_exit_count(struct rpc_ctx *c)
-{
-    pthread_mutex_lock(&c->lock);
-    c->n_threads--;
-    pthread_cond_broadcast(&c->cv);
-    pthread_mutex_unlock(&c->lock);
 }
 
 /* ---- job ---------------------------------------------------------------------------------- */
 
 static void gen_free(struct rpc_gen *g)
 {
-    for (size_t i = 0; i < g->n_pending; i++) alloc_free(g->pending[i]);
+    for (size_t i = 0; i < g->n_pending; i++) cJSON_free(g->pending[i]);
     alloc_free(g->pending);
     alloc_free(g->text);
     cJSON_Delete(g->lp);
@@ -208,7 +256,6 @@ static void job_free(struct rpc_job *job)
     for (int i = 0; i < job->n_gens; i++) gen_free(job->gens[i]);
     alloc_free(job->gens);
     pthread_mutex_destroy(&job->mu);
-    pthread_cond_destroy(&job->cv);
     alloc_free(job);
 }
 
@@ -220,10 +267,89 @@ static void job_unref(struct rpc_job *job)
     if (left == 0) job_free(job);
 }
 
-/* ---- generation threads ------------------------------------------------------------------- */
+static void job_write_response(struct rpc_job *job);
 
-/* Writes a notification now, or queues it until the gate opens. Keeps the stream's order. */
-static void gen_emit(struct rpc_gen *g, const char *method, cJSON *params)
+/* Moves the job on after a change of its progress: writes the response once every request is
+ * dispatched and every non-streaming generation has ended (whoever sees that first), and
+ * reports the job finished once the response is out and every generation has ended. Called by
+ * handle after dispatching and by the pump after each generation ends; the claims under mu make
+ * each step happen exactly once. */
+static void job_advance(struct rpc_job *job)
+{
+    struct rpc_ctx *c = job->ctx;
+    int respond = 0, finished = 0;
+    pthread_mutex_lock(&job->mu);
+    if (job->dispatched && !job->resp_claimed && job->n_waiting == 0)
+        job->resp_claimed = respond = 1;
+    pthread_mutex_unlock(&job->mu);
+    if (respond) job_write_response(job);
+    pthread_mutex_lock(&job->mu);
+    if (respond) job->responded = 1;
+    if (job->responded && job->n_open == 0 && !job->finished) job->finished = finished = 1;
+    pthread_mutex_unlock(&job->mu);
+    if (!finished) return;
+    if (job->done) job->done(job->done_arg);
+    pthread_mutex_lock(&c->lock);
+    c->n_jobs--;
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ---- generations: the pump ---------------------------------------------------------------- */
+
+/* Puts g on the ready list (once). The notify callback of g's stream (engine thread): it only
+ * takes qlock; the pump does the rest. */
+static void gen_ready(void *arg)
+{
+    struct rpc_gen *g = arg;
+    struct rpc_ctx *c = g->job->ctx;
+    pthread_mutex_lock(&c->qlock);
+    if (!g->queued) {
+        g->queued = 1;
+        g->next_ready = NULL;
+        if (c->ready_tail)
+            c->ready_tail->next_ready = g;
+        else
+            c->ready_head = g;
+        c->ready_tail = g;
+        pthread_cond_signal(&c->qcv);
+    }
+    pthread_mutex_unlock(&c->qlock);
+}
+
+/* Takes g off the ready list if it is there (its stream is released: no notify follows). */
+static void gen_unready(struct rpc_gen *g)
+{
+    struct rpc_ctx *c = g->job->ctx;
+    pthread_mutex_lock(&c->qlock);
+    if (g->queued) {
+        struct rpc_gen *prev = NULL;
+        for (struct rpc_gen *x = c->ready_head; x; prev = x, x = x->next_ready)
+            if (x == g) {
+                if (prev)
+                    prev->next_ready = g->next_ready;
+                else
+                    c->ready_head = g->next_ready;
+                if (c->ready_tail == g) c->ready_tail = prev;
+                break;
+            }
+        g->queued = 0;
+    }
+    pthread_mutex_unlock(&c->qlock);
+}
+
+/* Out of memory while turning g's events into output: cancel the request; it ends with an
+ * error (gen_finish) instead of a silently incomplete text. */
+static void gen_fail(struct rpc_gen *g)
+{
+    if (g->failed) return;
+    g->failed = 1;
+    sched_cancel(engine_sched(g->eng), g->sched_id);
+}
+
+/* Writes a notification now, or queues it until the gate opens. Keeps the stream's order. The
+ * final notifications (final = 1) use the slots kept for them. 0, or -1 out of memory. */
+static int gen_emit(struct rpc_gen *g, const char *method, cJSON *params, int final)
 {
     cJSON *n = cJSON_CreateObject();
     cJSON_AddStringToObject(n, "jsonrpc", "2.0");
@@ -231,29 +357,36 @@ static void gen_emit(struct rpc_gen *g, const char *method, cJSON *params)
     cJSON_AddItemToObject(n, "params", params);
     char *txt = cJSON_PrintUnformatted(n);
     cJSON_Delete(n);
-    if (!txt) return;
+    if (!txt) return -1;
+    int rc = 0;
     pthread_mutex_lock(&g->mu);
     if (g->gate_open) {
         g->job->sink.write(g->job->sink.user, txt, strlen(txt));
     } else {
-        if (g->n_pending == g->cap_pending) {
-            size_t nc = g->cap_pending ? 2 * g->cap_pending : 16;
+        size_t room = final ? g->cap_pending : g->cap_pending - RPC_GEN_FINAL_SLOTS;
+        if (!final && g->n_pending >= room) {
+            size_t nc = 2 * g->cap_pending;
             char **np = alloc_realloc(g->pending, nc * sizeof *np);
-            if (np) g->pending = np, g->cap_pending = nc;
+            if (np) g->pending = np, g->cap_pending = nc, room = nc - RPC_GEN_FINAL_SLOTS;
         }
-        if (g->n_pending < g->cap_pending) g->pending[g->n_pending++] = alloc_strdup(txt);
+        if (g->n_pending < room) {
+            g->pending[g->n_pending++] = txt;
+            txt = NULL;
+        } else {
+            rc = -1;
+        }
     }
     pthread_mutex_unlock(&g->mu);
     cJSON_free(txt);
+    return rc;
 }
 
 static void gen_open_gate(struct rpc_gen *g)
 {
     pthread_mutex_lock(&g->mu);
     for (size_t i = 0; i < g->n_pending; i++) {
-        if (g->pending[i])
-            g->job->sink.write(g->job->sink.user, g->pending[i], strlen(g->pending[i]));
-        alloc_free(g->pending[i]);
+        g->job->sink.write(g->job->sink.user, g->pending[i], strlen(g->pending[i]));
+        cJSON_free(g->pending[i]);
     }
     g->n_pending = 0;
     g->gate_open = 1;
@@ -279,64 +412,66 @@ static const char *event_name(enum sched_finish f)
                                        : "completed";
 }
 
-static void gen_append_text(struct rpc_gen *g, const char *s, size_t n)
+static int gen_append_text(struct rpc_gen *g, const char *s, size_t n)
 {
     if (g->len + n + 1 > g->cap) {
         size_t nc = g->cap ? g->cap : 256;
         while (nc < g->len + n + 1) nc *= 2;
         char *nt = alloc_realloc(g->text, nc);
-        if (!nt) return; /* text truncated; the result says so via usage mismatch */
+        if (!nt) return -1;
         g->text = nt, g->cap = nc;
     }
     memcpy(g->text + g->len, s, n);
     g->len += n;
     g->text[g->len] = '\0';
+    return 0;
 }
 
-static void *gen_thread(void *arg)
+/* One token event: a stream.chunk, or the non-streaming text and logprobs. */
+static void gen_event(struct rpc_gen *g, const struct sched_event *ev)
 {
-    struct rpc_gen *g = arg;
+    if (g->failed) return; /* cancelled; waiting for the finish */
+    int bad = 0;
+    if (g->streaming) {
+        cJSON *p = cJSON_CreateObject();
+        cJSON_AddStringToObject(p, "stream_id", g->stream_id);
+        bad |= !cJSON_AddItemToObject(p, "text", rpc_json_string(ev->text, ev->text_len));
+        if (ev->token >= 0) {
+            cJSON_AddNumberToObject(p, "token", ev->token);
+            if (g->logprobs) cJSON_AddNumberToObject(p, "logprob", ev->logprob);
+            if (g->top_logprobs > 0)
+                cJSON_AddItemToObject(p, "top_logprobs", top_logprobs_json(ev));
+        }
+        cJSON_AddNumberToObject(p, "index", g->index);
+        if (bad)
+            cJSON_Delete(p);
+        else
+            bad = gen_emit(g, "stream.chunk", p, 0) != 0;
+    } else {
+        bad = gen_append_text(g, ev->text, ev->text_len) != 0;
+        if (!bad && g->logprobs && ev->token >= 0) {
+            if (!g->lp) g->lp = cJSON_CreateArray();
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddNumberToObject(o, "token", ev->token);
+            cJSON_AddNumberToObject(o, "logprob", ev->logprob);
+            if (g->top_logprobs > 0)
+                cJSON_AddItemToObject(o, "top_logprobs", top_logprobs_json(ev));
+            bad = !cJSON_AddItemToArray(g->lp, o);
+        }
+    }
+    g->index++;
+    if (bad) gen_fail(g);
+}
+
+/* The stream ended (g->fin holds its FINISH): final notifications, the stream and the engine
+ * given back, the job moved on. */
+static void gen_finish(struct rpc_gen *g)
+{
     struct rpc_job *job = g->job;
     struct rpc_ctx *c = job->ctx;
-    struct sched_event ev;
-    int index = 0;
-    int got_finish = 0;
-    while (sched_stream_read(g->st, &ev, -1) == KRS_OK) {
-        if (ev.kind == SCHED_EV_FINISH) {
-            g->fin = ev;
-            got_finish = 1;
-            break;
-        }
-        if (g->streaming) {
-            cJSON *p = cJSON_CreateObject();
-            cJSON_AddStringToObject(p, "stream_id", g->stream_id);
-            cJSON_AddItemToObject(p, "text", rpc_json_string(ev.text, ev.text_len));
-            if (ev.token >= 0) {
-                cJSON_AddNumberToObject(p, "token", ev.token);
-                if (g->logprobs) cJSON_AddNumberToObject(p, "logprob", ev.logprob);
-                if (g->top_logprobs > 0)
-                    cJSON_AddItemToObject(p, "top_logprobs", top_logprobs_json(&ev));
-            }
-            cJSON_AddNumberToObject(p, "index", index);
-            gen_emit(g, "stream.chunk", p);
-        } else {
-            gen_append_text(g, ev.text, ev.text_len);
-            if (g->logprobs && ev.token >= 0) {
-                if (!g->lp) g->lp = cJSON_CreateArray();
-                cJSON *o = cJSON_CreateObject();
-                cJSON_AddNumberToObject(o, "token", ev.token);
-                cJSON_AddNumberToObject(o, "logprob", ev.logprob);
-                if (g->top_logprobs > 0)
-                    cJSON_AddItemToObject(o, "top_logprobs", top_logprobs_json(&ev));
-                cJSON_AddItemToArray(g->lp, o);
-            }
-        }
-        index++;
-    }
-    if (!got_finish) { /* cannot happen with a live stream; keep the protocol whole anyway */
-        memset(&g->fin, 0, sizeof g->fin);
+    if (g->failed) {
         g->fin.finish = SCHED_FINISH_ERROR;
-        snprintf(g->fin.reason, sizeof g->fin.reason, "stream ended without a finish event");
+        snprintf(g->fin.reason, sizeof g->fin.reason, "out of memory");
     }
     /* Out of the cancel registry before the final notifications go out (a client that has seen
      * the stream end must get "unknown or finished stream" for it) and before the engine
@@ -362,26 +497,67 @@ static void *gen_thread(void *arg)
         cJSON_AddNumberToObject(p, "tokens_per_second",
                                 f->total_ms > 0 ? f->n_gen_tokens * 1000.0 / f->total_ms : 0.0);
         cJSON_AddStringToObject(p, "finish_reason", sched_finish_name(f->finish));
-        gen_emit(g, "stream.stats", p);
+        gen_emit(g, "stream.stats", p, 1);
         p = cJSON_CreateObject();
         cJSON_AddStringToObject(p, "stream_id", g->stream_id);
         cJSON_AddStringToObject(p, "event", event_name(f->finish));
         cJSON_AddStringToObject(p, "finish_reason", sched_finish_name(f->finish));
         if (f->finish == SCHED_FINISH_CANCELLED || f->finish == SCHED_FINISH_ERROR)
             cJSON_AddStringToObject(p, "message", f->reason);
-        gen_emit(g, "stream.event", p);
+        gen_emit(g, "stream.event", p, 1);
     }
-    sched_stream_release(g->st);
+    sched_stream_release(g->st); /* no notify after this */
     g->st = NULL;
+    gen_unready(g);
     engine_release(g->eng);
     g->eng = NULL;
 
     pthread_mutex_lock(&job->mu);
     g->done = 1;
-    pthread_cond_broadcast(&job->cv);
+    job->n_open--;
+    if (!g->streaming) job->n_waiting--;
     pthread_mutex_unlock(&job->mu);
+    job_advance(job);
     job_unref(job);
-    thread_exit_count(c);
+}
+
+/* Reads what g's stream holds, without blocking; the next notify puts it back on the list. */
+static void gen_drain(struct rpc_gen *g)
+{
+    struct sched_event ev;
+    int rc;
+    while ((rc = sched_stream_try_read(g->st, &ev)) == KRS_OK) {
+        if (ev.kind == SCHED_EV_FINISH) {
+            g->fin = ev;
+            gen_finish(g);
+            return;
+        }
+        gen_event(g, &ev);
+    }
+    if (rc == KRS_ERR_STATE) { /* cannot happen: the finish ends the stream above */
+        memset(&g->fin, 0, sizeof g->fin);
+        g->fin.finish = SCHED_FINISH_ERROR;
+        snprintf(g->fin.reason, sizeof g->fin.reason, "stream ended without a finish event");
+        gen_finish(g);
+    }
+}
+
+static void *pump_main(void *arg)
+{
+    struct rpc_ctx *c = arg;
+    pthread_mutex_lock(&c->qlock);
+    for (;;) {
+        while (!c->ready_head && !c->stopping) pthread_cond_wait(&c->qcv, &c->qlock);
+        struct rpc_gen *g = c->ready_head;
+        if (!g) break; /* stopping, and nothing left */
+        c->ready_head = g->next_ready;
+        if (!c->ready_head) c->ready_tail = NULL;
+        g->queued = 0; /* before draining: a notify from now on queues it again */
+        pthread_mutex_unlock(&c->qlock);
+        gen_drain(g);
+        pthread_mutex_lock(&c->qlock);
+    }
+    pthread_mutex_unlock(&c->qlock);
     return NULL;
 }
 
@@ -397,6 +573,15 @@ int rpc_gen_launch(struct rpc_job *job, struct rpc_gen *g, char *msg, size_t msg
         }
         job->gens = ng, job->cap_gens = nc;
     }
+    if (g->streaming && !g->pending) {
+        g->cap_pending = 8 + RPC_GEN_FINAL_SLOTS;
+        g->pending = alloc_calloc(g->cap_pending, sizeof *g->pending);
+        if (!g->pending) {
+            g->cap_pending = 0;
+            snprintf(msg, msglen, "out of memory");
+            return RPC_INTERNAL;
+        }
+    }
     pthread_mutex_lock(&c->lock);
     int taken = 0;
     for (struct rpc_gen *o = c->active; o && !taken; o = o->next_active)
@@ -405,6 +590,9 @@ int rpc_gen_launch(struct rpc_job *job, struct rpc_gen *g, char *msg, size_t msg
         taken = !strcmp(job->gens[i]->stream_id, g->stream_id);
     if (taken) {
         pthread_mutex_unlock(&c->lock);
+        alloc_free(g->pending); /* the caller frees g itself */
+        g->pending = NULL;
+        g->cap_pending = 0;
         snprintf(msg, msglen, "stream_id '%s' is already in use", g->stream_id);
         return RPC_INVALID_PARAMS;
     }
@@ -412,38 +600,19 @@ int rpc_gen_launch(struct rpc_job *job, struct rpc_gen *g, char *msg, size_t msg
     g->next_active = c->active;
     c->active = g;
     g->in_active = 1;
-    c->n_threads++;
     /* Checked under the lock rpc_abort takes: a generation registered after the scan of an
      * abort sees the flag here, one registered before is found by the scan. */
     if (job->abort && atomic_load(job->abort)) sched_cancel(engine_sched(g->eng), g->sched_id);
     pthread_mutex_unlock(&c->lock);
     pthread_mutex_lock(&job->mu);
     job->refs++;
+    job->n_open++;
+    if (!g->streaming) job->n_waiting++;
     pthread_mutex_unlock(&job->mu);
     job->gens[job->n_gens++] = g;
-
-    pthread_t th;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int err = pthread_create(&th, &attr, gen_thread, g);
-    pthread_attr_destroy(&attr);
-    if (err) {
-        job->n_gens--;
-        pthread_mutex_lock(&job->mu);
-        job->refs--;
-        pthread_mutex_unlock(&job->mu);
-        pthread_mutex_lock(&c->lock);
-        for (struct rpc_gen **pp = &c->active; *pp; pp = &(*pp)->next_active)
-            if (*pp == g) {
-                *pp = g->next_active;
-                break;
-            }
-        c->n_threads--;
-        pthread_mutex_unlock(&c->lock);
-        snprintf(msg, msglen, "cannot start a stream thread");
-        return RPC_INTERNAL;
-    }
+    /* Events may have arrived before the callback was set: one look now. */
+    sched_stream_set_notify(g->st, gen_ready, g);
+    gen_ready(g);
     return 0;
 }
 
@@ -502,7 +671,10 @@ static cJSON *slot_response(struct rpc_slot *s)
 {
     const char *key;
     cJSON *payload;
-    if (!s->batch_gen) {
+    if (s->no_memory) {
+        key = "error";
+        payload = error_object(RPC_INTERNAL, "out of memory");
+    } else if (!s->batch_gen) {
         payload = part_payload(&s->parts[0], &key);
     } else {
         key = "result";
@@ -530,26 +702,9 @@ static cJSON *slot_response(struct rpc_slot *s)
     return envelope(s->id, key, payload);
 }
 
-static int job_blocking(const struct rpc_job *job)
+/* Writes the response (every non-streaming generation has ended) and opens every gate. */
+static void job_write_response(struct rpc_job *job)
 {
-    for (int i = 0; i < job->n_slots; i++)
-        for (int k = 0; k < job->slots[i].n_parts; k++)
-            if (job->slots[i].parts[k].gen) return 1;
-    return 0;
-}
-
-/* Waits for the non-streaming generations, writes the response, opens every gate, drops the
- * writer's reference. */
-static void job_complete(struct rpc_job *job)
-{
-    pthread_mutex_lock(&job->mu);
-    for (int i = 0; i < job->n_slots; i++)
-        for (int k = 0; k < job->slots[i].n_parts; k++) {
-            struct rpc_gen *g = job->slots[i].parts[k].gen;
-            while (g && !g->done) pthread_cond_wait(&job->cv, &job->mu);
-        }
-    pthread_mutex_unlock(&job->mu);
-
     cJSON *out = job->is_array ? cJSON_CreateArray() : NULL;
     for (int i = 0; i < job->n_slots; i++) {
         struct rpc_slot *s = &job->slots[i];
@@ -569,31 +724,25 @@ static void job_complete(struct rpc_job *job)
     for (int i = 0; i < job->n_gens; i++) gen_open_gate(job->gens[i]);
 }
 
-static void *job_thread(void *arg)
-{
-    struct rpc_job *job = arg;
-    struct rpc_ctx *c = job->ctx;
-    job_complete(job);
-    job_unref(job);
-    thread_exit_count(c);
-    return NULL;
-}
-
 /* ---- request validation ------------------------------------------------------------------- */
 
 static void handle_request(struct rpc_job *job, struct rpc_slot *s, const cJSON *req)
 {
-    s->n_parts = 1;
-    s->parts = alloc_calloc(1, sizeof *s->parts);
-    if (!s->parts) {
-        s->n_parts = 0;
-        return;
-    }
     const cJSON *id = cJSON_IsObject(req) ? cJSON_GetObjectItemCaseSensitive(req, "id") : NULL;
-    /* A request with an id of the wrong type is answered with id null. */
-    if (id && (cJSON_IsString(id) || cJSON_IsNumber(id) || cJSON_IsNull(id))) {
+    int good_id = id && (cJSON_IsString(id) || cJSON_IsNumber(id) || cJSON_IsNull(id));
+    if (good_id) {
         s->id = cJSON_Duplicate(id, 1);
         s->has_id = 1;
+    }
+    s->n_parts = 1;
+    s->parts = alloc_calloc(1, sizeof *s->parts);
+    if (!s->parts) { /* answered "out of memory" (a notification: nothing) */
+        s->n_parts = 0;
+        s->no_memory = 1;
+        return;
+    }
+    /* A request with an id of the wrong type is answered with id null. */
+    if (good_id) {
     } else if (id) {
         s->has_id = 1;
         rpc_part_error(&s->parts[0], RPC_INVALID_REQUEST, "invalid request: bad id type");
@@ -627,41 +776,44 @@ static void handle_request(struct rpc_job *job, struct rpc_slot *s, const cJSON 
 }
 
 static int handle(struct rpc_ctx *c, const char *msg, size_t len, const struct rpc_sink *sink,
-                  int wait_streams, const atomic_int *abort)
+                  const atomic_int *abort, void (*done)(void *), void *done_arg)
 {
     if (!c || !msg || !sink || !sink->write) return KRS_ERR_INVALID;
     cJSON *root = cJSON_ParseWithLength(msg, len);
+    struct rpc_job *job = NULL;
     if (!root) {
         cJSON *r = envelope(NULL, "error", error_object(RPC_PARSE_ERROR, "parse error"));
         sink_write_json(sink, r);
         cJSON_Delete(r);
-        return KRS_OK;
+        goto answered;
     }
     if (cJSON_IsArray(root) && cJSON_GetArraySize(root) == 0) {
         cJSON *r = envelope(NULL, "error",
                             error_object(RPC_INVALID_REQUEST, "invalid request: empty batch"));
         sink_write_json(sink, r);
         cJSON_Delete(r);
-        cJSON_Delete(root);
-        return KRS_OK;
+        goto answered;
     }
-    int rc = KRS_ERR_NOMEM;
-    struct rpc_job *job = alloc_calloc(1, sizeof *job);
-    if (!job) goto out;
+    job = alloc_calloc(1, sizeof *job);
+    if (!job) goto no_memory;
     job->ctx = c;
     job->sink = *sink;
-    job->refs = 1;
+    job->refs = 1; /* this call's */
     job->abort = abort;
+    job->done = done;
+    job->done_arg = done_arg;
     pthread_mutex_init(&job->mu, NULL);
-    pthread_cond_init(&job->cv, NULL);
     job->is_array = cJSON_IsArray(root);
     job->n_slots = job->is_array ? cJSON_GetArraySize(root) : 1;
     job->slots = alloc_calloc((size_t)job->n_slots, sizeof *job->slots);
     if (!job->slots) {
         job->n_slots = 0;
         job_unref(job);
-        goto out;
+        goto no_memory;
     }
+    pthread_mutex_lock(&c->lock);
+    c->n_jobs++;
+    pthread_mutex_unlock(&c->lock);
     if (job->is_array) {
         int i = 0;
         const cJSON *el;
@@ -669,40 +821,18 @@ static int handle(struct rpc_ctx *c, const char *msg, size_t len, const struct r
     } else {
         handle_request(job, &job->slots[0], root);
     }
-    for (int i = 0; i < job->n_slots; i++)
-        if (job->slots[i].n_parts == 0) { /* out of memory for the slot */
-            job->slots[i].parts = NULL;
-            job->slots[i].has_id = 0;
-        }
-
-    if (wait_streams || !job_blocking(job)) {
-        job_complete(job);
-        if (wait_streams) {
-            pthread_mutex_lock(&job->mu);
-            for (int i = 0; i < job->n_gens; i++)
-                while (!job->gens[i]->done) pthread_cond_wait(&job->cv, &job->mu);
-            pthread_mutex_unlock(&job->mu);
-        }
-        job_unref(job);
-    } else {
-        pthread_mutex_lock(&c->lock);
-        c->n_threads++;
-        pthread_mutex_unlock(&c->lock);
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int err = pthread_create(&th, &attr, job_thread, job);
-        pthread_attr_destroy(&attr);
-        if (err) { /* answer from here instead */
-            KRS_LOG_WARNF("rpc: cannot start a job thread; answering synchronously");
-            thread_exit_count(c);
-            job_complete(job);
-            job_unref(job);
-        }
-    }
-    rc = KRS_OK;
-out:
+    pthread_mutex_lock(&job->mu);
+    job->dispatched = 1;
+    pthread_mutex_unlock(&job->mu);
+    job_advance(job); /* answers now unless a non-streaming generation is still running */
+    job_unref(job);
     cJSON_Delete(root);
-    return rc;
+    return KRS_OK;
+no_memory:
+    /* Not even the job could be set up: one error, written without allocating. */
+    sink->write(sink->user, OOM_RESPONSE, sizeof OOM_RESPONSE - 1);
+answered:
+    cJSON_Delete(root);
+    if (done) done(done_arg);
+    return KRS_OK;
 }

@@ -5,10 +5,17 @@
  * stream.event notifications of streaming generations. docs/rpc.md lists the methods, their
  * parameters and error codes.
  *
- * Threads: each generation is read by its own thread (the scheduler's stream -> notifications),
- * so a caller never blocks on a stream unless it asks to (wait_streams). The sink is called from
- * those threads and from the caller's; it must be thread-safe. A response is always written
- * before the notifications of the streams it announces.
+ * Threads: a ctx has one stream thread (the pump) that reads every generation's scheduler
+ * stream when the scheduler notifies it, as the HTTP server does, and turns events into
+ * notifications and non-streaming results: no thread per generation or per message. A caller
+ * never blocks on a stream unless it asks to (wait_streams). The sink is called from the pump and
+ * from the caller's thread; it must be thread-safe and should not block for long (it holds up
+ * every stream of the ctx). A response is always written before the notifications of the
+ * streams it announces.
+ *
+ * Out of memory: a message that cannot even be set up is answered with error -32099 "out of
+ * memory" (id null); a request with code -32099 or its method's error; a stream that runs out
+ * of memory is cancelled and ends with stream.event "error", message "out of memory".
  *
  * Ownership: the ctx borrows the registry (it must outlive the ctx). rpc_handle copies the sink
  * struct; with wait_streams = 0 the sink must stay usable until rpc_wait_idle / rpc_free return.
@@ -32,28 +39,33 @@ struct rpc_ctx;
 
 /* KRS_OK or KRS_ERR_NOMEM. The caller owns *out (rpc_free). */
 int rpc_create(struct engine_registry *reg, struct rpc_ctx **out);
-/* Cancels every outstanding stream of the ctx, waits until their threads have written their
- * last notification and exited, then frees the ctx. NULL is a no-op. */
+/* Cancels every outstanding stream of the ctx, waits until each has written its last
+ * notification, stops the pump and frees the ctx. NULL is a no-op. */
 void rpc_free(struct rpc_ctx *ctx);
 
 /* Handles one JSON-RPC message (object or batch array). Responses and notifications go to sink.
- * wait_streams = 1 (HTTP): returns only after every stream this message started has finished, so
+ * wait_streams = 1: returns only after every stream this message started has finished, so
  * all its notifications were written. wait_streams = 0 (stdio): streaming generate returns its
- * result {stream_id} at once and notifications follow asynchronously from a per-stream thread;
- * a non-streaming generate (or a batch that contains one) is answered from a thread when it
+ * result {stream_id} at once and notifications follow asynchronously from the pump; a
+ * non-streaming generate (or a batch that contains one) is answered from the pump when it
  * finishes, so the caller can go on reading messages (e.g. a cancel).
- * Protocol errors (parse error, unknown method, bad params...) are JSON-RPC error responses and
- * still return KRS_OK; the return value is KRS_ERR_INVALID only for bad arguments (NULL ctx,
- * msg or sink) and KRS_ERR_NOMEM when not even an error response could be built. */
+ * Protocol errors (parse error, unknown method, bad params, out of memory...) are JSON-RPC error
+ * responses and still return KRS_OK; the return value is KRS_ERR_INVALID only for bad arguments
+ * (NULL ctx, msg or sink). */
 int rpc_handle(struct rpc_ctx *ctx, const char *msg, size_t len, const struct rpc_sink *sink,
                int wait_streams);
 
-/* rpc_handle with wait_streams = 1 for a caller whose client can go away (HTTP /rpc): once the
- * caller sets *abort (it owns the flag; it must outlive the call) and calls rpc_abort(ctx, abort),
- * every generation the message started is cancelled (effective at the next scheduler step) and
- * none is started after, so the call returns promptly and no token is computed for nobody. */
-int rpc_handle_abortable(struct rpc_ctx *ctx, const char *msg, size_t len,
-                         const struct rpc_sink *sink, const atomic_int *abort);
+/* rpc_handle with wait_streams = 0 for an event-driven caller (HTTP /rpc): done(done_arg) is
+ * called exactly once, when the message's response and every notification of its streams have
+ * been written: from this call when nothing is left pending, else later from the pump (the
+ * caller must not hold a lock there that done takes). Returns as rpc_handle; done is called iff
+ * KRS_OK.
+ * abort (may be NULL) is for a caller whose client can go away: the caller owns the flag (it
+ * must outlive the call to done); once it sets *abort and calls rpc_abort(ctx, abort), every
+ * generation the message started is cancelled (effective at the next scheduler step) and none
+ * is started after, so the message finishes promptly and no token is computed for nobody. */
+int rpc_handle_async(struct rpc_ctx *ctx, const char *msg, size_t len, const struct rpc_sink *sink,
+                     const atomic_int *abort, void (*done)(void *), void *done_arg);
 /* Cancels the running generations of every message handled with this abort flag. Thread-safe. */
 void rpc_abort(struct rpc_ctx *ctx, const atomic_int *abort);
 

@@ -1,6 +1,7 @@
 /* generate: JSON params -> a scheduler request (prompt or chat messages tokenized, sampling
  * validated against the vocabulary, limits from the configuration), submission, and the
- * non-streaming result. Threads and ordering are rpc.c's business; this file must not block. */
+ * non-streaming result. Reading streams and ordering are rpc.c's business; this file must not
+ * block. */
 #include "rpc/rpc_impl.h"
 
 #include "engine/engine.h"
@@ -343,7 +344,7 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
         g->eng = NULL;
         goto out;
     }
-    e = NULL; /* the generation thread owns the reference now */
+    e = NULL; /* the generation owns the reference now (released when its stream ends) */
     if (g->streaming) {
         part->code = 0;
         part->result = cJSON_CreateObject();
@@ -370,8 +371,13 @@ void rpc_generate_result(const struct rpc_gen *g, struct rpc_part *part)
         rpc_part_error(part, RPC_GENERATION_ERROR, "generation error: %s", f->reason);
         return;
     }
+    cJSON *text = rpc_json_string(g->text ? g->text : "", g->len);
+    if (!text) {
+        rpc_part_error(part, RPC_INTERNAL, "out of memory");
+        return;
+    }
     cJSON *r = cJSON_CreateObject();
-    cJSON_AddItemToObject(r, "text", rpc_json_string(g->text ? g->text : "", g->len));
+    cJSON_AddItemToObject(r, "text", text);
     cJSON_AddStringToObject(r, "finish_reason", sched_finish_name(f->finish));
     if (f->finish == SCHED_FINISH_CANCELLED) cJSON_AddStringToObject(r, "message", f->reason);
     cJSON *u = cJSON_AddObjectToObject(r, "usage");

@@ -1,4 +1,4 @@
-/* rpc/ internals: the per-message job, its generations (one reader thread each), and the
+/* rpc/ internals: the per-message job, its generations, the ctx's stream pump, and the
  * helpers the method handlers share. Not part of the public API (rpc.h).
  *
  * A job is one rpc_handle call. It holds one slot per request (1 for an object, n for a batch
@@ -7,9 +7,15 @@
  * ready at once ({stream_id}) and write notifications through a gate that opens only after the
  * job's response has been written, so a client always sees the stream id before its chunks.
  *
- * Lifetime: the job is counted: one reference for whoever writes its response, one per
- * generation thread; the last to let go frees it. The ctx counts its live threads so that
- * rpc_wait_idle / rpc_free can wait for them. */
+ * Streams are read the way the HTTP server reads them: each generation's scheduler stream
+ * notifies (sched_stream_set_notify, engine thread) by putting the generation on the ctx's
+ * ready list; the ctx's one pump thread takes generations off that list and drains their
+ * streams without blocking (sched_stream_try_read). No thread per generation or per message.
+ *
+ * Lifetime: the job is counted: one reference for rpc_handle while it runs, one per live
+ * generation; the last to let go frees it (and its generations). A job is "finished" when its
+ * response is written and every generation has ended (all notifications written); that is when
+ * the caller's done callback runs and the ctx's count of unfinished jobs (rpc_wait_idle) drops. */
 #ifndef KRS_RPC_IMPL_H
 #define KRS_RPC_IMPL_H
 
@@ -30,29 +36,46 @@ struct rpc_ctx {
     pthread_mutex_t lock;
     pthread_cond_t cv;
     struct rpc_gen *active; /* generations whose stream is still open (cancel looks here) */
-    int n_threads;          /* live generation and job threads */
+    int n_jobs;             /* jobs not finished yet (rpc_wait_idle waits for 0) */
     uint64_t next_stream;   /* for generated stream ids */
+    /* The pump: ready list of generations with events to read, under qlock (taken by the
+     * engine thread's notify callback, so nothing else is done under it). */
+    pthread_mutex_t qlock;
+    pthread_cond_t qcv;
+    struct rpc_gen *ready_head, *ready_tail;
+    int stopping;
+    pthread_t pump;
 };
+
+/* Notifications of a stream kept until its gate opens; the last RPC_GEN_FINAL_SLOTS entries
+ * of `pending` are kept for the final stream.stats and stream.event so that a stream always
+ * ends, also when memory ran out for its chunks. */
+#define RPC_GEN_FINAL_SLOTS 2
 
 struct rpc_gen {
     struct rpc_job *job;
-    struct engine *eng; /* counted reference, released by the thread */
+    struct engine *eng; /* counted reference, released when the stream ends */
     struct sched_stream *st;
     uint64_t sched_id;
     char stream_id[RPC_STREAM_ID_MAX];
     int streaming;    /* notifications (else the result is built from text at the end) */
     int logprobs;     /* report logprobs */
     int top_logprobs; /* 0..SAMPLER_MAX_TOP_LOGPROBS */
-    /* Written by the thread; read by the job once done is set. */
+    /* Pump-side state (only the pump thread touches it while the stream is open). */
+    int index;  /* next chunk's index */
+    int failed; /* out of memory: the request was cancelled and ends with an error */
     char *text; /* non-streaming: the whole text (alloc_*) */
     size_t len, cap;
     cJSON *lp; /* non-streaming with logprobs: [{token, logprob, top_logprobs?}] */
     struct sched_event fin;
-    int done; /* under job->mu */
+    int done; /* under job->mu; fin, text and lp are final once it is set */
+    /* Ready list (under ctx->qlock). */
+    int queued;
+    struct rpc_gen *next_ready;
     /* Gate: notifications wait in `pending` until the job's response is out. Under mu. */
     pthread_mutex_t mu;
     int gate_open;
-    char **pending;
+    char **pending; /* cJSON_Print'ed texts, owned (cJSON_free) */
     size_t n_pending, cap_pending;
     struct rpc_gen *next_active; /* ctx->active list, under ctx->lock */
     int in_active;
@@ -68,6 +91,7 @@ struct rpc_part {
 struct rpc_slot {
     cJSON *id; /* duplicate of the request id; NULL with has_id = 0 for notifications */
     int has_id;
+    int no_memory; /* its parts could not be allocated: answered "out of memory" */
     int batch_gen; /* batch_generate: parts become {results: [envelopes]} */
     int n_parts;
     struct rpc_part *parts;
@@ -82,8 +106,13 @@ struct rpc_job {
     struct rpc_gen **gens; /* every generation started by this job (owned) */
     int n_gens, cap_gens;
     pthread_mutex_t mu;
-    pthread_cond_t cv;
     int refs;
+    /* Progress, under mu: generations not ended (all / non-streaming ones, whose results the
+     * response waits for); every request dispatched; response claimed / written; finished. */
+    int n_open, n_waiting;
+    int dispatched, resp_claimed, responded, finished;
+    void (*done)(void *); /* called once when finished; may be NULL */
+    void *done_arg;
     const atomic_int *abort; /* set by the caller when its client went away; may be NULL */
 };
 
@@ -101,8 +130,9 @@ void rpc_generate_start(struct rpc_job *job, const cJSON *params, struct rpc_par
 void rpc_generate_result(const struct rpc_gen *g, struct rpc_part *part);
 
 /* Registers g under its stream id (unique among the ctx's live streams and this job's) and
- * starts its reader thread; the job takes ownership of g. On failure (returns the JSON-RPC code,
- * msg filled) the caller still owns g, its sched stream and its engine reference. */
+ * hands its stream to the ctx's pump; the job takes ownership of g. On failure (returns the
+ * JSON-RPC code, msg filled) the caller still owns g, its sched stream and its engine
+ * reference. */
 int rpc_gen_launch(struct rpc_job *job, struct rpc_gen *g, char *msg, size_t msglen);
 /* Writes a fresh id "stream-N" not used by any live stream of the ctx. */
 void rpc_gen_make_id(struct rpc_ctx *c, char *out, size_t cap);

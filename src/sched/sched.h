@@ -149,11 +149,13 @@ int sched_stream_read(struct sched_stream *st, struct sched_event *ev, int timeo
 /* Non-blocking variant for event loops: KRS_ERR_AGAIN when nothing is buffered. */
 int sched_stream_try_read(struct sched_stream *st, struct sched_event *ev);
 /* Called (from the engine thread, without locks held) whenever events become available; lets
- * an event-driven server resume a suspended connection. */
+ * an event-driven server resume a suspended connection. fn must not block for long nor call
+ * back into this stream's release. */
 void sched_stream_set_notify(struct sched_stream *st, void (*fn)(void *), void *arg);
 uint64_t sched_stream_id(const struct sched_stream *st);
 /* The reader is done: cancels the request if unfinished; frees the stream once both sides let
- * go. */
+ * go. Waits for a notify callback in progress: when it returns, the callback is not running and
+ * will not be called again (its argument may be freed). Not from inside the callback. */
 void sched_stream_release(struct sched_stream *st);
 
 /* Ends every queued and running request at the next step with CANCELLED and `reason` (e.g.

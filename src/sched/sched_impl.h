@@ -25,6 +25,7 @@ struct sched_stream {
     _Atomic int reader_gone;
     void (*notify)(void *);
     void *notify_arg;
+    int notifying; /* notify callbacks running now (sched_stream_release waits for 0) */
     uint64_t id;
 };
 

@@ -1,7 +1,12 @@
 /* Per-request token stream: a bounded ring of events between the engine (producer) and one
  * reader. The engine never waits: a push that does not fit fails, and the engine cancels the
  * request. One slot is always kept free for the FINISH event so that every request can end.
- * The stream is freed when both sides have let go (refcount). */
+ * The stream is freed when both sides have let go (refcount).
+ *
+ * The notify callback runs without the stream's lock; `notifying` counts the calls in progress
+ * so that sched_stream_release can wait for them: once it returns, the reader's callback
+ * argument is never touched again and may be freed. (The pusher holds its own reference, so the
+ * stream outlives the call.) */
 #include "sched/sched_impl.h"
 
 #include "krserve.h"
@@ -57,8 +62,13 @@ static void notify(struct sched_stream *st)
     pthread_cond_broadcast(&st->cv);
     void (*fn)(void *) = st->notify;
     void *arg = st->notify_arg;
+    if (fn) st->notifying++;
     pthread_mutex_unlock(&st->lock);
-    if (fn) fn(arg);
+    if (!fn) return;
+    fn(arg);
+    pthread_mutex_lock(&st->lock);
+    if (--st->notifying == 0) pthread_cond_broadcast(&st->cv);
+    pthread_mutex_unlock(&st->lock);
 }
 
 int stream_push_many(struct sched_stream *st, const struct sched_event *ev, int n)
@@ -150,6 +160,7 @@ void sched_stream_release(struct sched_stream *st)
     if (!st) return;
     pthread_mutex_lock(&st->lock);
     st->notify = NULL;
+    while (st->notifying > 0) pthread_cond_wait(&st->cv, &st->lock);
     pthread_mutex_unlock(&st->lock);
     atomic_store(&st->reader_gone, 1);
     stream_unref(st);

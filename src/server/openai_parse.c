@@ -30,6 +30,15 @@ int server_parse_fail(struct server_error *err, const char *param, const char *f
 
 #define fail server_parse_fail
 
+/* The process ran out of memory while parsing: a server error, not the client's. */
+static int no_memory(struct server_error *err, const char *param)
+{
+    fail(err, param, "out of memory");
+    err->status = 500;
+    err->type = "server_error";
+    return KRS_ERR_NOMEM;
+}
+
 void server_error_from_req(const struct engine_req_error *re, struct server_error *err)
 {
     memset(err, 0, sizeof *err);
@@ -119,7 +128,7 @@ static int parse_prompt(const cJSON *root, struct server_gen_request *out, struc
     if (cJSON_IsArray(p->child) || cJSON_IsString(p->child))
         return fail(err, "prompt", "only one prompt per request is supported");
     out->prompt_ids = alloc_malloc((size_t)n * sizeof(int32_t));
-    if (!out->prompt_ids) return fail(err, "prompt", "out of memory");
+    if (!out->prompt_ids) return no_memory(err, "prompt");
     int i = 0;
     for (const cJSON *v = p->child; v; v = v->next, i++) {
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
@@ -163,7 +172,7 @@ static int parse_content(const cJSON *c, int idx, char **joined, const char **ou
         total += n;
     }
     char *buf = alloc_malloc(total + 1);
-    if (!buf) return fail(err, "messages", "out of memory");
+    if (!buf) return no_memory(err, "messages");
     size_t off = 0;
     for (const cJSON *part = c->child; part; part = part->next) {
         const char *t = cJSON_GetObjectItemCaseSensitive(part, "text")->valuestring;
@@ -187,7 +196,7 @@ static int parse_messages(const cJSON *root, struct server_gen_request *out,
     if (n == 0) return fail(err, "messages", "'messages' must not be empty");
     out->msgs = alloc_calloc((size_t)n, sizeof *out->msgs);
     out->msg_text = alloc_calloc((size_t)n, sizeof *out->msg_text);
-    if (!out->msgs || !out->msg_text) return fail(err, "messages", "out of memory");
+    if (!out->msgs || !out->msg_text) return no_memory(err, "messages");
     out->n_msgs = n;
     int i = 0;
     for (const cJSON *v = m->child; v; v = v->next, i++) {
@@ -222,7 +231,7 @@ static int add_tool_prompt(struct server_gen_request *out, struct server_error *
     if (n > 0 && !strcmp(out->msgs[0].role, "system")) {
         size_t a = strlen(out->msgs[0].content), b = strlen(out->tool_prompt);
         char *t = alloc_malloc(a + b + 3);
-        if (!t) return fail(err, "tools", "out of memory");
+        if (!t) return no_memory(err, "tools");
         memcpy(t, out->msgs[0].content, a);
         memcpy(t + a, "\n\n", 2);
         memcpy(t + a + 2, out->tool_prompt, b + 1);
@@ -236,7 +245,7 @@ static int add_tool_prompt(struct server_gen_request *out, struct server_error *
     if (!m || !mt) {
         alloc_free(m);
         alloc_free(mt);
-        return fail(err, "tools", "out of memory");
+        return no_memory(err, "tools");
     }
     memcpy(m + 1, out->msgs, (size_t)n * sizeof *m);
     memcpy(mt + 1, out->msg_text, (size_t)n * sizeof *mt);

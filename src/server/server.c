@@ -80,10 +80,24 @@ enum MHD_Result server_send_error(struct MHD_Connection *mc, const struct server
     cJSON *j = server_error_json(e);
     char *txt = cJSON_PrintUnformatted(j);
     cJSON_Delete(j);
-    if (!txt) return MHD_NO;
+    if (!txt) return server_send_no_memory(mc);
     enum MHD_Result ret =
         server_send(mc, (unsigned)e->status, "application/json", txt, strlen(txt), hdr, hval);
     cJSON_free(txt);
+    return ret;
+}
+
+enum MHD_Result server_send_no_memory(struct MHD_Connection *mc)
+{
+    static const char body[] = "{\"error\":{\"message\":\"out of memory\",\"type\":"
+                               "\"server_error\",\"param\":null,\"code\":\"out_of_memory\"}}";
+    struct MHD_Response *r =
+        MHD_create_response_from_buffer(sizeof body - 1, (void *)body, MHD_RESPMEM_PERSISTENT);
+    if (!r) return MHD_NO;
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    MHD_add_response_header(r, MHD_HTTP_HEADER_RETRY_AFTER, "1");
+    enum MHD_Result ret = MHD_queue_response(mc, 503, r);
+    MHD_destroy_response(r);
     return ret;
 }
 
@@ -142,9 +156,14 @@ int server_peer_closed(struct MHD_Connection *mc)
 
 char *server_utf8_sanitize(const char *str, size_t n)
 {
-    const unsigned char *s = (const unsigned char *)str;
     char *out = alloc_malloc(n * 3 + 1);
-    if (!out) return NULL;
+    if (out) server_utf8_sanitize_into(str, n, out);
+    return out;
+}
+
+void server_utf8_sanitize_into(const char *str, size_t n, char *out)
+{
+    const unsigned char *s = (const unsigned char *)str;
     size_t o = 0, i = 0;
     while (i < n) {
         unsigned c = s[i];
@@ -162,7 +181,6 @@ char *server_utf8_sanitize(const char *str, size_t n)
         }
     }
     out[o] = '\0';
-    return out;
 }
 
 /* ---- routing ------------------------------------------------------------------------------- */
@@ -262,6 +280,7 @@ static enum MHD_Result route(struct server_conn *c, const char *url, const char 
     if (rt->auth && !auth_ok(s, mc))
         return server_send_errorf(mc, 401, "invalid_request_error", "invalid_api_key", NULL,
                                   "missing or invalid API key (Authorization: Bearer ...)");
+    if (c->no_memory) return server_send_no_memory(mc);
     if (c->too_large)
         return server_send_errorf(mc, 413, "invalid_request_error", "request_too_large", NULL,
                                   "request body exceeds %lld bytes", (long long)c->max_body);
@@ -304,7 +323,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     struct server_conn *c = *con_cls;
     if (!c) {
         c = alloc_calloc(1, sizeof *c);
-        if (!c) return MHD_NO;
+        if (!c) return server_send_no_memory(mc); /* answered now; MHD drops the body */
         c->srv = dc->srv;
         c->mc = mc;
         c->monitor_only = dc->monitor_only;
@@ -320,15 +339,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     if (*upload_data_size) {
         size_t n = *upload_data_size;
         *upload_data_size = 0;
-        if (c->too_large || (int64_t)(c->body_len + n) > c->max_body) {
-            c->too_large = 1; /* keep reading (and dropping) so the client sees the 413 */
-            return MHD_YES;
+        if (c->too_large || c->no_memory || (int64_t)(c->body_len + n) > c->max_body) {
+            if (!c->no_memory) c->too_large = 1;
+            return MHD_YES; /* keep reading (and dropping) so the client sees the 413 / 503 */
         }
         if (c->body_len + n + 1 > c->body_cap) {
             size_t cap = c->body_cap ? c->body_cap : 4096;
             while (cap < c->body_len + n + 1) cap *= 2;
             char *nb = alloc_realloc(c->body, cap);
-            if (!nb) return MHD_NO;
+            if (!nb) {
+                c->no_memory = 1;
+                return MHD_YES;
+            }
             c->body = nb;
             c->body_cap = cap;
         }
@@ -339,9 +361,9 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     }
     if (c->gen) return server_gen_continue(c);
     if (c->rpc) return server_rpc_continue(c);
-    if (!c->body) {
+    if (!c->body && !c->no_memory) {
         c->body = alloc_calloc(1, 1);
-        if (!c->body) return MHD_NO;
+        if (!c->body) c->no_memory = 1;
     }
     return route(c, url, method);
 }

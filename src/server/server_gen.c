@@ -68,7 +68,29 @@ struct server_gen {
     size_t out_len, out_cap, out_off;
     int finished, done_written; /* finished: every choice ended, or one failed */
     struct sched_event ev;      /* scratch */
+    /* Out of memory while turning events into output: the request ends as failed with this
+     * FINISH (every choice cancelled); a stream then ends with a static error event (tail). */
+    struct sched_event oom_fin;
+    const char *tail;
+    size_t tail_len, tail_off;
 };
+
+/* A stream's end when its output ran out of memory: written without allocating. */
+static const char OOM_TAIL[] =
+    "data: {\"error\":{\"message\":\"request error: out of memory\",\"type\":\"server_error\","
+    "\"param\":null,\"code\":\"out_of_memory\"}}\n\ndata: [DONE]\n\n";
+
+/* Out of memory: the request fails with an error instead of a silently shortened output. */
+static void gen_no_memory(struct server_gen *g)
+{
+    if (g->failed == &g->oom_fin) return;
+    memset(&g->oom_fin, 0, sizeof g->oom_fin);
+    g->oom_fin.kind = SCHED_EV_FINISH;
+    g->oom_fin.finish = SCHED_FINISH_ERROR;
+    snprintf(g->oom_fin.reason, sizeof g->oom_fin.reason, "out of memory");
+    g->failed = &g->oom_fin;
+    for (int i = 0; i < g->n_choices; i++) sched_cancel(engine_sched(g->eng), g->ch[i].req_id);
+}
 
 static int buf_append(char **buf, size_t *len, size_t *cap, const char *s, size_t n)
 {
@@ -86,19 +108,24 @@ static int buf_append(char **buf, size_t *len, size_t *cap, const char *s, size_
     return KRS_OK;
 }
 
-static void add_sanitized(cJSON *obj, const char *key, const char *s, size_t n)
-{
-    char *t = server_utf8_sanitize(s, n);
-    cJSON_AddStringToObject(obj, key, t ? t : "");
-    alloc_free(t);
-}
-
+/* A JSON string of s[0..n) as valid UTF-8; small strings (token pieces, a chunk's text) never
+ * touch the heap. NULL when out of memory. */
 static cJSON *sanitized_string(const char *s, size_t n)
 {
-    char *t = server_utf8_sanitize(s, n);
-    cJSON *j = cJSON_CreateString(t ? t : "");
-    alloc_free(t);
+    char small[1600];
+    char *t = 3 * n + 1 <= sizeof small ? small : alloc_malloc(3 * n + 1);
+    if (!t) return NULL;
+    server_utf8_sanitize_into(s, n, t);
+    cJSON *j = cJSON_CreateString(t);
+    if (t != small) alloc_free(t);
     return j;
+}
+
+/* 0, or -1 out of memory (nothing added). */
+static int add_sanitized(cJSON *obj, const char *key, const char *s, size_t n)
+{
+    cJSON *j = sanitized_string(s, n);
+    return j && cJSON_AddItemToObject(obj, key, j) ? 0 : -1;
 }
 
 static size_t token_piece(const struct tokenizer *tok, int32_t id, char *buf, size_t cap)
@@ -141,10 +168,10 @@ static void lp_add(struct server_gen *g, cJSON *lp, const struct sched_event *ev
     cJSON *top = cJSON_CreateObject();
     for (int i = 0; i < ev->n_top && i < g->req.logprobs; i++) {
         size_t m = token_piece(tok, ev->top[i].token, piece, sizeof piece);
-        char *t = server_utf8_sanitize(piece, m);
-        if (t && !cJSON_GetObjectItemCaseSensitive(top, t))
+        char t[3 * sizeof piece + 1];
+        server_utf8_sanitize_into(piece, m, t);
+        if (!cJSON_GetObjectItemCaseSensitive(top, t))
             cJSON_AddNumberToObject(top, t, (double)ev->top[i].logprob);
-        alloc_free(t);
     }
     cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "top_logprobs"), top);
     cJSON_AddItemToArray(cJSON_GetObjectItem(lp, "text_offset"),
@@ -199,14 +226,17 @@ static cJSON *envelope(const struct server_gen *g, const char *object)
     return o;
 }
 
+/* Appends one SSE event whole (obj deleted here; NULL = it could not be built), or fails the
+ * request for want of memory. */
 static void sse_emit(struct server_gen *g, cJSON *obj)
 {
-    char *txt = cJSON_PrintUnformatted(obj);
+    char *txt = obj ? cJSON_PrintUnformatted(obj) : NULL;
     cJSON_Delete(obj);
-    if (!txt) return;
-    buf_append(&g->out, &g->out_len, &g->out_cap, "data: ", 6);
-    buf_append(&g->out, &g->out_len, &g->out_cap, txt, strlen(txt));
-    buf_append(&g->out, &g->out_len, &g->out_cap, "\n\n", 2);
+    size_t n = txt ? strlen(txt) : 0;
+    if (!txt || buf_append(&g->out, &g->out_len, &g->out_cap, "data: ", 6) ||
+        buf_append(&g->out, &g->out_len, &g->out_cap, txt, n) ||
+        buf_append(&g->out, &g->out_len, &g->out_cap, "\n\n", 2))
+        gen_no_memory(g);
     cJSON_free(txt);
 }
 
@@ -224,7 +254,7 @@ static cJSON *chunk(struct server_gen *g, int index, const char *text, size_t n,
     if (chat) {
         cJSON *d = cJSON_AddObjectToObject(c, "delta");
         if (role) cJSON_AddStringToObject(d, "role", "assistant");
-        if (role || n || !fin) add_sanitized(d, "content", text, n);
+        if ((role || n || !fin) && add_sanitized(d, "content", text, n)) goto no_memory;
         if (lp) {
             cJSON *l = cJSON_AddObjectToObject(c, "logprobs");
             cJSON_AddItemToObject(l, "content", lp);
@@ -232,7 +262,7 @@ static cJSON *chunk(struct server_gen *g, int index, const char *text, size_t n,
             cJSON_AddNullToObject(c, "logprobs");
         }
     } else {
-        add_sanitized(c, "text", text, n);
+        if (add_sanitized(c, "text", text, n)) goto no_memory;
         if (lp)
             cJSON_AddItemToObject(c, "logprobs", lp);
         else
@@ -244,6 +274,10 @@ static cJSON *chunk(struct server_gen *g, int index, const char *text, size_t n,
         cJSON_AddNullToObject(c, "finish_reason");
     if (g->req.include_usage) cJSON_AddNullToObject(o, "usage");
     return o;
+no_memory:
+    cJSON_Delete(o);
+    cJSON_Delete(lp);
+    return NULL;
 }
 
 static void error_of_finish(const struct sched_event *fin, struct server_error *e)
@@ -318,7 +352,8 @@ static void pump_choice(struct server_gen *g, int i)
             if (stream && c->tool_buf) {
                 /* a tool call is sent whole at the end; until the first byte decides (auto) the
                  * text is held back too */
-                buf_append(&c->text, &c->text_len, &c->text_cap, ev->text, ev->text_len);
+                if (buf_append(&c->text, &c->text_len, &c->text_cap, ev->text, ev->text_len))
+                    gen_no_memory(g);
                 if (c->tool_buf < 0 && c->text_len > 0) {
                     c->tool_buf = c->text[0] == '{';
                     if (!c->tool_buf) sse_emit(g, chunk(g, i, c->text, c->text_len, NULL, NULL, 0));
@@ -334,7 +369,8 @@ static void pump_choice(struct server_gen *g, int i)
                 }
                 sse_emit(g, chunk(g, i, ev->text, ev->text_len, l, NULL, 0));
             } else {
-                buf_append(&c->text, &c->text_len, &c->text_cap, ev->text, ev->text_len);
+                if (buf_append(&c->text, &c->text_len, &c->text_cap, ev->text, ev->text_len))
+                    gen_no_memory(g);
                 if (lp) lp_add(g, c->lp, ev, off);
             }
             continue;
@@ -343,7 +379,7 @@ static void pump_choice(struct server_gen *g, int i)
         c->finished = 1;
         g->n_finished++;
         if (ev->finish != SCHED_FINISH_STOP && ev->finish != SCHED_FINISH_LENGTH) {
-            g->failed = &c->fin;
+            if (!g->failed) g->failed = &c->fin; /* the first failure is the one reported */
         } else if (stream) {
             cJSON *calls = tool_calls_json(g, i, 1);
             const char *fin = finish_str(ev->finish);
@@ -371,6 +407,20 @@ static void gen_pump(struct server_gen *g)
         g->finished = g->failed || g->n_finished == g->n_choices;
     }
     if (!g->finished || !g->req.stream || g->done_written) return;
+    if (g->failed == &g->oom_fin) {
+        /* What this round added is not sent yet (sse_read drains the buffer before a pump):
+         * the error replaces it, written without allocating. */
+        g->out_len = 0;
+        if (g->out_cap >= sizeof OOM_TAIL) {
+            memcpy(g->out, OOM_TAIL, sizeof OOM_TAIL - 1);
+            g->out_len = sizeof OOM_TAIL - 1;
+        } else {
+            g->tail = OOM_TAIL;
+            g->tail_len = sizeof OOM_TAIL - 1;
+        }
+        g->done_written = 1;
+        return;
+    }
     if (g->failed) {
         struct server_error e;
         error_of_finish(g->failed, &e);
@@ -382,7 +432,13 @@ static void gen_pump(struct server_gen *g)
         cJSON_AddItemToObject(o, "usage", usage_json(g));
         sse_emit(g, o);
     }
-    buf_append(&g->out, &g->out_len, &g->out_cap, "data: [DONE]\n\n", 14);
+    if (g->failed == &g->oom_fin ||
+        buf_append(&g->out, &g->out_len, &g->out_cap, "data: [DONE]\n\n", 14)) {
+        gen_no_memory(g);
+        g->done_written = 0;
+        gen_pump(g); /* writes the out-of-memory tail */
+        return;
+    }
     g->done_written = 1;
 }
 
@@ -391,6 +447,14 @@ static ssize_t sse_read(void *cls, uint64_t pos, char *buf, size_t max)
     struct server_conn *c = cls;
     struct server_gen *g = c->gen;
     if (!g) return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (g->tail) { /* the out-of-memory end: static */
+        size_t n = g->tail_len - g->tail_off;
+        if (n == 0) return MHD_CONTENT_READER_END_OF_STREAM;
+        if (n > max) n = max;
+        memcpy(buf, g->tail + g->tail_off, n);
+        g->tail_off += n;
+        return (ssize_t)n;
+    }
     if (g->out_off == g->out_len) {
         g->out_off = g->out_len = 0;
         if (g->done_written) return MHD_CONTENT_READER_END_OF_STREAM;
@@ -440,12 +504,14 @@ static enum MHD_Result send_final(struct server_conn *c)
                 cJSON_AddNullToObject(m, "content");
                 cJSON_AddItemToObject(m, "tool_calls", calls);
                 fin = "tool_calls";
-            } else {
-                add_sanitized(m, "content", text, gc->text_len);
+            } else if (add_sanitized(m, "content", text, gc->text_len)) {
+                cJSON_Delete(o);
+                return server_send_no_memory(c->mc);
             }
             if (gc->lp) holder = cJSON_AddObjectToObject(ch, "logprobs");
-        } else {
-            add_sanitized(ch, "text", text, gc->text_len);
+        } else if (add_sanitized(ch, "text", text, gc->text_len)) {
+            cJSON_Delete(o);
+            return server_send_no_memory(c->mc);
         }
         if (gc->lp) {
             cJSON_AddItemToObject(holder, chat ? "content" : "logprobs", gc->lp);
@@ -550,16 +616,19 @@ static int build_prompt(struct engine *e, const struct server_gen_request *r, in
                      rc == KRS_ERR_UNSUPPORTED ? "this model has no usable chat template"
                      : msg[0]                  ? msg
                                                : "invalid messages");
+            if (rc == KRS_ERR_NOMEM) { /* the process's fault, not the request's */
+                err->status = 500;
+                err->type = "server_error";
+            }
             return rc;
         }
         rc = encode(tok, text, len, 0, 1, ids, n);
         alloc_free(text);
     } else if (r->prompt_ids) { /* ids outside the vocabulary: engine_gen_build says so */
         *ids = alloc_malloc((size_t)r->n_prompt_ids * sizeof(int32_t));
-        if (!*ids) return KRS_ERR_NOMEM;
-        memcpy(*ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof(int32_t));
+        rc = *ids ? KRS_OK : KRS_ERR_NOMEM; /* reported below */
+        if (*ids) memcpy(*ids, r->prompt_ids, (size_t)r->n_prompt_ids * sizeof(int32_t));
         *n = r->n_prompt_ids;
-        rc = KRS_OK;
     } else {
         rc = encode(tok, r->prompt, r->prompt_len, 1, 0, ids, n);
     }
@@ -579,7 +648,7 @@ enum MHD_Result server_gen_start(struct server_conn *c, enum server_api api)
     server_rt_get(s, &rt);
     struct server_error err;
     struct server_gen *g = alloc_calloc(1, sizeof *g);
-    if (!g) return MHD_NO;
+    if (!g) return server_send_no_memory(mc);
     g->srv = s;
     g->slot = -1;
     /* Counted in flight before the drain flag is read (both seq_cst): a drain that starts

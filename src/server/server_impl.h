@@ -78,6 +78,7 @@ struct server_conn {
     char *body;
     size_t body_len, body_cap;
     int too_large;
+    int no_memory;              /* the body could not be kept: answered 503 "out of memory" */
     struct server_gen *gen;     /* generation in progress, or NULL */
     struct server_rpc_job *rpc; /* JSON-RPC message in progress, or NULL */
 };
@@ -94,6 +95,9 @@ enum MHD_Result server_send_error(struct MHD_Connection *mc, const struct server
 enum MHD_Result server_send_errorf(struct MHD_Connection *mc, int status, const char *type,
                                    const char *code, const char *param, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
+/* 503 {"error": {"message": "out of memory", ...}} with Retry-After, built without allocating
+ * (for the paths where the process just ran out of memory). */
+enum MHD_Result server_send_no_memory(struct MHD_Connection *mc);
 /* Slot allocation: returns the index or -1 when all are taken. */
 int server_slot_alloc(struct server *s, struct server_conn *c, uint32_t *gen);
 void server_slot_free(struct server *s, int idx);
@@ -101,6 +105,8 @@ void server_slot_free(struct server *s, int idx);
 int server_peer_closed(struct MHD_Connection *mc);
 /* Replaces invalid UTF-8 and NUL bytes with U+FFFD; returns an alloc'd NUL-terminated copy. */
 char *server_utf8_sanitize(const char *s, size_t n);
+/* The same into out (3 * n + 1 bytes), for callers that keep small strings off the heap. */
+void server_utf8_sanitize_into(const char *s, size_t n, char *out);
 
 /* ---- server_gen.c ---- */
 /* Handles POST /v1/completions and /v1/chat/completions once the body is complete. */

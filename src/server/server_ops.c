@@ -1,8 +1,9 @@
 /* Everything but generation: monitoring (/metrics, /health, /ready, /stats), /v1/models,
  * /tokenize and /detokenize, admin (/admin/scheduler, /admin/models/load|unload) and JSON-RPC
- * over HTTP (/rpc). These handlers answer at once, except /rpc, whose message runs on a worker
- * thread (rpc_handle with wait_streams = 1 blocks until its streams end) while the connection
- * waits suspended, and the model loads, which take the calling MHD thread for the load. */
+ * over HTTP (/rpc). These handlers answer at once, except /rpc, whose message is handled here
+ * (rpc_handle_async) and whose streams the rpc ctx's pump reads while the connection waits
+ * suspended until the message is done, and the model loads, which take the calling MHD thread
+ * for the load. */
 #include "server/server_impl.h"
 
 #include "controller/controller.h"
@@ -402,7 +403,10 @@ enum MHD_Result server_ops_tokenize(struct server_conn *c)
         rc = chat_apply(engine_tokenizer(e), NULL, req.msgs, (size_t)req.n_msgs, 1, &text, &len,
                         msg, sizeof msg);
         if (rc) {
-            ret = bad_request(c->mc, "messages", msg[0] ? msg : "cannot apply the chat template");
+            ret = rc == KRS_ERR_NOMEM
+                      ? server_send_no_memory(c->mc)
+                      : bad_request(c->mc, "messages",
+                                    msg[0] ? msg : "cannot apply the chat template");
             goto out;
         }
         prompt = text;
@@ -460,7 +464,10 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
     if (!(e = acquire_or_404(c, model, &ret))) goto out;
     int n = cJSON_GetArraySize(toks), i = 0;
     ids = alloc_malloc(((size_t)n + 1) * sizeof *ids);
-    if (!ids) goto out;
+    if (!ids) {
+        ret = server_send_no_memory(c->mc);
+        goto out;
+    }
     uint32_t nv = tokenizer_n_vocab(engine_tokenizer(e));
     for (cJSON *v = toks->child; v; v = v->next, i++) {
         if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 0 ||
@@ -487,8 +494,12 @@ enum MHD_Result server_ops_detokenize(struct server_conn *c)
         goto out;
     }
     char *t = server_utf8_sanitize(buf, len);
+    if (!t) {
+        ret = server_send_no_memory(c->mc);
+        goto out;
+    }
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "prompt", t ? t : "");
+    cJSON_AddStringToObject(o, "prompt", t);
     alloc_free(t);
     cJSON_AddStringToObject(o, "model", engine_name(e));
     ret = server_send_json(c->mc, 200, o);
@@ -627,18 +638,20 @@ out:
 
 /* ---- JSON-RPC over HTTP -------------------------------------------------------------------- */
 
-/* One /rpc message being handled on a worker thread. Shared by the worker and the connection
- * (refs); the connection side waits suspended on slot `slot` until `done`. */
+/* One /rpc message, handled by rpc_handle_async from the connection's thread; its streams are
+ * read by the rpc ctx's pump. Shared by the rpc side (until its done callback) and the
+ * connection (refs); the connection waits suspended on slot `slot` until `done`. */
 struct server_rpc_job {
     struct server *srv;
-    pthread_mutex_t lock; /* guards out/n_msgs (the sink is called from stream threads) */
+    pthread_mutex_t lock; /* guards out/n_msgs (the sink is called from the rpc pump) */
     int refs;             /* guarded by lock */
     char *body;
     size_t body_len;
     char *out;
     size_t out_len, out_cap;
     int n_msgs;
-    int done; /* guarded by the slot's lock */
+    int no_memory; /* a message could not be kept (guarded by lock) */
+    int done;      /* guarded by the slot's lock */
     int slot;
     atomic_int abort; /* the client went away: cancel what the message started */
 };
@@ -663,7 +676,8 @@ static void rpc_sink_write(void *user, const char *json, size_t len)
         size_t cap = j->out_cap ? j->out_cap : 1024;
         while (cap < j->out_len + len + 2) cap *= 2;
         char *nb = alloc_realloc(j->out, cap);
-        if (!nb) {
+        if (!nb) { /* the reply would be incomplete: it becomes a 503 "out of memory" */
+            j->no_memory = 1;
             pthread_mutex_unlock(&j->lock);
             return;
         }
@@ -678,11 +692,10 @@ static void rpc_sink_write(void *user, const char *json, size_t len)
     pthread_mutex_unlock(&j->lock);
 }
 
-static void *rpc_worker(void *arg)
+/* The message is answered and its streams ended (rpc_handle_async's done callback). */
+static void rpc_done(void *arg)
 {
     struct server_rpc_job *j = arg;
-    struct rpc_sink sink = {rpc_sink_write, j};
-    rpc_handle_abortable(j->srv->rpc, j->body, j->body_len, &sink, &j->abort);
     struct server_slot *sl = &j->srv->slots[j->slot];
     pthread_mutex_lock(&sl->lock);
     j->done = 1;
@@ -693,7 +706,6 @@ static void *rpc_worker(void *arg)
     pthread_mutex_unlock(&sl->lock);
     atomic_fetch_sub(&j->srv->inflight, 1);
     job_unref(j);
-    return NULL;
 }
 
 int server_rpc_init(struct server *s)
@@ -720,7 +732,7 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     struct server_rpc_job *j = alloc_calloc(1, sizeof *j);
     if (!j) {
         atomic_fetch_sub(&s->inflight, 1);
-        return MHD_NO;
+        return server_send_no_memory(c->mc);
     }
     j->srv = s;
     j->refs = 2;
@@ -729,28 +741,21 @@ enum MHD_Result server_ops_rpc(struct server_conn *c)
     uint32_t gen;
     j->slot = j->body ? server_slot_alloc(s, c, &gen) : -1;
     if (j->slot < 0) {
+        int no_memory = !j->body;
         atomic_fetch_sub(&s->inflight, 1);
         j->refs = 1;
         job_unref(j);
+        if (no_memory) return server_send_no_memory(c->mc);
         return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
                                   "too many requests in progress");
     }
     memcpy(j->body, c->body, c->body_len);
     j->body[c->body_len] = '\0';
     j->body_len = c->body_len;
-    c->rpc = j; /* its count in flight is given back by the worker (rpc_worker) */
-    pthread_t th;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
-    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    int rc = pthread_create(&th, &attr, rpc_worker, j);
-    pthread_attr_destroy(&attr);
-    if (rc) {
-        atomic_fetch_sub(&s->inflight, 1);
-        j->done = 1;
-        job_unref(j); /* the worker's reference */
-        return server_send_errorf(c->mc, 503, "server_error", "service_unavailable", NULL,
-                                  "cannot start a worker");
+    c->rpc = j; /* its count in flight is given back by rpc_done */
+    struct rpc_sink sink = {rpc_sink_write, j};
+    if (rpc_handle_async(s->rpc, j->body, j->body_len, &sink, &j->abort, rpc_done, j)) {
+        rpc_done(j); /* cannot happen: the arguments are good */
     }
     return server_rpc_continue(c);
 }
@@ -773,7 +778,9 @@ enum MHD_Result server_rpc_continue(struct server_conn *c)
     if (!done) return MHD_YES;
     pthread_mutex_lock(&j->lock);
     enum MHD_Result ret;
-    if (j->n_msgs == 0)
+    if (j->no_memory)
+        ret = server_send_no_memory(c->mc);
+    else if (j->n_msgs == 0)
         ret = server_send(c->mc, 204, "application/json", "", 0, NULL, NULL);
     else if (j->n_msgs == 1)
         ret = server_send(c->mc, 200, "application/json", j->out, j->out_len - 1, NULL, NULL);

@@ -17,6 +17,7 @@
 #include "krserve.h"
 #include "kv/kv.h"
 #include "model/model.h"
+#include "test_model_path.h"
 #include "util/alloc.h"
 
 static struct model *model;
@@ -24,12 +25,7 @@ static char model_path[4096];
 
 static int setup(void **state)
 {
-    const char *src = getenv("KRS_SOURCE_DIR");
-    const char *override = getenv("KRS_TEST_MODEL");
-    if (override && *override)
-        snprintf(model_path, sizeof model_path, "%s", override);
-    else
-        snprintf(model_path, sizeof model_path, "%s/models/default.gguf", src ? src : ".");
+    test_model_path(model_path, sizeof model_path);
     char err[256];
     if (model_load(model_path, &model, err, sizeof err) != KRS_OK) model = NULL;
     return 0;

@@ -24,35 +24,8 @@
 #include "krserve.h"
 #include "rpc/rpc.h"
 #include "rpc/rpc_impl.h"
-
-#define MAX_MSGS 512
-
-struct capture {
-    pthread_mutex_t lock;
-    char *msgs[MAX_MSGS];
-    int n;
-};
-
-static void cap_write(void *user, const char *json, size_t len)
-{
-    struct capture *c = user;
-    pthread_mutex_lock(&c->lock);
-    if (c->n < MAX_MSGS) {
-        c->msgs[c->n] = malloc(len + 1);
-        memcpy(c->msgs[c->n], json, len);
-        c->msgs[c->n][len] = '\0';
-        c->n++;
-    }
-    pthread_mutex_unlock(&c->lock);
-}
-
-static void cap_reset(struct capture *c)
-{
-    pthread_mutex_lock(&c->lock);
-    for (int i = 0; i < c->n; i++) free(c->msgs[i]);
-    c->n = 0;
-    pthread_mutex_unlock(&c->lock);
-}
+#include "rpc/rpc_test_util.h"
+#include "test_model_path.h"
 
 static struct capture cap = {.lock = PTHREAD_MUTEX_INITIALIZER};
 static const struct rpc_sink sink = {cap_write, &cap};
@@ -67,7 +40,7 @@ static int setup(void **state)
     config_defaults(&cfg);
     snprintf(cfg.model.dir, sizeof cfg.model.dir, "%s/models", src ? src : ".");
     cfg.performance.gpu_scheduler.mode = CONFIG_SCHED_FIXED;
-    snprintf(path, sizeof path, "%s/default.gguf", cfg.model.dir);
+    test_model_path(path, sizeof path); /* KRS_TEST_MODEL: the sanitizer runs' tiny model */
     if (engine_registry_create(&cfg, &reg)) return -1;
     if (engine_registry_load(reg, NULL, path, 0, err, sizeof err)) {
         engine_registry_destroy(reg);
@@ -294,7 +267,7 @@ static void test_free_cancels_streams(void **state)
            "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"generate\",\"params\":{\"prompt\":\"Tell "
            "me a story\",\"max_tokens\":2000,\"ignore_eos\":true}}",
            0);
-    rpc_free(ctx); /* cancels; returns once the stream's thread has written its last message */
+    rpc_free(ctx); /* cancels; returns once the stream has written its last message */
     cJSON *last = msg_at(cap.n - 1);
     const cJSON *p = cJSON_GetObjectItem(last, "params");
     assert_string_equal(cJSON_GetObjectItem(p, "event")->valuestring, "cancelled");
@@ -302,12 +275,113 @@ static void test_free_cancels_streams(void **state)
     cap_reset(&cap);
 }
 
+/* Many concurrent streams (stdio style, one message each): every stream is read by the ctx's
+ * one pump, so starting them adds no thread; each one's response comes before its chunks, the
+ * chunk indices are contiguous and it ends with stats and a "completed" event. */
+#define N_STREAMS 64
+
+struct many {
+    pthread_mutex_t lock;
+    int answered[N_STREAMS]; /* the response {stream_id} was written */
+    int next_index[N_STREAMS];
+    int generated[N_STREAMS];
+    int completed[N_STREAMS];
+    int problems;
+};
+
+static void many_write(void *user, const char *json, size_t len)
+{
+    struct many *m = user;
+    cJSON *j = cJSON_ParseWithLength(json, len);
+    pthread_mutex_lock(&m->lock);
+    const cJSON *res = cJSON_GetObjectItem(j, "result");
+    const cJSON *p = cJSON_GetObjectItem(j, "params");
+    const cJSON *sid = cJSON_GetObjectItem(res ? res : p, "stream_id");
+    int k = -1;
+    if (cJSON_IsString(sid) && sscanf(sid->valuestring, "m%d", &k) == 1 && k >= 0 &&
+        k < N_STREAMS) {
+        const char *method = cJSON_GetStringValue(cJSON_GetObjectItem(j, "method"));
+        if (res) {
+            m->answered[k]++;
+        } else if (!m->answered[k] || m->completed[k]) {
+            m->problems++; /* a notification before its response, or after the end */
+        } else if (!strcmp(method, "stream.chunk")) {
+            if (cJSON_GetObjectItem(p, "index")->valueint != m->next_index[k]) m->problems++;
+            m->next_index[k]++;
+        } else if (!strcmp(method, "stream.stats")) {
+            m->generated[k] = cJSON_GetObjectItem(p, "generated_tokens")->valueint;
+        } else if (!strcmp(method, "stream.event")) {
+            if (strcmp(cJSON_GetStringValue(cJSON_GetObjectItem(p, "event")), "completed")) {
+                printf("stream m%d: %.*s\n", k, (int)len, json);
+                m->problems++;
+            }
+            m->completed[k] = 1;
+        }
+    } else {
+        printf("unexpected: %.*s\n", (int)len, json);
+        m->problems++; /* an error response or something unexpected */
+    }
+    pthread_mutex_unlock(&m->lock);
+    cJSON_Delete(j);
+}
+
+static int thread_count(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    int n = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "Threads: %d", &n) == 1) break;
+    if (f) fclose(f);
+    return n;
+}
+
+static void test_many_concurrent_streams(void **state)
+{
+    (void)state;
+    if (!reg) skip();
+    static struct many m;
+    memset(&m, 0, sizeof m);
+    pthread_mutex_init(&m.lock, NULL);
+    const struct rpc_sink many_sink = {many_write, &m};
+    struct rpc_ctx *ctx;
+    assert_int_equal(rpc_create(reg, &ctx), KRS_OK);
+    int threads_before = thread_count();
+    assert_true(threads_before > 0);
+    for (int i = 0; i < N_STREAMS; i++) {
+        char msg[512];
+        snprintf(msg, sizeof msg,
+                 "{\"jsonrpc\":\"2.0\",\"id\":%d,\"method\":\"generate\",\"params\":{"
+                 "\"prompt\":\"Story number %d begins\",\"max_tokens\":4,\"ignore_eos\":true,"
+                 "\"stream_id\":\"m%d\"}}",
+                 i, i, i);
+        assert_int_equal(rpc_handle(ctx, msg, strlen(msg), &many_sink, 0), KRS_OK);
+    }
+    /* Every stream started and (mostly) still running: no thread was added for them. */
+    int threads_during = thread_count();
+    int live = rpc_active_streams(ctx);
+    rpc_wait_idle(ctx);
+    rpc_free(ctx);
+    printf("%d streams, %d live right after starting; threads %d before, %d during\n", N_STREAMS,
+           live, threads_before, threads_during);
+    assert_true(live > N_STREAMS / 2);
+    assert_true(threads_during <= threads_before + 2);
+    assert_int_equal(m.problems, 0);
+    for (int i = 0; i < N_STREAMS; i++) {
+        assert_int_equal(m.answered[i], 1);
+        assert_int_equal(m.completed[i], 1);
+        assert_int_equal(m.generated[i], 4);
+        assert_true(m.next_index[i] >= 1);
+    }
+    pthread_mutex_destroy(&m.lock);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_protocol_errors),      cmocka_unit_test(test_json_string_sanitises),
         cmocka_unit_test(test_wait_streams_order),   cmocka_unit_test(test_batch_array_waits),
-        cmocka_unit_test(test_free_cancels_streams),
+        cmocka_unit_test(test_free_cancels_streams), cmocka_unit_test(test_many_concurrent_streams),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "krserve.h"
+#include "test_model_path.h"
 #include "model/model.h"
 #include "sched/sched.h"
 #include "tokenizer/tokenizer.h"
@@ -25,14 +26,9 @@ static struct tokenizer *tok;
 
 static inline int setup(void **state)
 {
-    const char *src = getenv("KRS_SOURCE_DIR");
     char path[4096], err[256];
     /* KRS_TEST_MODEL swaps in a tiny model (the TSan run uses one to stay fast). */
-    const char *override = getenv("KRS_TEST_MODEL");
-    if (override && *override)
-        snprintf(path, sizeof path, "%s", override);
-    else
-        snprintf(path, sizeof path, "%s/models/default.gguf", src ? src : ".");
+    test_model_path(path, sizeof path);
     if (model_load(path, &model, err, sizeof err) != KRS_OK) return 0;
     if (tokenizer_load(model_gguf(model), &tok, err, sizeof err) != KRS_OK) {
         model_free(model);

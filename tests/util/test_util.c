@@ -40,6 +40,96 @@ static void test_alloc_counts(void **state)
     assert_int_equal(c.oom_events, a.oom_events + 1);
 }
 
+/* Two distinct allocation sites (noinline, and no tail call: each keeps its own return
+ * address whoever calls it). */
+static __attribute__((noinline)) void *site_a(size_t n)
+{
+    void *volatile p = alloc_malloc(n);
+    return p;
+}
+static __attribute__((noinline)) char *site_b(const char *s)
+{
+    char *volatile p = alloc_strdup(s);
+    return p;
+}
+
+static void test_alloc_fault_injection(void **state)
+{
+    struct alloc_stats a, b;
+    alloc_get_stats(&a);
+    /* Census: both sites, in order of first use, with their hit counts. */
+    alloc_fault_census_start();
+    void *p[4];
+    p[0] = site_a(8);
+    p[1] = site_b("x");
+    p[2] = site_a(8);
+    p[3] = site_b("y");
+    uintptr_t sites[8];
+    int64_t hits[8];
+    int n = alloc_fault_census_stop(sites, hits, 8);
+    assert_int_equal(n, 2);
+    assert_int_equal(hits[0], 2);
+    assert_int_equal(hits[1], 2);
+    assert_true(sites[0] != sites[1]);
+    for (int i = 0; i < 4; i++) alloc_free(p[i]);
+
+    /* By site: the second call from site_b fails, nothing else. */
+    alloc_fault_arm_site(sites[1], 1);
+    p[0] = site_b("first");
+    p[1] = site_a(16);
+    p[2] = site_b("second");
+    p[3] = site_b("third");
+    assert_int_equal(alloc_fault_calls(), 4);
+    assert_true(alloc_fault_disarm());
+    assert_non_null(p[0]);
+    assert_non_null(p[1]);
+    assert_null(p[2]);
+    assert_non_null(p[3]);
+    for (int i = 0; i < 4; i++) alloc_free(p[i]);
+
+    /* By count: the 3rd allocation from any site fails, including realloc and aligned. */
+    alloc_fault_arm_nth(3);
+    p[0] = site_a(8);
+    p[1] = alloc_realloc(p[0], 64);
+    p[2] = alloc_aligned(64, 128);
+    assert_non_null(p[1]);
+    assert_null(p[2]);
+    assert_true(alloc_fault_disarm());
+    alloc_free(p[1]);
+    /* A failed realloc keeps the old block. */
+    p[0] = site_a(8);
+    alloc_fault_arm_nth(1);
+    assert_null(alloc_realloc(p[0], 4096));
+    assert_true(alloc_fault_disarm());
+    alloc_free(p[0]);
+
+    /* By new site: the first call of the 2nd distinct site met from now fails, once. */
+    alloc_fault_arm_new_site(2);
+    p[0] = site_a(8);
+    p[1] = site_a(8);
+    p[2] = site_b("new");
+    p[3] = site_b("again");
+    assert_true(alloc_fault_disarm());
+    assert_int_equal(alloc_fault_census_count(), 2);
+    assert_non_null(p[0]);
+    assert_non_null(p[1]);
+    assert_null(p[2]);
+    assert_non_null(p[3]);
+    for (int i = 0; i < 4; i++) alloc_free(p[i]);
+
+    /* Armed but never reached: reported as not fired; disarmed: nothing fails. */
+    alloc_fault_arm_nth(1000);
+    p[0] = site_a(8);
+    assert_false(alloc_fault_disarm());
+    assert_non_null(p[0]);
+    alloc_free(p[0]);
+
+    alloc_get_stats(&b);
+    assert_int_equal(b.blocks_in_use, a.blocks_in_use);
+    assert_int_equal(b.bytes_in_use, a.bytes_in_use);
+    assert_int_equal(b.oom_events, a.oom_events + 4);
+}
+
 static int sink_calls;
 static char sink_last[256];
 static void sink(void *user, enum krs_log_level level, const char *msg)
@@ -147,6 +237,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_alloc_counts),
+        cmocka_unit_test(test_alloc_fault_injection),
         cmocka_unit_test(test_log_threshold_and_sink),
         cmocka_unit_test(test_clock_monotonic),
         cmocka_unit_test(test_pool_runs_every_share),
