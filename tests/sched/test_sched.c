@@ -344,17 +344,18 @@ static void test_auto_burst_starts_without_waiting(void **state)
         assert_int_equal(sched_submit(s, &r[i], &st[i], &id), KRS_OK);
     }
     static struct result res[N_PROMPTS];
-    double max_queue = 0, min_service = 1e30;
+    double max_queue = 0, min_total = 1e30;
     for (int i = 0; i < N_PROMPTS; i++) {
         collect(st[i], &res[i]);
         assert_int_equal(res[i].finish, SCHED_FINISH_LENGTH);
         if (res[i].queue_ms > max_queue) max_queue = res[i].queue_ms;
-        double service = res[i].total_ms - res[i].queue_ms;
-        if (service < min_service) min_service = service;
+        if (res[i].total_ms < min_total) min_total = res[i].total_ms;
     }
-    /* Waiting for a slot would take a whole generation (32 steps): the longest wait here is a
-     * few steps of admission. */
-    assert_true(max_queue < 0.6 * min_service);
+    /* Every request was admitted before the first one finished (all were submitted within
+     * microseconds; both figures count from submission). Under the batch limit the third
+     * would have waited for one of the first two to end. An order, not a ratio of times: a
+     * loaded or sanitized host stretches steps unevenly (a 0.6 ratio failed under ASan). */
+    assert_true(max_queue < min_total);
     struct sched_state ss;
     sched_get_state(s, &ss);
     assert_int_equal(ss.batch_limit, 2);
