@@ -6,6 +6,9 @@ log-probabilities; stop strings must cut exactly where the greedy text contains 
 import json
 import subprocess
 
+import openai
+import pytest
+
 from srv_helpers import BUILD, DEFAULT_MODEL, ROOT
 
 PROMPT = "The capital of France is"
@@ -60,6 +63,26 @@ def test_chat_multiturn(client, tmp_path):
     assert isinstance(r.choices[0].message.content, str)
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == cli_chat_count(msgs, tmp_path)
+
+
+def test_chat_content_parts(client):
+    """Content given as OpenAI's list of text parts is the parts joined: the same prompt and the
+    same greedy reply as the plain string. Non-text parts are refused, naming the field."""
+    kw = dict(model="default", max_tokens=8, temperature=0)
+    plain = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Name a color. Then another."}], **kw)
+    parts = client.chat.completions.create(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Name a color."},
+                                               {"type": "text", "text": " Then another."}]}],
+        **kw)
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}],
+            **kw)
+    assert "only text parts" in str(e.value)
 
 
 def test_stream_equals_nonstream_completion(client):
