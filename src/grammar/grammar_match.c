@@ -469,6 +469,17 @@ static int64_t step_byte(struct grammar_matcher *m, int64_t v, uint8_t c)
 
 /* ---- flushing ---- */
 
+/* Forgets every mask key and which mask slot holds which key. */
+static void reset_mask_keys(struct grammar_matcher *m)
+{
+    m->n_mk = 0;
+    m->n_mk_words = 0;
+    memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
+    for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
+    m->last_slot = -1;
+    m->patch_slot = -1;
+}
+
 static void reset_tables(struct grammar_matcher *m)
 {
     m->n_st = 0;
@@ -478,12 +489,7 @@ static void reset_tables(struct grammar_matcher *m)
     m->overflow = 0;
     memset(m->hash, 0xFF, HASH_SIZE * sizeof *m->hash);
     for (int i = 0; i < SIG_SIZE; i++) m->sig[i].state = -1;
-    m->n_mk = 0;
-    m->n_mk_words = 0;
-    memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
-    for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
-    m->last_slot = -1;
-    m->patch_slot = -1;
+    reset_mask_keys(m);
 }
 
 /* Rebuilds the automaton from nothing but the current position. */
@@ -868,12 +874,7 @@ void grammar_matcher_set_key_mode(struct grammar_matcher *m, int mode)
 {
     m->key_mode = mode;
     for (int32_t i = 0; i < m->n_st; i++) m->st[i].mkey = -1;
-    m->n_mk = 0;
-    m->n_mk_words = 0;
-    memset(m->mk_hash, 0xFF, MKEY_HASH * sizeof *m->mk_hash);
-    for (int i = 0; i < MASK_SLOTS; i++) m->slot_key[i] = -1;
-    m->last_slot = -1;
-    m->patch_slot = -1;
+    reset_mask_keys(m);
 }
 
 /* ---- accept / query ---- */
