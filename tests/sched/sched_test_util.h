@@ -53,6 +53,7 @@ struct result {
     double total_ms; /* submit -> finish, from the FINISH event */
     double queue_ms; /* submit -> admission */
     int cached;      /* prompt tokens the prefix cache supplied */
+    char reason[96]; /* the FINISH event's detail */
 };
 
 static inline void make_request(struct sched_request *r, int32_t *ids, int *n_ids,
@@ -83,6 +84,7 @@ static inline void collect(struct sched_stream *st, struct result *res)
             res->total_ms = ev.total_ms;
             res->queue_ms = ev.queue_ms;
             res->cached = ev.n_cached_tokens;
+            memcpy(res->reason, ev.reason, sizeof res->reason);
             break;
         }
         if (ev.token >= 0 && res->n < 64) res->tokens[res->n++] = ev.token;

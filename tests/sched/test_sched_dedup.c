@@ -245,16 +245,26 @@ static void test_cancelled_leader_hands_over(void **state)
     finish_sched(s, 4);
 
     /* A leader nobody reads: its stream (4 events) fills and it is cancelled as too slow; the
-     * follower, read as tokens come, gets them all. */
-    s = dedup_sched(1, 4, NULL);
-    blocker = start_blocker(s, 0); /* its own unread stream ends it after 3 tokens */
-    for (int i = 0; i < 2; i++) assert_int_equal(sched_submit(s, &r, &st[i], &id[i]), KRS_OK);
-    wait_shared(s, 1);
-    stop_blocker(s, blocker);
-    collect(st[1], &got[1]);
+     * follower, read as tokens come, gets them all. The follower's reader races the engine: on a
+     * loaded machine it can fall 4 events behind and be cancelled as too slow itself, which says
+     * nothing about the handover, so that outcome (and only that one) runs the scenario again. */
+    int attempts = 0;
+    for (;;) {
+        s = dedup_sched(1, 4, NULL);
+        blocker = start_blocker(s, 0); /* its own unread stream ends it after 3 tokens */
+        for (int i = 0; i < 2; i++) assert_int_equal(sched_submit(s, &r, &st[i], &id[i]), KRS_OK);
+        wait_shared(s, 1);
+        stop_blocker(s, blocker);
+        collect(st[1], &got[1]);
+        collect(st[0], &got[0]);
+        assert_int_equal(got[0].finish, SCHED_FINISH_CANCELLED);
+        int follower_lagged =
+            got[1].finish == SCHED_FINISH_CANCELLED && strstr(got[1].reason, "too slow");
+        if (!follower_lagged || ++attempts == 5) break;
+        printf("follower fell behind the engine (%d tokens read); again\n", got[1].n);
+        finish_sched(s, 1);
+    }
     assert_same(&got[1], &ref);
-    collect(st[0], &got[0]);
-    assert_int_equal(got[0].finish, SCHED_FINISH_CANCELLED);
     finish_sched(s, 1);
 }
 
