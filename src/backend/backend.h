@@ -193,6 +193,10 @@ struct backend_ops {
      * memory owned by the backend, valid until the next step_begin. */
     int (*step_end_sampled)(struct backend *b, int rows, const int32_t **ids,
                             const float **logprobs);
+    /* Starts on the device what the step's ops so far hold back (a recorded graph waits for
+     * step_end or sample otherwise), so that the host prepares sampling while the device runs
+     * the step. NULL where every op runs as it is called (the CPU). */
+    int (*step_flush)(struct backend *b);
 };
 
 struct backend {

@@ -135,6 +135,20 @@ int model_forward_sampled(struct model_ctx *ctx, const struct model_batch *batch
                           const struct backend_logit_edit *edits, int n_edits,
                           const uint32_t *const *masks, const int32_t **out_ids,
                           const float **out_logprobs, int *out_n);
+/* model_forward in two halves, so that the host works while the device runs the step:
+ * model_forward_begin enqueues the batch (on a device it starts running; on the CPU it has run
+ * when the call returns) and sets *out_n to its rows with logits; then exactly one of
+ * model_forward_end (the logits, as model_forward gives them) or model_forward_end_sampled
+ * (the rows sampled on the device, as model_forward_sampled; rows, edits and masks may be
+ * prepared after begin returned) ends the step. Either end without a begun step:
+ * KRS_ERR_STATE. end_sampled with more edits or masked rows than model_ctx_max_sample_edits /
+ * model_ctx_max_mask_rows ends the step and returns KRS_ERR_FULL. */
+int model_forward_begin(struct model_ctx *ctx, const struct model_batch *batch, int *out_n);
+int model_forward_end(struct model_ctx *ctx, const float **out_logits);
+int model_forward_end_sampled(struct model_ctx *ctx, const struct backend_sample_row *rows,
+                              const struct backend_logit_edit *edits, int n_edits,
+                              const uint32_t *const *masks, const int32_t **out_ids,
+                              const float **out_logprobs);
 /* Most logit edits one model_forward_sampled may carry (0 without device sampling). */
 int model_ctx_max_sample_edits(const struct model_ctx *ctx);
 /* Most rows with a token mask one model_forward_sampled may carry (0 without device

@@ -195,42 +195,90 @@ int model_ctx_max_mask_rows(const struct model_ctx *c)
     return c->be->ops->sample ? c->max_mask_rows : 0;
 }
 
+int model_forward_begin(struct model_ctx *c, const struct model_batch *b, int *out_n)
+{
+    struct backend_step s;
+    int rc;
+    *out_n = 0;
+    c->step_open = 0;
+    if ((rc = forward(c, b, &s))) return rc;
+    if (c->be->ops->step_flush && (rc = c->be->ops->step_flush(c->be))) return rc;
+    c->step_logits = s.n_logits;
+    c->step_open = 1;
+    *out_n = s.n_logits;
+    return KRS_OK;
+}
+
+/* Closes the step begun by model_forward_begin: KRS_ERR_STATE when none is open. */
+static int end_step(struct model_ctx *c, int *n)
+{
+    if (!c->step_open) return KRS_ERR_STATE;
+    c->step_open = 0;
+    *n = c->step_logits;
+    return KRS_OK;
+}
+
+int model_forward_end(struct model_ctx *c, const float **out_logits)
+{
+    int n, rc;
+    *out_logits = NULL;
+    if ((rc = end_step(c, &n))) return rc;
+    if (n && (rc = c->be->ops->step_end(c->be, c->logits, n, c->m->hp.n_vocab, out_logits)))
+        return rc;
+    return KRS_OK;
+}
+
+int model_forward_end_sampled(struct model_ctx *c, const struct backend_sample_row *rows,
+                              const struct backend_logit_edit *edits, int n_edits,
+                              const uint32_t *const *masks, const int32_t **out_ids,
+                              const float **out_logprobs)
+{
+    const struct backend_ops *ops = c->be->ops;
+    int n, rc, n_masked = 0;
+    *out_ids = NULL;
+    *out_logprobs = NULL;
+    if (!ops->sample) return KRS_ERR_UNSUPPORTED;
+    if ((rc = end_step(c, &n))) return rc;
+    for (int i = 0; masks && i < n; i++) n_masked += masks[i] != NULL;
+    if (n_edits > c->max_sample_edits || n_masked > c->max_mask_rows) {
+        /* past the limits the caller was given: the step still ends here */
+        const float *unused;
+        if (n) ops->step_end(c->be, c->logits, n, c->m->hp.n_vocab, &unused);
+        return KRS_ERR_FULL;
+    }
+    if (n &&
+        ((rc = ops->sample(c->be, c->logits, n, c->m->hp.n_vocab, rows, edits, n_edits, masks)) ||
+         (rc = ops->step_end_sampled(c->be, n, out_ids, out_logprobs))))
+        return rc;
+    return KRS_OK;
+}
+
 int model_forward_sampled(struct model_ctx *c, const struct model_batch *b,
                           const struct backend_sample_row *rows,
                           const struct backend_logit_edit *edits, int n_edits,
                           const uint32_t *const *masks, const int32_t **out_ids,
                           const float **out_logprobs, int *out_n)
 {
-    const struct backend_ops *ops = c->be->ops;
-    struct backend_step s;
     int rc, n_masked = 0;
-    if (!ops->sample) return KRS_ERR_UNSUPPORTED;
+    *out_ids = NULL;
+    *out_logprobs = NULL;
+    if (!c->be->ops->sample) return KRS_ERR_UNSUPPORTED;
+    /* checked before anything runs: KRS_ERR_FULL means the caller may run it on the host */
     if (n_edits > c->max_sample_edits) return KRS_ERR_FULL;
     for (int i = 0, row = 0; masks && i < b->n_tokens; i++)
         if (b->logits[i]) n_masked += masks[row++] != NULL;
     if (n_masked > c->max_mask_rows) return KRS_ERR_FULL;
-    if ((rc = forward(c, b, &s))) return rc;
-    *out_ids = NULL;
-    *out_logprobs = NULL;
-    if (s.n_logits && ((rc = ops->sample(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, rows,
-                                         edits, n_edits, masks)) ||
-                       (rc = ops->step_end_sampled(c->be, s.n_logits, out_ids, out_logprobs))))
+    if ((rc = model_forward_begin(c, b, out_n)) ||
+        (rc = model_forward_end_sampled(c, rows, edits, n_edits, masks, out_ids, out_logprobs)))
         return rc;
-    *out_n = s.n_logits;
     return KRS_OK;
 }
 
 int model_forward(struct model_ctx *c, const struct model_batch *b, const float **out_logits,
                   int *out_n)
 {
-    struct backend_step s;
     int rc;
-    if ((rc = forward(c, b, &s))) return rc;
-    const float *logits = NULL;
-    if (s.n_logits &&
-        (rc = c->be->ops->step_end(c->be, c->logits, s.n_logits, c->m->hp.n_vocab, &logits)))
+    if ((rc = model_forward_begin(c, b, out_n)) || (rc = model_forward_end(c, out_logits)))
         return rc;
-    *out_logits = logits;
-    *out_n = s.n_logits;
     return KRS_OK;
 }

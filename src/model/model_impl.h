@@ -46,6 +46,8 @@ struct model_ctx {
     int max_ctx;
     int max_seqs;
     int cur_tokens;       /* T of the step in progress */
+    int step_open;        /* model_forward_begin ran; model_forward_end* not yet */
+    int step_logits;      /* its rows with logits */
     int max_sample_edits; /* what the backend reserved for device sampling */
     int max_mask_rows;    /* rows with a token mask one sample call may carry */
     /* Fault injection for tests ($KRSERVE_FAULT_FORWARD_AFTER=N): forwards after the N-th

@@ -906,23 +906,31 @@ _Static_assert(
         offsetof(struct sampler_edit, post_add) == offsetof(struct backend_logit_edit, post_add),
     "sampler_edit and backend_logit_edit differ");
 
-/* Fills the device-sampling inputs of this step's n_rows rows and returns 1, or returns 0 when
- * the step samples on the host: no device sampling, a row asks for top logprobs (they need the
- * whole row), the edits or the rows with a grammar mask do not fit, or a grammar allows no
- * token (then nothing was drawn from any RNG, so the host path draws exactly as it would
- * have). A row with a grammar hands its token mask (cached by the matcher) to the device. */
-static int prepare_device_sampling(struct sched *s, int n_rows)
+/* 1 when this step's n_rows rows can sample on the device: device sampling is on, no row asks
+ * for top logprobs (they need the whole row) and the rows with a grammar mask fit. */
+static int can_sample_on_device(const struct sched *s, int n_rows)
 {
     if (!s->dev_rows) return 0;
-    int n_edits = 0, n_masked = 0;
+    int n_masked = 0;
     for (int row = 0; row < n_rows; row++) {
         const struct req *r = s->b_rows[row];
         if (r->sampler.params.n_top_logprobs > 0) return 0;
         n_masked += r->gm != NULL;
     }
-    if (n_masked > s->dev_max_masks) return 0;
+    return n_masked <= s->dev_max_masks;
+}
+
+/* Fills the device-sampling inputs of this step's n_rows rows (can_sample_on_device said yes)
+ * and returns 1, or returns 0 when the step samples on the host after all: the edits do not
+ * fit, or a grammar allows no token (then nothing was drawn from any RNG, so the host path
+ * draws exactly as it would have). A row with a grammar hands its token mask (cached by the
+ * matcher) to the device. Runs while the device computes the step's logits. */
+static int prepare_device_sampling(struct sched *s, int n_rows)
+{
+    int n_edits = 0, n_masked = 0;
+    for (int row = 0; row < n_rows; row++) n_masked += s->b_rows[row]->gm != NULL;
     /* the masks go to the device with their rows; computed in parallel on the sampling pool,
-     * idle while the device samples */
+     * idle while the device runs the step */
     s->n_sample_rows = n_rows;
     atomic_store_explicit(&s->next_sample_row, 0, memory_order_relaxed);
     if (n_masked > 1)
@@ -1029,13 +1037,21 @@ static void step(struct sched *s, uint64_t t0)
     const float *logits = NULL;
     const int32_t *ids = NULL;
     const float *logprobs = NULL;
-    int n_out, rc;
-    if (prepare_device_sampling(s, n_rows))
-        rc = model_forward_sampled(s->ctx, &b, s->dev_rows,
-                                   (const struct backend_logit_edit *)s->dev_edits, s->dev_n_edits,
-                                   s->dev_any_mask ? s->dev_masks : NULL, &ids, &logprobs, &n_out);
-    else
-        rc = model_forward(s->ctx, &b, &logits, &n_out);
+    int n_out = 0;
+    /* The step starts on the device first; the host then prepares its sampling (grammar masks,
+     * logit edits, draws) while the device computes. */
+    int on_device = can_sample_on_device(s, n_rows), prepared = 0;
+    if (on_device && !s->sampling_overlap)
+        on_device = prepared = prepare_device_sampling(s, n_rows);
+    int rc = model_forward_begin(s->ctx, &b, &n_out);
+    if (!rc) {
+        if (on_device && (prepared || prepare_device_sampling(s, n_rows)))
+            rc = model_forward_end_sampled(
+                s->ctx, s->dev_rows, (const struct backend_logit_edit *)s->dev_edits,
+                s->dev_n_edits, s->dev_any_mask ? s->dev_masks : NULL, &ids, &logprobs);
+        else
+            rc = model_forward_end(s->ctx, &logits);
+    }
     uint64_t now = clock_now_ns();
     if (rc) {
         KRS_LOG_ERRORF("forward failed: %s", krs_status_str(rc));
@@ -1255,6 +1271,9 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
          * other); KRS_DEVICE_GRAMMAR_MASK=0 samples constrained rows on the host instead. */
         const char *dm = getenv("KRS_DEVICE_GRAMMAR_MASK");
         s->dev_max_masks = dm && !strcmp(dm, "0") ? 0 : model_ctx_max_mask_rows(s->ctx);
+        /* KRS_SAMPLING_OVERLAP=0 prepares a step's sampling before the device starts it. */
+        const char *ov = getenv("KRS_SAMPLING_OVERLAP");
+        s->sampling_overlap = !(ov && !strcmp(ov, "0"));
         if (!s->dev_rows || !s->dev_edits || !s->dev_masks) {
             rc = KRS_ERR_NOMEM;
             snprintf(err, errlen, "out of memory");

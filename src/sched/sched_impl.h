@@ -130,6 +130,7 @@ struct sched {
     struct sampler_edit *dev_edits;      /* [dev_edits_cap] */
     const uint32_t **dev_masks;          /* [max_running] grammar masks (matcher-owned) or NULL */
     int dev_max_masks;                   /* masked rows one device call may carry */
+    int sampling_overlap;                /* 1: sampling is prepared while the device runs */
     int dev_any_mask;                    /* this step's rows include a masked one */
     int dev_edits_cap;
     int dev_n_edits;

@@ -145,11 +145,55 @@ static void test_unreserved_kv_is_rejected(void **state)
     model_ctx_free(ctx);
 }
 
+/* model_forward_begin + model_forward_end is model_forward: the same logits for the same
+ * batch; an end without a begun step (or a second end) is KRS_ERR_STATE. */
+static void test_forward_in_two_halves(void **state)
+{
+    if (!model) skip();
+    struct model_ctx_params p = {
+        .max_batch_tokens = 16, .max_seqs = 1, .kv_tokens = 256, .max_logits = 4};
+    struct model_ctx *ctx;
+    char err[256];
+    assert_int_equal(model_ctx_create(model, &p, &ctx, err, sizeof err), KRS_OK);
+    const int V = model_hparams(model)->n_vocab;
+    int32_t tok[4] = {2, 5, 6, 7}, pos[4] = {0, 1, 2, 3}, seq[4] = {0};
+    uint8_t want[4] = {0, 1, 0, 1};
+    struct model_batch b = {4, tok, pos, seq, want};
+    assert_int_equal(kv_seq_reserve(model_ctx_kv(ctx), 0, 0, 4), KRS_OK);
+    const float *logits;
+    int n;
+    assert_int_equal(model_forward_end(ctx, &logits), KRS_ERR_STATE);
+    assert_null(logits);
+    assert_int_equal(model_forward(ctx, &b, &logits, &n), KRS_OK);
+    assert_int_equal(n, 2);
+    float *whole = alloc_malloc(sizeof(float) * 2 * (size_t)V);
+    assert_non_null(whole);
+    memcpy(whole, logits, sizeof(float) * 2 * (size_t)V);
+    n = -1;
+    assert_int_equal(model_forward_begin(ctx, &b, &n), KRS_OK);
+    assert_int_equal(n, 2);
+    assert_int_equal(model_forward_end(ctx, &logits), KRS_OK);
+    assert_memory_equal(logits, whole, sizeof(float) * 2 * (size_t)V);
+    assert_int_equal(model_forward_end(ctx, &logits), KRS_ERR_STATE);
+    if (!model_ctx_samples_on_device(ctx)) {
+        const int32_t *ids;
+        const float *lps;
+        assert_int_equal(model_forward_begin(ctx, &b, &n), KRS_OK);
+        assert_int_equal(model_forward_end_sampled(ctx, NULL, NULL, 0, NULL, &ids, &lps),
+                         KRS_ERR_UNSUPPORTED);
+        assert_int_equal(model_forward_end(ctx, &logits), KRS_OK); /* the step is still open */
+        assert_memory_equal(logits, whole, sizeof(float) * 2 * (size_t)V);
+    }
+    alloc_free(whole);
+    model_ctx_free(ctx);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_batch_invariance),
         cmocka_unit_test(test_unreserved_kv_is_rejected),
+        cmocka_unit_test(test_forward_in_two_halves),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -495,6 +495,15 @@ static int op_step_end_sampled(struct backend *b, int rows, const int32_t **ids,
     return cuda_op_step_end_sampled(b, rows, ids, logprobs);
 }
 
+static int op_step_flush(struct backend *b)
+{
+    struct backend_cuda *c = cu(b);
+    if (!c->step.active) return KRS_ERR_STATE;
+    int rc = cuda_flush(c);
+    if (rc) c->step.active = 0;
+    return rc;
+}
+
 /* ---- ops: validated here, recorded as struct cuda_op, enqueued by cuda_submit ---- */
 
 #define NEED_STEP(c)                                                                               \
@@ -730,6 +739,7 @@ static const struct backend_ops cuda_ops = {
     .get_rows = cuda_op_get_rows,
     .sample = op_sample,
     .step_end_sampled = op_step_end_sampled,
+    .step_flush = op_step_flush,
 };
 
 static int env_int(const char *name, int def)
