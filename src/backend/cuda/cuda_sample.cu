@@ -3,7 +3,7 @@
  * Per row, in the logits tensor itself (it is dead after sampling):
  *   1. edits: l = rep(l + pre_add) + post_add, each operation rounded (no FMA contraction), so
  *      a host reference in float arithmetic gets the same edited logits bit for bit; then a
- *      masked row's disallowed tokens become -inf (one thread per mask word);
+ *      masked row's disallowed tokens become -inf (a warp per mask word, coalesced stores);
  *   2. one pass: max, first argmax, Z1 = sum exp(l - max) (double accumulation), a NaN/+inf
  *      check, each thread's own maximum, and for top-p rows sum exp((l - max) / T). Greedy rows
  *      stop here (edits + one pass);
@@ -483,16 +483,14 @@ __global__ void __launch_bounds__(SMP_THREADS, 1)
         row[E.token] = __fadd_rn(x, E.post_add);
     }
     __syncthreads();
-    /* 1b. the token mask (the condition is the same for the whole block) */
+    /* 1b. the token mask (the condition is the same for the whole block). Thread t takes
+     * tokens t, t + 1024, ...: a warp covers the 32 tokens of one mask word (read once,
+     * broadcast) and its stores are one coalesced 128-byte line. (A thread per word storing
+     * its own 32 tokens made every store instruction touch 32 lines.) */
     if (mask_idx && mask_idx[r] >= 0) {
-        const int nw = (V + 31) >> 5;
-        const uint32_t *mk = masks + (int64_t)mask_idx[r] * nw;
-        for (int wd = t; wd < nw; wd += SMP_THREADS) {
-            const uint32_t bits = mk[wd];
-            if (bits == FULL_MASK) continue;
-            for (int j = 0; j < 32 && 32 * wd + j < V; j++)
-                if (!(bits >> j & 1u)) row[32 * wd + j] = -INFINITY;
-        }
+        const uint32_t *mk = masks + (int64_t)mask_idx[r] * ((V + 31) >> 5);
+        for (int i = t; i < V; i += SMP_THREADS)
+            if (!(mk[i >> 5] >> (i & 31) & 1u)) row[i] = -INFINITY;
         __syncthreads();
     }
 
