@@ -225,6 +225,7 @@ static void fold_decode(struct controller *c, double p99_ms, double mean_batch)
              * faster host scales the fixed and the per-sequence part alike). */
             if (expect > 0.0 && c->slope > 0.0) c->slope *= p99_ms / expect;
             c->knee = 0;
+            c->goodput_hold = false;
             c->unmet_probe = false;
             c->sw = c->sx = c->sy = c->sxx = c->sxy = 0.0;
         }
@@ -303,11 +304,14 @@ static uint32_t wanted_limit(const struct controller *c, bool pressure, double w
 {
     const struct controller_config *cfg = &c->cfg;
     uint32_t knee = c->knee, cap = capacity_limit(c);
-    bool late = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+    bool late_now = pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms;
+    bool late = late_now || c->goodput_hold;
     if (at_knee) *at_knee = !late && cap >= knee;
-    if (why && late)
+    if (why && late_now)
         snprintf(why, why_len, "queue wait %.0f ms > ttft target %.0f ms, capacity %u", wait_ms,
                  cfg->ttft_target_ms, cap);
+    else if (why && late)
+        snprintf(why, why_len, "requests still queued after a late episode, capacity %u", cap);
     else if (why && cap < knee)
         snprintf(why, why_len, "capacity %u (knee %u)", cap, knee);
     else if (why)
@@ -495,7 +499,14 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
                   "probe", why);
         return;
     } else {
-        /* Past the knee only for goodput: requests miss their first-token target in the queue. */
+        /* Past the knee only for goodput: requests miss their first-token target in the queue.
+         * Such a late episode lasts while requests still queue and more than the knee run:
+         * admitting the late requests shortens the queue's wait, and that must not send the
+         * limit back to the knee while work still waits (it would swing between knee and
+         * capacity at every window of a saturated closed loop). */
+        c->goodput_hold =
+            (pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms) ||
+            (c->goodput_hold && pressure && c->dec_last_batch > (double)c->knee);
         bool at_knee = false;
         uint32_t want = wanted_limit(c, pressure, wait_ms, why, sizeof why, &at_knee);
         /* Steady hold: a change under hold_band of the limit is noise in the fit. */
@@ -610,6 +621,7 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
             c->last_spike_ns = now_ns;
             c->degradations++;
             c->ceiling = 0;
+            c->goodput_hold = false; /* after recovery it starts from the fallback afresh */
             push_event(c, now_ns, CONTROLLER_EVENT_DEGRADE, old, nl,
                        "p99 %.1f ms > %.1fx target %.1f ms and %.1fx ema %.1f ms (%u of %u "
                        "steps); limit %u -> %u",

@@ -17,7 +17,10 @@
  *          extra sequences add little throughput and slow every stream; on a GPU (b ~ 0) the
  *          knee is max_batch;
  *        - past the knee only while requests queue for longer than ttft_target_ms: then the
- *          sequences it admits turn missed first-token targets into goodput;
+ *          sequences it admits turn missed first-token targets into goodput; such an episode
+ *          lasts while requests still queue and more than the knee run (admitting the late
+ *          requests shortens the wait; it must not send the limit back to the knee while
+ *          work still waits);
  *        - never past the CAPACITY: the largest n whose predicted P99 plus twice the noise
  *          (EMA of the residual from the line) plus a prefill reserve (the time of a minimum
  *          prompt chunk while prompts are arriving) stays within target.
@@ -229,6 +232,8 @@ struct controller {
     double unreach_ms;     /* the P99 predicted at the minimum batch when that was seen */
     bool late_hold;        /* unreachable target and requests were late: run max_batch while
                               more than the knee run */
+    bool goodput_hold;     /* reachable target, requests were late: stay past the knee (at
+                              capacity) while requests queue and more than the knee run */
     uint32_t ceiling;      /* 0 = none */
     uint32_t ceiling_left; /* windows the ceiling still holds */
     uint64_t last_spike_ns;

@@ -503,6 +503,35 @@ static void test_steady_hold(void **state)
     }
 }
 
+/* A saturated closed loop (16 clients; the knee near 6, capacity 14-15): with the limit at the knee
+ * the oldest queued request waits 1.5 s, past the 1 s first-token target; past the knee 0.6 s.
+ * The limit goes to capacity and stays there while requests still queue, instead of swinging
+ * between knee and capacity at every window; once nobody queues the late episode ends. */
+static void test_saturated_late_queue_holds(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    init_default(&c, &cfg);
+    struct sim s = {.base_ms = 10, .per_seq_ms = 6, .demand = 16, .limit_only = 1, .rng = 31};
+    uint32_t lim[200];
+    for (int w = 0; w < 200; w++) {
+        s.wait_ms = controller_limit(&c) <= 8 ? 1500 : 600;
+        sim_run(&s, &c, 1, lim + w);
+    }
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    printf("knee %u, capacity %u, limit %u\n", snap.knee_limit, snap.capacity_limit, lim[199]);
+    assert_true(snap.knee_limit >= 5 && snap.knee_limit <= 7);
+    assert_true(lim[199] >= 13 && lim[199] <= 15);
+    assert_true(spread(lim + 100, 100) <= 0.1 + 1e-9); /* +-5 % */
+    assert_true(10 + 6 * lim[199] <= cfg.p99_target_ms);
+    assert_true(c.goodput_hold);
+    s.demand = 4; /* nobody queues: the episode ends */
+    s.wait_ms = 0;
+    sim_run(&s, &c, 3, lim);
+    assert_false(c.goodput_hold);
+}
+
 /* Prompt-length step: prompts go from 20 to 700 tokens (2 ms a token). Chunks are sized to
  * the room the decodes leave, the limit shrinks within a few windows when it leaves no room
  * for them, and after settling no step is over target while prompts still progress. */
@@ -1000,6 +1029,7 @@ int main(void)
         cmocka_unit_test(test_load_step),
         cmocka_unit_test(test_knee),
         cmocka_unit_test(test_steady_hold),
+        cmocka_unit_test(test_saturated_late_queue_holds),
         cmocka_unit_test(test_prompt_length_step),
         cmocka_unit_test(test_admit_at_low_load),
         cmocka_unit_test(test_cold_burst_settles),
