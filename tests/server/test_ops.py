@@ -29,6 +29,10 @@ def cancelled(server):
 def check_promtool(text):
     promtool = shutil.which("promtool") or "/usr/bin/promtool"
     if not os.path.exists(promtool):
+        # The GPU machine has no Debian packages (scripts/device-test.sh sets this); the
+        # parser's checks still run there. Everywhere else promtool is required.
+        if os.environ.get("KRS_TEST_NO_PROMTOOL") == "1":
+            return
         pytest.fail("promtool not installed (Debian package prometheus)")
     res = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                          text=True, timeout=60)
