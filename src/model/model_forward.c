@@ -228,19 +228,27 @@ int model_forward_end(struct model_ctx *c, const float **out_logits)
     return KRS_OK;
 }
 
+/* Whether n_edits edits and the masked rows among masks[0..n_rows) fit the device sampler. */
+static int sampling_fits(const struct model_ctx *c, int n_edits, const uint32_t *const *masks,
+                         int n_rows)
+{
+    int n_masked = 0;
+    for (int i = 0; masks && i < n_rows; i++) n_masked += masks[i] != NULL;
+    return n_edits <= c->max_sample_edits && n_masked <= c->max_mask_rows;
+}
+
 int model_forward_end_sampled(struct model_ctx *c, const struct backend_sample_row *rows,
                               const struct backend_logit_edit *edits, int n_edits,
                               const uint32_t *const *masks, const int32_t **out_ids,
                               const float **out_logprobs)
 {
     const struct backend_ops *ops = c->be->ops;
-    int n, rc, n_masked = 0;
+    int n, rc;
     *out_ids = NULL;
     *out_logprobs = NULL;
     if (!ops->sample) return KRS_ERR_UNSUPPORTED;
     if ((rc = end_step(c, &n))) return rc;
-    for (int i = 0; masks && i < n; i++) n_masked += masks[i] != NULL;
-    if (n_edits > c->max_sample_edits || n_masked > c->max_mask_rows) {
+    if (!sampling_fits(c, n_edits, masks, n)) {
         /* past the limits the caller was given: the step still ends here */
         const float *unused;
         if (n) ops->step_end(c->be, c->logits, n, c->m->hp.n_vocab, &unused);
@@ -259,15 +267,13 @@ int model_forward_sampled(struct model_ctx *c, const struct model_batch *b,
                           const uint32_t *const *masks, const int32_t **out_ids,
                           const float **out_logprobs, int *out_n)
 {
-    int rc, n_masked = 0;
+    int rc, n_rows = 0;
     *out_ids = NULL;
     *out_logprobs = NULL;
     if (!c->be->ops->sample) return KRS_ERR_UNSUPPORTED;
     /* checked before anything runs: KRS_ERR_FULL means the caller may run it on the host */
-    if (n_edits > c->max_sample_edits) return KRS_ERR_FULL;
-    for (int i = 0, row = 0; masks && i < b->n_tokens; i++)
-        if (b->logits[i]) n_masked += masks[row++] != NULL;
-    if (n_masked > c->max_mask_rows) return KRS_ERR_FULL;
+    for (int i = 0; i < b->n_tokens; i++) n_rows += b->logits[i] != 0;
+    if (!sampling_fits(c, n_edits, masks, n_rows)) return KRS_ERR_FULL;
     if ((rc = model_forward_begin(c, b, out_n)) ||
         (rc = model_forward_end_sampled(c, rows, edits, n_edits, masks, out_ids, out_logprobs)))
         return rc;
