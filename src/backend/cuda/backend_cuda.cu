@@ -26,6 +26,7 @@ extern "C" {
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define CUBLAS_WS_BYTES (32u << 20)
 
@@ -110,6 +111,14 @@ static void cuda_destroy(struct backend *b)
     if (!c) return;
     cuda_graphs_destroy(c); /* ends a capture in progress, then waits for the stream */
     if (c->stream) cudaStreamSynchronize(c->stream);
+    if (c->step_times) {
+        if (c->n_timed > 1)
+            KRS_LOG_INFOF("cuda: %ld sampled steps: device %.1f us/step from launch to results, "
+                          "host %.1f us/step from launch to launch",
+                          c->n_timed, c->dev_us / c->n_timed, c->wall_us / (c->n_timed - 1));
+        cudaEventDestroy(c->ev_launch);
+        cudaEventDestroy(c->ev_done);
+    }
     for (size_t i = 0; i < c->n_tensors; i++) {
         if (c->tensors[i]->kind == CUDA_T_WEIGHT) {
             cudaFree(c->tensors[i]->dev);
@@ -492,13 +501,37 @@ static int op_step_end_sampled(struct backend *b, int rows, const int32_t **ids,
             return rc;
         }
     }
-    return cuda_op_step_end_sampled(b, rows, ids, logprobs);
+    const int timed = c->ev_pending && cudaEventRecord(c->ev_done, c->stream) == cudaSuccess;
+    c->ev_pending = 0;
+    int rc = cuda_op_step_end_sampled(b, rows, ids, logprobs);
+    float ms = 0.0f;
+    if (!rc && timed && cudaEventElapsedTime(&ms, c->ev_launch, c->ev_done) == cudaSuccess) {
+        c->dev_us += 1e3 * ms;
+        c->n_timed++;
+    }
+    return rc;
+}
+
+static double mono_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 static int op_step_flush(struct backend *b)
 {
     struct backend_cuda *c = cu(b);
     if (!c->step.active) return KRS_ERR_STATE;
+    cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+    if (c->step_times && cudaStreamIsCapturing(c->stream, &cap) == cudaSuccess &&
+        cap == cudaStreamCaptureStatusNone &&
+        cudaEventRecord(c->ev_launch, c->stream) == cudaSuccess) {
+        const double now = mono_s();
+        if (c->n_timed > 0) c->wall_us += 1e6 * (now - c->last_launch_s);
+        c->last_launch_s = now;
+        c->ev_pending = 1;
+    }
     int rc = cuda_flush(c);
     if (rc) c->step.active = 0;
     return rc;
@@ -794,6 +827,11 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
     c->pdl = env_int("KRS_CUDA_PDL", 1) != 0;
     c->attn_tile = env_int("KRS_CUDA_ATTN_TILE", 1);
+    c->sample_splits = env_int("KRS_CUDA_SAMPLE_SPLITS", 16);
+    c->step_times = env_int("KRS_CUDA_STEP_TIMES", 0) != 0;
+    if (c->step_times && (cudaEventCreate(&c->ev_launch) != cudaSuccess ||
+                          cudaEventCreate(&c->ev_done) != cudaSuccess))
+        c->step_times = 0;
     int rc;
     if ((rc = CUDA_CHECK(cudaSetDevice(0), "cudaSetDevice")) ||
         (rc = CUDA_CHECK(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "stream")) ||

@@ -173,13 +173,21 @@ struct backend_cuda {
     int64_t x_half_n_in;
     int x_half_rows, x_half_op;
     uint32_t x_half_type;
-    int gemm_tf32;   /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
-    int half_copy;   /* F16 copies of quantized weights for GEMMs (KRS_CUDA_HALF_COPY, 1) */
-    int *d_overflow; /* set by cuda_make_half_copy when a weight does not fit F16 */
-    int fuse;        /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
-    int pdl;         /* programmatic dependent launches (KRS_CUDA_PDL, default 1) */
-    int attn_tile;   /* tensor-core attention for prompt steps (KRS_CUDA_ATTN_TILE, default 1) */
-    int f32_weights; /* a matrix is stored in F32: attention stays in F32 too */
+    int gemm_tf32;     /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
+    int half_copy;     /* F16 copies of quantized weights for GEMMs (KRS_CUDA_HALF_COPY, 1) */
+    int *d_overflow;   /* set by cuda_make_half_copy when a weight does not fit F16 */
+    int fuse;          /* fuse runs of ops into single kernels (KRS_CUDA_FUSE, default 1) */
+    int pdl;           /* programmatic dependent launches (KRS_CUDA_PDL, default 1) */
+    int attn_tile;     /* tensor-core attention for prompt steps (KRS_CUDA_ATTN_TILE, default 1) */
+    int sample_splits; /* most blocks per sampled row (KRS_CUDA_SAMPLE_SPLITS, default 16) */
+    /* KRS_CUDA_STEP_TIMES=1: device time of sampled steps (launch to results) vs the host's
+     * time between launches, logged at destroy (tuning: how much of a step the GPU is busy) */
+    int step_times;
+    cudaEvent_t ev_launch, ev_done;
+    int ev_pending;
+    double dev_us, wall_us, last_launch_s;
+    long n_timed;
+    int f32_weights;            /* a matrix is stored in F32: attention stays in F32 too */
     struct cuda_opq opq;        /* ops waiting for fusion (cuda_fuse.cu) */
     struct cuda_graphs *graphs; /* recorded decode steps (cuda_graph.cu) */
 };
@@ -357,8 +365,10 @@ static __device__ __forceinline__ void cuda_rope_cs(int pos, int i, int n_rot, f
     double inv = pow((double)base, -2.0 * i / n_rot);
     double theta = (double)pos * inv * freq_scale;
     if (ff) theta /= ff[i];
-    *c = (float)cos(theta);
-    *s = (float)sin(theta);
+    double sd, cd;
+    sincos(theta, &sd, &cd); /* one argument reduction for both: cos and sin bit for bit */
+    *c = (float)cd;
+    *s = (float)sd;
 }
 
 static __device__ __forceinline__ void cuda_rope_pair(float *v0, float *v1, float c, float s)
