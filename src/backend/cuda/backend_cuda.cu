@@ -140,6 +140,7 @@ static void cuda_destroy(struct backend *b)
     cudaFree(c->x_inv_scale);
     cudaFree(c->attn_part);
     cudaFree(c->attn_done);
+    cudaFree(c->res_done);
     cudaFree(c->d_stage);
     cudaFree(c->d_err);
     cudaFree(c->d_overflow);
@@ -843,6 +844,8 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
                          "attention split counters")) ||
         (rc = CUDA_CHECK(cudaMemset(c->attn_done, 0, CUDA_ATTN_PAIRS * sizeof(int)),
                          "attention split counters")) ||
+        (rc = CUDA_CHECK(cudaMalloc((void **)&c->res_done, sizeof(int)), "fused counter")) ||
+        (rc = CUDA_CHECK(cudaMemset(c->res_done, 0, sizeof(int)), "fused counter")) ||
         (rc = CUDA_CHECK(cudaMalloc(&c->x_half, (size_t)c->max_tokens * c->max_n_in * 2),
                          "half activations")) ||
         (rc = CUDA_CHECK(cudaMalloc((void **)&c->x_inv_scale, (size_t)c->max_tokens * 4),

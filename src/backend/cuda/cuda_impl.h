@@ -141,6 +141,7 @@ struct backend_cuda {
      * count of its splits done (zero between launches: the last split resets it) */
     float *attn_part;
     int *attn_done; /* [CUDA_ATTN_PAIRS] */
+    int *res_done;  /* blocks of the running fused matvec + residual step that finished */
 
     /* step inputs: pinned staging and its device twin, reserved for the largest step */
     int32_t *h_stage;
@@ -316,6 +317,12 @@ int cuda_matvec_multi(struct backend_cuda *c, int nw, const struct backend_tenso
 /* cuda_ops.cu: tm = rmsnorm(tm) * wp (wp NULL: skipped); x += tm; xn = rmsnorm(x) * wn. */
 int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float eps_p, float *x,
                        const float *wn, float eps_n, float *xn, int rows, int n);
+/* cuda_quant.cu: tm = W x for one token row (the matvec path), then the residual step above on
+ * tm, in one kernel (the last block to finish its rows runs the residual step): for
+ * n_out <= CUDA_NORM_REG_MAX; bit-identical to cuda_matmul then cuda_norm_add_norm. */
+int cuda_matvec_residual(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
+                         int rows, float *tm, const float *wp, float eps_p, float *xr,
+                         const float *wn, float eps_n, float *xn);
 /* cuda_attn.cu: per-head rmsnorm of q and k (wq NULL: none), rope of both, and (layer >= 0) the
  * KV store of k and v: the ops rmsnorm, rmsnorm, rope, rope, kv_store in one kernel. */
 struct cuda_qk_args {
@@ -355,6 +362,63 @@ static __device__ __forceinline__ float cuda_rms_scale(const float *xr, int n, f
     double ss = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += (double)xr[i] * xr[i];
     return cuda_block_rms(ss, n, eps, part);
+}
+
+/* Rows up to CUDA_NORM_REG * CUDA_NORM_THREADS elements are held in registers: every input of
+ * a row is loaded at once, so a norm costs one trip to memory instead of one per phase. Longer
+ * rows take looping kernels. Both sum squares in the same order (cuda_block_rms), so they
+ * give the same bits. */
+#define CUDA_NORM_REG     8
+#define CUDA_NORM_REG_MAX (CUDA_NORM_REG * CUDA_NORM_THREADS)
+
+/* rms scale of a row held CUDA_NORM_REG elements per thread (zeros past its end) */
+static __device__ __forceinline__ float cuda_reg_rms(const float (&v)[CUDA_NORM_REG], int n,
+                                                     float eps, double *part)
+{
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < CUDA_NORM_REG; j++) ss += (double)v[j] * v[j];
+    return cuda_block_rms(ss, n, eps, part);
+}
+
+/* The residual step of one row of n <= CUDA_NORM_REG_MAX, by a block of CUDA_NORM_THREADS:
+ * tr = rmsnorm(tr) * wp (wp NULL: skipped); xr += tr; yr = rmsnorm(xr) * wn. tr and xr are
+ * read through L2 (__ldcg): the fused matvec's last block reads what other blocks wrote. */
+static __device__ __forceinline__ void cuda_norm_add_norm_row(float *tr, const float *wp,
+                                                              float eps_p, float *xr,
+                                                              const float *wn, float eps_n,
+                                                              float *yr, int n, double *part)
+{
+    float t[CUDA_NORM_REG], xv[CUDA_NORM_REG], wpv[CUDA_NORM_REG], wnv[CUDA_NORM_REG];
+#pragma unroll
+    for (int j = 0; j < CUDA_NORM_REG; j++) {
+        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+        const bool in = i < n;
+        t[j] = in ? __ldcg(tr + i) : 0.0f;
+        xv[j] = in ? __ldcg(xr + i) : 0.0f;
+        wpv[j] = in && wp ? wp[i] : 0.0f;
+        wnv[j] = in ? wn[i] : 0.0f;
+    }
+    if (wp) {
+        const float sp = cuda_reg_rms(t, n, eps_p, part);
+#pragma unroll
+        for (int j = 0; j < CUDA_NORM_REG; j++) {
+            const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+            t[j] = __fmul_rn(t[j] * sp, wpv[j]);
+            if (i < n) tr[i] = t[j];
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < CUDA_NORM_REG; j++) xv[j] += t[j];
+    const float sn = cuda_reg_rms(xv, n, eps_n, part);
+#pragma unroll
+    for (int j = 0; j < CUDA_NORM_REG; j++) {
+        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
+        if (i < n) {
+            xr[i] = xv[j];
+            yr[i] = __fmul_rn(xv[j] * sn, wnv[j]);
+        }
+    }
 }
 
 /* cos and sin of rotary pair i at position pos (angles in double, as the CPU) */

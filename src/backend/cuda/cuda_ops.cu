@@ -18,21 +18,6 @@ static unsigned blocks_for(int64_t n)
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                      \
          i += (int64_t)gridDim.x * blockDim.x)
 
-/* Rows up to NORM_REG * CUDA_NORM_THREADS elements are held in registers: every input of a
- * row is loaded at once, so a norm costs one trip to memory instead of one per phase. Longer
- * rows take the looping kernels. Both sum squares in the same order (cuda_block_rms), so they
- * give the same bits. */
-#define NORM_REG 8
-
-/* rms scale of a row held NORM_REG elements per thread (zeros past its end) */
-__device__ __forceinline__ float reg_rms(const float (&v)[NORM_REG], int n, float eps, double *part)
-{
-    double ss = 0.0;
-#pragma unroll
-    for (int j = 0; j < NORM_REG; j++) ss += (double)v[j] * v[j];
-    return cuda_block_rms(ss, n, eps, part);
-}
-
 /* One block of CUDA_NORM_THREADS per row. */
 __global__ void k_rmsnorm(const float *x, const float *__restrict__ w, int n, float eps, float *y)
 {
@@ -51,16 +36,16 @@ __global__ void __launch_bounds__(CUDA_NORM_THREADS)
     __shared__ double part[CUDA_NORM_THREADS / 32];
     const float *xr = x + (int64_t)blockIdx.x * n;
     float *yr = y + (int64_t)blockIdx.x * n;
-    float v[NORM_REG], wv[NORM_REG];
+    float v[CUDA_NORM_REG], wv[CUDA_NORM_REG];
 #pragma unroll
-    for (int j = 0; j < NORM_REG; j++) {
+    for (int j = 0; j < CUDA_NORM_REG; j++) {
         const int i = threadIdx.x + j * CUDA_NORM_THREADS;
         v[j] = i < n ? xr[i] : 0.0f;
         wv[j] = i < n ? w[i] : 0.0f;
     }
-    const float scale = reg_rms(v, n, eps, part);
+    const float scale = cuda_reg_rms(v, n, eps, part);
 #pragma unroll
-    for (int j = 0; j < NORM_REG; j++) {
+    for (int j = 0; j < CUDA_NORM_REG; j++) {
         const int i = threadIdx.x + j * CUDA_NORM_THREADS;
         if (i < n) yr[i] = __fmul_rn(v[j] * scale, wv[j]);
     }
@@ -92,37 +77,7 @@ __global__ void __launch_bounds__(CUDA_NORM_THREADS)
     cuda_pdl_enter();
     __shared__ double part[CUDA_NORM_THREADS / 32];
     const int64_t off = (int64_t)blockIdx.x * n;
-    float *tr = tm + off, *xr = x + off, *yr = xn + off;
-    float t[NORM_REG], xv[NORM_REG], wpv[NORM_REG], wnv[NORM_REG];
-#pragma unroll
-    for (int j = 0; j < NORM_REG; j++) {
-        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
-        const bool in = i < n;
-        t[j] = in ? tr[i] : 0.0f;
-        xv[j] = in ? xr[i] : 0.0f;
-        wpv[j] = in && wp ? wp[i] : 0.0f;
-        wnv[j] = in ? wn[i] : 0.0f;
-    }
-    if (wp) {
-        const float sp = reg_rms(t, n, eps_p, part);
-#pragma unroll
-        for (int j = 0; j < NORM_REG; j++) {
-            const int i = threadIdx.x + j * CUDA_NORM_THREADS;
-            t[j] = __fmul_rn(t[j] * sp, wpv[j]);
-            if (i < n) tr[i] = t[j];
-        }
-    }
-#pragma unroll
-    for (int j = 0; j < NORM_REG; j++) xv[j] += t[j];
-    const float sn = reg_rms(xv, n, eps_n, part);
-#pragma unroll
-    for (int j = 0; j < NORM_REG; j++) {
-        const int i = threadIdx.x + j * CUDA_NORM_THREADS;
-        if (i < n) {
-            xr[i] = xv[j];
-            yr[i] = __fmul_rn(xv[j] * sn, wnv[j]);
-        }
-    }
+    cuda_norm_add_norm_row(tm + off, wp, eps_p, x + off, wn, eps_n, xn + off, n, part);
 }
 
 __global__ void k_add_bias(float *y, const float *__restrict__ b, int64_t total, int n)
@@ -173,7 +128,7 @@ int cuda_rmsnorm(struct backend_cuda *c, const float *x, const float *w, int row
                  float *y)
 {
     if (rows <= 0) return KRS_OK;
-    if (n <= NORM_REG * CUDA_NORM_THREADS)
+    if (n <= CUDA_NORM_REG_MAX)
         cuda_launch(c, k_rmsnorm_reg, rows, CUDA_NORM_THREADS, x, w, n, eps, y);
     else
         cuda_launch(c, k_rmsnorm, rows, CUDA_NORM_THREADS, x, w, n, eps, y);
@@ -184,7 +139,7 @@ int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float
                        const float *wn, float eps_n, float *xn, int rows, int n)
 {
     if (rows <= 0) return KRS_OK;
-    if (n <= NORM_REG * CUDA_NORM_THREADS)
+    if (n <= CUDA_NORM_REG_MAX)
         cuda_launch(c, k_norm_add_norm_reg, rows, CUDA_NORM_THREADS, tm, wp, eps_p, x, wn, eps_n,
                     xn, n);
     else

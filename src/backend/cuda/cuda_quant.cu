@@ -405,6 +405,53 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
                 y[(int64_t)r * n_out + row0 + j] = acc[j][r];
 }
 
+/* A matvec whose output tm feeds the residual step (cuda_ops.cu's k_norm_add_norm_reg): blocks
+ * of CUDA_NORM_THREADS compute rows as k_matvec does (each row by one warp, the same
+ * arithmetic), count themselves done, and the last one runs the residual step on every token
+ * row, so the step costs no launch of its own. The counter is reset for the next launch. */
+struct mv_res_params {
+    float *tm;
+    const float *wp, *wn;
+    float eps_p, eps_n;
+    float *x, *xn;
+    int *done;
+};
+
+template <int FMT, int R, int NW>
+__global__ void __launch_bounds__(CUDA_NORM_THREADS)
+    k_matvec_res(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
+                 const float *__restrict__ x, int rows, const mv_res_params P)
+{
+    __shared__ int last;
+    __shared__ double part[CUDA_NORM_THREADS / 32];
+    const int lane = threadIdx.x & 31;
+    const int64_t row0 = ((int64_t)blockIdx.x * (CUDA_NORM_THREADS / 32) + (threadIdx.x >> 5)) * NW;
+    if (row0 < n_out) mv_prefetch(w, row_bytes, n_out, row0, NW);
+    cuda_pdl_enter();
+    if (row0 < n_out) {
+        float acc[NW][R];
+        mv_warp<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, row0, acc);
+#pragma unroll
+        for (int j = 0; j < NW; j++)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (lane == 0 && r < rows && row0 + j < n_out)
+                    P.tm[(int64_t)r * n_out + row0 + j] = acc[j][r];
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(P.done, 1) == (int)gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int r = 0; r < rows; r++) { /* (one row: see cuda_fuse.cu) */
+        const int64_t off = (int64_t)r * n_out;
+        cuda_norm_add_norm_row(P.tm + off, P.wp, P.eps_p, P.x + off, P.wn, P.eps_n, P.xn + off,
+                               (int)n_out, part);
+    }
+    if (threadIdx.x == 0) *P.done = 0;
+}
+
 /* Several matvecs of one input in one launch: blocks [s.block0, next block0) take segment s. */
 #define MV_MULTI 3
 struct mv_seg {
@@ -691,6 +738,52 @@ int cuda_matmul_matvec(struct backend_cuda *c, const struct backend_tensor *w, c
         if (rc) return rc;
     }
     return KRS_OK;
+}
+
+struct mv_res_launch {
+    struct backend_cuda *c;
+    const struct backend_tensor *w;
+    const float *x;
+    int rows;
+    mv_res_params P;
+
+    template <int FMT, int R, int NW> int go()
+    {
+        const int per_block = (CUDA_NORM_THREADS / 32) * NW;
+        unsigned grid = (unsigned)((w->n_out + per_block - 1) / per_block);
+        cuda_launch(c, k_matvec_res<FMT, R, NW>, grid, CUDA_NORM_THREADS, (const uint8_t *)w->dev,
+                    w->row_bytes, w->n_out, w->n_in, x, rows, P);
+        return CUDA_LAUNCHED("matvec_residual");
+    }
+    template <int FMT> int run()
+    {
+        /* the same rows per warp as mv_launch at one row: the same arithmetic per output */
+        return w->n_out >= c->mv_nw4_rows ? go<FMT, 1, 4>() : go<FMT, 1, 1>();
+    }
+};
+
+int cuda_matvec_residual(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
+                         int rows, float *tm, const float *wp, float eps_p, float *xr,
+                         const float *wn, float eps_n, float *xn)
+{
+    if (rows != 1 || w->n_out > CUDA_NORM_REG_MAX || !pieces_ok(w) ||
+        !cuda_quant_supported(w->type))
+        return KRS_ERR_INVALID; /* cuda_fuse.cu matches only what fits */
+    mv_res_launch l;
+    memset(&l, 0, sizeof l);
+    l.c = c;
+    l.w = w;
+    l.x = x;
+    l.rows = rows;
+    l.P.tm = tm;
+    l.P.wp = wp;
+    l.P.eps_p = eps_p;
+    l.P.x = xr;
+    l.P.wn = wn;
+    l.P.eps_n = eps_n;
+    l.P.xn = xn;
+    l.P.done = c->res_done;
+    return dispatch_type(w->type, l);
 }
 
 struct mv_multi_launch {
