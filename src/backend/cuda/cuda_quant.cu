@@ -385,13 +385,16 @@ __device__ __forceinline__ void mv_warp(const uint8_t *__restrict__ w, uint64_t 
         for (int r = 0; r < R; r++) acc[j][r] = warp_sum(acc[j][r]);
 }
 
+/* A block of `warps` warps takes rows [blockIdx.x * warps * NW, + warps * NW): its weights are
+ * prefetched into L2 before cuda_pdl_enter, then each warp computes its NW rows (mv_warp) and
+ * stores them, y[r][row]. The plain and the residual matvec kernels share it. */
 template <int FMT, int R, int NW>
-__global__ void __launch_bounds__(MV_WARPS * 32)
-    k_matvec(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
-             const float *__restrict__ x, int rows, float *__restrict__ y)
+__device__ __forceinline__ void
+mv_block_rows(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
+              const float *__restrict__ x, int rows, float *__restrict__ y, int warps)
 {
     const int lane = threadIdx.x & 31;
-    const int64_t row0 = ((int64_t)blockIdx.x * MV_WARPS + (threadIdx.x >> 5)) * NW;
+    const int64_t row0 = ((int64_t)blockIdx.x * warps + (threadIdx.x >> 5)) * NW;
     if (row0 < n_out) mv_prefetch(w, row_bytes, n_out, row0, NW);
     cuda_pdl_enter();
     if (row0 >= n_out) return;
@@ -403,6 +406,14 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
         for (int r = 0; r < R; r++)
             if (lane == 0 && r < rows && row0 + j < n_out)
                 y[(int64_t)r * n_out + row0 + j] = acc[j][r];
+}
+
+template <int FMT, int R, int NW>
+__global__ void __launch_bounds__(MV_WARPS * 32)
+    k_matvec(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
+             const float *__restrict__ x, int rows, float *__restrict__ y)
+{
+    mv_block_rows<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, y, MV_WARPS);
 }
 
 /* A matvec whose output tm feeds the residual step (cuda_ops.cu's k_norm_add_norm_reg): blocks
@@ -424,20 +435,7 @@ __global__ void __launch_bounds__(CUDA_NORM_THREADS)
 {
     __shared__ int last;
     __shared__ double part[CUDA_NORM_THREADS / 32];
-    const int lane = threadIdx.x & 31;
-    const int64_t row0 = ((int64_t)blockIdx.x * (CUDA_NORM_THREADS / 32) + (threadIdx.x >> 5)) * NW;
-    if (row0 < n_out) mv_prefetch(w, row_bytes, n_out, row0, NW);
-    cuda_pdl_enter();
-    if (row0 < n_out) {
-        float acc[NW][R];
-        mv_warp<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, row0, acc);
-#pragma unroll
-        for (int j = 0; j < NW; j++)
-#pragma unroll
-            for (int r = 0; r < R; r++)
-                if (lane == 0 && r < rows && row0 + j < n_out)
-                    P.tm[(int64_t)r * n_out + row0 + j] = acc[j][r];
-    }
+    mv_block_rows<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, P.tm, CUDA_NORM_THREADS / 32);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(P.done, 1) == (int)gridDim.x - 1;
