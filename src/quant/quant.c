@@ -570,7 +570,7 @@ int quant_matmul(struct quant_ctx *ctx, const struct quant_matrix *w, const floa
     if (ctx->grain_chunks < 1) ctx->grain_chunks = 1;
     atomic_store_explicit(&ctx->next_chunk, 0, memory_order_relaxed);
     if (ctx->pool && nth > 1)
-        pool_run_n(ctx->pool, (int)nth, task_rows, ctx);
+        pool_run_dynamic(ctx->pool, (int)nth, task_rows, ctx);
     else
         task_rows(ctx, 0, 1);
     return KRS_OK;

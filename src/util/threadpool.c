@@ -1,6 +1,10 @@
-/* Thread pool: a generation word publishes each job (counter and how many threads take part);
- * workers spin then sleep on a condvar.
- * The caller spins on `pending` until every worker has finished its share. */
+/* Thread pool: a generation word publishes each job (counter, how many threads take part, and
+ * whether the job is dynamic); workers spin then sleep on a condvar.
+ * A static job: the caller spins on `pending` until every worker has finished its share.
+ * A dynamic job (pool_run_dynamic): workers join through `join` (the job's counter, a closed
+ * bit and how many joined, one word); once the caller's own share is done it closes the job and
+ * waits for those that joined. A worker that had not joined by then skips the job without
+ * touching it: the CAS on `join` fails on the closed bit or on a newer job's counter. */
 #include "util/threadpool.h"
 
 #include "util/alloc.h"
@@ -12,7 +16,10 @@
 
 #define SPIN_ITERS      20000
 #define GEN_ACTIVE_MASK 0xFFFFu
-#define GEN_STEP        (GEN_ACTIVE_MASK + 1)
+#define GEN_DYNAMIC     0x10000u /* the job is dynamic */
+#define GEN_STEP        0x20000u
+#define JOIN_CLOSED     0x80000000u /* join: the caller closed the job */
+#define JOIN_COUNT      0x7FFFFFFFu /* join: workers that joined */
 
 struct worker {
     struct pool *pool;
@@ -29,6 +36,8 @@ struct pool {
      * counter reads its thread count with it, never the next job's. */
     _Atomic uint64_t gen;
     _Atomic int pending;
+    _Atomic uint64_t join; /* dynamic job: (job counter << 32) | closed | joined */
+    _Atomic int done;      /* dynamic job: joined workers that finished */
     _Atomic int stop;
     int sleepers; /* guarded by lock */
     pool_task_fn fn;
@@ -66,6 +75,22 @@ static void *worker_main(void *arg)
         seen = g;
         int active = (int)(g & GEN_ACTIVE_MASK);
         if (w->ith >= active) continue; /* not part of this (small) job */
+        if (g & GEN_DYNAMIC) {
+            const uint64_t tag = (g / GEN_STEP) << 32;
+            uint64_t j = atomic_load_explicit(&p->join, memory_order_acquire);
+            int joined = 0;
+            while ((j & ~(uint64_t)0xFFFFFFFFu) == tag && !(j & JOIN_CLOSED)) {
+                if (atomic_compare_exchange_weak_explicit(&p->join, &j, j + 1, memory_order_acq_rel,
+                                                          memory_order_acquire)) {
+                    joined = 1;
+                    break;
+                }
+            }
+            if (!joined) continue; /* late: the caller finished the job without us */
+            p->fn(p->ctx, w->ith, active);
+            atomic_fetch_add_explicit(&p->done, 1, memory_order_release);
+            continue;
+        }
         p->fn(p->ctx, w->ith, active);
         atomic_fetch_sub_explicit(&p->pending, 1, memory_order_acq_rel);
     }
@@ -129,22 +154,53 @@ void pool_run(struct pool *p, pool_task_fn fn, void *ctx)
     pool_run_n(p, p->n, fn, ctx);
 }
 
-void pool_run_n(struct pool *p, int n_active, pool_task_fn fn, void *ctx)
+/* Publishes a job to the workers (the job's fields first, then the generation word). */
+static void publish(struct pool *p, int n_active, pool_task_fn fn, void *ctx, int dynamic)
+{
+    p->fn = fn;
+    p->ctx = ctx;
+    pthread_mutex_lock(&p->lock);
+    uint64_t g = atomic_load_explicit(&p->gen, memory_order_relaxed); /* only we write it */
+    uint64_t job = g / GEN_STEP + 1;
+    if (dynamic) {
+        atomic_store_explicit(&p->done, 0, memory_order_relaxed);
+        atomic_store_explicit(&p->join, job << 32, memory_order_relaxed);
+    } else {
+        atomic_store_explicit(&p->pending, n_active - 1, memory_order_relaxed);
+    }
+    atomic_store_explicit(&p->gen,
+                          job * GEN_STEP | (dynamic ? GEN_DYNAMIC : 0u) | (uint64_t)n_active,
+                          memory_order_release);
+    if (p->sleepers) pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+}
+
+/* Runs one job: fn(ctx, 0, n) here, the other shares on the workers (see the top of the file). */
+static void run_job(struct pool *p, int n_active, pool_task_fn fn, void *ctx, int dynamic)
 {
     if (n_active > p->n) n_active = p->n;
     if (n_active <= 1) {
         fn(ctx, 0, 1);
         return;
     }
-    p->fn = fn;
-    p->ctx = ctx;
-    atomic_store_explicit(&p->pending, n_active - 1, memory_order_relaxed);
-    pthread_mutex_lock(&p->lock);
-    uint64_t g = atomic_load_explicit(&p->gen, memory_order_relaxed); /* only we write it */
-    atomic_store_explicit(&p->gen, ((g / GEN_STEP) + 1) * GEN_STEP | (uint64_t)n_active,
-                          memory_order_release);
-    if (p->sleepers) pthread_cond_broadcast(&p->wake);
-    pthread_mutex_unlock(&p->lock);
+    publish(p, n_active, fn, ctx, dynamic);
     fn(ctx, 0, n_active);
-    while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
+    if (!dynamic) {
+        while (atomic_load_explicit(&p->pending, memory_order_acquire) > 0) cpu_relax();
+        return;
+    }
+    /* Our share ended when the work ran out: close the job, wait for who joined. */
+    uint64_t j = atomic_fetch_or_explicit(&p->join, JOIN_CLOSED, memory_order_acq_rel);
+    int joined = (int)(j & JOIN_COUNT);
+    while (atomic_load_explicit(&p->done, memory_order_acquire) < joined) cpu_relax();
+}
+
+void pool_run_n(struct pool *p, int n_active, pool_task_fn fn, void *ctx)
+{
+    run_job(p, n_active, fn, ctx, 0);
+}
+
+void pool_run_dynamic(struct pool *p, int n_active, pool_task_fn fn, void *ctx)
+{
+    run_job(p, n_active, fn, ctx, 1);
 }

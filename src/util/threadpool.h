@@ -24,6 +24,12 @@ void pool_run(struct pool *pool, pool_task_fn fn, void *ctx);
  * n_active) for ith < n_active. For jobs too small to pay for waking every thread: the call
  * then waits for n_active - 1 workers instead of all of them. */
 void pool_run_n(struct pool *pool, int n_active, pool_task_fn fn, void *ctx);
+/* pool_run_n for jobs whose threads claim their work from a shared counter, so that any subset
+ * of them, the caller alone included, does all of it. fn(ctx, ith, n_active) runs on the
+ * caller (ith 0) and on each worker (ith < n_active) that starts before the caller's own fn
+ * has returned; the call returns once those have finished. A worker that was late (descheduled,
+ * still waking) skips the job instead of holding the step up. Each ith runs at most once. */
+void pool_run_dynamic(struct pool *pool, int n_active, pool_task_fn fn, void *ctx);
 
 /* Splits [0, n) into nth nearly equal chunks; chunk ith is [*begin, *end). */
 static inline void pool_split(long n, int ith, int nth, long *begin, long *end)

@@ -219,6 +219,54 @@ static void test_pool_run_n_alternating_sizes(void **state)
     pool_destroy(pool);
 }
 
+/* A dynamic job: units claimed from a counter by whoever takes part. */
+struct claim_ctx {
+    long units;
+    _Atomic long next;
+    _Atomic int hits[256];
+    _Atomic int calls[8];
+    int slow_ith; /* this thread, once it has joined, stalls before claiming */
+};
+
+static void claim_task(void *p, int ith, int nth)
+{
+    struct claim_ctx *ctx = p;
+    (void)nth;
+    atomic_fetch_add(&ctx->calls[ith], 1);
+    if (ith == ctx->slow_ith) clock_sleep_us(200);
+    for (;;) {
+        long u = atomic_fetch_add(&ctx->next, 1);
+        if (u >= ctx->units) break;
+        atomic_fetch_add(&ctx->hits[u], 1);
+    }
+}
+
+/* Every unit is done exactly once, by any subset of the threads: each thread runs at most
+ * once and never past n_active; the caller always takes part; a thread that joined and stalls
+ * is waited for (its claims are done before the call returns). Dynamic and static jobs
+ * alternate, so a worker that skipped a dynamic job still runs its static share. */
+static void test_pool_dynamic_jobs(void **state)
+{
+    struct pool *pool;
+    assert_int_equal(pool_create(4, &pool), 0);
+    for (int round = 0; round < 20000; round++) {
+        int n_active = 1 + (round * 5 + round / 7) % 4;
+        struct claim_ctx ctx = {.units = 1 + round % 256, .slow_ith = round % 97 == 0 ? 1 : -1};
+        pool_run_dynamic(pool, n_active, claim_task, &ctx);
+        for (long u = 0; u < ctx.units; u++) assert_int_equal(atomic_load(&ctx.hits[u]), 1);
+        assert_int_equal(atomic_load(&ctx.calls[0]), 1);
+        for (int t = 1; t < 4; t++) assert_true(atomic_load(&ctx.calls[t]) <= (t < n_active));
+        if (round % 3 == 0) {
+            struct sum_ctx sc = {.n = 100 + round % 50};
+            pool_run_n(pool, n_active, sum_task, &sc);
+            assert_int_equal(atomic_load(&sc.total), sc.n * (sc.n - 1) / 2);
+            for (int t = 0; t < 4; t++) assert_int_equal(atomic_load(&sc.calls[t]), t < n_active);
+        }
+        if (round == 10000) clock_sleep_us(20000); /* let workers fall asleep once */
+    }
+    pool_destroy(pool);
+}
+
 static void test_pool_split_covers_range(void **state)
 {
     for (int nth = 1; nth <= 7; nth++) {
@@ -242,6 +290,7 @@ int main(void)
         cmocka_unit_test(test_clock_monotonic),
         cmocka_unit_test(test_pool_runs_every_share),
         cmocka_unit_test(test_pool_run_n_alternating_sizes),
+        cmocka_unit_test(test_pool_dynamic_jobs),
         cmocka_unit_test(test_pool_split_covers_range),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

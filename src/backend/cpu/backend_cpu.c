@@ -589,7 +589,8 @@ static int cpu_attention(struct backend *b, const struct backend_attn_args *a)
     c->attn_units = (long)n_tiles * a->n_head_kv * c->attn_hchunks;
     c->attn = a;
     atomic_store_explicit(&c->attn_next, 0, memory_order_relaxed);
-    pool_run_n(c->pool, c->attn_units < INT32_MAX ? (int)c->attn_units : INT32_MAX, attn_task, c);
+    pool_run_dynamic(c->pool, c->attn_units < INT32_MAX ? (int)c->attn_units : INT32_MAX, attn_task,
+                     c);
     c->attn = NULL;
     return KRS_OK;
 }
