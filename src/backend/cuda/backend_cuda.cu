@@ -20,13 +20,13 @@
 
 extern "C" {
 #include "util/alloc.h"
+#include "util/clock.h"
 #include "util/log.h"
 }
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #define CUBLAS_WS_BYTES (32u << 20)
 
@@ -112,10 +112,10 @@ static void cuda_destroy(struct backend *b)
     cuda_graphs_destroy(c); /* ends a capture in progress, then waits for the stream */
     if (c->stream) cudaStreamSynchronize(c->stream);
     if (c->step_times) {
-        if (c->n_timed > 1)
-            KRS_LOG_INFOF("cuda: %ld sampled steps: device %.1f us/step from launch to results, "
-                          "host %.1f us/step from launch to launch",
-                          c->n_timed, c->dev_us / c->n_timed, c->wall_us / (c->n_timed - 1));
+        if (c->n_timed > 0 && c->n_wall > 0)
+            KRS_LOG_INFOF("cuda: %ld sampled steps: device %.1f us/step from launch to results; "
+                          "%.1f us from such a launch to the next (%ld)",
+                          c->n_timed, c->dev_us / c->n_timed, c->wall_us / c->n_wall, c->n_wall);
         cudaEventDestroy(c->ev_launch);
         cudaEventDestroy(c->ev_done);
     }
@@ -509,15 +509,9 @@ static int op_step_end_sampled(struct backend *b, int rows, const int32_t **ids,
     if (!rc && timed && cudaEventElapsedTime(&ms, c->ev_launch, c->ev_done) == cudaSuccess) {
         c->dev_us += 1e3 * ms;
         c->n_timed++;
+        c->last_timed_ns = c->last_launch_ns;
     }
     return rc;
-}
-
-static double mono_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
 static int op_step_flush(struct backend *b)
@@ -528,11 +522,16 @@ static int op_step_flush(struct backend *b)
     if (c->step_times && cudaStreamIsCapturing(c->stream, &cap) == cudaSuccess &&
         cap == cudaStreamCaptureStatusNone &&
         cudaEventRecord(c->ev_launch, c->stream) == cudaSuccess) {
-        const double now = mono_s();
-        if (c->n_timed > 0) c->wall_us += 1e6 * (now - c->last_launch_s);
-        c->last_launch_s = now;
+        /* host time: from a timed sampled step's launch to the next launch */
+        const uint64_t now = clock_now_ns();
+        if (c->last_timed_ns) {
+            c->wall_us += 1e-3 * (double)(now - c->last_timed_ns);
+            c->n_wall++;
+        }
+        c->last_launch_ns = now;
         c->ev_pending = 1;
     }
+    c->last_timed_ns = 0;
     int rc = cuda_flush(c);
     if (rc) c->step.active = 0;
     return rc;

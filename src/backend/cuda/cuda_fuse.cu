@@ -159,47 +159,62 @@ static int match_qk(struct backend_cuda *c, const struct cuda_op *q, int n)
     return as_consumed(cuda_qk_rope_store(c, &a), used);
 }
 
-/* [rmsnorm tm in place,] x += tm, xn = rmsnorm(x) */
-static int match_residual(struct backend_cuda *c, const struct cuda_op *q, int n)
+/* The residual step at q: [rmsnorm tm in place,] x += tm, xn = rmsnorm(x). */
+struct residual {
+    int ops; /* ops it spans; 0: no match */
+    const struct backend_tensor *tm, *x, *xn;
+    const float *wp, *wn; /* wp NULL: no norm of tm */
+    float eps_p, eps_n;
+    int rows, width;
+};
+
+static struct residual residual_at(const struct cuda_op *q, int n)
 {
-    int k = q[0].kind == CUDA_OP_RMSNORM ? 1 : 0;
-    if (n < k + 2 || q[k].kind != CUDA_OP_ADD || q[k + 1].kind != CUDA_OP_RMSNORM) return 0;
+    struct residual r;
+    memset(&r, 0, sizeof r);
+    int k = n > 0 && q[0].kind == CUDA_OP_RMSNORM ? 1 : 0;
+    if (n < k + 2 || q[k].kind != CUDA_OP_ADD || q[k + 1].kind != CUDA_OP_RMSNORM) return r;
     const struct cuda_op *ad = &q[k], *nn = &q[k + 1], *pn = k ? &q[0] : NULL;
     const struct backend_tensor *x = ad->t[0], *tm = ad->t[1], *xn = nn->t[2];
     const int rows = nn->i[0], width = nn->i[1];
-    if (x == tm || nn->t[0] != x || xn == x || xn == tm || ad->n != (int64_t)rows * width) return 0;
-    if (pn && (pn->t[0] != tm || pn->t[2] != tm || pn->i[0] != rows || pn->i[1] != width)) return 0;
-    return as_consumed(cuda_norm_add_norm(c, fp(tm), pn ? fp(pn->t[1]) : NULL, pn ? pn->f[0] : 0.0f,
-                                          fp(x), fp(nn->t[1]), nn->f[0], fp(xn), rows, width),
-                       k + 2);
+    if (x == tm || nn->t[0] != x || xn == x || xn == tm || ad->n != (int64_t)rows * width) return r;
+    if (pn && (pn->t[0] != tm || pn->t[2] != tm || pn->i[0] != rows || pn->i[1] != width)) return r;
+    r.ops = k + 2;
+    r.tm = tm;
+    r.x = x;
+    r.xn = xn;
+    r.wp = pn ? fp(pn->t[1]) : NULL;
+    r.eps_p = pn ? pn->f[0] : 0.0f;
+    r.wn = fp(nn->t[1]);
+    r.eps_n = nn->f[0];
+    r.rows = rows;
+    r.width = width;
+    return r;
 }
 
-/* matmul (matvec path) into tm, then the residual step on tm: [rmsnorm tm in place,]
- * x += tm, xn = rmsnorm(x) */
+static int match_residual(struct backend_cuda *c, const struct cuda_op *q, int n)
+{
+    const struct residual r = residual_at(q, n);
+    if (!r.ops) return 0;
+    return as_consumed(cuda_norm_add_norm(c, fp(r.tm), r.wp, r.eps_p, fp(r.x), r.wn, r.eps_n,
+                                          fp(r.xn), r.rows, r.width),
+                       r.ops);
+}
+
+/* A one-row matvec into tm, then the residual step on tm. One token row only: the last block
+ * runs the residual step, and at 8 rows that serial tail cost more than the launch it saves
+ * (H200, default model's stand-in, batch 8: 6,445 -> 4,421 tok/s; batch 1: 1,325 -> 1,360,
+ * 1B shape 791 -> 838). */
 static int match_matvec_residual(struct backend_cuda *c, const struct cuda_op *q, int n)
 {
     const struct backend_tensor *w = q[0].t[0], *in = q[0].t[1], *y = q[0].t[2];
-    const int rows = q[0].i[0];
-    /* One token row only: the last block runs the residual step row after row, and at 8 rows
-     * that serial tail cost more than the launch it saves (H200, default model's stand-in,
-     * batch 8: 6,445 -> 4,421 tok/s; batch 1: 1,325 -> 1,360, 1B shape 791 -> 838). */
-    if (n < 3 || rows != 1 || rows > cuda_matvec_rows(c, w) || !mv_ok(w) ||
-        w->n_out > CUDA_NORM_REG_MAX)
+    if (q[0].i[0] != 1 || cuda_matvec_rows(c, w) < 1 || !mv_ok(w) || w->n_out > CUDA_NORM_REG_MAX)
         return 0;
-    const struct cuda_op *r = &q[1];
-    int k = r[0].kind == CUDA_OP_RMSNORM ? 1 : 0;
-    if (n < 1 + k + 2 || r[k].kind != CUDA_OP_ADD || r[k + 1].kind != CUDA_OP_RMSNORM) return 0;
-    const struct cuda_op *ad = &r[k], *nn = &r[k + 1], *pn = k ? &r[0] : NULL;
-    const struct backend_tensor *x = ad->t[0], *tm = ad->t[1], *xn = nn->t[2];
-    const int width = nn->i[1];
-    if (tm != y || in == y || x == tm || nn->t[0] != x || xn == x || xn == tm || nn->i[0] != rows ||
-        width != w->n_out || ad->n != (int64_t)rows * width)
-        return 0;
-    if (pn && (pn->t[0] != tm || pn->t[2] != tm || pn->i[0] != rows || pn->i[1] != width)) return 0;
-    return as_consumed(cuda_matvec_residual(c, w, fp(in), rows, fp(y), pn ? fp(pn->t[1]) : NULL,
-                                            pn ? pn->f[0] : 0.0f, fp(x), fp(nn->t[1]), nn->f[0],
-                                            fp(xn)),
-                       1 + k + 2);
+    const struct residual r = residual_at(q + 1, n - 1);
+    if (!r.ops || r.tm != y || in == y || r.rows != 1 || r.width != w->n_out) return 0;
+    return as_consumed(
+        cuda_matvec_residual(c, w, fp(in), fp(y), r.wp, r.eps_p, fp(r.x), r.wn, r.eps_n, fp(r.xn)),
+        1 + r.ops);
 }
 
 /* Enqueues the head of the queue: a fused run or one op. */

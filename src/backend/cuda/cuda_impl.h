@@ -182,12 +182,15 @@ struct backend_cuda {
     int attn_tile;     /* tensor-core attention for prompt steps (KRS_CUDA_ATTN_TILE, default 1) */
     int sample_splits; /* most blocks per sampled row (KRS_CUDA_SAMPLE_SPLITS, default 16) */
     /* KRS_CUDA_STEP_TIMES=1: device time of sampled steps (launch to results) vs the host's
-     * time between launches, logged at destroy (tuning: how much of a step the GPU is busy) */
+     * time from one sampled step's launch to the next's, logged at destroy (tuning: how much
+     * of a step the GPU is busy) */
     int step_times;
     cudaEvent_t ev_launch, ev_done;
     int ev_pending;
-    double dev_us, wall_us, last_launch_s;
-    long n_timed;
+    double dev_us, wall_us;
+    uint64_t last_launch_ns; /* the last timed launch */
+    uint64_t last_timed_ns;  /* the same once its sampled step ended, until the next launch */
+    long n_timed, n_wall;
     int f32_weights;            /* a matrix is stored in F32: attention stays in F32 too */
     struct cuda_opq opq;        /* ops waiting for fusion (cuda_fuse.cu) */
     struct cuda_graphs *graphs; /* recorded decode steps (cuda_graph.cu) */
@@ -321,8 +324,8 @@ int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float
  * tm, in one kernel (the last block to finish its rows runs the residual step): for
  * n_out <= CUDA_NORM_REG_MAX; bit-identical to cuda_matmul then cuda_norm_add_norm. */
 int cuda_matvec_residual(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
-                         int rows, float *tm, const float *wp, float eps_p, float *xr,
-                         const float *wn, float eps_n, float *xn);
+                         float *tm, const float *wp, float eps_p, float *xr, const float *wn,
+                         float eps_n, float *xn);
 /* cuda_attn.cu: per-head rmsnorm of q and k (wq NULL: none), rope of both, and (layer >= 0) the
  * KV store of k and v: the ops rmsnorm, rmsnorm, rope, rope, kv_store in one kernel. */
 struct cuda_qk_args {

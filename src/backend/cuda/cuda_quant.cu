@@ -416,10 +416,10 @@ __global__ void __launch_bounds__(MV_WARPS * 32)
     mv_block_rows<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, y, MV_WARPS);
 }
 
-/* A matvec whose output tm feeds the residual step (cuda_ops.cu's k_norm_add_norm_reg): blocks
- * of CUDA_NORM_THREADS compute rows as k_matvec does (each row by one warp, the same
- * arithmetic), count themselves done, and the last one runs the residual step on every token
- * row, so the step costs no launch of its own. The counter is reset for the next launch. */
+/* A one-row matvec whose output tm feeds the residual step (cuda_ops.cu's k_norm_add_norm_reg):
+ * blocks of CUDA_NORM_THREADS compute rows as k_matvec does (each row by one warp, the same
+ * arithmetic), count themselves done, and the last one runs the residual step, so the step
+ * costs no launch of its own. The counter is reset for the next launch. */
 struct mv_res_params {
     float *tm;
     const float *wp, *wn;
@@ -428,25 +428,21 @@ struct mv_res_params {
     int *done;
 };
 
-template <int FMT, int R, int NW>
+template <int FMT, int NW>
 __global__ void __launch_bounds__(CUDA_NORM_THREADS)
     k_matvec_res(const uint8_t *__restrict__ w, uint64_t row_bytes, int64_t n_out, int64_t n_in,
-                 const float *__restrict__ x, int rows, const mv_res_params P)
+                 const float *__restrict__ x, const mv_res_params P)
 {
     __shared__ int last;
     __shared__ double part[CUDA_NORM_THREADS / 32];
-    mv_block_rows<FMT, R, NW>(w, row_bytes, n_out, n_in, x, rows, P.tm, CUDA_NORM_THREADS / 32);
+    mv_block_rows<FMT, 1, NW>(w, row_bytes, n_out, n_in, x, 1, P.tm, CUDA_NORM_THREADS / 32);
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(P.done, 1) == (int)gridDim.x - 1;
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int r = 0; r < rows; r++) { /* (one row: see cuda_fuse.cu) */
-        const int64_t off = (int64_t)r * n_out;
-        cuda_norm_add_norm_row(P.tm + off, P.wp, P.eps_p, P.x + off, P.wn, P.eps_n, P.xn + off,
-                               (int)n_out, part);
-    }
+    cuda_norm_add_norm_row(P.tm, P.wp, P.eps_p, P.x, P.wn, P.eps_n, P.xn, (int)n_out, part);
     if (threadIdx.x == 0) *P.done = 0;
 }
 
@@ -742,37 +738,34 @@ struct mv_res_launch {
     struct backend_cuda *c;
     const struct backend_tensor *w;
     const float *x;
-    int rows;
     mv_res_params P;
 
-    template <int FMT, int R, int NW> int go()
+    template <int FMT, int NW> int go()
     {
         const int per_block = (CUDA_NORM_THREADS / 32) * NW;
         unsigned grid = (unsigned)((w->n_out + per_block - 1) / per_block);
-        cuda_launch(c, k_matvec_res<FMT, R, NW>, grid, CUDA_NORM_THREADS, (const uint8_t *)w->dev,
-                    w->row_bytes, w->n_out, w->n_in, x, rows, P);
+        cuda_launch(c, k_matvec_res<FMT, NW>, grid, CUDA_NORM_THREADS, (const uint8_t *)w->dev,
+                    w->row_bytes, w->n_out, w->n_in, x, P);
         return CUDA_LAUNCHED("matvec_residual");
     }
     template <int FMT> int run()
     {
         /* the same rows per warp as mv_launch at one row: the same arithmetic per output */
-        return w->n_out >= c->mv_nw4_rows ? go<FMT, 1, 4>() : go<FMT, 1, 1>();
+        return w->n_out >= c->mv_nw4_rows ? go<FMT, 4>() : go<FMT, 1>();
     }
 };
 
 int cuda_matvec_residual(struct backend_cuda *c, const struct backend_tensor *w, const float *x,
-                         int rows, float *tm, const float *wp, float eps_p, float *xr,
-                         const float *wn, float eps_n, float *xn)
+                         float *tm, const float *wp, float eps_p, float *xr, const float *wn,
+                         float eps_n, float *xn)
 {
-    if (rows != 1 || w->n_out > CUDA_NORM_REG_MAX || !pieces_ok(w) ||
-        !cuda_quant_supported(w->type))
+    if (w->n_out > CUDA_NORM_REG_MAX || !pieces_ok(w) || !cuda_quant_supported(w->type))
         return KRS_ERR_INVALID; /* cuda_fuse.cu matches only what fits */
     mv_res_launch l;
     memset(&l, 0, sizeof l);
     l.c = c;
     l.w = w;
     l.x = x;
-    l.rows = rows;
     l.P.tm = tm;
     l.P.wp = wp;
     l.P.eps_p = eps_p;

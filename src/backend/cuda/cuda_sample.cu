@@ -540,6 +540,8 @@ __global__ void __launch_bounds__(SMP_THREADS, 1)
     const bool use_p = !greedy && P.top_p < 1.0f;
     const bool use_min = !greedy && P.min_p > 0.0f;
     const bool want_zt = use_p && !use_k;
+    /* step 4's candidate path (it needs each thread's maximum over the whole row) */
+    const bool use_cand = !greedy && cand_path && ((use_k && P.top_k <= SMP_THREADS) || want_zt);
     struct mx a = {-INFINITY, INT_MAX, 0.0, 0.0};
     int bad = 0;
     row_pass_quads(row, V, q0, q1, [&](int i, float x, bool ok) {
@@ -620,7 +622,7 @@ __global__ void __launch_bounds__(SMP_THREADS, 1)
         }
         __syncthreads();
         /* the candidate path below wants each thread's maximum over the whole row */
-        if (!greedy && cand_path && ((use_k && P.top_k <= SMP_THREADS) || want_zt)) {
+        if (use_cand) {
             my_max = -INFINITY;
             row_pass(row, V, [&](int i, float x, bool ok) {
                 (void)i;
@@ -654,7 +656,7 @@ __global__ void __launch_bounds__(SMP_THREADS, 1)
          * (>= k tokens reach it); top-p -> the largest L whose maxima alone hold top_p of the
          * mass (bounded above by sum exp((l - max) / T)). The candidates are checked to hold the
          * answer (>= k of them / enough mass); otherwise the radix path below runs. */
-        if (cand_path && ((use_k && P.top_k <= SMP_THREADS) || want_zt)) {
+        if (use_cand) {
             u64 *cand = sh.u.cand;
             cand[t] = (u64)order_key(my_max) << 32;
             if (t == 0) {
