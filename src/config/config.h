@@ -95,7 +95,9 @@ struct krs_config {
                 bool enabled;
                 int min_batch, max_batch; /* min_batch <= max_batch */
                 double ema_alpha;
-                int interval; /* steps between tuning decisions */
+                int interval;           /* steps between tuning decisions */
+                double late_wait_ms;    /* queue wait that makes a request late */
+                double late_p99_factor; /* late admissions: P99 within this * target */
             } auto_tune;
         } gpu_scheduler;
         struct {

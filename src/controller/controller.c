@@ -49,6 +49,8 @@ void controller_config_default(struct controller_config *cfg)
     cfg->knee_gain = 0.2;
     cfg->hold_band = 0.05;
     cfg->min_prefill_chunk = 8;
+    cfg->late_wait_ms = 100.0;
+    cfg->late_p99_factor = 2.0;
     cfg->enabled = true;
 }
 
@@ -105,6 +107,7 @@ int controller_init(struct controller *ctrl, const struct controller_config *cfg
         return KRS_ERR_INVALID;
     if (!(cfg->hold_band >= 0.0) || cfg->hold_band >= 1.0 || cfg->min_prefill_chunk == 0)
         return KRS_ERR_INVALID;
+    if (!(cfg->late_wait_ms >= 0.0) || !(cfg->late_p99_factor >= 1.0)) return KRS_ERR_INVALID;
 
     memset(ctrl, 0, sizeof *ctrl);
     ctrl->cfg = *cfg;
@@ -273,15 +276,21 @@ static double predict_ms(const struct controller *c, double n)
     return now_ms + slope * (n - c->dec_last_batch) + prefill_reserve_ms(c);
 }
 
-/* The most sequences whose predicted P99 plus noise headroom stays within target. */
-static uint32_t capacity_limit(const struct controller *c)
+/* The most sequences whose predicted P99 plus noise headroom stays within bound_ms. */
+static uint32_t capacity_within(const struct controller *c, double bound_ms)
 {
     const struct controller_config *cfg = &c->cfg;
-    double room = cfg->p99_target_ms - GROW_NOISE_K * c->dev_ms - predict_ms(c, c->dec_last_batch);
+    double room = bound_ms - GROW_NOISE_K * c->dev_ms - predict_ms(c, c->dec_last_batch);
     if (room < 0.0) return clamp_limit(cfg, (uint32_t)floor(c->dec_last_batch));
     if (!have_fit(c) || c->slope <= 1e-9) return cfg->max_batch;
     double n = floor(c->dec_last_batch + room / c->slope);
     return n >= (double)cfg->max_batch ? cfg->max_batch : clamp_limit(cfg, (uint32_t)n);
+}
+
+/* The most sequences the P99 target allows. */
+static uint32_t capacity_limit(const struct controller *c)
+{
+    return capacity_within(c, c->cfg.p99_target_ms);
 }
 
 /* The knee of throughput n / (a + b n): one more sequence adds a / (a + b n) of a sequence's
@@ -310,6 +319,9 @@ static uint32_t wanted_limit(const struct controller *c, bool pressure, double w
     if (why && late_now)
         snprintf(why, why_len, "queue wait %.0f ms > ttft target %.0f ms, capacity %u", wait_ms,
                  cfg->ttft_target_ms, cap);
+    else if (why && late && c->late_last >= 0.5)
+        snprintf(why, why_len, "late admissions ran (%.1f past the limit), capacity %u",
+                 c->late_last, cap);
     else if (why && late)
         snprintf(why, why_len, "requests still queued after a late episode, capacity %u", cap);
     else if (why && cap < knee)
@@ -341,17 +353,22 @@ static uint32_t ran_batch(const struct controller *c)
     return clamp_limit(&c->cfg, (uint32_t)floor(c->dec_last_batch + 0.5));
 }
 
-/* Without a slope: the most sequences if the whole decode step scaled with the batch (the
- * steepest line through what was measured), which errs on the side of the target. */
-static uint32_t proportional_limit(const struct controller *c)
+/* Without a slope: the most sequences within bound_ms if the whole decode step scaled with
+ * the batch (the steepest line through what was measured), which errs on the side of it. */
+static uint32_t proportional_within(const struct controller *c, double bound_ms)
 {
     const struct controller_config *cfg = &c->cfg;
     double now_ms = predict_ms(c, c->dec_last_batch);
-    double room = cfg->p99_target_ms - GROW_NOISE_K * c->dev_ms - prefill_reserve_ms(c);
+    double room = bound_ms - GROW_NOISE_K * c->dev_ms - prefill_reserve_ms(c);
     double n = now_ms > 0.0 ? floor(c->dec_last_batch * room / now_ms) : 0.0;
     return n >= (double)cfg->max_batch ? cfg->max_batch
            : n < 1.0                   ? cfg->min_batch
                                        : clamp_limit(cfg, (uint32_t)n);
+}
+
+static uint32_t proportional_limit(const struct controller *c)
+{
+    return proportional_within(c, c->cfg.p99_target_ms);
 }
 
 /* Sets the limit to nl with an event of `kind` and its reason. */
@@ -371,8 +388,10 @@ static void shrink(struct controller *c, double p99_ms, uint32_t least, uint64_t
     double target = cfg->p99_target_ms;
     uint32_t old = c->limit;
     /* What ran over target is the window's concurrency, which admission may have taken past
-     * the limit (controller_admit_limit): shrink from there. */
-    uint32_t ran = ran_batch(c);
+     * the limit (controller_admit_limit): shrink from there; but not from the late admissions
+     * (rule 4), which ran past the limit by leave of the late bound. */
+    uint32_t ran = ran_batch(c), late = (uint32_t)floor(c->late_last + 0.5);
+    ran = ran > late ? ran - late : 0;
     uint32_t base = ran > old ? ran : old;
     if (base <= cfg->min_batch || base <= least) return;
     double want = floor((double)base * target / c->ema_ms);
@@ -383,6 +402,9 @@ static void shrink(struct controller *c, double p99_ms, uint32_t least, uint64_t
     uint32_t nl = clamp_limit(cfg, want < 1.0 ? 1u : (uint32_t)want);
     c->ceiling = base;
     c->ceiling_left = cfg->ceiling_windows;
+    /* Late admissions (controller_late_admit_limit) ran past the limit, and the limit already
+     * is where this rule puts it: nothing to change, nothing to report. */
+    if (nl == old) return;
     c->limit = nl;
     c->adjustments++;
     /* (from the concurrency that ran: the limit may have been below it, see above) */
@@ -399,6 +421,7 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
     double target = cfg->p99_target_ms;
     uint32_t old = c->limit;
 
+    if (!pressure) c->late_grown = false;
     if (c->ceiling) {
         if (c->ceiling_left > 0) c->ceiling_left--;
         if (c->ceiling_left == 0 || c->ema_ms < cfg->ceiling_reset * target) c->ceiling = 0;
@@ -440,6 +463,26 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
         return;
     }
     if (c->ema_ms > target && p99_ms > target) {
+        /* Late admissions (rule 4) ran past the limit and the window stayed within their
+         * bound: they are what made it slower, by leave; the limit already holds what the
+         * target allows the requests on time. */
+        double late_bound = cfg->late_p99_factor * target;
+        bool within_late = p99_ms <= late_bound && c->ema_ms <= late_bound;
+        if (within_late && c->late_last >= 0.5) {
+            /* ...and they keep coming: the limit takes them in, so the next ones do not wait
+             * late_wait_ms first; held while the engine stays busy (below). */
+            uint32_t ran = ran_batch(c);
+            if (ran > old) {
+                char why[96];
+                snprintf(why, sizeof why, "late admissions ran, p99 %.1f ms <= late bound %.1f ms",
+                         p99_ms, late_bound);
+                set_limit(c, now_ns, CONTROLLER_EVENT_GROW, ran, "late", why);
+                c->late_grown = true;
+            }
+            return;
+        }
+        if (within_late && c->late_grown && pressure) return;
+        c->late_grown = false;
         bool unmet = !c->knee && c->ema_ms > UNMET_PROBE * target;
         /* Far over target with no fit to say why: shrinking helps only if the cost is per
          * sequence; if it is the fixed part (a slow or busy host) fewer sequences only lose
@@ -487,6 +530,9 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
         if (up <= ran) up = ran + 1;
         if (up > cfg->max_batch) up = cfg->max_batch;
         if (c->ceiling && up >= c->ceiling) up = c->ceiling - 1;
+        if (up > ran && up <= old)
+            return; /* the limit already admits the next size: nothing pins the batch (a lone
+                     * request, then a burst arriving, must not bring the limit down to 2) */
         if (up > ran)
             nl = up;
         else if (ran > cfg->min_batch)
@@ -506,6 +552,7 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
          * capacity at every window of a saturated closed loop). */
         c->goodput_hold =
             (pressure && cfg->ttft_target_ms > 0.0 && wait_ms > cfg->ttft_target_ms) ||
+            c->late_last >= 0.5 || /* late admissions (rule 4) took requests past the limit */
             (c->goodput_hold && pressure && c->dec_last_batch > (double)c->knee);
         bool at_knee = false;
         uint32_t want = wanted_limit(c, pressure, wait_ms, why, sizeof why, &at_knee);
@@ -526,6 +573,9 @@ static void tune(struct controller *c, double p99_ms, bool pressure, double wait
         uint32_t step = (uint32_t)floor(cfg->grow_fraction * (double)old);
         if (step < old / 2) step = old / 2;
         if (step < 1) step = 1;
+        /* (what late admissions already ran is no step into the unknown) */
+        uint32_t ran = ran_batch(c);
+        if (c->late_last >= 0.5 && ran > old + step) step = ran - old;
         nl = want < old + step ? want : old + step;
     }
     if (c->ceiling && nl >= c->ceiling) nl = c->ceiling - 1;
@@ -588,6 +638,8 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
     c->last_tok_s =
         c->window_time_ns ? (double)c->tokens_sum * 1e9 / (double)c->window_time_ns : 0.0;
     c->last_wait_ms = wait_ms;
+    c->late_last = (double)c->late_sum / (double)c->n_in_window;
+    c->late_sum = 0;
     if (c->plain_n) {
         double m = (double)c->plain_ns_sum / (double)c->plain_n / NS_PER_MS;
         double mb = (double)c->plain_batch_sum / (double)c->plain_n;
@@ -622,6 +674,7 @@ static void evaluate_window(struct controller *c, uint64_t now_ns)
             c->degradations++;
             c->ceiling = 0;
             c->goodput_hold = false; /* after recovery it starts from the fallback afresh */
+            c->late_grown = false;
             push_event(c, now_ns, CONTROLLER_EVENT_DEGRADE, old, nl,
                        "p99 %.1f ms > %.1fx target %.1f ms and %.1fx ema %.1f ms (%u of %u "
                        "steps); limit %u -> %u",
@@ -688,6 +741,7 @@ uint32_t controller_observe(struct controller *ctrl, const struct controller_ste
     ctrl->window_time_ns += st->latency_ns;
     ctrl->tokens_sum += st->n_decode;
     ctrl->prefill_sum += st->n_prefill;
+    ctrl->late_sum += st->n_late < st->n_decode ? st->n_late : st->n_decode;
     if (st->n_prefill == 0) {
         ctrl->dec_ns[ctrl->n_dec++] = st->latency_ns;
         ctrl->batch_sum += st->n_decode;
@@ -751,10 +805,29 @@ uint32_t controller_admit_limit(const struct controller *ctrl)
     return want > lim ? want : lim;
 }
 
-uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
-                                   uint32_t max_tokens)
+/* The late admission (see controller.h): a request that has waited late_wait_ms may run while
+ * the predicted step P99 stays within late_p99_factor * target. Not while degraded or fixed
+ * (the fallback size is what must hold then) and not with the target out of reach (the
+ * unreachable rule already admits everything that waits late). */
+uint32_t controller_late_admit_limit(const struct controller *ctrl)
 {
     if (!ctrl) return 0;
+    const struct controller *c = ctrl;
+    uint32_t lim = controller_admit_limit(c);
+    if (c->mode != CONTROLLER_MODE_TUNING || !c->have_dec || c->unreach_knee) return lim;
+    double bound = c->cfg.late_p99_factor * c->cfg.p99_target_ms;
+    uint32_t want = have_fit(c) ? capacity_within(c, bound) : proportional_within(c, bound);
+    return want > lim ? want : lim;
+}
+
+uint64_t controller_late_wait_ns(const struct controller *ctrl)
+{
+    return ctrl ? (uint64_t)(ctrl->cfg.late_wait_ms * NS_PER_MS) : 0;
+}
+
+static uint32_t prefill_budget_within(const struct controller *ctrl, uint32_t n_decode,
+                                      uint32_t max_tokens, double bound_ms)
+{
     uint32_t min_chunk = ctrl->cfg.min_prefill_chunk;
     if (ctrl->mode == CONTROLLER_MODE_FIXED || n_decode == 0) return max_tokens;
     /* A prompt token's cost is what a step with prompt tokens takes over one without: while
@@ -772,7 +845,7 @@ uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_dec
         dec_ms = have_fit(ctrl) ? line_ms(ctrl, (double)n_decode) : ctrl->dec_ema_ms;
         dec_ms += GROW_NOISE_K * ctrl->dev_ms;
     }
-    double room = PREFILL_TARGET_SHARE * ctrl->cfg.p99_target_ms - dec_ms;
+    double room = PREFILL_TARGET_SHARE * bound_ms - dec_ms;
     /* With the target out of reach every step misses it anyway: prompts may add up to half a
      * decode step, so first tokens come at a pace that follows the engine's, not 8 tokens a
      * step while a step takes seconds; with requests late in the queue (see unreach_limit)
@@ -786,6 +859,22 @@ uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_dec
     double n = floor(room / per_tok);
     if (n < (double)min_chunk) return min_chunk;
     return n >= (double)max_tokens ? max_tokens : (uint32_t)n;
+}
+
+uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
+                                   uint32_t max_tokens)
+{
+    if (!ctrl) return 0;
+    return prefill_budget_within(ctrl, n_decode, max_tokens, ctrl->cfg.p99_target_ms);
+}
+
+uint32_t controller_late_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
+                                        uint32_t max_tokens)
+{
+    if (!ctrl) return 0;
+    double bound = ctrl->cfg.p99_target_ms;
+    if (ctrl->mode == CONTROLLER_MODE_TUNING) bound *= ctrl->cfg.late_p99_factor;
+    return prefill_budget_within(ctrl, n_decode, max_tokens, bound);
 }
 
 uint32_t controller_limit(const struct controller *ctrl)
@@ -807,6 +896,7 @@ int controller_state(const struct controller *ctrl, struct controller_snapshot *
         out->capacity_limit = ctrl->have_dec ? capacity_limit(ctrl) : 0;
     }
     out->admit_limit = controller_admit_limit(ctrl);
+    out->late_admit_limit = controller_late_admit_limit(ctrl);
     out->knee_limit = ctrl->knee;
     out->prefill_ms_per_token = prefill_ms_per_token(ctrl);
     out->window_tok_s = ctrl->last_tok_s;

@@ -16,7 +16,8 @@
  *        - up to the KNEE (the largest n where that ratio is still >= knee_gain): beyond it
  *          extra sequences add little throughput and slow every stream; on a GPU (b ~ 0) the
  *          knee is max_batch;
- *        - past the knee only while requests queue for longer than ttft_target_ms: then the
+ *        - past the knee only while requests queue for longer than ttft_target_ms, or late
+ *          admissions (rule 4) ran past the limit in the last window: then the
  *          sequences it admits turn missed first-token targets into goodput; such an episode
  *          lasts while requests still queue and more than the knee run (admitting the late
  *          requests shortens the wait; it must not send the limit back to the knee while
@@ -72,6 +73,17 @@
  *      spike), records an event with its reason and stops tuning. Windows keep being measured;
  *      after `calm_period_ms` without a new spike tuning resumes from the fallback size
  *      ("recovered" event). The spike window itself is not folded into the EMA.
+ *   4. LATE ADMISSION: a request that has waited late_wait_ms in the queue is admitted while the
+ *      predicted step P99 stays within late_p99_factor * target (not just target), and a step
+ *      that carries a late request's prompt sizes its chunk against that bound too. Where the
+ *      load is more than the target allows but less than the engine can take (16 clients on 2
+ *      cores: the target fits 9, the knee is 16+), holding requests at the target's capacity
+ *      turned every queued request into a multi-second first token while the running streams
+ *      gained a few ms per token; a request in the queue makes no progress at all, a stream
+ *      slowed by half still does. The limit itself follows rules 1-3 (late admissions that run
+ *      past it are not shrunk again and again: a shrink to where the limit already is is no
+ *      change and no event). Not while degraded or fixed, and not with the target out of
+ *      reach (rule 1's unreachable case admits everything late already).
  *   Disabled (controller_set_enabled(false)) the limit is the fixed fallback size and only the
  *   statistics are kept (mode CONTROLLER_MODE_FIXED).
  *   Windows and their P99 count only steps that decoded: a step of prompt tokens alone made no
@@ -96,6 +108,14 @@
  *                                 fifth of a sequence's share (80 % of the asymptotic tok/s).
  *   hold_band 0.05                the seed plan's +-5 % steadiness.
  *   min_prefill_chunk 8           prompts progress by at least 8 tokens a step.
+ *   late_wait_ms 100              a tenth of the first-token target: a request waits about a
+ *                                 step of the slow case before it is late (16 cores, 16
+ *                                 clients: 250 put the TTFT p95 at 360 ms, llama-server's is
+ *                                 235-265 ms).
+ *   late_p99_factor 2.0           the degradation threshold (degrade_factor_target): a late
+ *                                 admission may slow the streams to where a regression
+ *                                 starts, not past it (2-core, 16 clients: 1.5 still left
+ *                                 requests queued for seconds, 2 and 3 alike did not).
  *   fixed_batch 4                 the seed plan's middle batch size (2..8); safe on any CPU.
  *   ema_alpha 0.3, interval 10    the seed plan's values.
  *   degrade 2.0x target, 1.5x EMA the seed plan's regression rule.
@@ -148,6 +168,8 @@ struct controller_config {
     double knee_gain;             /* (0,1): marginal/average tok/s ratio that ends growth */
     double hold_band;             /* [0,1): changes smaller than this share of the limit wait */
     uint32_t min_prefill_chunk;   /* >= 1: prompt tokens a step carries at least */
+    double late_wait_ms;          /* >= 0: queue wait that makes a request late (rule 4) */
+    double late_p99_factor;       /* >= 1: late admissions keep P99 within this * target */
     bool enabled;                 /* false = fixed limit (MLX_AUTO_TUNE off) */
 };
 
@@ -175,8 +197,9 @@ struct controller_snapshot {
     uint64_t adjustments;        /* grow + shrink decisions (not degradation cuts) */
     uint64_t degradations;
     uint64_t recoveries;
-    uint64_t outliers; /* windows with a lone step over the spike threshold, left out */
-    uint32_t n_events; /* valid entries in events[] */
+    uint32_t late_admit_limit; /* controller_late_admit_limit */
+    uint64_t outliers;         /* windows with a lone step over the spike threshold, left out */
+    uint32_t n_events;         /* valid entries in events[] */
     struct controller_event events[CONTROLLER_EVENTS]; /* oldest first */
 };
 
@@ -187,6 +210,7 @@ struct controller_step {
     uint32_t n_prefill;      /* prompt tokens the step carried */
     uint32_t queued;         /* requests still waiting for admission after it */
     uint64_t oldest_wait_ns; /* how long the oldest of them has waited (0 if none) */
+    uint32_t n_late;         /* of n_decode, those running past the limit by late admission */
     uint64_t now_ns;         /* when the step ended */
 };
 
@@ -200,6 +224,8 @@ struct controller {
     uint64_t dec_ns[CONTROLLER_MAX_INTERVAL];    /* its decode-only steps */
     uint32_t n_in_window, n_dec;
     uint64_t batch_sum;   /* sum of batch sizes of the decode-only steps */
+    uint64_t late_sum;    /* sum of n_late over the window's steps */
+    double late_last;     /* mean n_late of the last window */
     uint64_t tokens_sum;  /* decode tokens in the window */
     uint64_t prefill_sum; /* prompt tokens in the window */
     uint64_t window_time_ns;
@@ -232,6 +258,7 @@ struct controller {
     double unreach_ms;     /* the P99 predicted at the minimum batch when that was seen */
     bool late_hold;        /* unreachable target and requests were late: run max_batch while
                               more than the knee run */
+    bool late_grown;       /* the limit took in late admissions (rule 4); held while busy */
     bool goodput_hold;     /* reachable target, requests were late: stay past the knee (at
                               capacity) while requests queue and more than the knee run */
     uint32_t ceiling;      /* 0 = none */
@@ -264,6 +291,15 @@ uint32_t controller_admit_limit(const struct controller *ctrl);
  * baseline before there is one); in FIXED mode, or with n_decode 0, max_tokens. */
 uint32_t controller_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
                                    uint32_t max_tokens);
+
+/* LATE ADMISSION (rule 4): the sequences that may run when the request to admit has waited
+ * controller_late_wait_ns (late_wait_ms) in the queue, at least controller_admit_limit, and
+ * the prefill budget of a step that carries the prompt of such a request (its first token is
+ * late). Both hold the predicted step P99 within late_p99_factor * target instead of target. */
+uint32_t controller_late_admit_limit(const struct controller *ctrl);
+uint32_t controller_late_prefill_budget(const struct controller *ctrl, uint32_t n_decode,
+                                        uint32_t max_tokens);
+uint64_t controller_late_wait_ns(const struct controller *ctrl);
 
 /* controller_observe for a decode-only step that nobody waited long for (no prompt tokens,
  * oldest_wait 0): batch_size decoding sequences, queued_waiting requests queued after it. */

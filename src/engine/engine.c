@@ -43,6 +43,8 @@ void engine_sched_params(const struct krs_config *cfg, struct sched_params *p)
     p->fixed_batch = g->batch_size;
     p->ema_alpha = g->auto_tune.ema_alpha;
     p->tune_interval = g->auto_tune.interval;
+    p->late_wait_ms = g->auto_tune.late_wait_ms;
+    p->late_p99_factor = g->auto_tune.late_p99_factor;
     p->p99_target_ms = g->p99_threshold_ms;
     enum config_sched_mode m = config_effective_sched_mode(cfg);
     p->mode = m == CONFIG_SCHED_OFF     ? SCHED_MODE_OFF

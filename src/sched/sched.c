@@ -83,6 +83,8 @@ void sched_params_default(struct sched_params *p)
     p->auto_max_batch = 32;
     p->ema_alpha = 0.3;
     p->tune_interval = 10;
+    p->late_wait_ms = 100.0;
+    p->late_p99_factor = 2.0;
     p->p99_target_ms = 100.0;
     p->adaptive_window = 1;
     p->window_min_ms = 0.75;
@@ -582,7 +584,7 @@ static int blocks_fit(struct sched *s, int slot, int64_t begin, int64_t end)
 static void admit(struct sched *s, uint64_t now)
 {
     struct admit_budget budget;
-    admit_budget_init(s, &budget);
+    admit_budget_init(s, &budget, now);
     for (;;) {
         int q = queue_pick(s, now);
         if (q < 0) return;
@@ -615,6 +617,7 @@ static void admit(struct sched *s, uint64_t now)
         r->slot = slot;
         __atomic_store_n(&r->n_past, (int)cached, __ATOMIC_RELAXED);
         r->admit_order = ++s->admit_counter;
+        r->late_admit = budget.past_limit;
         s->running[slot] = r;
         s->n_running++;
         if (!r->t_admit) {
@@ -978,6 +981,7 @@ static void observe_step(struct sched *s, uint64_t step_ns, int n_decode, int n_
                                  .n_prefill = (uint32_t)n_prefill,
                                  .queued = (uint32_t)queued_total(s),
                                  .oldest_wait_ns = now - oldest,
+                                 .n_late = (uint32_t)sched_late_running(s),
                                  .now_ns = now};
     uint64_t before = s->ctrl.adjustments;
     uint32_t n_ev = s->ctrl.ev_count, head = s->ctrl.ev_head;
@@ -1001,7 +1005,7 @@ static void step(struct sched *s, uint64_t t0)
     for (int pass = 0; pass < 4; pass++) {
         if (pass == 1) {
             n_decode = T;
-            int pf = sched_prefill_budget(s, n_decode, budget);
+            int pf = sched_prefill_budget(s, n_decode, budget, sched_prompt_late(s, t0));
             budget = pf < budget ? pf : budget;
         }
         for (int i = 0; i < s->p.max_running && budget > 0; i++) {
@@ -1312,6 +1316,8 @@ int sched_create(const struct model *model, const struct tokenizer *tok,
     cc.ema_alpha = p->ema_alpha;
     cc.interval = (uint32_t)p->tune_interval;
     cc.p99_target_ms = p->p99_target_ms;
+    cc.late_wait_ms = p->late_wait_ms;
+    cc.late_p99_factor = p->late_p99_factor;
     cc.enabled = p->mode == SCHED_MODE_AUTO;
     if ((rc = controller_init(&s->ctrl, &cc, clock_now_ns()))) {
         snprintf(err, errlen, "invalid auto-tune parameters");

@@ -68,6 +68,8 @@ struct sched_params {
     int auto_min_batch, auto_max_batch;
     double ema_alpha;
     int tune_interval;
+    double late_wait_ms;    /* controller's late_wait_ms (controller.h rule 4) */
+    double late_p99_factor; /* controller's late_p99_factor */
     double p99_target_ms;
     int adaptive_window; /* 1: admission window between window_min_ms and window_max_ms */
     double window_min_ms, window_max_ms;

@@ -49,6 +49,7 @@ struct req {
     int n_cached; /* prompt tokens the prefix cache supplied at the first admission */
     int slot;     /* KV sequence slot while running, else -1 */
     uint64_t admit_order;
+    int late_admit; /* admitted by the late limits past the batch limit (sched_admit.c) */
     struct sampler sampler;
     struct sampler_logit_bias *bias; /* owned copy */
     struct detok_state detok;
@@ -184,19 +185,33 @@ struct sched {
 
 /* sched_admit.c: admission and prompt-chunk policy (engine thread). */
 struct admit_budget {
-    int prefill_left; /* prompt tokens the next step can still start */
-    int max_running;  /* sequences that may run (sched_admit_limit) */
+    uint64_t now;          /* the admission round's clock */
+    int prefill_left;      /* prompt tokens the next step can still start */
+    int late_prefill_left; /* ... for a late request (controller_late_prefill_budget) */
+    int max_running;       /* sequences that may run (sched_admit_limit) */
+    int late_max_running;  /* ... when the request is late (controller_late_admit_limit) */
+    int past_limit;        /* set by admit_room: the request it let in needed the late limits */
 };
-/* The prompt tokens a step may carry next to n_decode decoding sequences, at most max_tokens. */
-int sched_prefill_budget(const struct sched *s, int n_decode, int max_tokens);
+/* The prompt tokens a step may carry next to n_decode decoding sequences, at most max_tokens;
+ * `late`: against the late bound (a prompt whose first token is late, sched_is_late). */
+int sched_prefill_budget(const struct sched *s, int n_decode, int max_tokens, int late);
+/* Whether r, not yet past its first token, has waited the controller's late_wait_ms since it
+ * was submitted (auto mode only). */
+int sched_is_late(const struct sched *s, const struct req *r, uint64_t now);
+/* Whether a running request still computing its prompt is late (sched_is_late). */
+int sched_prompt_late(const struct sched *s, uint64_t now);
 /* The most sequences that may run at once now: the batch limit, or in auto mode while the
  * engine is not saturated what the controller says it can take (controller_admit_limit); at
  * most max_running. */
 int sched_admit_limit(const struct sched *s);
-/* Starts an admission round: what the next step's prefill budget leaves for new prompts. */
-void admit_budget_init(const struct sched *s, struct admit_budget *b);
-/* Whether queued r may take a free slot now (batch limit, prefill budget); charges its prompt
- * to b when it may. */
+/* Starts an admission round at `now`: what the next step's prefill budget leaves for new
+ * prompts, and the limits for requests on time and late. */
+void admit_budget_init(const struct sched *s, struct admit_budget *b, uint64_t now);
+/* The running sequences past the batch limit that late admissions put there (at most what runs
+ * over the limit): the controller does not count them as what the limit let run. */
+int sched_late_running(const struct sched *s);
+/* Whether queued r may take a free slot now (batch limit, prefill budget; the late ones if r
+ * is late); charges its prompt to b when it may. */
 int admit_room(const struct sched *s, const struct req *r, struct admit_budget *b);
 
 #endif

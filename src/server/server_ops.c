@@ -213,6 +213,7 @@ static cJSON *controller_json(const struct controller_snapshot *cs)
     cJSON_AddNumberToObject(o, "knee_limit", cs->knee_limit);
     cJSON_AddNumberToObject(o, "capacity_limit", cs->capacity_limit);
     cJSON_AddNumberToObject(o, "admit_limit", cs->admit_limit);
+    cJSON_AddNumberToObject(o, "late_admit_limit", cs->late_admit_limit);
     cJSON_AddNumberToObject(o, "prefill_ms_per_token", cs->prefill_ms_per_token);
     cJSON_AddNumberToObject(o, "window_tok_s", cs->window_tok_s);
     cJSON_AddNumberToObject(o, "window_max_wait_ms", cs->window_max_wait_ms);

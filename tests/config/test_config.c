@@ -102,7 +102,9 @@ static void test_defaults(void **state)
     assert_int_equal(c.monitoring.metrics.windows_sec[2], 60);
     assert_int_equal(c.logging.level, 1); /* info, as util/log.h's KRS_LOG_INFO */
     assert_string_equal(c.file, "");
-    assert_int_equal(config_key_count(), 43);
+    assert_int_equal(config_key_count(), 45);
+    assert_true(c.performance.gpu_scheduler.auto_tune.late_wait_ms == 100.0);
+    assert_true(c.performance.gpu_scheduler.auto_tune.late_p99_factor == 2.0);
     assert_true(c.performance.prefix_cache.enabled);
     assert_int_equal(c.performance.prefix_cache.max_tokens, 0);
     assert_false(c.performance.dedup);

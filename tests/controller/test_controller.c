@@ -21,6 +21,8 @@ struct sim {
     uint32_t demand;                      /* requests wanting to run (UINT32_MAX: unbounded) */
     int limit_only;       /* run up to the limit, not up to controller_admit_limit (the scheduler's
                              admission in auto mode) */
+    int late;             /* queued requests that waited late_wait_ms run up to
+                             controller_late_admit_limit, as the scheduler admits them */
     double spike_ms;      /* >0: the next spike_steps steps take this long */
     uint32_t spike_steps; /* (0 counts as 1) */
     double wait_ms;       /* oldest queue wait reported while queued */
@@ -47,6 +49,11 @@ static double sim_uniform(struct sim *s)
 static uint32_t sim_step(struct sim *s, struct controller *c)
 {
     uint32_t limit = s->limit_only ? controller_limit(c) : controller_admit_limit(c);
+    uint32_t on_time = limit;
+    if (s->late && s->wait_ms * 1e6 >= (double)controller_late_wait_ns(c)) {
+        uint32_t late = controller_late_admit_limit(c);
+        if (late > limit) limit = late;
+    }
     uint32_t batch = s->demand < limit ? s->demand : limit;
     uint32_t queued = s->demand == UINT32_MAX ? 100 : s->demand - batch;
     if (s->prompt_every && s->steps++ % s->prompt_every == 0) s->pf_pending += s->prompt_len;
@@ -77,6 +84,7 @@ static uint32_t sim_step(struct sim *s, struct controller *c)
                                  .n_prefill = chunk,
                                  .queued = queued,
                                  .oldest_wait_ns = queued ? (uint64_t)(s->wait_ms * 1e6) : 0,
+                                 .n_late = batch > on_time ? batch - on_time : 0,
                                  .now_ns = s->now_ns};
     return controller_observe(c, &st);
 }
@@ -850,6 +858,104 @@ static void test_late_queue_floors_shrink_at_knee(void **state)
     assert_int_equal(snap.degradations, 0);
 }
 
+/* Late admission (rule 4): 16 closed-loop clients where the target fits (100 - 40) / 5 = 12
+ * minus the noise headroom, and the degradation threshold (2x target) fits 32. Requests that
+ * waited late_wait_ms are admitted against the late bound at once, all 16 run, the limit takes
+ * them in ("late" grow) and holds there steadily although every window is over the target,
+ * nothing degrades, and the step stays within the late bound. Not past it: with 40 clients the
+ * late admissions stop at what 200 ms allows. Degraded, late admission is the fallback. */
+static void test_late_admission(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    struct sim s = {
+        .base_ms = 40, .per_seq_ms = 5, .noise_ms = 2, .demand = 16, .late = 1, .rng = 71};
+    s.wait_ms = 400; /* what a queued request has waited each step */
+    uint32_t lim[120];
+    sim_run(&s, &c, 120, lim);
+    struct controller_snapshot snap;
+    controller_state(&c, &snap);
+    printf("limit %u, late admit limit %u, capacity %u, p99 %.1f ms, events %u\n", lim[119],
+           snap.late_admit_limit, snap.capacity_limit, snap.last_window_p99_ms, snap.n_events);
+    /* (all 16 always run: no second batch size, no fitted capacity; the late limit is the
+     * measured step scaled to the late bound) */
+    assert_true(snap.capacity_limit <= 12);
+    assert_true(snap.late_admit_limit >= 16);
+    for (int i = 60; i < 120; i++) assert_int_equal(lim[i], 16);
+    assert_true(s.max_step_ms <= 2.0 * cfg.p99_target_ms);
+    assert_true(snap.last_window_p99_ms > cfg.p99_target_ms); /* over target, by leave */
+    assert_int_equal(snap.degradations, 0);
+    bool late_event = false;
+    for (uint32_t i = 0; i < snap.n_events; i++)
+        late_event |= strncmp(snap.events[i].reason, "late ", 5) == 0;
+    assert_true(late_event);
+    /* The same load without late admission (a request waits less than late_wait_ms): the
+     * target holds the concurrency at its capacity. */
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    s.wait_ms = 50;
+    sim_run(&s, &c, 40, lim); /* (a cold burst runs all 16 in the first window) */
+    s.max_step_ms = 0;
+    sim_run(&s, &c, 80, lim);
+    assert_true(lim[79] >= 9 && lim[79] <= 12);
+    assert_true(s.max_step_ms <= cfg.p99_target_ms + 2);
+    /* 40 clients, all late: no more run than the late bound allows. */
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    s.demand = 40;
+    s.wait_ms = 400;
+    sim_run(&s, &c, 40, lim); /* (the cold burst again) */
+    s.max_step_ms = 0;
+    sim_run(&s, &c, 80, lim);
+    controller_state(&c, &snap);
+    printf("40 clients: limit %u, late admit limit %u, slowest step %.1f ms\n", lim[79],
+           snap.late_admit_limit, s.max_step_ms);
+    assert_true(snap.late_admit_limit >= 24 && snap.late_admit_limit <= 32);
+    assert_true(s.max_step_ms <= 2.0 * cfg.p99_target_ms);
+    assert_int_equal(snap.degradations, 0);
+    /* The late bound also sizes a late prompt's chunks: (180 - (40 + 5 * 4)) / 5 = 24 tokens
+     * next to 4 decodes where the target leaves (90 - 60) / 5 = 6 (min chunk 8). */
+    uint32_t on_time = controller_prefill_budget(&c, 4, 512);
+    uint32_t late = controller_late_prefill_budget(&c, 4, 512);
+    printf("prefill budget next to 4 decodes: %u on time, %u late\n", on_time, late);
+    assert_true(on_time <= 8);
+    assert_true(late >= 20 && late <= 24);
+    /* Degraded: the fallback size holds, late or not. */
+    s.spike_ms = 900;
+    s.spike_steps = 30;
+    sim_run(&s, &c, 2, lim);
+    controller_state(&c, &snap);
+    assert_int_equal(snap.mode, CONTROLLER_MODE_DEGRADED);
+    assert_int_equal(controller_late_admit_limit(&c), controller_limit(&c));
+    assert_int_equal(controller_late_prefill_budget(&c, 4, 512),
+                     controller_prefill_budget(&c, 4, 512));
+}
+
+/* A lone request runs, then a burst arrives (requests queued behind the one that ran): the
+ * probe for a second batch size must not pull a limit of 16 down to 2 (what one more than a
+ * lone request would be); the burst is admitted at 16 (a 16-core host, 16 clients after one:
+ * the limit walked 2, 3, 4, 6, 16 and the burst's first tokens waited seconds). */
+static void test_lone_request_then_burst(void **state)
+{
+    struct controller c;
+    struct controller_config cfg;
+    controller_config_default(&cfg);
+    cfg.initial_batch = 16;
+    assert_int_equal(controller_init(&c, &cfg, 0), KRS_OK);
+    uint64_t now = 0;
+    for (uint32_t i = 0; i < 3 * cfg.interval; i++) {
+        now += 20000000;
+        struct controller_step st = {.latency_ns = 20000000,
+                                     .n_decode = 1,
+                                     .queued = i % cfg.interval == 9 ? 15 : 0,
+                                     .oldest_wait_ns = 1000000,
+                                     .now_ns = now};
+        controller_observe(&c, &st);
+    }
+    assert_int_equal(controller_limit(&c), 16);
+    assert_true(controller_admit_limit(&c) >= 16);
+}
+
 /* The cost of a prompt token on a noisy host (+-150 ms a step, 1 ms a prompt token, 64-token
  * chunks every other step): measured against the mean decode step, without clipping the noisy
  * differences, it comes out near 1 ms whatever the noise does. */
@@ -1037,6 +1143,8 @@ int main(void)
         cmocka_unit_test(test_busy_host_runs_at_knee),
         cmocka_unit_test(test_busy_host_late_queue_runs_all),
         cmocka_unit_test(test_late_queue_floors_shrink_at_knee),
+        cmocka_unit_test(test_late_admission),
+        cmocka_unit_test(test_lone_request_then_burst),
         cmocka_unit_test(test_prompt_cost_under_noise),
         cmocka_unit_test(test_prompt_steps_are_not_spikes),
         cmocka_unit_test(test_bounds_respected),
