@@ -825,6 +825,7 @@ extern "C" int backend_cuda_create(const struct backend_params *p, struct backen
     c->gemm_tf32 = !env_int("KRS_CUDA_GEMM_F32", 0);
     c->half_copy = env_int("KRS_CUDA_HALF_COPY", 1) != 0;
     c->fuse = env_int("KRS_CUDA_FUSE", 1) != 0;
+    c->defer_on = env_int("KRS_CUDA_DEFER_UNSCALE", 1) != 0;
     c->pdl = env_int("KRS_CUDA_PDL", 1) != 0;
     c->attn_tile = env_int("KRS_CUDA_ATTN_TILE", 1);
     c->sample_splits = env_int("KRS_CUDA_SAMPLE_SPLITS", 16);

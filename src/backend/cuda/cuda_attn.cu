@@ -224,7 +224,8 @@ __global__ void k_kv_store(const float *__restrict__ k, const float *__restrict_
  * (k_rope's), then the row back in place and, for k and v, into its KV slot. */
 struct qk_params {
     float *q, *k;
-    const float *v;
+    float *v;
+    const float *inv_q, *inv_k, *inv_v; /* deferred row scales, applied first (NULL: none) */
     const float *wq, *wk;
     float eps_q, eps_k;
     int nh, nkv, hd, n_rot, neox;
@@ -254,14 +255,22 @@ __global__ void __launch_bounds__(CUDA_NORM_THREADS) k_qk_rope_store(const qk_pa
     }
     if (h >= P.nh + P.nkv) { /* a v head: copy into the cache */
         const int64_t o = (int64_t)(h - P.nh - P.nkv) * hd;
-        if (slot >= 0)
-            for (int i = threadIdx.x; i < hd; i += blockDim.x)
-                P.vc[slot + o + i] = P.v[(int64_t)t * P.kv_dim + o + i];
+        float *vr = P.v + (int64_t)t * P.kv_dim + o;
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) {
+            float val = vr[i];
+            if (P.inv_v) vr[i] = val *= P.inv_v[t]; /* the deferred unscale */
+            if (slot >= 0) P.vc[slot + o + i] = val;
+        }
         return;
     }
     const int isq = h < P.nh;
     float *xr =
         isq ? P.q + ((int64_t)t * P.nh + h) * hd : P.k + ((int64_t)t * P.nkv + h - P.nh) * hd;
+    const float *inv = isq ? P.inv_q : P.inv_k;
+    if (inv) { /* the deferred unscale of this head's slice, then the ops as they were */
+        for (int i = threadIdx.x; i < hd; i += blockDim.x) xr[i] *= inv[t];
+        __syncthreads();
+    }
     const float *w = isq ? P.wq : P.wk;
     if (w) {
         const float sc = cuda_rms_scale(xr, hd, isq ? P.eps_q : P.eps_k, part);
@@ -315,6 +324,9 @@ int cuda_qk_rope_store(struct backend_cuda *c, const struct cuda_qk_args *a)
     P.q = a->q;
     P.k = a->k;
     P.v = a->v;
+    P.inv_q = a->inv_q;
+    P.inv_k = a->inv_k;
+    P.inv_v = a->inv_v;
     P.wq = a->wq;
     P.wk = a->wk;
     P.eps_q = a->eps_q;

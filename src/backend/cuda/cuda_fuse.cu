@@ -10,7 +10,14 @@
  * results are bit-identical to the unfused ones (KRS_CUDA_FUSE=0 runs the ops one by one).
  * Patterns check every condition the fusion relies on (same input, distinct outputs, in-place
  * norms, shapes that match the step); anything else runs op by op. Ops held back are enqueued
- * by cuda_fuse_drain, which cuda_flush (cuda_graph.cu) calls before anything else is enqueued. */
+ * by cuda_fuse_drain, which cuda_flush (cuda_graph.cu) calls before anything else is enqueued.
+ *
+ * The deferred unscale: an F16 GEMM's output rows carry the power-of-two scales its input
+ * conversion applied (cuda_quant.cu); with fusion on, the kernel that reads them next applies
+ * them (the attention prologue to q, k, v; the residual step to o and down; the GLU to gate and
+ * up) instead of a k_unscale_rows launch after every GEMM (7 a layer at 16+ rows). Every
+ * other reader runs the pending unscales first (cuda_defer_flush), and so does the drain. A
+ * power-of-two scale is exact, so the results are still bit-identical to the unfused ops. */
 #include "backend/cuda/cuda_impl.h"
 
 #include <string.h>
@@ -24,13 +31,30 @@ int cuda_op_exec(struct backend_cuda *c, const struct cuda_op *o)
 {
     const struct cuda_step *st = &c->step;
     if (o->kind != CUDA_OP_MATMUL) c->x_half_src = NULL; /* it may write that input */
+    /* Deferred unscales (struct cuda_defer): a GLU applies those of gate and up itself; a
+     * matmul needs its input and output free of them; any other op, all of them done. */
+    const float *inv_g = NULL, *inv_u = NULL;
+    int64_t width = 0;
+    int rc = KRS_OK;
+    if (o->kind == CUDA_OP_GLU) {
+        inv_g = cuda_defer_take(c, fp(o->t[0]), &width);
+        inv_u = cuda_defer_take(c, fp(o->t[1]), &width);
+        rc = cuda_defer_flush(c);
+    } else if (o->kind == CUDA_OP_MATMUL) {
+        rc = cuda_defer_flush_if(c, fp(o->t[1]));
+        if (!rc) rc = cuda_defer_flush_if(c, fp(o->t[2]));
+    } else {
+        rc = cuda_defer_flush(c);
+    }
+    if (rc) return rc;
     switch (o->kind) {
     case CUDA_OP_EMBED:
         return cuda_embed(c, o->t[0], st->d_tokens, st->n_tokens, o->f[0], fp(o->t[1]));
     case CUDA_OP_MATMUL: {
         c->x_half_op = 1;
-        int rc = cuda_matmul(c, o->t[0], fp(o->t[1]), o->i[0], fp(o->t[2]));
-        c->x_half_op = 0;
+        c->defer_ok = c->fuse && c->defer_on; /* (unfused: every op as it is, the reference) */
+        rc = cuda_matmul(c, o->t[0], fp(o->t[1]), o->i[0], fp(o->t[2]));
+        c->x_half_op = c->defer_ok = 0;
         if (rc || c->x_half_src == fp(o->t[2])) c->x_half_src = NULL;
         return rc;
     }
@@ -43,7 +67,7 @@ int cuda_op_exec(struct backend_cuda *c, const struct cuda_op *o)
     case CUDA_OP_SOFTCAP:
         return cuda_softcap(c, fp(o->t[0]), o->n, o->f[0]);
     case CUDA_OP_GLU:
-        return cuda_glu(c, fp(o->t[0]), fp(o->t[1]), o->n, o->i[0]);
+        return cuda_glu(c, fp(o->t[0]), fp(o->t[1]), o->n, o->i[0], inv_g, inv_u, width);
     case CUDA_OP_ROPE:
         return cuda_rope(c, fp(o->t[0]), o->i[0], o->i[1], o->i[2], o->f[0], o->f[1], fp(o->t[1]),
                          o->i[3]);
@@ -156,7 +180,11 @@ static int match_qk(struct backend_cuda *c, const struct cuda_op *q, int n)
         used++;
     }
     if (!k && a.layer < 0) return 0; /* two ropes alone: not worth a special case */
-    return as_consumed(cuda_qk_rope_store(c, &a), used);
+    a.inv_q = cuda_defer_take(c, a.q, NULL);
+    a.inv_k = cuda_defer_take(c, a.k, NULL);
+    a.inv_v = a.layer >= 0 ? cuda_defer_take(c, a.v, NULL) : NULL;
+    int rc = cuda_defer_flush(c); /* (what else is pending, before the kernel reads anything) */
+    return as_consumed(rc ? rc : cuda_qk_rope_store(c, &a), used);
 }
 
 /* The residual step at q: [rmsnorm tm in place,] x += tm, xn = rmsnorm(x). */
@@ -196,9 +224,12 @@ static int match_residual(struct backend_cuda *c, const struct cuda_op *q, int n
 {
     const struct residual r = residual_at(q, n);
     if (!r.ops) return 0;
-    return as_consumed(cuda_norm_add_norm(c, fp(r.tm), r.wp, r.eps_p, fp(r.x), r.wn, r.eps_n,
-                                          fp(r.xn), r.rows, r.width),
-                       r.ops);
+    const float *inv = cuda_defer_take(c, fp(r.tm), NULL);
+    int rc = cuda_defer_flush(c);
+    if (!rc)
+        rc = cuda_norm_add_norm(c, fp(r.tm), inv, r.wp, r.eps_p, fp(r.x), r.wn, r.eps_n, fp(r.xn),
+                                r.rows, r.width);
+    return as_consumed(rc, r.ops);
 }
 
 /* A one-row matvec into tm, then the residual step on tm. One token row only: the last block
@@ -224,6 +255,14 @@ static int fuse_step(struct backend_cuda *c)
     int k = 0;
     switch (q->op[0].kind) {
     case CUDA_OP_MATMUL:
+        /* (the matvec patterns read and write without applying deferred unscales) */
+        if (q->op[0].i[0] <= cuda_matvec_rows(c, q->op[0].t[0])) {
+            int rc = cuda_defer_flush(c);
+            if (rc) {
+                q->n = 0;
+                return rc;
+            }
+        }
         k = match_matvec(c, q->op, q->n);
         if (!k) k = match_matvec_residual(c, q->op, q->n);
         break;
@@ -269,10 +308,11 @@ int cuda_fuse_drain(struct backend_cuda *c)
 {
     int rc = KRS_OK;
     while (!rc && c->opq.n > 0) rc = fuse_step(c);
-    return rc;
+    return rc ? rc : cuda_defer_flush(c); /* whoever reads the outputs now sees them unscaled */
 }
 
 void cuda_fuse_clear(struct backend_cuda *c)
 {
     c->opq.n = 0;
+    c->defer.n = 0;
 }

@@ -108,6 +108,13 @@ struct cuda_op {
 
 /* Ops not yet enqueued: cuda_fuse.cu looks this far ahead for runs it can fuse. */
 #define CUDA_FUSE_WINDOW 5
+#define CUDA_DEFER_MAX   3
+struct cuda_defer {
+    float *y[CUDA_DEFER_MAX];
+    int64_t total[CUDA_DEFER_MAX], width[CUDA_DEFER_MAX];
+    int n;
+};
+
 struct cuda_opq {
     struct cuda_op op[CUDA_FUSE_WINDOW];
     int n;
@@ -174,6 +181,13 @@ struct backend_cuda {
     int64_t x_half_n_in;
     int x_half_rows, x_half_op;
     uint32_t x_half_type;
+    /* Deferred unscale: an F16 GEMM leaves its output rows scaled by x_inv_scale's inverse,
+     * and the kernel that reads them next applies it (cuda_defer_take) instead of a kernel of
+     * its own after every GEMM; anything else that may read them first runs the unscale
+     * (cuda_defer_flush). Only for ops enqueued through the fusion window (defer_ok). */
+    struct cuda_defer defer;
+    int defer_ok;
+    int defer_on;      /* KRS_CUDA_DEFER_UNSCALE (default 1; 0: a k_unscale_rows after each GEMM) */
     int gemm_tf32;     /* GEMM of non-F32 weights: TF32 (default) or F32 (KRS_CUDA_GEMM_F32=1) */
     int half_copy;     /* F16 copies of quantized weights for GEMMs (KRS_CUDA_HALF_COPY, 1) */
     int *d_overflow;   /* set by cuda_make_half_copy when a weight does not fit F16 */
@@ -291,7 +305,10 @@ int cuda_rmsnorm(struct backend_cuda *c, const float *x, const float *w, int row
 int cuda_add_bias(struct backend_cuda *c, float *y, const float *bias, int rows, int n);
 int cuda_add(struct backend_cuda *c, float *y, const float *x, int64_t n);
 int cuda_softcap(struct backend_cuda *c, float *x, int64_t n, float cap);
-int cuda_glu(struct backend_cuda *c, float *gate, const float *up, int64_t n, int gelu);
+/* gate = glu(gate, up); inv_g / inv_u (NULL: none): row scales that a deferred unscale left
+ * on gate / up (rows of `width`), applied first (up keeps its unscaled values too). */
+int cuda_glu(struct backend_cuda *c, float *gate, float *up, int64_t n, int gelu,
+             const float *inv_g, const float *inv_u, int64_t width);
 int cuda_rope(struct backend_cuda *c, float *x, int n_heads, int head_dim, int n_rot, float base,
               float freq_scale, const float *freq_factors, int neox);
 
@@ -317,9 +334,18 @@ void cuda_fuse_clear(struct backend_cuda *c); /* drops what waits (an abandoned 
  * and up of one type and shape, and gate[i] = act(gate[i]) * up[i] as cuda_glu computes it. */
 int cuda_matvec_multi(struct backend_cuda *c, int nw, const struct backend_tensor *const *w,
                       const float *x, int rows, float *const *y, int glu);
-/* cuda_ops.cu: tm = rmsnorm(tm) * wp (wp NULL: skipped); x += tm; xn = rmsnorm(x) * wn. */
-int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float eps_p, float *x,
-                       const float *wn, float eps_n, float *xn, int rows, int n);
+/* cuda_ops.cu: tm = rmsnorm(tm) * wp (wp NULL: skipped); x += tm; xn = rmsnorm(x) * wn.
+ * inv_tm (NULL: none): row scales a deferred unscale left on tm, applied to tm first. */
+int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *inv_tm, const float *wp,
+                       float eps_p, float *x, const float *wn, float eps_n, float *xn, int rows,
+                       int n);
+/* cuda_quant.cu, the deferred unscale (struct cuda_defer): cuda_defer_take returns the row
+ * scales pending on y (x_inv_scale; *width: y's row length, when width is not NULL) and drops y
+ * from the pending list, or NULL when none is; the caller's kernel applies them. cuda_defer_flush
+ * unscales whatever is pending, in place; cuda_defer_flush_if does so when y is pending. */
+const float *cuda_defer_take(struct backend_cuda *c, const float *y, int64_t *width);
+int cuda_defer_flush(struct backend_cuda *c);
+int cuda_defer_flush_if(struct backend_cuda *c, const float *y);
 /* cuda_quant.cu: tm = W x for one token row (the matvec path), then the residual step above on
  * tm, in one kernel (the last block to finish its rows runs the residual step): for
  * n_out <= CUDA_NORM_REG_MAX; bit-identical to cuda_matmul then cuda_norm_add_norm. */
@@ -330,7 +356,8 @@ int cuda_matvec_residual(struct backend_cuda *c, const struct backend_tensor *w,
  * KV store of k and v: the ops rmsnorm, rmsnorm, rope, rope, kv_store in one kernel. */
 struct cuda_qk_args {
     float *q, *k;
-    const float *v;
+    float *v;
+    const float *inv_q, *inv_k, *inv_v; /* deferred row scales (cuda_defer_take) or NULL */
     const float *wq, *wk;
     float eps_q, eps_k;
     int n_head, n_head_kv, head_dim, n_rot, neox;
@@ -387,10 +414,9 @@ static __device__ __forceinline__ float cuda_reg_rms(const float (&v)[CUDA_NORM_
 /* The residual step of one row of n <= CUDA_NORM_REG_MAX, by a block of CUDA_NORM_THREADS:
  * tr = rmsnorm(tr) * wp (wp NULL: skipped); xr += tr; yr = rmsnorm(xr) * wn. tr and xr are
  * read through L2 (__ldcg): the fused matvec's last block reads what other blocks wrote. */
-static __device__ __forceinline__ void cuda_norm_add_norm_row(float *tr, const float *wp,
-                                                              float eps_p, float *xr,
-                                                              const float *wn, float eps_n,
-                                                              float *yr, int n, double *part)
+static __device__ __forceinline__ void
+cuda_norm_add_norm_row(float *tr, const float *inv, const float *wp, float eps_p, float *xr,
+                       const float *wn, float eps_n, float *yr, int n, double *part)
 {
     float t[CUDA_NORM_REG], xv[CUDA_NORM_REG], wpv[CUDA_NORM_REG], wnv[CUDA_NORM_REG];
 #pragma unroll
@@ -398,6 +424,10 @@ static __device__ __forceinline__ void cuda_norm_add_norm_row(float *tr, const f
         const int i = threadIdx.x + j * CUDA_NORM_THREADS;
         const bool in = i < n;
         t[j] = in ? __ldcg(tr + i) : 0.0f;
+        if (inv) { /* the deferred unscale of tm's row (k_unscale_rows' arithmetic) */
+            t[j] *= *inv;
+            if (in && !wp) tr[i] = t[j];
+        }
         xv[j] = in ? __ldcg(xr + i) : 0.0f;
         wpv[j] = in && wp ? wp[i] : 0.0f;
         wnv[j] = in ? wn[i] : 0.0f;

@@ -54,13 +54,16 @@ __global__ void __launch_bounds__(CUDA_NORM_THREADS)
 /* Fused residual step, one block per row: tm = rmsnorm(tm) * wp (if wp); x += tm;
  * xn = rmsnorm(x) * wn. Each thread touches the same elements in every phase, so only the
  * reductions need barriers; the arithmetic is that of k_rmsnorm and k_add. */
-__global__ void k_norm_add_norm(float *tm, const float *__restrict__ wp, float eps_p, float *x,
+__global__ void k_norm_add_norm(float *tm, const float *__restrict__ inv,
+                                const float *__restrict__ wp, float eps_p, float *x,
                                 const float *__restrict__ wn, float eps_n, float *xn, int n)
 {
     cuda_pdl_enter();
     __shared__ double part[CUDA_NORM_THREADS / 32];
     const int64_t off = (int64_t)blockIdx.x * n;
     float *tr = tm + off, *xr = x + off, *yr = xn + off;
+    if (inv) /* the deferred unscale (each thread then reads back only what it wrote) */
+        for (int i = threadIdx.x; i < n; i += blockDim.x) tr[i] *= inv[blockIdx.x];
     if (wp) {
         const float sp = cuda_rms_scale(tr, n, eps_p, part);
         for (int i = threadIdx.x; i < n; i += blockDim.x) tr[i] = __fmul_rn(tr[i] * sp, wp[i]);
@@ -71,13 +74,15 @@ __global__ void k_norm_add_norm(float *tm, const float *__restrict__ wp, float e
 }
 
 __global__ void __launch_bounds__(CUDA_NORM_THREADS)
-    k_norm_add_norm_reg(float *tm, const float *__restrict__ wp, float eps_p, float *x,
-                        const float *__restrict__ wn, float eps_n, float *xn, int n)
+    k_norm_add_norm_reg(float *tm, const float *__restrict__ inv, const float *__restrict__ wp,
+                        float eps_p, float *x, const float *__restrict__ wn, float eps_n, float *xn,
+                        int n)
 {
     cuda_pdl_enter();
     __shared__ double part[CUDA_NORM_THREADS / 32];
     const int64_t off = (int64_t)blockIdx.x * n;
-    cuda_norm_add_norm_row(tm + off, wp, eps_p, x + off, wn, eps_n, xn + off, n, part);
+    cuda_norm_add_norm_row(tm + off, inv ? inv + blockIdx.x : NULL, wp, eps_p, x + off, wn, eps_n,
+                           xn + off, n, part);
 }
 
 __global__ void k_add_bias(float *y, const float *__restrict__ b, int64_t total, int n)
@@ -98,10 +103,17 @@ __global__ void k_softcap(float *x, int64_t n, float cap)
     GRID_STRIDE(i, n) x[i] = cap * tanhf(x[i] / cap);
 }
 
-__global__ void k_glu(float *gate, const float *up, int64_t n, int gelu)
+__global__ void k_glu(float *gate, float *up, int64_t n, int gelu, const float *inv_g,
+                      const float *inv_u, int64_t width)
 {
     cuda_pdl_enter();
-    GRID_STRIDE(i, n) gate[i] = cuda_glu1(gate[i], up[i], gelu);
+    GRID_STRIDE(i, n)
+    {
+        float g = gate[i], u = up[i];
+        if (inv_g) g *= inv_g[i / width]; /* deferred unscales (k_unscale_rows' arithmetic) */
+        if (inv_u) up[i] = u *= inv_u[i / width];
+        gate[i] = cuda_glu1(g, u, gelu);
+    }
 }
 
 /* One thread per (token, rotating pair); the angle is shared by every head of the token. */
@@ -135,16 +147,17 @@ int cuda_rmsnorm(struct backend_cuda *c, const float *x, const float *w, int row
     return CUDA_LAUNCHED("rmsnorm");
 }
 
-int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *wp, float eps_p, float *x,
-                       const float *wn, float eps_n, float *xn, int rows, int n)
+int cuda_norm_add_norm(struct backend_cuda *c, float *tm, const float *inv_tm, const float *wp,
+                       float eps_p, float *x, const float *wn, float eps_n, float *xn, int rows,
+                       int n)
 {
     if (rows <= 0) return KRS_OK;
     if (n <= CUDA_NORM_REG_MAX)
-        cuda_launch(c, k_norm_add_norm_reg, rows, CUDA_NORM_THREADS, tm, wp, eps_p, x, wn, eps_n,
-                    xn, n);
+        cuda_launch(c, k_norm_add_norm_reg, rows, CUDA_NORM_THREADS, tm, inv_tm, wp, eps_p, x, wn,
+                    eps_n, xn, n);
     else
-        cuda_launch(c, k_norm_add_norm, rows, CUDA_NORM_THREADS, tm, wp, eps_p, x, wn, eps_n, xn,
-                    n);
+        cuda_launch(c, k_norm_add_norm, rows, CUDA_NORM_THREADS, tm, inv_tm, wp, eps_p, x, wn,
+                    eps_n, xn, n);
     return CUDA_LAUNCHED("norm_add_norm");
 }
 
@@ -170,10 +183,12 @@ int cuda_softcap(struct backend_cuda *c, float *x, int64_t n, float cap)
     return CUDA_LAUNCHED("softcap");
 }
 
-int cuda_glu(struct backend_cuda *c, float *gate, const float *up, int64_t n, int gelu)
+int cuda_glu(struct backend_cuda *c, float *gate, float *up, int64_t n, int gelu,
+             const float *inv_g, const float *inv_u, int64_t width)
 {
     if (n <= 0) return KRS_OK;
-    cuda_launch(c, k_glu, blocks_for(n), OPS_THREADS, gate, up, n, gelu);
+    cuda_launch(c, k_glu, blocks_for(n), OPS_THREADS, gate, up, n, gelu, inv_g, inv_u,
+                width > 0 ? width : n);
     return CUDA_LAUNCHED("glu");
 }
 

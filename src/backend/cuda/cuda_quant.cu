@@ -442,7 +442,7 @@ __global__ void __launch_bounds__(CUDA_NORM_THREADS)
     __syncthreads();
     if (!last) return;
     __threadfence();
-    cuda_norm_add_norm_row(P.tm, P.wp, P.eps_p, P.x, P.wn, P.eps_n, P.xn, (int)n_out, part);
+    cuda_norm_add_norm_row(P.tm, NULL, P.wp, P.eps_p, P.x, P.wn, P.eps_n, P.xn, (int)n_out, part);
     if (threadIdx.x == 0) *P.done = 0;
 }
 
@@ -898,6 +898,52 @@ __global__ void k_unscale_rows(float *y, int64_t n_out, int64_t total, const flo
         y[i] *= inv[i / n_out];
 }
 
+static int defer_find(const struct backend_cuda *c, const float *y)
+{
+    for (int i = 0; i < c->defer.n; i++)
+        if (c->defer.y[i] == y) return i;
+    return -1;
+}
+
+static void defer_drop(struct backend_cuda *c, int i)
+{
+    struct cuda_defer *d = &c->defer;
+    d->n--;
+    d->y[i] = d->y[d->n];
+    d->total[i] = d->total[d->n];
+    d->width[i] = d->width[d->n];
+}
+
+const float *cuda_defer_take(struct backend_cuda *c, const float *y, int64_t *width)
+{
+    const int i = y ? defer_find(c, y) : -1;
+    if (i < 0) return NULL;
+    if (width) *width = c->defer.width[i];
+    defer_drop(c, i);
+    return c->x_inv_scale;
+}
+
+int cuda_defer_flush(struct backend_cuda *c)
+{
+    struct cuda_defer *d = &c->defer;
+    for (int i = 0; i < d->n; i++) {
+        cuda_launch(c, k_unscale_rows, grid_for(d->total[i], 256), 256, d->y[i], d->width[i],
+                    d->total[i], (const float *)c->x_inv_scale);
+        int rc = CUDA_LAUNCHED("unscale rows");
+        if (rc) {
+            d->n = 0;
+            return rc;
+        }
+    }
+    d->n = 0;
+    return KRS_OK;
+}
+
+int cuda_defer_flush_if(struct backend_cuda *c, const float *y)
+{
+    return y && defer_find(c, y) >= 0 ? cuda_defer_flush(c) : KRS_OK;
+}
+
 int cuda_gemm_half(const struct backend_cuda *c, const struct backend_tensor *w)
 {
     return c->gemm_tf32 && c->x_half &&
@@ -978,6 +1024,8 @@ static int gemm_half(struct backend_cuda *c, const struct backend_tensor *w, con
                           c->x_half_n_in == w->n_in && c->x_half_type == htype;
     int rc = KRS_OK;
     if (!converted) {
+        /* (the conversion rewrites x_inv_scale, which pending outputs still need) */
+        if ((rc = cuda_defer_flush(c))) return rc;
         if (f16)
             cuda_launch(c, k_rows_to_half<__half>, rows, CUDA_NORM_THREADS, x, w->n_in,
                         (__half *)c->x_half, c->x_inv_scale);
@@ -998,6 +1046,17 @@ static int gemm_half(struct backend_cuda *c, const struct backend_tensor *w, con
                             "cublasGemmEx", __FILE__, __LINE__);
     if (rc || !f16) return rc;
     const int64_t total = (int64_t)rows * w->n_out;
+    if (c->defer_ok) {
+        /* y's next reader applies the row scales (struct cuda_defer): one launch less */
+        struct cuda_defer *d = &c->defer;
+        if (defer_find(c, y) >= 0 || d->n == CUDA_DEFER_MAX) rc = cuda_defer_flush(c);
+        if (rc) return rc;
+        d->y[d->n] = y;
+        d->total[d->n] = total;
+        d->width[d->n] = w->n_out;
+        d->n++;
+        return KRS_OK;
+    }
     cuda_launch(c, k_unscale_rows, grid_for(total, 256), 256, y, w->n_out, total, c->x_inv_scale);
     return CUDA_LAUNCHED("unscale rows");
 }
