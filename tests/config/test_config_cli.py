@@ -44,7 +44,7 @@ def test_defaults_without_file(krserve, workdir):
     assert r.returncode == 0, r.stderr
     d = parse_dump(r.stdout)
     assert "# config file: none" in r.stdout
-    assert len(d) == 43
+    assert len(d) == 45
     assert d["model.device"] == ("cpu", "default")
     assert d["performance.prefixCache.enabled"] == ("true", "default")
     assert d["performance.prefixCache.maxTokens"] == ("0", "default")
