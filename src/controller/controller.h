@@ -80,10 +80,15 @@
  *      cores: the target fits 9, the knee is 16+), holding requests at the target's capacity
  *      turned every queued request into a multi-second first token while the running streams
  *      gained a few ms per token; a request in the queue makes no progress at all, a stream
- *      slowed by half still does. The limit itself follows rules 1-3 (late admissions that run
- *      past it are not shrunk again and again: a shrink to where the limit already is is no
- *      change and no event). Not while degraded or fixed, and not with the target out of
- *      reach (rule 1's unreachable case admits everything late already).
+ *      slowed by half still does. The scheduler reports the late admissions that run past
+ *      the limit (controller_step.n_late); the limit then takes them in, so that the next
+ *      requests do not wait late_wait_ms first: over target but within the late bound it
+ *      grows to what ran ("late" event) and holds while the engine stays busy, instead of
+ *      shrinking for slower steps it allowed; under target they count as a goodput episode
+ *      (rule 1, past the knee up to the capacity). A shrink never counts them as what the
+ *      limit let run, and a shrink to where the limit already is makes no event. Not while
+ *      degraded or fixed, and not with the target out of reach (rule 1's unreachable case
+ *      admits everything late already).
  *   Disabled (controller_set_enabled(false)) the limit is the fixed fallback size and only the
  *   statistics are kept (mode CONTROLLER_MODE_FIXED).
  *   Windows and their P99 count only steps that decoded: a step of prompt tokens alone made no
