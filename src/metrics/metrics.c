@@ -132,6 +132,11 @@ void metrics_record_preemption(struct metrics *m)
     if (m) atomic_fetch_add_explicit(&m->preemptions, 1, RLX);
 }
 
+void metrics_record_late_admission(struct metrics *m)
+{
+    if (m) atomic_fetch_add_explicit(&m->late_admissions, 1, RLX);
+}
+
 void metrics_record_prefix_lookup(struct metrics *m, uint32_t prompt_tokens, uint32_t cached_tokens)
 {
     if (!m) return;
@@ -283,6 +288,7 @@ int metrics_snapshot(struct metrics *m, uint64_t now_ns, struct metrics_snapshot
     out->prompt_tokens = atomic_load_explicit(&m->prompt_tokens, RLX);
     out->generated_tokens = atomic_load_explicit(&m->generated_tokens, RLX);
     out->preemptions = atomic_load_explicit(&m->preemptions, RLX);
+    out->late_admissions = atomic_load_explicit(&m->late_admissions, RLX);
     out->mode_transitions = atomic_load_explicit(&m->mode_transitions, RLX);
     out->tuning_adjustments = atomic_load_explicit(&m->tuning_adjustments, RLX);
     out->degradation_events = atomic_load_explicit(&m->degradation_events, RLX);

@@ -120,6 +120,7 @@ struct metrics_snapshot {
     uint64_t finished_total;
     uint64_t prompt_tokens, generated_tokens;
     uint64_t preemptions, mode_transitions, tuning_adjustments, degradation_events;
+    uint64_t late_admissions; /* admitted past the batch limit after waiting (controller rule 4) */
     /* gauges */
     int64_t queue_depth[METRICS_PRIO_COUNT];
     int64_t queue_depth_total;
@@ -171,6 +172,8 @@ void metrics_record_step(struct metrics *m, uint64_t step_ns, uint32_t batch_siz
 void metrics_record_finish(struct metrics *m, const struct metrics_request_record *rec,
                            uint64_t now_ns);
 void metrics_record_preemption(struct metrics *m);
+/* A request admitted past the batch limit by late admission (sched_admit.c). */
+void metrics_record_late_admission(struct metrics *m);
 /* A request's first admission looked up the prefix cache: cached_tokens of its prompt_tokens
  * came from the cache. */
 void metrics_record_prefix_lookup(struct metrics *m, uint32_t prompt_tokens,

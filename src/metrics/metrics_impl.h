@@ -79,6 +79,7 @@ struct metrics {
     _Atomic uint64_t finished[METRICS_FINISH_COUNT];
     _Atomic uint64_t prompt_tokens, generated_tokens;
     _Atomic uint64_t preemptions, mode_transitions, tuning_adjustments, degradation_events;
+    _Atomic uint64_t late_admissions;
     _Atomic int64_t queue_depth[METRICS_PRIO_COUNT];
     _Atomic int64_t running, batch_limit, kv_used, kv_free;
     _Atomic int64_t dev_weights, dev_kv, dev_activations, dev_free, dev_total;

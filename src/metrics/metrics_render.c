@@ -262,6 +262,9 @@ static void render_prom(const struct prom_set *ps, struct out_buf *o)
     }
     FAMILY_U(o, ps, "krserve_preemptions_total", "counter",
              "Running sequences preempted (KV blocks reclaimed).", S->preemptions);
+    FAMILY_U(o, ps, "krserve_late_admissions_total", "counter",
+             "Requests admitted past the batch limit after waiting lateWaitMs in the queue.",
+             S->late_admissions);
     put_hit_miss(o, ps, "krserve_prefix_cache_requests_total",
                  "Requests that looked up the prefix cache at admission, by result.",
                  offsetof(struct metrics_snapshot, prefix_hit_requests),
@@ -495,6 +498,7 @@ static void build_json(const struct metrics_snapshot *s, cJSON *root, bool *ok)
         add_num(c, "prompt_tokens", (double)s->prompt_tokens, ok);
         add_num(c, "generated_tokens", (double)s->generated_tokens, ok);
         add_num(c, "preemptions", (double)s->preemptions, ok);
+        add_num(c, "late_admissions", (double)s->late_admissions, ok);
         add_num(c, "mode_transitions", (double)s->mode_transitions, ok);
         add_num(c, "tuning_adjustments", (double)s->tuning_adjustments, ok);
         add_num(c, "degradation_events", (double)s->degradation_events, ok);

@@ -618,6 +618,7 @@ static void admit(struct sched *s, uint64_t now)
         __atomic_store_n(&r->n_past, (int)cached, __ATOMIC_RELAXED);
         r->admit_order = ++s->admit_counter;
         r->late_admit = budget.past_limit;
+        if (r->late_admit && s->metrics) metrics_record_late_admission(s->metrics);
         s->running[slot] = r;
         s->n_running++;
         if (!r->t_admit) {

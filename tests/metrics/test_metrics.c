@@ -71,6 +71,7 @@ static void test_counters_and_gauges(void **state)
     metrics_record_tokens(m, 33, 6 * S_NS);
     metrics_record_preemption(m);
     metrics_record_preemption(m);
+    metrics_record_late_admission(m);
     metrics_record_tuning_adjustments(m, 3);
     metrics_set_queue_depth(m, METRICS_PRIO_URGENT, 4);
     metrics_set_queue_depth(m, METRICS_PRIO_DEFAULT, 2);
@@ -97,6 +98,7 @@ static void test_counters_and_gauges(void **state)
     assert_int_equal(s->prompt_tokens, 10 + 5 * 3);
     assert_int_equal(s->generated_tokens, 33);
     assert_int_equal(s->preemptions, 2);
+    assert_int_equal(s->late_admissions, 1);
     assert_int_equal(s->tuning_adjustments, 3);
     assert_int_equal(s->mode_transitions, 2);
     assert_int_equal(s->mode, METRICS_MODE_OFF);
@@ -429,6 +431,7 @@ static struct metrics *make_busy_metrics(uint64_t t0)
     metrics_set_mode(m, METRICS_MODE_FIXED);
     metrics_record_tuning_adjustments(m, 4);
     metrics_record_preemption(m);
+    metrics_record_late_admission(m);
     metrics_record_degradation(m, "p99 312.0 ms > 2.0x target 100.0 ms and 1.5x ema 120.0 ms",
                                t0 + 3 * S_NS);
     return m;
@@ -585,6 +588,7 @@ static void check_exposition(const char *text)
                               "krserve_requests_total",
                               "krserve_requests_by_priority_total",
                               "krserve_preemptions_total",
+                              "krserve_late_admissions_total",
                               "krserve_degradation_events_total",
                               "krserve_tokens_total",
                               "krserve_queue_depth"};
