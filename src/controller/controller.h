@@ -115,12 +115,13 @@
  *   min_prefill_chunk 8           prompts progress by at least 8 tokens a step.
  *   late_wait_ms 100              a tenth of the first-token target: a request waits about a
  *                                 step of the slow case before it is late (16 cores, 16
- *                                 clients: 250 put the TTFT p95 at 360 ms, llama-server's is
- *                                 235-265 ms).
+ *                                 clients, an earlier version of this rule: 250 put the TTFT
+ *                                 p95 at 360 ms, llama-server's was 235-265 ms).
  *   late_p99_factor 2.0           the degradation threshold (degrade_factor_target): a late
  *                                 admission may slow the streams to where a regression
- *                                 starts, not past it (2-core, 16 clients: 1.5 still left
- *                                 requests queued for seconds, 2 and 3 alike did not).
+ *                                 starts, not past it (2-core, 16 clients, one run each with
+ *                                 an earlier version of this rule: at 1.5 the TTFT p95 was
+ *                                 6.0 s, at 2 and 3 0.8-1.0 s).
  *   fixed_batch 4                 the seed plan's middle batch size (2..8); safe on any CPU.
  *   ema_alpha 0.3, interval 10    the seed plan's values.
  *   degrade 2.0x target, 1.5x EMA the seed plan's regression rule.
